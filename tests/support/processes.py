@@ -1,0 +1,161 @@
+"""
+Real processes for integration tests: redis-server, memcached, nutcracker and the
+proxy itself, each on a free loopback port, each stopped when the test ends.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+HOST = "127.0.0.1"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_running = []
+
+
+def _kill_leftovers():
+    for proc in list(_running):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+atexit.register(_kill_leftovers)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc=None, timeout: float = 10.0, host: str = HOST) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError("process exited with %s before listening on %d" % (proc.returncode, port))
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError("nothing listens on %s:%d after %ss" % (host, port, timeout))
+
+
+class Process:
+    """A started child process; C{stop()} ends it (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, argv, port=None, env=None, cwd=None, wait=True, log_path=None):
+        self.argv = argv
+        self.port = port
+        self.log_path = log_path or tempfile.mktemp(prefix="tp-proc-", suffix=".log")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
+        _running.append(self.proc)
+        if wait and port is not None:
+            try:
+                wait_for_port(port, self.proc)
+            except Exception:
+                self.stop()
+                raise RuntimeError("%s failed to start:\n%s" % (argv[0], self.output()))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, signum) -> None:
+        self.proc.send_signal(signum)
+
+    def freeze(self) -> None:
+        self.signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.signal(signal.SIGCONT)
+
+    def output(self) -> str:
+        self._log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.thaw()
+                self.proc.terminate()
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc in _running:
+            _running.remove(self.proc)
+        self._log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def redis_server(port=None, *extra) -> Process:
+    port = port or free_port()
+    argv = [
+        "redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+        "--daemonize", "no", "--protected-mode", "no", "--dir", tempfile.gettempdir(),
+    ] + list(extra)
+    return Process(argv, port)
+
+
+def memcached(port=None, *extra) -> Process:
+    port = port or free_port()
+    argv = ["memcached", "-l", HOST, "-p", str(port), "-U", "0", "-m", "64"] + list(extra)
+    if os.geteuid() == 0:
+        argv += ["-u", "root"]
+    return Process(argv, port)
+
+
+def write_config(data: dict, directory=None) -> str:
+    fd, path = tempfile.mkstemp(prefix="tp-conf-", suffix=".yml", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    return path
+
+
+def nutcracker(config: dict, port: int) -> Process:
+    path = write_config(config)
+    stats = free_port()
+    return Process(["nutcracker", "-c", path, "-s", str(stats), "-a", HOST, "-v", "4"], port)
+
+
+def proxy(config: dict, port: int, python=None, extra_args=(), wait_port=True) -> Process:
+    """The proxy as a real process (the C{cacheproxy} command) running C{config}."""
+    path = write_config(config)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    argv = [python or sys.executable, "-m", "twistedproxy.cli", "-c", path] + list(extra_args)
+    return Process(argv, port if wait_port else None, env=env, cwd=ROOT)
+
+
+def pool_config(servers, listen_port, redis=True, **keys) -> dict:
+    """One pool's YAML dict: C{servers} are C{(port, weight)} or ports on 127.0.0.1."""
+    lines = []
+    for server in servers:
+        port, weight = server if isinstance(server, tuple) else (server, 1)
+        lines.append("%s:%d:%d" % (HOST, port, weight))
+    pool = {"listen": "%s:%d" % (HOST, listen_port), "redis": redis, "servers": lines}
+    pool.update(keys)
+    return pool

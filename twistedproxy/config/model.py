@@ -1,0 +1,137 @@
+"""
+Validated, immutable configuration objects.
+
+These mirror twemproxy 0.5.0's nutcracker.yml pool keys one to one (same names,
+same defaults), plus a C{global:} section for the process model.  Durations are
+kept in milliseconds as in the YAML; C{timeout=None} means "wait forever"
+(twemproxy's default of -1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    """Where a pool listens: TCP C{host:port} or a UNIX socket C{path} (with C{perm})."""
+
+    host: Optional[str] = None
+    port: Optional[int] = None
+    path: Optional[str] = None
+    perm: Optional[int] = None  # file mode of the UNIX socket, e.g. 0o755
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return self.path
+        return "%s:%d" % (self.host, self.port)
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One backend: C{host:port:weight [name]} or C{/path:weight [name]}."""
+
+    host: Optional[str]
+    port: Optional[int]
+    weight: int = 1
+    name: Optional[str] = None
+    path: Optional[str] = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    @property
+    def address(self) -> str:
+        """C{host:port} or the socket path: what logs and stats call this server."""
+        if self.path is not None:
+            return self.path
+        return "%s:%d" % (self.host, self.port)
+
+    @property
+    def ketama_name(self) -> str:
+        """
+        The string twemproxy hashes for this server's ketama points: the name if
+        one is given, else C{host} alone when the port is 11211, else C{host:port}
+        (C{path:} for a UNIX socket).
+        """
+        if self.name:
+            return self.name
+        if self.path is not None:
+            return self.path + ":"  # twemproxy keeps the colon of "path:weight"
+        if self.port == 11211:
+            return self.host or ""
+        return "%s:%d" % (self.host, self.port)
+
+    @property
+    def label(self) -> str:
+        """The server's name in stats: its name if given, else its address."""
+        return self.name or self.address
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One twemproxy server pool, with twemproxy 0.5.0's defaults."""
+
+    name: str
+    listen: ListenSpec
+    servers: Tuple[ServerSpec, ...] = ()
+    hash: str = "fnv1a_64"
+    hash_tag: Optional[bytes] = None  # exactly two bytes, e.g. b"{}"
+    distribution: str = "ketama"
+    timeout: Optional[int] = None  # ms; None = wait forever
+    backlog: int = 512
+    preconnect: bool = False
+    redis: bool = False
+    redis_auth: Optional[str] = None
+    redis_db: int = 0
+    server_connections: int = 1
+    auto_eject_hosts: bool = False
+    server_retry_timeout: int = 30000  # ms
+    server_failure_limit: int = 2
+    tcpkeepalive: bool = False
+    reuseport: bool = False
+    client_connections: int = 0  # 0 = unlimited
+    # twistedproxy extensions (not in twemproxy; optional in the YAML)
+    max_request_bytes: int = 512 * 1024 * 1024  # a larger frame is a protocol error
+    client_max_pending: int = 4096  # requests in flight per client before reading pauses
+
+    @property
+    def protocol(self) -> str:
+        return "redis" if self.redis else "memcache"
+
+
+@dataclass(frozen=True)
+class GlobalConfig:
+    """The process model (C{global:} section); plain twemproxy files get these defaults."""
+
+    worker_processes: int = 0  # 0 = single process, no master; resolved from 'auto'
+    worker_cpu_affinity: Optional[Tuple[Tuple[int, ...], ...]] = None  # per-worker CPU sets
+    worker_shutdown_timeout: float = 10.0  # seconds
+    listen_mode: str = "reuseport"  # or "shared"
+    accept_mutex: bool = False
+    tcp_quickack: bool = False
+    control: Optional[str] = None  # path of the master's control socket
+    user: Optional[str] = None
+    group: Optional[str] = None
+    extra: Tuple[Tuple[str, object], ...] = field(default=())  # keys for later features
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """A whole configuration file: the pools in file order, and the global section."""
+
+    pools: Tuple[PoolConfig, ...]
+    global_: GlobalConfig = GlobalConfig()
+    source: str = "<string>"
+
+    def pool(self, name: str) -> PoolConfig:
+        for pool in self.pools:
+            if pool.name == name:
+                return pool
+        raise KeyError(name)

@@ -1,0 +1,178 @@
+"""
+The client side: one L{ClientConnection} per accepted connection, and the
+L{ProxyFactory} a pool listens with.
+
+A client connection frames requests with its codec's parser, hands them to the
+pool, and writes replies strictly in request order: a reply that arrives early
+waits in the order queue until every request before it is answered.  Each read
+from the client ends with one write per backend touched, and each batch of
+replies ends with one write to the client.
+
+Backpressure: reading from the client pauses while it has too many requests in
+flight or while its transport's write buffer is full (a client that does not
+read its replies), so a slow client cannot grow the proxy's memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twistedproxy.core.completion import flush_clients
+from twistedproxy.core.request import ROUTE_LOCAL, ProtocolError, local
+
+log = Logger()
+
+
+@implementer(IPushProducer)
+class ClientConnection(Protocol):
+    """One client of a pool; pipelined, replies in order."""
+
+    def __init__(self, pool, parser):
+        self.pool = pool
+        self.parser = parser
+        self.queue = deque()  # requests in client order, oldest first
+        self.dirty = False  # queued for a flush at the end of the current batch
+        self.closed = False
+        self.quitting = False  # a close_after request was read: ignore what follows
+        self.max_pending = pool.config.client_max_pending
+        self.paused_for_queue = False
+        self.paused_for_writes = False
+
+    # -- connection events ---------------------------------------------------
+
+    def connectionMade(self):
+        transport = self.transport
+        if hasattr(transport, "setTcpNoDelay"):
+            try:
+                transport.setTcpNoDelay(True)
+            except OSError:
+                pass  # a UNIX socket
+        transport.registerProducer(self, True)
+
+    def dataReceived(self, data):
+        if self.quitting:
+            return
+        error = None
+        try:
+            requests = self.parser.feed(data)
+        except ProtocolError as e:
+            requests = e.requests
+            error = e
+        codec = self.parser.codec
+        pool = self.pool
+        now = pool.reactor.seconds()
+        queue = self.queue
+        touched = []
+        dirty = []
+        for request in requests:
+            request.client = self
+            request.received_at = now
+            queue.append(request)
+            if request.route != ROUTE_LOCAL:
+                pool.dispatch(request, codec, now, touched, dirty)
+            if request.close_after:
+                self.quitting = True
+                break
+        if error is not None and not self.quitting:
+            log.info("client {peer}: {error}; closing", peer=self._peer(), error=str(error))
+            queue.append(local(b"", error.reply, close_after=True))
+            self.quitting = True
+        for conn in touched:
+            conn.flush()
+        flush_clients(dirty)
+        if queue and queue[0].done:
+            self.flush()
+        if len(queue) >= self.max_pending and not self.paused_for_queue and not self.closed:
+            self.paused_for_queue = True
+            if not self.paused_for_writes:
+                self.transport.pauseProducing()
+
+    def flush(self):
+        """Write every reply now at the head of the order queue, in one write."""
+        self.dirty = False
+        if self.closed:
+            return
+        queue = self.queue
+        out = []
+        close = False
+        while queue and queue[0].done:
+            request = queue.popleft()
+            reply = request.reply
+            if reply:
+                out.append(reply)
+            if request.close_after:
+                close = True
+                break
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if close:
+            self.closed = True
+            self.transport.loseConnection()
+            return
+        if self.paused_for_queue and len(queue) <= self.max_pending // 2:
+            self.paused_for_queue = False
+            if not self.paused_for_writes:
+                self.transport.resumeProducing()
+
+    def connectionLost(self, reason):
+        self.closed = True
+        # Requests still in flight keep their place in the backends' pipelines;
+        # their replies are dropped when they arrive.
+        for request in self.queue:
+            request.client = None
+        self.queue.clear()
+        self.pool.client_gone(self)
+
+    # -- IPushProducer: the transport tells us when its write buffer is full --
+
+    def pauseProducing(self):
+        if not self.paused_for_writes:
+            self.paused_for_writes = True
+            if not self.paused_for_queue:
+                self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        if self.paused_for_writes:
+            self.paused_for_writes = False
+            if not self.paused_for_queue and not self.closed:
+                self.transport.resumeProducing()
+
+    def stopProducing(self):
+        pass
+
+    def _peer(self) -> str:
+        try:
+            peer = self.transport.getPeer()
+            return "%s:%s" % (peer.host, peer.port)
+        except Exception:
+            return "?"
+
+
+class ProxyFactory(ServerFactory):
+    """
+    Accepts clients for one L{twistedproxy.core.pool.ServerPool}.
+
+    Enforces the pool's C{client_connections} limit (0 = unlimited) by closing
+    connections over the limit, as twemproxy does.
+    """
+
+    noisy = False
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.codec = pool.codec
+
+    def buildProtocol(self, addr):
+        pool = self.pool
+        limit = pool.config.client_connections
+        if limit and len(pool.clients) >= limit:
+            log.warn("pool {pool}: client_connections limit {limit} reached", pool=pool.name, limit=limit)
+            return None
+        client = ClientConnection(pool, self.codec.request_parser(pool.config))
+        pool.clients.add(client)
+        return client

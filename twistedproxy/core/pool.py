@@ -1,0 +1,295 @@
+"""
+A server pool: its backends, the key -> server placement, and the health of each
+backend (failure counting, ejection, reconnect backoff).
+
+The pool knows no protocol: it is handed a codec for splitting and error replies
+and asks L{twistedproxy.hashing} where each key lives.
+"""
+
+from __future__ import annotations
+
+import random
+
+from twisted.internet.protocol import ClientFactory
+from twisted.logger import Logger
+
+from twistedproxy.core.completion import fail
+from twistedproxy.core.request import ROUTE_ALL, ROUTE_ANY, ROUTE_KEY, ROUTE_KEYS, Request
+from twistedproxy.core.server import ServerConnection
+from twistedproxy.hashing import hash_function, hash_tag_key, make_distribution
+
+log = Logger()
+
+# Reconnect backoff after a failed or lost connection (seconds): doubles per
+# consecutive failure from the first value up to the last.
+BACKOFF_FIRST = 0.05
+BACKOFF_MAX = 2.0
+
+
+class _ConnectorFactory(ClientFactory):
+    """Hands an already-built L{ServerConnection} to the reactor's connector."""
+
+    noisy = False
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def buildProtocol(self, addr):
+        return self.connection
+
+    def clientConnectionFailed(self, connector, reason):
+        self.connection.connection_failed(reason)
+
+
+class Server:
+    """One backend of a pool and its (lazily made) connections, per codec."""
+
+    def __init__(self, pool, spec, index: int):
+        self.pool = pool
+        self.spec = spec
+        self.index = index
+        self.label = spec.label
+        self.connections = {}  # codec -> [ServerConnection]
+        self.next_connection = 0
+        self.failures = 0  # consecutive failures (reset by a good reply)
+        self.retry_at = 0.0  # no new connection before this time (backoff)
+        self.ejected = False
+        self.retry_call = None
+
+    def connection(self, codec):
+        """A connection for C{codec}: round-robin over C{server_connections}, made on demand."""
+        conns = self.connections.get(codec)
+        if conns is None:
+            conns = self.connections[codec] = []
+        if len(conns) < self.pool.config.server_connections:
+            conn = self._connect(codec)
+            conns.append(conn)
+            return conn
+        self.next_connection += 1
+        return conns[self.next_connection % len(conns)]
+
+    def _connect(self, codec):
+        pool = self.pool
+        conn = ServerConnection(self, codec, pool.reactor)
+        factory = _ConnectorFactory(conn)
+        timeout = pool.timeout if pool.timeout is not None else 30
+        spec = self.spec
+        if spec.path is not None:
+            pool.reactor.connectUNIX(spec.path, factory, timeout=timeout)
+        else:
+            pool.reactor.connectTCP(spec.host, spec.port, factory, timeout=timeout)
+        return conn
+
+    def available(self, now: float) -> bool:
+        """False while ejected or backing off after a failed connection."""
+        return not self.ejected and now >= self.retry_at
+
+    def connection_made(self, conn) -> None:
+        self.retry_at = 0.0
+
+    def connection_lost(self, conn, reason) -> None:
+        conns = self.connections.get(conn.codec)
+        if conns is not None and conn in conns:
+            conns.remove(conn)
+        if self.pool.closing:
+            return
+        self.record_failure()
+        if self.pool.config.preconnect and not self.ejected:
+            self.pool.reactor.callLater(max(self.retry_at - self.pool.reactor.seconds(), 0.0), self.preconnect)
+
+    def timed_out(self, conn) -> None:
+        self.record_failure()
+
+    def record_failure(self) -> None:
+        """Count a failure; eject the server or back off reconnecting."""
+        pool = self.pool
+        self.failures += 1
+        config = pool.config
+        if config.auto_eject_hosts and self.failures >= config.server_failure_limit:
+            self.eject()
+            return
+        backoff = min(BACKOFF_FIRST * (2 ** (self.failures - 1)), BACKOFF_MAX)
+        self.retry_at = pool.reactor.seconds() + backoff
+
+    def eject(self) -> None:
+        """Take the server out of the placement for C{server_retry_timeout}."""
+        if self.ejected:
+            return
+        pool = self.pool
+        self.failures = 0
+        self.ejected = True
+        log.warn(
+            "pool {pool}: ejecting server {server} for {seconds}s",
+            pool=pool.name,
+            server=self.label,
+            seconds=pool.config.server_retry_timeout / 1000.0,
+        )
+        self.retry_call = pool.reactor.callLater(pool.config.server_retry_timeout / 1000.0, self.readmit)
+        pool.rebuild()
+        self.close_connections()
+
+    def readmit(self) -> None:
+        self.retry_call = None
+        self.ejected = False
+        self.retry_at = 0.0
+        log.info("pool {pool}: server {server} back in placement", pool=self.pool.name, server=self.label)
+        self.pool.rebuild()
+        if self.pool.config.preconnect:
+            self.preconnect()
+
+    def preconnect(self) -> None:
+        """Open every connection now (C{preconnect: true}) for each codec of the pool."""
+        if self.ejected or self.pool.closing:
+            return
+        for codec in self.pool.codecs:
+            while len(self.connections.setdefault(codec, [])) < self.pool.config.server_connections:
+                self.connections[codec].append(self._connect(codec))
+
+    def close_connections(self) -> None:
+        for conns in list(self.connections.values()):
+            for conn in list(conns):
+                conn.close()
+        self.connections = {}
+
+    def stop(self) -> None:
+        if self.retry_call is not None and self.retry_call.active():
+            self.retry_call.cancel()
+        self.retry_call = None
+        self.close_connections()
+
+
+class ServerPool:
+    """
+    The servers of one pool and the placement of keys on them.
+
+    @ivar codecs: the codecs this pool's clients speak (backend connections are
+        kept per codec); the first is the pool's main codec.
+    """
+
+    def __init__(self, config, codec, reactor, codecs=None):
+        self.config = config
+        self.name = config.name
+        self.reactor = reactor
+        self.codec = codec
+        self.codecs = tuple(codecs) if codecs else (codec,)
+        self.timeout = config.timeout / 1000.0 if config.timeout is not None else None
+        self.closing = False
+        self.clients = set()  # ClientConnections currently open
+        self.servers = [Server(self, spec, i) for i, spec in enumerate(config.servers)]
+        self._hash = hash_function(config.hash)
+        self._hash_tag = config.hash_tag
+        self._random = random.Random()
+        self.live = []
+        self._index = None
+        self.rebuild()
+
+    # -- placement ---------------------------------------------------------
+
+    def rebuild(self) -> None:
+        """Recompute the placement over the servers not ejected."""
+        self.live = [s for s in self.servers if not s.ejected]
+        if self.live:
+            dist = make_distribution(
+                self.config.distribution,
+                [(s.spec.ketama_name, s.spec.weight) for s in self.live],
+                rng=self._random,
+            )
+            self._index = dist.index
+        else:
+            self._index = None
+
+    def server_for(self, key: bytes):
+        """The server that holds C{key}, or None when every server is ejected."""
+        index = self._index
+        if index is None:
+            return None
+        if self._hash_tag is not None:
+            key = hash_tag_key(key, self._hash_tag)
+        return self.live[index(self._hash(key))]
+
+    # -- dispatch -------------------------------------------------------------
+
+    def dispatch(self, request, codec, now: float, touched: list, dirty: list) -> None:
+        """
+        Send C{request} (and its fragments, for split or broadcast requests) to
+        the right server connections.  Requests that cannot be sent fail at once.
+        """
+        route = request.route
+        if route == ROUTE_KEY:
+            self._send(self.server_for(request.key), request, codec, now, touched, dirty)
+        elif route == ROUTE_KEYS:
+            self._dispatch_keys(request, codec, now, touched, dirty)
+        elif route == ROUTE_ALL:
+            servers = self.live
+            if not servers:
+                fail(request, "no server available in pool %s" % (self.name,), codec, dirty)
+                return
+            request.fragments = fragments = []
+            for server in servers:
+                fragment = self._fragment(request, request.frame, None)
+                fragments.append((server, fragment))
+            self._send_fragments(request, codec, now, touched, dirty)
+        elif route == ROUTE_ANY:
+            server = self._random.choice(self.live) if self.live else None
+            self._send(server, request, codec, now, touched, dirty)
+        else:
+            raise ValueError("unknown route %r" % (route,))
+
+    def _dispatch_keys(self, request, codec, now, touched, dirty) -> None:
+        by_server = {}
+        order = []
+        server_for = self.server_for
+        for i, key in enumerate(request.keys):
+            server = server_for(key)
+            group = by_server.get(server)
+            if group is None:
+                group = by_server[server] = []
+                order.append(server)
+            group.append(i)
+        groups = [by_server[s] for s in order]
+        frames = codec.split(request, groups)
+        request.fragments = [
+            (server, self._fragment(request, frame, group)) for server, frame, group in zip(order, frames, groups)
+        ]
+        self._send_fragments(request, codec, now, touched, dirty)
+
+    @staticmethod
+    def _fragment(parent, frame, key_indices):
+        fragment = Request(frame, parent.command)
+        fragment.parent = parent
+        fragment.key_indices = key_indices
+        fragment.received_at = parent.received_at
+        return fragment
+
+    def _send_fragments(self, request, codec, now, touched, dirty) -> None:
+        pairs = request.fragments
+        request.fragments = [fragment for _, fragment in pairs]
+        request.pending = len(pairs)
+        for server, fragment in pairs:
+            self._send(server, fragment, codec, now, touched, dirty)
+
+    def _send(self, server, request, codec, now, touched, dirty) -> None:
+        if server is None:
+            fail(request, "no server available in pool %s" % (self.name,), codec, dirty)
+        elif not server.available(now):
+            fail(request, "server %s unavailable" % (server.label,), codec, dirty)
+        else:
+            server.connection(codec).enqueue(request, now, touched)
+
+    # -- life cycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Open backend connections now if the pool asks for C{preconnect}."""
+        if self.config.preconnect:
+            for server in self.servers:
+                server.preconnect()
+
+    def client_gone(self, client) -> None:
+        self.clients.discard(client)
+
+    def stop(self) -> None:
+        """Close every backend connection; requests in flight get error replies."""
+        self.closing = True
+        for server in self.servers:
+            server.stop()
+

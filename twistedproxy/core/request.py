@@ -1,0 +1,128 @@
+"""
+The protocol-agnostic request object that travels from a client connection to a
+server connection and back, plus the routing kinds and the framing error.
+
+A codec (see L{twistedproxy.protocols.interface}) creates L{Request} objects out of
+client bytes; the core routes, forwards, times and completes them.  The core never
+looks inside C{frame} or C{reply}: they are opaque wire bytes.
+
+The invariant that keeps pipelining simple: every frame the core writes to a
+backend is answered by exactly one reply frame.  Codecs rewrite requests whose
+wire form would break that (memcached C{noreply}, quiet binary opcodes, the meta
+C{q} flag) and use L{Request.filter} to hide the reply from the client again.
+"""
+
+from __future__ import annotations
+
+# Routing kinds (Request.route).
+ROUTE_KEY = 0  # one backend, chosen by request.key
+ROUTE_KEYS = 1  # several keys: split per server (codec.split), merged (codec.merge)
+ROUTE_ALL = 2  # every server of the pool gets request.frame; replies merged (codec.merge)
+ROUTE_LOCAL = 3  # the proxy answers itself: request.reply is already set
+ROUTE_ANY = 4  # no key, but a backend must answer: any one live server
+
+
+class ProtocolError(Exception):
+    """
+    Framing is lost: the core writes C{reply} to the peer (if any) and closes.
+
+    @ivar reply: the bytes to send before closing (may be empty).
+    @ivar requests: the complete requests framed before the error in the same
+        batch; they are still served, in order, before the error reply.
+    """
+
+    def __init__(self, reply: bytes, requests: list | None = None, message: str = ""):
+        Exception.__init__(self, message or reply.decode("latin-1").strip())
+        self.reply = reply
+        self.requests = requests if requests is not None else []
+
+
+class Request:
+    """
+    One client request (or one fragment of a split multi-key request).
+
+    Fields set by the codec:
+      - frame: the bytes to send to a backend (the raw client frame, or a rewrite).
+      - command: the command name, lower case bytes (for stats, logs and errors).
+      - key: the routing key for ROUTE_KEY (the whole key; hash tags are the core's job).
+      - keys: the list of keys for ROUTE_KEYS, in client order.
+      - route: one of the ROUTE_* constants.
+      - reply: for ROUTE_LOCAL, the reply bytes; the core fills it for the others.
+      - filter: when true the core passes the backend reply through
+        C{codec.filter_reply(request, raw)} (which may return b"" to send nothing).
+      - close_after: close the client connection once this reply is written.
+      - data: codec-private state (parsed arguments for split/merge, opaque ...).
+
+    Fields owned by the core: done, client, parent, fragments, pending,
+    key_indices, sent_at, expired, server, failed.
+    """
+
+    __slots__ = (
+        "frame",
+        "command",
+        "key",
+        "keys",
+        "route",
+        "reply",
+        "filter",
+        "close_after",
+        "data",
+        # core-owned
+        "done",
+        "client",
+        "parent",
+        "fragments",
+        "pending",
+        "key_indices",
+        "received_at",
+        "sent_at",
+        "expired",
+        "server",
+        "failed",
+    )
+
+    def __init__(
+        self,
+        frame: bytes,
+        command: bytes,
+        key: bytes | None = None,
+        route: int = ROUTE_KEY,
+        keys: list | None = None,
+        reply: bytes | None = None,
+        filter: bool = False,
+        close_after: bool = False,
+        data: object = None,
+    ):
+        self.frame = frame
+        self.command = command
+        self.key = key
+        self.keys = keys
+        self.route = route
+        self.reply = reply
+        self.filter = filter
+        self.close_after = close_after
+        self.data = data
+        self.done = route == ROUTE_LOCAL
+        self.client = None
+        self.parent = None
+        self.fragments = None
+        self.pending = 0
+        self.key_indices = None
+        self.received_at = 0.0
+        self.sent_at = 0.0
+        self.expired = False
+        self.server = None
+        self.failed = None
+
+    def __repr__(self) -> str:
+        return "<Request %s route=%d key=%r done=%r>" % (
+            self.command.decode("latin-1"),
+            self.route,
+            self.key if self.key is not None else self.keys,
+            self.done,
+        )
+
+
+def local(command: bytes, reply: bytes, close_after: bool = False) -> Request:
+    """A request the proxy answers itself with C{reply}."""
+    return Request(b"", command, route=ROUTE_LOCAL, reply=reply, close_after=close_after)

@@ -1,0 +1,190 @@
+"""
+One pipelined connection to one backend.
+
+Requests are appended to an in-flight queue in the order their frames are
+written; the backend answers in the same order, so each reply completes the
+oldest request.  Frames queued during one client batch go out in one write.
+
+Timeouts cost one timer per connection, not per request: the timer always
+points at the oldest request still waiting.  A request that times out gets its
+error reply at once and stays in the queue, marked expired, until the backend's
+late reply arrives and is thrown away: the pipeline stays aligned and the other
+requests on the connection are not touched.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+from twistedproxy.core.completion import complete, fail, flush_clients
+from twistedproxy.core.request import ProtocolError
+
+log = Logger()
+
+
+class ServerConnection(Protocol):
+    """
+    A backend connection for one L{twistedproxy.core.pool.Server} and one codec.
+
+    It exists (and accepts requests) before the TCP connection is up: frames
+    wait in C{outbuf} until C{connectionMade}.
+    """
+
+    def __init__(self, server, codec, reactor):
+        self.server = server
+        self.codec = codec
+        self.reactor = reactor
+        self.parser = codec.reply_parser()
+        self.inflight = deque()
+        self.outbuf = []
+        self.connected = False
+        self.closed = False
+        self.n_expired = 0  # the expired requests are always a prefix of inflight
+        self.timer = None
+        self.timeout = server.pool.timeout  # seconds or None
+        for request in codec.handshake(server.pool.config):
+            self.outbuf.append(request.frame)
+            self.inflight.append(request)
+
+    # -- sending -------------------------------------------------------------
+
+    def enqueue(self, request, now: float, touched: list) -> None:
+        """Queue C{request}; C{touched} collects connections to flush after the batch."""
+        if not self.outbuf:
+            touched.append(self)
+        request.sent_at = now
+        request.server = self.server
+        self.outbuf.append(request.frame)
+        self.inflight.append(request)
+
+    def flush(self) -> None:
+        """Write every queued frame in one write (once connected)."""
+        if not self.connected or not self.outbuf:
+            return
+        out = self.outbuf
+        self.outbuf = []
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self.timer is None and self.timeout is not None:
+            self._arm_timer()
+
+    # -- connection events ---------------------------------------------------
+
+    def connectionMade(self):
+        self.connected = True
+        transport = self.transport
+        if hasattr(transport, "setTcpNoDelay"):
+            transport.setTcpNoDelay(True)
+            if self.server.pool.config.tcpkeepalive:
+                transport.setTcpKeepAlive(True)
+        self.server.connection_made(self)
+        self.flush()
+
+    def dataReceived(self, data):
+        parser = self.parser
+        parser.feed(data)
+        inflight = self.inflight
+        codec = self.codec
+        dirty = []
+        try:
+            while inflight:
+                request = inflight[0]
+                raw = parser.next_reply(request)
+                if raw is None:
+                    break
+                inflight.popleft()
+                if request.expired:
+                    self.n_expired -= 1
+                elif request.client is None and request.parent is None:
+                    self._handshake_reply(raw)
+                else:
+                    complete(request, raw, codec, dirty)
+            else:
+                if parser.buffered():
+                    raise ProtocolError(b"", message="unexpected data from backend")
+        except ProtocolError as e:
+            log.error(
+                "backend {server} sent bad data ({error}); closing",
+                server=self.server.label,
+                error=str(e),
+            )
+            flush_clients(dirty)
+            self.transport.abortConnection()
+            return
+        if self.server.failures:
+            self.server.failures = 0
+        flush_clients(dirty)
+
+    def _handshake_reply(self, raw: bytes) -> None:
+        error = self.codec.handshake_error(raw)
+        if error is not None:
+            log.error("backend {server} refused the handshake: {error}", server=self.server.label, error=error)
+
+    def connectionLost(self, reason):
+        self.connected = False
+        self._fail_all("connection to %s lost" % (self.server.label,))
+        self.server.connection_lost(self, reason)
+
+    def connection_failed(self, reason) -> None:
+        """The TCP connection could not be made."""
+        self._fail_all("cannot connect to %s: %s" % (self.server.label, reason.getErrorMessage()))
+        self.server.connection_lost(self, reason)
+
+    def close(self) -> None:
+        """Close the connection; requests still in flight get error replies."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.connected:
+            self.transport.loseConnection()
+
+    def _fail_all(self, message: str) -> None:
+        self.closed = True
+        self._cancel_timer()
+        dirty = []
+        inflight = self.inflight
+        self.inflight = deque()
+        self.outbuf = []
+        for request in inflight:
+            if not request.expired and (request.client is not None or request.parent is not None):
+                fail(request, message, self.codec, dirty)
+        self.n_expired = 0
+        flush_clients(dirty)
+
+    # -- timeouts ------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if len(self.inflight) > self.n_expired:
+            oldest = self.inflight[self.n_expired]
+            delay = oldest.sent_at + self.timeout - self.reactor.seconds()
+            self.timer = self.reactor.callLater(max(delay, 0.0), self._timer_fired)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+    def _timer_fired(self) -> None:
+        self.timer = None
+        now = self.reactor.seconds()
+        deadline = now - self.timeout
+        inflight = self.inflight
+        dirty = []
+        expired = 0
+        # Fractions of a millisecond early count as due: timers fire at most that early.
+        while len(inflight) > self.n_expired and inflight[self.n_expired].sent_at <= deadline + 1e-4:
+            request = inflight[self.n_expired]
+            self.n_expired += 1
+            request.expired = True
+            expired += 1
+            if request.client is None and request.parent is None:
+                continue  # a handshake request
+            fail(request, "timeout on %s" % (self.server.label,), self.codec, dirty)
+        flush_clients(dirty)
+        if expired:
+            self.server.timed_out(self)
+        if not self.closed and self.connected:
+            self._arm_timer()

@@ -1,0 +1,59 @@
+"""
+Log output with a level that can change at run time (nutcracker's C{-v}, and
+later SIGTTIN/SIGTTOU and the control client).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+    textFileLogObserver,
+)
+
+# nutcracker's -v levels are syslog-like, 0 (emerg) .. 11 (pverb), default 5 (notice).
+DEFAULT_VERBOSITY = 5
+
+level_filter = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+
+
+def level_for_verbosity(verbosity: int) -> LogLevel:
+    """Map a nutcracker C{-v} number onto a Twisted log level."""
+    if verbosity <= 2:
+        return LogLevel.critical
+    if verbosity == 3:
+        return LogLevel.error
+    if verbosity == 4:
+        return LogLevel.warn
+    if verbosity <= 6:
+        return LogLevel.info
+    return LogLevel.debug
+
+
+def set_level(level: LogLevel) -> None:
+    """Change the level of every observer made by L{filtered_observer}."""
+    level_filter.setLogLevelForNamespace(None, level)
+
+
+def current_level() -> LogLevel:
+    return level_filter.logLevelForNamespace(None)
+
+
+def filtered_observer(output=None):
+    """A text observer on C{output} (a file path or file object; stderr by default) obeying the level."""
+    if output is None or output == "-":
+        stream = sys.stderr
+    elif isinstance(output, str):
+        stream = open(output, "a", buffering=1)
+    else:
+        stream = output
+    return FilteringLogObserver(textFileLogObserver(stream), [level_filter])
+
+
+def add_observer(output=None) -> None:
+    """Send log events at or above the current level to C{output}."""
+    globalLogPublisher.addObserver(filtered_observer(output))

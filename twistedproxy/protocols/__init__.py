@@ -1,0 +1,33 @@
+"""
+The wire protocols, one module each behind L{interface.ICodec}.
+
+Pools name their protocol (C{redis: true} or not); L{codec_for} maps that name to
+the module that implements it.  Adding a protocol means adding a module and a
+line to L{PROTOCOL_MODULES}.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+PROTOCOL_MODULES = {
+    "redis": "twistedproxy.protocols.redis",
+    "memcache": "twistedproxy.protocols.memcache",
+}
+
+
+def codec_for(protocol: str):
+    """The codec object of the protocol named C{protocol} ('redis', 'memcache')."""
+    try:
+        module_name = PROTOCOL_MODULES[protocol]
+    except KeyError:
+        raise ValueError("unknown protocol %r (known: %s)" % (protocol, ", ".join(sorted(PROTOCOL_MODULES))))
+    return importlib.import_module(module_name).codec
+
+
+def codecs_of(codec) -> tuple:
+    """
+    Every codec a pool's clients may end up speaking: a sniffing codec (memcached
+    text or binary on one port) lists them in C{codecs}; others speak only themselves.
+    """
+    return tuple(getattr(codec, "codecs", None) or (codec,))

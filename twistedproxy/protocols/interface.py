@@ -1,0 +1,115 @@
+"""
+The small interface every wire protocol implements.
+
+A protocol is one module that provides an L{ICodec}.  The core (client side,
+server pool, routing, stats) only ever talks to these three interfaces, so adding
+a protocol means adding a module and naming it in L{twistedproxy.protocols}.
+
+Contract in one paragraph: a per-client L{IRequestParser} turns client bytes into
+L{twistedproxy.core.request.Request} objects (raw frame, command, key(s), route).
+The core picks servers, writes frames, and for each frame written expects exactly
+one reply frame, which a per-server-connection L{IReplyParser} cuts out of the
+backend's bytes.  Requests with several keys are split with L{ICodec.split} and
+their fragment replies joined with L{ICodec.merge}.  Failures become
+L{ICodec.error_reply}.  All methods are synchronous and called on the hot path:
+parse with C{bytes.find} and slices, never decode and re-encode payloads.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IRequestParser(Interface):
+    """Frames one client connection's byte stream into requests."""
+
+    codec = Attribute(
+        "The ICodec that framed the requests.  A sniffing parser (memcached text or "
+        "binary on one port) sets it once the first byte has been seen; the core reads "
+        "it after each feed()."
+    )
+
+    def feed(data: bytes) -> list:
+        """
+        Add bytes received from the client; return the requests now complete, in
+        order (possibly none).  Keeps any partial frame buffered.
+
+        Requests the proxy answers itself (PING, errors for unsupported or malformed
+        but well-framed commands, ...) come back with route ROUTE_LOCAL and their
+        reply set, so replies stay in order.
+
+        @raise twistedproxy.core.request.ProtocolError: framing is lost or a frame
+            is larger than allowed; the error carries the requests framed before it.
+        """
+
+
+class IReplyParser(Interface):
+    """Frames one backend connection's byte stream into replies."""
+
+    def feed(data: bytes) -> None:
+        """Add bytes received from the backend."""
+
+    def next_reply(request) -> bytes | None:
+        """
+        Cut the reply to C{request} (the oldest request in flight on this
+        connection) out of the buffered bytes; return it as raw bytes, or None if
+        it is not complete yet.  Some protocols need the request to know the shape
+        of its reply (memcached text: C{get} ends with END, C{set} is one line).
+
+        @raise twistedproxy.core.request.ProtocolError: the backend sent garbage;
+            the core closes the connection and fails its requests.
+        """
+
+    def buffered() -> int:
+        """How many bytes are buffered and not yet returned as replies."""
+
+
+class ICodec(Interface):
+    """A wire protocol: parsers, multi-key split/merge and error replies."""
+
+    name = Attribute("Short protocol name, e.g. 'redis', 'memcache'.")
+
+    def request_parser(pool_config) -> IRequestParser:
+        """
+        A new parser for one client connection of a pool (C{pool_config} is a
+        L{twistedproxy.config.PoolConfig}: auth, database, limits).
+        """
+
+    def reply_parser() -> IReplyParser:
+        """A new parser for one backend connection."""
+
+    def split(request, groups: list) -> list:
+        """
+        Split a ROUTE_KEYS request: C{groups} is a list of lists of indices into
+        C{request.keys}, one list per server (indices in client order).  Return one
+        frame (bytes) per group, in the same order.
+        """
+
+    def merge(request, fragments: list) -> bytes:
+        """
+        Join the replies of a split (ROUTE_KEYS) or broadcast (ROUTE_ALL) request
+        into the one reply the client expects.  Each fragment has C{.reply} (the raw
+        backend reply) and C{.key_indices} (the indices of C{request.keys} it
+        carried; None for a broadcast).  Only called when every fragment succeeded.
+        """
+
+    def filter_reply(request, raw: bytes) -> bytes:
+        """
+        Called for requests with C{filter} set: turn the backend reply into what
+        the client must see (b"" to send nothing, e.g. a quiet-mode miss).
+        """
+
+    def error_reply(request, message: str) -> bytes:
+        """
+        The reply the client sees when the backend failed for this request (timeout,
+        connection lost, server ejected).  Must be sent even for quiet requests.
+        """
+
+    def handshake(pool_config) -> list:
+        """
+        Requests sent first on every new backend connection (Redis AUTH and SELECT);
+        their replies are checked with L{handshake_error} and never reach a client.
+        """
+
+    def handshake_error(raw: bytes) -> str | None:
+        """An error message if a handshake reply reports failure, else None."""

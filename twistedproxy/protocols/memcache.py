@@ -1,0 +1,86 @@
+"""
+The codec of a memcache pool: memcached's text and binary protocols on one port.
+
+memcached picks a protocol per connection from the first byte a client sends
+(0x80 is the binary request magic; text commands are ASCII), and so does
+L{SniffingRequestParser}.  It exposes the chosen codec as C{parser.codec}, which
+the core reads after each feed: backend connections are kept per codec, since a
+memcached connection speaks one protocol too.  From then on every method of the
+chosen codec (reply framing, split/merge, filter and error replies) applies.
+"""
+
+from __future__ import annotations
+
+from zope.interface import implementer
+
+from twistedproxy.protocols import memcache_binary, memcache_text
+from twistedproxy.protocols.interface import ICodec, IRequestParser
+
+text_codec = memcache_text.codec
+binary_codec = memcache_binary.codec
+
+
+@implementer(IRequestParser)
+class SniffingRequestParser(object):
+    """
+    A client parser that becomes the text or the binary parser on the first byte.
+
+    Until that byte arrives C{codec} is the text codec, memcached's default.
+    """
+
+    def __init__(self, pool_config):
+        self.codec = text_codec
+        self._pool_config = pool_config
+
+    def feed(self, data: bytes) -> list:
+        if not data:
+            return []
+        chosen = binary_codec if data[0] == memcache_binary.REQUEST_MAGIC else text_codec
+        parser = chosen.request_parser(self._pool_config)
+        self.codec = chosen
+        self.feed = parser.feed  # later reads go straight to the chosen parser
+        return parser.feed(data)
+
+
+def _codec_of(request):
+    """The codec that framed C{request}: binary frames start with the request magic."""
+    return binary_codec if request.frame[:1] == b"\x80" else text_codec
+
+
+@implementer(ICodec)
+class MemcacheCodec(object):
+    """
+    Text or binary per client connection.  The core uses the codec its parser
+    chose; the methods here delegate by frame for any caller that does not.
+    """
+
+    name = "memcache"
+    codecs = (text_codec, binary_codec)  # every codec a client may end up speaking
+
+    def request_parser(self, pool_config):
+        return SniffingRequestParser(pool_config)
+
+    def reply_parser(self):
+        """A text reply parser: backend connections made for this codec speak text."""
+        return text_codec.reply_parser()
+
+    def split(self, request, groups):
+        return _codec_of(request).split(request, groups)
+
+    def merge(self, request, fragments):
+        return _codec_of(request).merge(request, fragments)
+
+    def filter_reply(self, request, raw):
+        return _codec_of(request).filter_reply(request, raw)
+
+    def error_reply(self, request, message):
+        return _codec_of(request).error_reply(request, message)
+
+    def handshake(self, pool_config):
+        return []
+
+    def handshake_error(self, raw):
+        return None
+
+
+codec = MemcacheCodec()

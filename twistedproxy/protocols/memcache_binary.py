@@ -1,0 +1,352 @@
+"""
+The memcached binary protocol (as memcached 1.6 serves it to clients) as an
+L{ICodec}.
+
+Every packet starts with a 24-byte header::
+
+    request:  magic 0x80, opcode, key length (2), extras length, data type,
+              vbucket (2), total body length (4), opaque (4), CAS (8)
+    response: magic 0x81, opcode, key length (2), extras length, data type,
+              status (2), total body length (4), opaque (4), CAS (8)
+
+followed by extras, key and value.  Frames go to the backend untouched, so the
+client's opaque and CAS travel there and back.
+
+Quiet opcodes would break the one-reply-per-frame rule, so their opcode byte is
+rewritten to the replying form and L{BinaryCodec.filter_reply} drops what quiet
+mode hides (a miss for getq/getkq/gatq/gatkq, success for the quiet mutations
+and flushq) and puts the client's quiet opcode back in the replies it keeps, as
+memcached echoes the opcode it was sent.  noop, version, stat and quit(q) are
+answered by the proxy, so a getkq pipeline closed by noop across many servers
+answers exactly like one server would.  Unknown opcodes get status 0x0081 and
+malformed packets 0x0004, framing kept.
+
+Backend failures (timeout, connection lost, server ejected) answer with status
+0x0086 "temporary failure": the request may well succeed when retried.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from zope.interface import implementer
+
+from twistedproxy.core.request import ROUTE_ALL, ProtocolError, Request, local
+from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
+from twistedproxy.protocols.memcache_text import MAX_KEY_LENGTH, VERSION, ReplyBuffer, StreamBuffer, stats_lines
+
+HEADER_LENGTH = 24
+REQUEST_MAGIC = 0x80
+RESPONSE_MAGIC = 0x81
+
+# Opcodes.
+GET = 0x00
+SET = 0x01
+ADD = 0x02
+REPLACE = 0x03
+DELETE = 0x04
+INCREMENT = 0x05
+DECREMENT = 0x06
+QUIT = 0x07
+FLUSH = 0x08
+GETQ = 0x09
+NOOP = 0x0A
+VERSION_OPCODE = 0x0B
+GETK = 0x0C
+GETKQ = 0x0D
+APPEND = 0x0E
+PREPEND = 0x0F
+STAT = 0x10
+SETQ = 0x11
+ADDQ = 0x12
+REPLACEQ = 0x13
+DELETEQ = 0x14
+INCREMENTQ = 0x15
+DECREMENTQ = 0x16
+QUITQ = 0x17
+FLUSHQ = 0x18
+APPENDQ = 0x19
+PREPENDQ = 0x1A
+TOUCH = 0x1C
+GAT = 0x1D
+GATQ = 0x1E
+GATK = 0x23
+GATKQ = 0x24
+
+# Response statuses.
+STATUS_OK = 0x0000
+STATUS_KEY_NOT_FOUND = 0x0001
+STATUS_KEY_EXISTS = 0x0002
+STATUS_TOO_LARGE = 0x0003
+STATUS_INVALID_ARGUMENTS = 0x0004
+STATUS_NOT_STORED = 0x0005
+STATUS_UNKNOWN_COMMAND = 0x0081
+STATUS_OUT_OF_MEMORY = 0x0082
+STATUS_INTERNAL_ERROR = 0x0084
+STATUS_TEMPORARY_FAILURE = 0x0086
+
+# magic, opcode, key length, extras length, (data type, vbucket skipped), body length
+_REQUEST_HEADER = struct.Struct(">BBHB3xI")
+# magic, opcode, key length, extras length, data type, status, body length
+_RESPONSE_HEADER = struct.Struct(">BBHBBHI")
+_BODY_LENGTH = struct.Struct(">I")
+_STATUS = struct.Struct(">H")
+_ZERO_CAS = bytes(8)
+
+
+def response(opcode: int, opaque: bytes, status: int = STATUS_OK, key: bytes = b"", value: bytes = b"") -> bytes:
+    """A response packet without extras or CAS; C{opaque} is the request's 4 raw bytes."""
+    return (
+        _RESPONSE_HEADER.pack(RESPONSE_MAGIC, opcode, len(key), 0, 0, status, len(key) + len(value))
+        + opaque
+        + _ZERO_CAS
+        + key
+        + value
+    )
+
+
+# Packet shapes memcached accepts, per opcode family (key, extras, body lengths).
+def _shape_store(keylen, extlen, bodylen):
+    return extlen == 8 and keylen > 0 and bodylen >= keylen + 8
+
+
+def _shape_key_only(keylen, extlen, bodylen):
+    return extlen == 0 and keylen > 0 and bodylen == keylen
+
+
+def _shape_arithmetic(keylen, extlen, bodylen):
+    return extlen == 20 and keylen > 0 and bodylen == keylen + 20
+
+
+def _shape_concat(keylen, extlen, bodylen):
+    return extlen == 0 and keylen > 0
+
+
+def _shape_touch(keylen, extlen, bodylen):
+    return extlen == 4 and keylen > 0
+
+
+def _shape_empty(keylen, extlen, bodylen):
+    return keylen == 0 and extlen == 0 and bodylen == 0
+
+
+def _shape_flush(keylen, extlen, bodylen):
+    return keylen == 0 and bodylen == extlen and extlen in (0, 4)
+
+
+def _shape_stat(keylen, extlen, bodylen):
+    return extlen == 0
+
+
+# How the proxy handles an opcode.
+_KEYED = 0  # routed by key
+_FLUSH = 1  # every server
+_NOOP = 2
+_VERSION = 3
+_STAT = 4
+_QUIT = 5
+
+_MISS = _STATUS.pack(STATUS_KEY_NOT_FOUND)
+_SUCCESS = _STATUS.pack(STATUS_OK)
+
+
+class _Command(object):
+    """What the proxy knows of one opcode."""
+
+    __slots__ = ("name", "kind", "shape", "replying", "hides")
+
+    def __init__(self, name, kind, shape, replying=None, hides=None):
+        self.name = name
+        self.kind = kind
+        self.shape = shape
+        self.replying = replying  # a quiet opcode's replying form, as one byte
+        self.hides = hides  # the status (2 raw bytes) quiet mode does not send
+
+
+def _quiet(name, kind, shape, replying, hides):
+    return _Command(name, kind, shape, bytes((replying,)), hides)
+
+
+COMMANDS = {
+    GET: _Command(b"get", _KEYED, _shape_key_only),
+    GETK: _Command(b"getk", _KEYED, _shape_key_only),
+    GETQ: _quiet(b"getq", _KEYED, _shape_key_only, GET, _MISS),
+    GETKQ: _quiet(b"getkq", _KEYED, _shape_key_only, GETK, _MISS),
+    GAT: _Command(b"gat", _KEYED, _shape_touch),
+    GATK: _Command(b"gatk", _KEYED, _shape_touch),
+    GATQ: _quiet(b"gatq", _KEYED, _shape_touch, GAT, _MISS),
+    GATKQ: _quiet(b"gatkq", _KEYED, _shape_touch, GATK, _MISS),
+    TOUCH: _Command(b"touch", _KEYED, _shape_touch),
+    SET: _Command(b"set", _KEYED, _shape_store),
+    ADD: _Command(b"add", _KEYED, _shape_store),
+    REPLACE: _Command(b"replace", _KEYED, _shape_store),
+    SETQ: _quiet(b"setq", _KEYED, _shape_store, SET, _SUCCESS),
+    ADDQ: _quiet(b"addq", _KEYED, _shape_store, ADD, _SUCCESS),
+    REPLACEQ: _quiet(b"replaceq", _KEYED, _shape_store, REPLACE, _SUCCESS),
+    APPEND: _Command(b"append", _KEYED, _shape_concat),
+    PREPEND: _Command(b"prepend", _KEYED, _shape_concat),
+    APPENDQ: _quiet(b"appendq", _KEYED, _shape_concat, APPEND, _SUCCESS),
+    PREPENDQ: _quiet(b"prependq", _KEYED, _shape_concat, PREPEND, _SUCCESS),
+    DELETE: _Command(b"delete", _KEYED, _shape_key_only),
+    DELETEQ: _quiet(b"deleteq", _KEYED, _shape_key_only, DELETE, _SUCCESS),
+    INCREMENT: _Command(b"incr", _KEYED, _shape_arithmetic),
+    DECREMENT: _Command(b"decr", _KEYED, _shape_arithmetic),
+    INCREMENTQ: _quiet(b"incrq", _KEYED, _shape_arithmetic, INCREMENT, _SUCCESS),
+    DECREMENTQ: _quiet(b"decrq", _KEYED, _shape_arithmetic, DECREMENT, _SUCCESS),
+    FLUSH: _Command(b"flush", _FLUSH, _shape_flush),
+    FLUSHQ: _quiet(b"flushq", _FLUSH, _shape_flush, FLUSH, _SUCCESS),
+    NOOP: _Command(b"noop", _NOOP, _shape_empty),
+    VERSION_OPCODE: _Command(b"version", _VERSION, _shape_empty),
+    STAT: _Command(b"stat", _STAT, _shape_stat),
+    QUIT: _Command(b"quit", _QUIT, _shape_empty),
+    QUITQ: _Command(b"quitq", _QUIT, _shape_empty),
+}
+
+
+@implementer(IRequestParser)
+class BinaryRequestParser(StreamBuffer):
+    """Frames one binary-protocol client connection."""
+
+    __slots__ = ("codec", "_max_request", "_closed")
+
+    def __init__(self, codec, pool_config):
+        StreamBuffer.__init__(self)
+        self.codec = codec
+        self._max_request = pool_config.max_request_bytes
+        self._closed = False
+
+    def feed(self, data: bytes) -> list:
+        if self._closed:
+            return []
+        buf = self._gather(data)
+        if buf is None:
+            return []
+        requests = []
+        end = len(buf)
+        pos = 0
+        need = HEADER_LENGTH  # bytes the unframed rest needs before it frames
+        while end - pos >= HEADER_LENGTH:
+            magic, opcode, keylen, extlen, bodylen = _REQUEST_HEADER.unpack_from(buf, pos)
+            if magic != REQUEST_MAGIC:
+                raise ProtocolError(b"", requests, "bad request magic 0x%02x" % (magic,))
+            if bodylen > self._max_request:
+                opaque = buf[pos + 12 : pos + 16]
+                raise ProtocolError(response(opcode, opaque, STATUS_TOO_LARGE, value=b"Too large."), requests)
+            frame_end = pos + HEADER_LENGTH + bodylen
+            if frame_end > end:
+                need += bodylen
+                break
+            requests.append(self._request(buf[pos:frame_end], opcode, keylen, extlen, bodylen))
+            pos = frame_end
+            if self._closed:
+                return requests
+        if pos < end:
+            self._keep(buf, pos, need)
+        return requests
+
+    def _request(self, frame, opcode, keylen, extlen, bodylen):
+        command = COMMANDS.get(opcode)
+        if command is None:
+            return local(b"unknown", response(opcode, frame[12:16], STATUS_UNKNOWN_COMMAND, value=b"Unknown command"))
+        if keylen + extlen > bodylen or keylen > MAX_KEY_LENGTH or not command.shape(keylen, extlen, bodylen):
+            reply = response(opcode, frame[12:16], STATUS_INVALID_ARGUMENTS, value=b"Invalid arguments")
+            return local(command.name, reply)
+        kind = command.kind
+        if kind == _KEYED:
+            key = frame[HEADER_LENGTH + extlen : HEADER_LENGTH + extlen + keylen]
+            if command.replying is None:
+                return Request(frame, command.name, key)
+            return Request(
+                frame[:1] + command.replying + frame[2:], command.name, key, filter=True, data=(opcode, command.hides)
+            )
+        if kind == _FLUSH:
+            if command.replying is None:
+                return Request(frame, command.name, route=ROUTE_ALL)
+            return Request(
+                frame[:1] + command.replying + frame[2:],
+                command.name,
+                route=ROUTE_ALL,
+                filter=True,
+                data=(opcode, command.hides),
+            )
+        opaque = frame[12:16]
+        if kind == _NOOP:
+            return local(b"noop", response(NOOP, opaque))
+        if kind == _VERSION:
+            return local(b"version", response(VERSION_OPCODE, opaque, value=VERSION))
+        if kind == _STAT:
+            packets = [response(STAT, opaque, key=name, value=value) for name, value in stats_lines()]
+            packets.append(response(STAT, opaque))  # the empty key ends the list
+            return local(b"stat", b"".join(packets))
+        self._closed = True  # quit: nothing after it is read
+        return local(command.name, response(QUIT, opaque) if opcode == QUIT else b"", close_after=True)
+
+
+@implementer(IReplyParser)
+class BinaryReplyParser(ReplyBuffer):
+    """Frames one backend connection's binary-protocol responses."""
+
+    __slots__ = ()
+
+    def next_reply(self, request):
+        buf = self._ready()
+        if buf is None:
+            return None
+        pos = self._pos
+        if len(buf) - pos < HEADER_LENGTH:
+            self._need = HEADER_LENGTH
+            return None
+        if buf[pos] != RESPONSE_MAGIC:
+            raise ProtocolError(b"", [], "bad response magic 0x%02x from backend" % (buf[pos],))
+        end = pos + HEADER_LENGTH + _BODY_LENGTH.unpack_from(buf, pos + 8)[0]
+        if end > len(buf):
+            self._need = end - pos
+            return None
+        return self._cut(end)
+
+
+def _status(raw: bytes) -> int:
+    return _STATUS.unpack_from(raw, 6)[0]
+
+
+@implementer(ICodec)
+class BinaryCodec(object):
+    """The memcached binary protocol."""
+
+    name = "memcache_binary"
+
+    def request_parser(self, pool_config):
+        return BinaryRequestParser(self, pool_config)
+
+    def reply_parser(self):
+        return BinaryReplyParser()
+
+    def split(self, request, groups):
+        raise NotImplementedError("binary requests carry one key; nothing is split")
+
+    def merge(self, request, fragments):
+        # A broadcast (flush): success from all, else the first failure.
+        for fragment in fragments:
+            if _status(fragment.reply) != STATUS_OK:
+                return fragment.reply
+        return fragments[0].reply
+
+    def filter_reply(self, request, raw):
+        opcode, hides = request.data
+        if raw[6:8] == hides:
+            return b""
+        return raw[:1] + bytes((opcode,)) + raw[2:]
+
+    def error_reply(self, request, message):
+        frame = request.frame
+        opcode = request.data[0] if request.filter else frame[1]
+        return response(opcode, frame[12:16], STATUS_TEMPORARY_FAILURE, value=message.encode("utf-8", "replace"))
+
+    def handshake(self, pool_config):
+        return []
+
+    def handshake_error(self, raw):
+        return None
+
+
+codec = BinaryCodec()

@@ -1,0 +1,678 @@
+"""
+The memcached text protocol (memcached 1.6 C{doc/protocol.txt}): the classic
+commands and the meta commands (mg, ms, md, ma, mn, me), as an L{ICodec}.
+
+Client side (L{TextRequestParser}): every command line is split into tokens once
+and dispatched on the command word.  Frames are forwarded raw except where the
+one-reply-per-frame rule needs a rewrite:
+
+  - classic C{noreply}: stripped toward the backend, C{filter} set, and the
+    client sees nothing at all for that request, errors included, exactly as
+    memcached itself behaves (C{out_string} drops every reply of a noreply
+    command) and as twemproxy does: a noreply client never reads, so any line
+    sent to it would be taken as the reply to its next command;
+  - meta C{q}: stripped toward the backend, C{filter} set, and only the codes
+    memcached's quiet mode hides are dropped (mg: EN; ms: HD; md: HD; ma: HD and
+    the VA of a successful C{v}); errors always reach the client.
+
+Multi-key retrievals (get, gets, gat, gats) route ROUTE_KEYS: L{TextCodec.split}
+builds one command per server and L{TextCodec.merge} re-emits the VALUE blocks
+in the client's key order under a single END.  version, stats, quit, mn and all
+malformed but well-framed commands are answered locally.
+
+Backend side (L{TextReplyParser}): replies describe their own shape, so framing
+does not depend on the request: VALUE blocks run until the line after the last
+one (END or an error), a VA line carries one data block, anything else is one
+line.
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+import time
+
+from zope.interface import implementer
+
+from twistedproxy._version import __version__
+from twistedproxy.core.request import ROUTE_ALL, ROUTE_KEYS, ProtocolError, Request, local
+from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
+
+# What `version` answers.  Clients parse "major.minor.micro" (libmemcached
+# rejects a major of 0, memccapable switches to 1.6 rules on it), so the string
+# leads with the memcached protocol level this proxy speaks, then says who we are.
+VERSION = ("1.6.0-twistedproxy-" + __version__).encode("ascii")
+
+MAX_KEY_LENGTH = 250
+# A command line longer than this without its newline means framing is lost.
+# Retrieval lines carry many keys and may grow up to the pool's max_request_bytes.
+MAX_LINE_LENGTH = 8192
+# A backend reply line (VALUE, VA, ME ...) longer than this means garbage.
+MAX_REPLY_LINE_LENGTH = 65536
+
+MAX_UINT32 = 0xFFFFFFFF
+MAX_UINT64 = 0xFFFFFFFFFFFFFFFF
+MIN_INT32 = -0x80000000
+MAX_INT32 = 0x7FFFFFFF
+
+# Bytes that may not appear in a command line (memcached: keys hold no control
+# characters; tabs and the like would also change how a line splits).
+_CONTROL_BYTES = bytes(range(32)) + b"\x7f"
+
+_CRLF = b"\r\n"
+_ERROR = b"ERROR\r\n"
+_END = b"END\r\n"
+_OK = b"OK\r\n"
+_MN = b"MN\r\n"
+_RESET = b"RESET\r\n"
+_NOREPLY = b"noreply"
+
+_STARTED = time.time()
+
+
+def client_error(reason: bytes) -> bytes:
+    return b"CLIENT_ERROR " + reason + _CRLF
+
+
+def server_error(message: str) -> bytes:
+    """A SERVER_ERROR line; the message is flattened to one line."""
+    text = " ".join(message.split())
+    return b"SERVER_ERROR " + text.encode("utf-8", "replace") + _CRLF
+
+
+def stats_lines() -> list:
+    """(name, value) pairs the proxy reports for memcached's C{stats} command."""
+    now = time.time()
+    return [
+        (b"pid", str(os.getpid()).encode("ascii")),
+        (b"uptime", str(int(now - _STARTED)).encode("ascii")),
+        (b"time", str(int(now)).encode("ascii")),
+        (b"version", VERSION),
+        (b"pointer_size", b"64"),
+    ]
+
+
+def _is_uint(token: bytes, maximum: int) -> bool:
+    return token.isdigit() and (len(token) < 10 or int(token) <= maximum)
+
+
+def _is_int32(token: bytes) -> bool:
+    digits = token[1:] if token[:1] == b"-" else token
+    return digits.isdigit() and (len(digits) < 10 or MIN_INT32 <= int(token) <= MAX_INT32)
+
+
+# Meta commands: the reply codes their q flag hides (memcached 1.6).
+_META_QUIET_CODES = {
+    b"mg": frozenset([b"EN"]),
+    b"ms": frozenset([b"HD"]),
+    b"md": frozenset([b"HD"]),
+    b"ma": frozenset([b"HD", b"VA"]),
+}
+_BYTE_Q = ord("q")
+_BYTE_B = ord("b")
+
+# Commands followed by a data block, and which token holds its length; a
+# malformed line of these still skips the block when that token is readable.
+_DATA_LENGTH_TOKEN = {
+    b"set": 4,
+    b"add": 4,
+    b"replace": 4,
+    b"append": 4,
+    b"prepend": 4,
+    b"cas": 4,
+    b"ms": 2,
+}
+# Classic commands that take a trailing noreply.
+_NOREPLY_COMMANDS = frozenset(
+    [
+        b"set",
+        b"add",
+        b"replace",
+        b"append",
+        b"prepend",
+        b"cas",
+        b"delete",
+        b"incr",
+        b"decr",
+        b"touch",
+        b"flush_all",
+        b"verbosity",
+    ]
+)
+
+
+class StreamBuffer(object):
+    """
+    Bytes received but not framed yet.
+
+    Kept as a list of chunks that is joined only once at least C{_need} bytes
+    are there, so a large frame arriving in many reads is copied once instead
+    of once per read.
+    """
+
+    __slots__ = ("_chunks", "_size", "_need")
+
+    def __init__(self):
+        self._chunks = []
+        self._size = 0
+        self._need = 1
+
+    def buffered(self) -> int:
+        return self._size
+
+    def _gather(self, data: bytes):
+        """
+        Add C{data}; return every buffered byte (and forget them) once C{_need}
+        are there, else None.
+        """
+        chunks = self._chunks
+        if not chunks:
+            return data
+        chunks.append(data)
+        self._size += len(data)
+        if self._size < self._need:
+            return None
+        self._chunks = []
+        self._size = 0
+        return b"".join(chunks)
+
+    def _keep(self, buf: bytes, pos: int, need: int) -> None:
+        """Keep the incomplete frame C{buf[pos:]}; it needs C{need} bytes in all."""
+        self._chunks = [buf[pos:] if pos else buf]
+        self._size = len(buf) - pos
+        self._need = need
+
+
+class ReplyBuffer(StreamBuffer):
+    """A L{StreamBuffer} that hands out one reply at a time from a read position."""
+
+    __slots__ = ("_buf", "_pos")
+
+    def __init__(self):
+        StreamBuffer.__init__(self)
+        self._buf = b""
+        self._pos = 0
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+
+    def _ready(self):
+        """The buffer (the next reply starts at C{_pos}) or None while C{_need} bytes are missing."""
+        if self._size < self._need:
+            return None
+        chunks = self._chunks
+        if chunks:
+            rest = self._buf[self._pos :]
+            if rest:
+                chunks.insert(0, rest)
+            self._buf = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self._pos = 0
+            self._chunks = []
+        return self._buf
+
+    def _cut(self, end: int) -> bytes:
+        """Return the reply that ends at C{end} and move past it."""
+        pos = self._pos
+        self._pos = end
+        self._size -= end - pos
+        self._need = 1
+        return self._buf[pos:end]
+
+
+@implementer(IRequestParser)
+class TextRequestParser(StreamBuffer):
+    """Frames one text-protocol client connection (classic and meta commands)."""
+
+    __slots__ = ("codec", "_max_request", "_closed")
+
+    def __init__(self, codec, pool_config):
+        StreamBuffer.__init__(self)
+        self.codec = codec
+        self._max_request = pool_config.max_request_bytes
+        self._closed = False
+
+    def feed(self, data: bytes) -> list:
+        if self._closed:
+            return []
+        buf = self._gather(data)
+        if buf is None:
+            return []
+        requests = []
+        handlers = self._handlers
+        control = _CONTROL_BYTES
+        end = len(buf)
+        pos = 0
+        while pos < end:
+            eol = buf.find(b"\n", pos)
+            if eol < 0:
+                self._check_partial_line(buf, pos, requests)
+                self._keep(buf, pos, end - pos + 1)
+                return requests
+            line = buf[pos : eol - 1] if eol > pos and buf[eol - 1] == 13 else buf[pos:eol]
+            tokens = line.split()
+            handler = handlers.get(tokens[0]) if tokens else None
+            if handler is None:
+                requests.append(local(b"unknown", _ERROR))
+                pos = eol + 1
+                continue
+            if len(line.translate(None, control)) != len(line):
+                after = self._reject(tokens, buf, pos, eol + 1, b"control characters in command line", requests)
+            else:
+                after = handler(self, tokens, buf, pos, eol + 1, requests)
+            if after is None:  # a data block is still arriving; _need was set
+                self._keep(buf, pos, self._need)
+                return requests
+            if self._closed:
+                break
+            pos = after
+        return requests
+
+    def _check_partial_line(self, buf: bytes, pos: int, requests: list) -> None:
+        size = len(buf) - pos
+        if size <= MAX_LINE_LENGTH:
+            return
+        if buf.startswith(b"get", pos) or buf.startswith(b"gat", pos):
+            if size <= self._max_request:
+                return
+        raise ProtocolError(client_error(b"line too long"), requests)
+
+    def _reject(self, tokens: list, buf: bytes, pos: int, after: int, reason: bytes, requests: list):
+        """
+        Answer a malformed command with CLIENT_ERROR, skipping its data block when
+        its length is readable so the next command still frames.  A classic
+        command that asked for noreply gets nothing, as memcached does.
+        """
+        command = tokens[0]
+        index = _DATA_LENGTH_TOKEN.get(command)
+        if index is not None and len(tokens) > index and tokens[index].isdigit():
+            block_end = after + self._data_length(tokens[index], requests) + 2
+            if block_end > len(buf):
+                self._need = block_end - pos
+                return None
+            after = block_end
+        if tokens[-1] == _NOREPLY and command in _NOREPLY_COMMANDS:
+            requests.append(local(command, b""))
+        else:
+            requests.append(local(command, client_error(reason)))
+        return after
+
+    def _data_length(self, token: bytes, requests: list) -> int:
+        """The length of a data block; one over max_request_bytes loses framing."""
+        length = int(token)
+        if length > self._max_request:
+            raise ProtocolError(b"SERVER_ERROR object too large for cache\r\n", requests)
+        return length
+
+    # -- classic commands ---------------------------------------------------
+
+    def _retrieval(self, tokens, buf, pos, after, requests):
+        """get|gets <key>*"""
+        if len(tokens) == 2:
+            key = tokens[1]
+            if len(key) > MAX_KEY_LENGTH:
+                return self._reject(tokens, buf, pos, after, b"key too long", requests)
+            requests.append(Request(buf[pos:after], tokens[0], key))
+            return after
+        if len(tokens) < 2:
+            requests.append(local(tokens[0], _ERROR))
+            return after
+        return self._multi_key(tokens, tokens[1:], tokens[0] + b" ", buf, pos, after, requests)
+
+    def _get_and_touch(self, tokens, buf, pos, after, requests):
+        """gat|gats <exptime> <key>*"""
+        if len(tokens) < 3:
+            requests.append(local(tokens[0], _ERROR))
+            return after
+        if not _is_int32(tokens[1]):
+            return self._reject(tokens, buf, pos, after, b"invalid exptime argument", requests)
+        if len(tokens) == 3:
+            key = tokens[2]
+            if len(key) > MAX_KEY_LENGTH:
+                return self._reject(tokens, buf, pos, after, b"key too long", requests)
+            requests.append(Request(buf[pos:after], tokens[0], key))
+            return after
+        prefix = tokens[0] + b" " + tokens[1] + b" "
+        return self._multi_key(tokens, tokens[2:], prefix, buf, pos, after, requests)
+
+    def _multi_key(self, tokens, keys, prefix, buf, pos, after, requests):
+        if max(map(len, keys)) > MAX_KEY_LENGTH:
+            return self._reject(tokens, buf, pos, after, b"key too long", requests)
+        requests.append(Request(buf[pos:after], tokens[0], route=ROUTE_KEYS, keys=keys, data=prefix))
+        return after
+
+    def _storage(self, tokens, buf, pos, after, requests):
+        """set|add|replace|append|prepend <key> <flags> <exptime> <bytes> [noreply], cas ... <cas unique> [noreply]"""
+        command = tokens[0]
+        noreply = tokens[-1] == _NOREPLY
+        expected = 5 + (command == b"cas") + noreply
+        if len(tokens) != expected:
+            return self._reject(tokens, buf, pos, after, b"bad command line format", requests)
+        key = tokens[1]
+        if len(key) > MAX_KEY_LENGTH:
+            return self._reject(tokens, buf, pos, after, b"key too long", requests)
+        if not (
+            _is_uint(tokens[2], MAX_UINT32)
+            and _is_int32(tokens[3])
+            and tokens[4].isdigit()
+            and (command != b"cas" or _is_uint(tokens[5], MAX_UINT64))
+        ):
+            return self._reject(tokens, buf, pos, after, b"bad command line format", requests)
+        end = after + self._data_length(tokens[4], requests) + 2
+        if end > len(buf):
+            self._need = end - pos
+            return None
+        if buf[end - 2 : end] != _CRLF:
+            return self._reject(tokens, buf, pos, after, b"bad data chunk", requests)
+        if noreply:
+            frame = b" ".join(tokens[:-1]) + _CRLF + buf[after:end]
+            requests.append(Request(frame, command, key, filter=True))
+        else:
+            requests.append(Request(buf[pos:end], command, key))
+        return end
+
+    def _delete(self, tokens, buf, pos, after, requests):
+        """delete <key> [0] [noreply] (the legacy hold time must be 0)"""
+        noreply = tokens[-1] == _NOREPLY
+        count = len(tokens) - noreply
+        if not (count == 2 or (count == 3 and tokens[2] == b"0")):
+            return self._reject(
+                tokens, buf, pos, after, b"bad command line format.  Usage: delete <key> [noreply]", requests
+            )
+        return self._keyed(tokens, buf, pos, after, requests, noreply)
+
+    def _arithmetic(self, tokens, buf, pos, after, requests):
+        """incr|decr <key> <value> [noreply]"""
+        noreply = tokens[-1] == _NOREPLY
+        if len(tokens) - noreply != 3:
+            return self._reject(tokens, buf, pos, after, b"bad command line format", requests)
+        if not _is_uint(tokens[2], MAX_UINT64):
+            return self._reject(tokens, buf, pos, after, b"invalid numeric delta argument", requests)
+        return self._keyed(tokens, buf, pos, after, requests, noreply)
+
+    def _touch(self, tokens, buf, pos, after, requests):
+        """touch <key> <exptime> [noreply]"""
+        noreply = tokens[-1] == _NOREPLY
+        if len(tokens) - noreply != 3:
+            return self._reject(tokens, buf, pos, after, b"bad command line format", requests)
+        if not _is_int32(tokens[2]):
+            return self._reject(tokens, buf, pos, after, b"invalid exptime argument", requests)
+        return self._keyed(tokens, buf, pos, after, requests, noreply)
+
+    def _keyed(self, tokens, buf, pos, after, requests, noreply):
+        """Emit a one-line command on tokens[1], stripping noreply toward the backend."""
+        key = tokens[1]
+        if len(key) > MAX_KEY_LENGTH:
+            return self._reject(tokens, buf, pos, after, b"key too long", requests)
+        if noreply:
+            requests.append(Request(b" ".join(tokens[:-1]) + _CRLF, tokens[0], key, filter=True))
+        else:
+            requests.append(Request(buf[pos:after], tokens[0], key))
+        return after
+
+    def _verbosity(self, tokens, buf, pos, after, requests):
+        """verbosity <level> [noreply]: every server, one OK."""
+        if len(tokens) not in (2, 3):
+            requests.append(local(tokens[0], _ERROR))
+            return after
+        if not _is_uint(tokens[1], MAX_UINT32):
+            return self._reject(tokens, buf, pos, after, b"bad command line format", requests)
+        return self._broadcast(tokens, buf, pos, after, requests)
+
+    def _flush_all(self, tokens, buf, pos, after, requests):
+        """flush_all [delay] [noreply]: every server, one reply."""
+        noreply = tokens[-1] == _NOREPLY
+        count = len(tokens) - noreply
+        if count > 2:
+            return self._reject(tokens, buf, pos, after, b"bad command line format", requests)
+        if count == 2 and not _is_int32(tokens[1]):
+            return self._reject(tokens, buf, pos, after, b"invalid exptime argument", requests)
+        return self._broadcast(tokens, buf, pos, after, requests)
+
+    def _broadcast(self, tokens, buf, pos, after, requests):
+        if tokens[-1] == _NOREPLY:
+            frame = b" ".join(tokens[:-1]) + _CRLF
+            requests.append(Request(frame, tokens[0], route=ROUTE_ALL, filter=True))
+        else:
+            requests.append(Request(buf[pos:after], tokens[0], route=ROUTE_ALL))
+        return after
+
+    def _version(self, tokens, buf, pos, after, requests):
+        """version: answered by the proxy (extra tokens ignored, as memcached 1.6 does)."""
+        requests.append(local(b"version", b"VERSION " + VERSION + _CRLF))
+        return after
+
+    def _stats(self, tokens, buf, pos, after, requests):
+        """stats [args]: answered by the proxy; per-server stats are on the stats port."""
+        if len(tokens) == 2 and tokens[1] == b"reset":
+            requests.append(local(b"stats", _RESET))
+            return after
+        lines = [b"STAT %s %s\r\n" % pair for pair in stats_lines()]
+        lines.append(_END)
+        requests.append(local(b"stats", b"".join(lines)))
+        return after
+
+    def _quit(self, tokens, buf, pos, after, requests):
+        """quit: close the connection; nothing after it is read."""
+        requests.append(local(b"quit", b"", close_after=True))
+        self._closed = True
+        return after
+
+    # -- meta commands ------------------------------------------------------
+
+    def _meta(self, tokens, buf, pos, after, requests):
+        """mg|md|ma|me <key> <flags>*"""
+        return self._meta_request(tokens, 2, buf, pos, after, after, requests)
+
+    def _meta_set(self, tokens, buf, pos, after, requests):
+        """ms <key> <datalen> <flags>*, then the data block."""
+        if len(tokens) < 3 or not tokens[2].isdigit():
+            return self._reject(tokens, buf, pos, after, b"bad command line format", requests)
+        end = after + self._data_length(tokens[2], requests) + 2
+        if end > len(buf):
+            self._need = end - pos
+            return None
+        if buf[end - 2 : end] != _CRLF:
+            return self._reject(tokens, buf, pos, after, b"bad data chunk", requests)
+        return self._meta_request(tokens, 3, buf, pos, after, end, requests)
+
+    def _meta_request(self, tokens, first_flag, buf, pos, after, end, requests):
+        """
+        Emit a meta command whose flags start at C{tokens[first_flag]} and whose
+        frame ends at C{end}.  The routing key is base64-decoded under the b flag
+        so it lands where the plain key would; a q flag is stripped toward the
+        backend and its quiet codes are filtered here instead.
+        """
+        command = tokens[0]
+        if len(tokens) < 2:
+            return self._reject(tokens, buf, pos, after, b"bad command line format", requests)
+        key = tokens[1]
+        if len(key) > MAX_KEY_LENGTH:
+            return self._reject(tokens, buf, pos, after, b"key too long", requests)
+        quiet = False
+        for flag in tokens[first_flag:]:
+            letter = flag[0]
+            if letter == _BYTE_Q:
+                quiet = True
+            elif letter == _BYTE_B:
+                try:
+                    key = binascii.a2b_base64(key) if _is_base64(key) else None
+                except binascii.Error:
+                    key = None
+                if not key:
+                    return self._reject(tokens, buf, pos, after, b"error decoding key", requests)
+        codes = _META_QUIET_CODES.get(command) if quiet else None
+        if codes is None:
+            requests.append(Request(buf[pos:end], command, key))
+            return end
+        kept = tokens[:first_flag] + [flag for flag in tokens[first_flag:] if flag[0] != _BYTE_Q]
+        frame = b" ".join(kept) + _CRLF + buf[after:end]
+        requests.append(Request(frame, command, key, filter=True, data=codes))
+        return end
+
+    def _meta_noop(self, tokens, buf, pos, after, requests):
+        """mn: answered by the proxy; replies leave in request order, so it still
+        comes after every earlier reply, whichever servers they came from."""
+        requests.append(local(b"mn", _MN))
+        return after
+
+    # The command word -> its handler(self, tokens, buf, pos, after, requests):
+    # tokens is the split command line, which spans buf[pos:after]; a handler
+    # appends its request(s) and returns where the next command starts, or None
+    # (with _need set) while a data block is still arriving.
+    _handlers = {
+        b"get": _retrieval,
+        b"gets": _retrieval,
+        b"gat": _get_and_touch,
+        b"gats": _get_and_touch,
+        b"set": _storage,
+        b"add": _storage,
+        b"replace": _storage,
+        b"append": _storage,
+        b"prepend": _storage,
+        b"cas": _storage,
+        b"delete": _delete,
+        b"incr": _arithmetic,
+        b"decr": _arithmetic,
+        b"touch": _touch,
+        b"mg": _meta,
+        b"md": _meta,
+        b"ma": _meta,
+        b"me": _meta,
+        b"ms": _meta_set,
+        b"mn": _meta_noop,
+        b"version": _version,
+        b"verbosity": _verbosity,
+        b"flush_all": _flush_all,
+        b"stats": _stats,
+        b"quit": _quit,
+    }
+
+
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+
+
+def _is_base64(token: bytes) -> bool:
+    """True for a well-formed, padded base64 string (a2b_base64 alone skips junk)."""
+    return len(token) % 4 == 0 and not token.translate(None, _BASE64_ALPHABET)
+
+
+@implementer(IReplyParser)
+class TextReplyParser(ReplyBuffer):
+    """Frames one backend connection's text-protocol replies (classic and meta)."""
+
+    __slots__ = ("_resume",)
+
+    def __init__(self):
+        ReplyBuffer.__init__(self)
+        self._resume = 0  # how far into the current reply complete VALUE blocks reach
+
+    def next_reply(self, request):
+        buf = self._ready()
+        if buf is None:
+            return None
+        start = self._pos
+        cur = start + self._resume
+        while True:
+            eol = buf.find(b"\n", cur)
+            if eol < 0:
+                if len(buf) - cur > MAX_REPLY_LINE_LENGTH:
+                    raise ProtocolError(b"", [], "backend reply line too long")
+                self._resume = cur - start
+                self._need = len(buf) - start + 1
+                return None
+            if buf.startswith(b"VALUE ", cur):
+                length_index = 3
+            elif buf.startswith(b"VA ", cur):
+                length_index = 1
+            else:  # END after VALUE blocks, or any one-line reply
+                self._resume = 0
+                return self._cut(eol + 1)
+            parts = buf[cur:eol].split()
+            if len(parts) <= length_index or not parts[length_index].isdigit():
+                raise ProtocolError(b"", [], "bad value line from backend: %r" % (buf[cur:eol][:80],))
+            end = eol + 1 + int(parts[length_index]) + 2
+            if end > len(buf):
+                self._resume = cur - start
+                self._need = end - start
+                return None
+            if buf[end - 2 : end] != _CRLF:
+                raise ProtocolError(b"", [], "bad data block from backend")
+            if length_index == 1:  # a meta VA reply holds one block
+                self._resume = 0
+                return self._cut(end)
+            cur = end
+
+
+@implementer(ICodec)
+class TextCodec(object):
+    """The memcached text protocol, classic and meta commands."""
+
+    name = "memcache_text"
+
+    def request_parser(self, pool_config):
+        return TextRequestParser(self, pool_config)
+
+    def reply_parser(self):
+        return TextReplyParser()
+
+    def split(self, request, groups):
+        keys = request.keys
+        prefix = request.data
+        return [prefix + b" ".join([keys[i] for i in group]) + _CRLF for group in groups]
+
+    def merge(self, request, fragments):
+        if request.route == ROUTE_KEYS:
+            return _merge_values(request.keys, fragments)
+        # A broadcast (flush_all, verbosity): OK from all, else the first other answer.
+        for fragment in fragments:
+            if fragment.reply != _OK:
+                return fragment.reply
+        return _OK
+
+    def filter_reply(self, request, raw):
+        codes = request.data
+        if codes is None:  # classic noreply: the client reads nothing
+            return b""
+        if raw[:2] in codes and raw[2:3] in (b" ", b"\r"):
+            return b""
+        return raw
+
+    def error_reply(self, request, message):
+        if request.filter and request.data is None:
+            return b""  # classic noreply: an unread line would answer the next command
+        return server_error(message)
+
+    def handshake(self, pool_config):
+        return []
+
+    def handshake_error(self, raw):
+        return None
+
+
+def _merge_values(keys: list, fragments: list) -> bytes:
+    """
+    Join get-style fragment replies: every VALUE block once per asked key, in the
+    client's key order, then one END.  A fragment that answered with an error
+    line makes that line the whole reply, as one server's error would.
+    """
+    blocks = {}
+    for fragment in fragments:
+        reply = fragment.reply
+        pos = 0
+        while reply.startswith(b"VALUE ", pos):
+            eol = reply.find(b"\n", pos)
+            parts = reply[pos:eol].split()
+            end = eol + 1 + int(parts[3]) + 2
+            blocks[parts[1]] = reply[pos:end]
+            pos = end
+        if reply[pos:] != _END:
+            return reply[pos:]
+    if not blocks:
+        return _END
+    out = [blocks[key] for key in keys if key in blocks]
+    out.append(_END)
+    return b"".join(out)
+
+
+codec = TextCodec()

@@ -1,0 +1,686 @@
+"""
+The Redis wire protocol (RESP2) as an L{ICodec}: the module-level L{codec}.
+
+Requests are multibulk frames (C{*N\\r\\n$len\\r\\narg\\r\\n...}) or inline lines
+(C{GET key\\r\\n}, as typed into telnet); inline commands are rewritten as
+multibulk frames before they are forwarded.  Which commands are routed how is
+L{twistedproxy.protocols.redis_commands}'s business.
+
+Both parsers are resumable: a frame cut short remembers where its scan stopped
+and how many bytes it needs before scanning again, and keeps the part already
+scanned apart from the rest, so a value of tens of megabytes arriving in small
+reads costs O(n), never O(n^2).
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from zope.interface import implementer
+
+from twistedproxy.core.request import ROUTE_ANY, ROUTE_KEYS, ProtocolError, Request, local
+from twistedproxy.protocols import redis_commands as commands
+from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
+
+# Redis's own limit for an inline command and for the length line of a
+# multibulk or bulk header (PROTO_INLINE_MAX_SIZE).
+INLINE_MAX_BYTES = 64 * 1024
+_MULTIBULK_MAX_ARGS = 2 ** 31 - 1
+
+_OK = b"+OK\r\n"
+_PONG = b"+PONG\r\n"
+_NOAUTH = b"-NOAUTH Authentication required\r\n"
+_INVALID_PASSWORD = b"-ERR invalid password\r\n"
+_NO_PASSWORD = b"-ERR Client sent AUTH, but no password is set\r\n"
+_NOT_AN_INTEGER = b"-ERR value is not an integer or out of range\r\n"
+_NEGATIVE_KEYS = b"-ERR Number of keys can't be negative\r\n"
+_TOO_MANY_KEYS = b"-ERR Number of keys can't be greater than number of args\r\n"
+_BAD_BACKEND_REPLY = b"-ERR unexpected reply from the server\r\n"
+
+_KEY = commands.KEY
+_MULTI = commands.MULTI
+_MSET = commands.MSET
+_EVAL = commands.EVAL
+_PING = commands.PING
+_ECHO = commands.ECHO
+_QUIT = commands.QUIT
+_AUTH = commands.AUTH
+_UNSUPPORTED = commands.UNSUPPORTED
+
+
+def _protocol_error(message: bytes, requests: list) -> ProtocolError:
+    return ProtocolError(b"-ERR Protocol error: " + message + b"\r\n", requests)
+
+
+def _too_large(max_bytes: int, requests: list) -> ProtocolError:
+    return _protocol_error(b"request larger than %d bytes" % max_bytes, requests)
+
+
+def _printable(name: bytes) -> bytes:
+    """A client-supplied name made safe to quote in a one-line error reply."""
+    return name[:128].replace(b"\r", b" ").replace(b"\n", b" ")
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def multibulk(args) -> bytes:
+    """The multibulk request frame for C{args} (a sequence of bytes)."""
+    return b"*%d\r\n" % len(args) + b"".join([b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args])
+
+
+_ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b", ord("a"): b"\a"}
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+_SPACES = frozenset(b" \n\r\t\0")
+
+
+def split_quoted(line: bytes):
+    """
+    Split an inline command the way Redis does (its C{sdssplitargs}): words
+    separated by blanks, C{"double quoted"} with C{\\n \\r \\t \\b \\a \\xHH} and
+    C{\\"} escapes, C{'single quoted'} with C{\\'} only.  Return the list of
+    arguments, or None when quotes are unbalanced or a closing quote is not
+    followed by a blank.
+    """
+    args = []
+    i, n = 0, len(line)
+    while True:
+        while i < n and line[i] in _SPACES:
+            i += 1
+        if i == n:
+            return args
+        current = bytearray()
+        quote = 0  # the open quote character, 0 outside quotes
+        while True:
+            if i == n:
+                if quote:
+                    return None
+                break
+            c = line[i]
+            if quote == 34:  # '"'
+                if (
+                    c == 92
+                    and i + 3 < n
+                    and line[i + 1] == 120
+                    and line[i + 2] in _HEX_DIGITS
+                    and line[i + 3] in _HEX_DIGITS
+                ):  # \xHH
+                    current.append(int(line[i + 2 : i + 4], 16))
+                    i += 3
+                elif c == 92 and i + 1 < n:
+                    i += 1
+                    current += _ESCAPES.get(line[i], line[i : i + 1])
+                elif c == 34:
+                    if i + 1 < n and line[i + 1] not in _SPACES:
+                        return None
+                    quote = 0
+                    i += 1
+                    break
+                else:
+                    current.append(c)
+            elif quote == 39:  # "'"
+                if c == 92 and i + 1 < n and line[i + 1] == 39:
+                    current.append(39)
+                    i += 1
+                elif c == 39:
+                    if i + 1 < n and line[i + 1] not in _SPACES:
+                        return None
+                    quote = 0
+                    i += 1
+                    break
+                else:
+                    current.append(c)
+            elif c in _SPACES:
+                break
+            elif c == 34 or c == 39:
+                quote = c
+            else:
+                current.append(c)
+            i += 1
+        args.append(bytes(current))
+
+
+@implementer(IRequestParser)
+class RedisRequestParser:
+    """
+    Frames one client connection's requests.  Also holds the connection's
+    AUTH state, since the proxy answers AUTH itself.
+    """
+
+    def __init__(self, pool_config, codec):
+        self.codec = codec
+        self._max_request_bytes = pool_config.max_request_bytes
+        password = pool_config.redis_auth
+        self._password = password.encode("utf-8") if password else None
+        self._locked = self._password is not None  # until a successful AUTH
+        self._closed = False  # after QUIT: ignore whatever follows
+        # Bytes not parsed yet: the first starts at a frame boundary, or inside a
+        # frame at an argument boundary when _partial is set.
+        self._chunks = []
+        self._size = 0
+        self._need = 0  # _size must reach this before a new scan can progress
+        # A multibulk frame cut short: (nargs, next arg index, kept args, entry,
+        # how many args to keep, list of the frame's bytes already scanned, their length)
+        self._partial = None
+
+    def feed(self, data: bytes) -> list:
+        if self._closed:
+            return []
+        if self._chunks:
+            self._chunks.append(data)
+            self._size += len(data)
+            if self._size < self._need:
+                return []
+            buf = b"".join(self._chunks)
+        else:
+            buf = data
+        out = []
+        try:
+            pos = self._parse(buf, out)
+        except ProtocolError:
+            self._chunks = []
+            self._size = self._need = 0
+            self._partial = None
+            self._closed = True
+            raise
+        if self._closed:
+            self._chunks = []
+            self._size = self._need = 0
+        elif pos < len(buf) or self._partial is not None:
+            self._chunks = [buf[pos:]] if pos else [buf]
+            self._size = len(buf) - pos
+        else:
+            self._chunks = []
+            self._size = self._need = 0
+        return out
+
+    def _parse(self, buf: bytes, out: list) -> int:
+        """
+        Append the complete requests in C{buf} to C{out}; return the offset of
+        the first byte not consumed (and set C{_need}, C{_partial} for the rest).
+        """
+        pos = 0
+        blen = len(buf)
+        find = buf.find
+        lookup = commands.COMMANDS.get
+        max_bytes = self._max_request_bytes
+        key_kind = _KEY
+        locked = self._locked
+        partial = self._partial
+        self._partial = None
+        while True:
+            if partial is None:
+                if pos >= blen:
+                    return pos
+                if buf[pos] != 42:  # not '*': an inline command
+                    nl = find(b"\n", pos)
+                    if nl < 0:
+                        if blen - pos > INLINE_MAX_BYTES:
+                            raise _protocol_error(b"too big inline request", out)
+                        self._need = blen - pos + 1
+                        return pos
+                    request = self._inline(buf[pos:nl], out)
+                    pos = nl + 1
+                    if request is not None:
+                        out.append(request)
+                        if request.close_after:
+                            self._closed = True
+                            return pos
+                        locked = self._locked
+                    continue
+                if pos + 4 <= blen and buf[pos + 2] == 13 and buf[pos + 3] == 10 and 49 <= buf[pos + 1] <= 57:
+                    nargs = buf[pos + 1] - 48  # fast path: *N\r\n
+                    p = pos + 4
+                else:
+                    nl = find(b"\r\n", pos + 1)
+                    if nl < 0:
+                        if blen - pos > INLINE_MAX_BYTES:
+                            raise _protocol_error(b"too big mbulk count string", out)
+                        self._need = blen - pos + 1
+                        return pos
+                    count = buf[pos + 1 : nl]
+                    # Strict digits: a frame is forwarded as is and must not make the
+                    # backend (shared by many clients) see a protocol error.
+                    if not count.isdigit() or (count[0] == 48 and nl - pos > 2):
+                        if count[:1] == b"-" and count[1:].isdigit():
+                            pos = nl + 2  # an empty multibulk: Redis skips it
+                            continue
+                        raise _protocol_error(b"invalid multibulk length", out)
+                    nargs = int(count)
+                    p = nl + 2
+                    if nargs == 0:
+                        pos = p
+                        continue
+                    if nargs > _MULTIBULK_MAX_ARGS:
+                        raise _protocol_error(b"invalid multibulk length", out)
+                start = pos
+                i = 0
+                args = []
+                entry = None
+                collect = 1
+                scanned = None
+                scanned_bytes = 0
+            else:
+                nargs, i, args, entry, collect, scanned, scanned_bytes = partial
+                partial = None
+                start = p = 0
+            while i < nargs:
+                # Fast path: a complete one or two digit length header ($N\r\n, $NN\r\n).
+                if p + 5 <= blen and buf[p] == 36 and 48 <= buf[p + 1] <= 57:
+                    digit = buf[p + 2]
+                    if digit == 13 and buf[p + 3] == 10:
+                        value_start = p + 4
+                        end = value_start + buf[p + 1] - 48
+                    elif 48 <= digit <= 57 and buf[p + 3] == 13 and buf[p + 4] == 10 and buf[p + 1] != 48:
+                        value_start = p + 5
+                        end = value_start + buf[p + 1] * 10 + digit - 528  # 528 = 48 * 11
+                    else:
+                        value_start = -1
+                else:
+                    value_start = -1
+                if value_start < 0:
+                    if p >= blen:
+                        need = 1
+                        break
+                    if buf[p] != 36:  # '$'
+                        raise _protocol_error(b"expected '$', got '%s'" % _printable(buf[p : p + 1]), out)
+                    nl = find(b"\r\n", p + 1)
+                    if nl < 0:
+                        if blen - p > INLINE_MAX_BYTES:
+                            raise _protocol_error(b"too big bulk count string", out)
+                        need = blen - p + 1
+                        break
+                    length = buf[p + 1 : nl]
+                    if not length.isdigit() or (length[0] == 48 and nl - p > 2):
+                        raise _protocol_error(b"invalid bulk length", out)
+                    value_start = nl + 2
+                    end = value_start + int(length)
+                if end + 2 > blen:
+                    need = end + 2 - p
+                    break
+                if buf[end] != 13 or buf[end + 1] != 10:
+                    raise _protocol_error(b"expected CRLF after bulk data", out)
+                if i < collect:
+                    args.append(buf[value_start:end])
+                    if i == 0:
+                        name = args[0]
+                        entry = lookup(name) or lookup(name.lower()) or commands.UNKNOWN
+                        collect = entry[5]
+                i += 1
+                p = end + 2
+            else:
+                if scanned_bytes + p - start > max_bytes:
+                    raise _too_large(max_bytes, out)
+                if scanned is None:
+                    frame = buf[start:p]
+                else:
+                    scanned.append(buf[start:p])
+                    frame = b"".join(scanned)
+                pos = p
+                # The common case inline; everything else in _dispatch.
+                if entry[1] == key_kind and entry[2] <= nargs <= entry[3] and not locked:
+                    out.append(Request(frame, entry[0], args[entry[4]]))
+                    continue
+                request = self._dispatch(entry, args, nargs, frame)
+                out.append(request)
+                if request.close_after:
+                    self._closed = True
+                    return pos
+                locked = self._locked
+                continue
+            # Cut short inside the frame: keep what was scanned, wait for `need` bytes
+            # (refused at once when the frame would outgrow the limit).
+            if scanned_bytes + p - start + need > max_bytes:
+                raise _too_large(max_bytes, out)
+            if scanned is None:
+                scanned = []
+            if p > start:
+                scanned.append(buf[start:p])
+                scanned_bytes += p - start
+            self._partial = (nargs, i, args, entry, collect, scanned, scanned_bytes)
+            self._need = need
+            return p
+
+    def _inline(self, line: bytes, out: list):
+        """The request for one inline command line, or None for a blank line."""
+        if line[-1:] == b"\r":
+            line = line[:-1]
+        if b'"' in line or b"'" in line:
+            args = split_quoted(line)
+            if args is None:
+                raise _protocol_error(b"unbalanced quotes in request", out)
+        else:
+            args = line.split()
+        if not args:
+            return None
+        name = args[0]
+        lookup = commands.COMMANDS.get
+        entry = lookup(name) or lookup(name.lower()) or commands.UNKNOWN
+        return self._dispatch(entry, args, len(args), None)
+
+    def _dispatch(self, entry, args, nargs, frame):
+        """
+        The request for one complete command: C{args} holds at least the first
+        C{entry}'s collect arguments, C{frame} is the raw frame (None for an
+        inline command: built here if the command is forwarded).
+        """
+        name, kind, min_args, max_args, key_index, _ = entry
+        if kind == _UNSUPPORTED:
+            return local(name, b"-ERR unsupported command '%s'\r\n" % _printable(args[0]))
+        if not min_args <= nargs <= max_args:
+            return local(name, b"-ERR wrong number of arguments for '%s' command\r\n" % name)
+        if kind == _AUTH:
+            return local(name, self._auth(args))
+        if kind == _QUIT:
+            return local(name, _OK, close_after=True)
+        if self._locked:
+            return local(name, _NOAUTH)
+        if kind == _PING:
+            return local(name, _PONG if nargs == 1 else _bulk(args[1]))
+        if kind == _ECHO:
+            return local(name, _bulk(args[1]))
+        if frame is None:
+            frame = multibulk(args)
+        if kind == _KEY:
+            return Request(frame, name, args[key_index])
+        if kind == _MULTI:
+            if nargs == 2:
+                return Request(frame, name, args[1])
+            return Request(frame, name, route=ROUTE_KEYS, keys=args[1:])
+        if kind == _MSET:
+            if nargs % 2 == 0:
+                return local(name, b"-ERR wrong number of arguments for '%s' command\r\n" % name)
+            if nargs == 3:
+                return Request(frame, name, args[1])
+            return Request(frame, name, route=ROUTE_KEYS, keys=args[1::2], data=args[2::2])
+        if kind == _EVAL:
+            numkeys = args[2]
+            if not numkeys.isdigit():
+                if numkeys[:1] == b"-" and numkeys[1:].isdigit():
+                    return local(name, _NEGATIVE_KEYS)
+                return local(name, _NOT_AN_INTEGER)
+            numkeys = int(numkeys)
+            if numkeys > nargs - 3:
+                return local(name, _TOO_MANY_KEYS)
+            if numkeys == 0:
+                return local(
+                    name,
+                    b"-ERR '%s' without keys is not supported: scripts are routed by their first key\r\n"
+                    % name,
+                )
+            return Request(frame, name, args[3])
+        return Request(frame, name, route=ROUTE_ANY)  # commands.ANY
+
+    def _auth(self, args) -> bytes:
+        """Check an AUTH C{[username] password} and (un)lock the connection (as twemproxy)."""
+        if self._password is None:
+            return _NO_PASSWORD
+        if len(args) == 2:
+            username, password = b"default", args[1]
+        else:
+            username, password = args[1], args[2]
+        if username == b"default" and hmac.compare_digest(password, self._password):
+            self._locked = False
+            return _OK
+        self._locked = True
+        return _INVALID_PASSWORD
+
+
+# Reply type bytes: one line; a length line then that many bytes; a count line
+# then that many nested replies (maps: twice that many).  The RESP3 types are
+# accepted too, except push and attribute replies, which are not one reply per request.
+_LINE_TYPES = frozenset(b"+-:_,#(")
+_BULK_TYPES = frozenset(b"$=!")
+_AGGREGATE_TYPES = frozenset(b"*~")
+_MAP = ord("%")
+
+
+@implementer(IReplyParser)
+class RedisReplyParser:
+    """Cuts one backend connection's byte stream into replies."""
+
+    def __init__(self):
+        self._buf = b""
+        self._pos = 0  # where the unconsumed bytes of _buf start
+        self._pending = []  # bytes received while a cut-short reply waits for _need
+        self._pending_size = 0
+        self._need = 0  # bytes needed from _pos on before scanning again
+        # A reply cut short inside an array: the remaining element count of each
+        # open array (outermost first), and the reply's bytes scanned so far.
+        self._stack = None
+        self._scanned = []
+        self._scanned_size = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._pos < len(self._buf) or self._pending or self._stack is not None:
+            self._pending.append(data)
+            self._pending_size += len(data)
+        else:
+            self._buf = data
+            self._pos = 0
+
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos + self._pending_size + self._scanned_size
+
+    def next_reply(self, request=None):
+        buf = self._buf
+        pos = self._pos
+        if self._pending:
+            if len(buf) - pos + self._pending_size < self._need:
+                return None
+            self._pending.insert(0, buf[pos:])
+            buf = self._buf = b"".join(self._pending)
+            pos = self._pos = 0
+            self._pending = []
+            self._pending_size = 0
+            self._need = 0
+        blen = len(buf)
+        if pos >= blen:
+            return None
+        if self._stack is None:
+            # Fast path: a top-level status, error, integer or bulk reply.
+            kind = buf[pos]
+            if kind == 36 or kind == 43 or kind == 45 or kind == 58:  # $ + - :
+                nl = buf.find(b"\r\n", pos + 1)
+                if nl < 0:
+                    self._need = blen - pos + 1
+                    return None
+                end = nl + 2
+                if kind == 36:
+                    try:
+                        length = int(buf[pos + 1 : nl])
+                    except ValueError:
+                        raise ProtocolError(b"", message="bad bulk length from backend") from None
+                    if length >= 0:
+                        end += length + 2
+                        if end > blen:
+                            self._need = end - pos
+                            return None
+                        if buf[end - 2] != 13 or buf[end - 1] != 10:
+                            raise ProtocolError(b"", message="missing CRLF after bulk from backend")
+                    elif length != -1:
+                        raise ProtocolError(b"", message="bad bulk length from backend")
+                self._pos = end
+                return buf[pos:end]
+            stack = []
+        else:
+            stack = self._stack
+            self._stack = None
+        return self._scan(buf, pos, blen, stack)
+
+    def _scan(self, buf, start, blen, stack):
+        """The general case: nested arrays and RESP3 types, resumable anywhere."""
+        find = buf.find
+        p = start
+        try:
+            while True:
+                if p >= blen:
+                    need = 1
+                    break
+                kind = buf[p]
+                nl = find(b"\r\n", p + 1)
+                if nl < 0:
+                    need = blen - p + 1
+                    break
+                if kind in _LINE_TYPES:
+                    p = nl + 2
+                elif kind in _BULK_TYPES:
+                    length = int(buf[p + 1 : nl])
+                    if length >= 0:
+                        end = nl + 2 + length
+                        if end + 2 > blen:
+                            need = end + 2 - p
+                            break
+                        if buf[end] != 13 or buf[end + 1] != 10:
+                            raise ProtocolError(b"", message="missing CRLF after bulk from backend")
+                        p = end + 2
+                    elif length == -1:
+                        p = nl + 2
+                    else:
+                        raise ProtocolError(b"", message="bad bulk length from backend")
+                elif kind in _AGGREGATE_TYPES or kind == _MAP:
+                    count = int(buf[p + 1 : nl])
+                    p = nl + 2
+                    if count > 0:
+                        stack.append(count * 2 if kind == _MAP else count)
+                        continue
+                    if count < -1:
+                        raise ProtocolError(b"", message="bad array length from backend")
+                else:
+                    raise ProtocolError(b"", message="unknown reply type %r from backend" % (bytes([kind]),))
+                # One element complete: close the arrays it completes.
+                while stack:
+                    stack[-1] -= 1
+                    if stack[-1]:
+                        break
+                    stack.pop()
+                else:
+                    self._pos = p
+                    if self._scanned:
+                        self._scanned.append(buf[start:p])
+                        reply = b"".join(self._scanned)
+                        self._scanned = []
+                        self._scanned_size = 0
+                        return reply
+                    return buf[start:p]
+        except ValueError:
+            raise ProtocolError(b"", message="bad length from backend") from None
+        # Cut short: keep the scanned part aside, wait for `need` more bytes.
+        if p > start:
+            self._scanned.append(buf[start:p])
+            self._scanned_size += p - start
+        self._stack = stack
+        self._pos = p
+        self._need = need
+        return None
+
+
+def _integer(reply: bytes):
+    if reply[:1] != b":":
+        return None
+    try:
+        return int(reply[1:-2])
+    except ValueError:
+        return None
+
+
+def _array_items(reply: bytes):
+    """The raw elements of an array reply, or None if C{reply} is not an array."""
+    nl = reply.find(b"\r\n")
+    if reply[:1] != b"*" or nl < 0:
+        return None
+    try:
+        count = int(reply[1:nl])
+    except ValueError:
+        return None
+    parser = RedisReplyParser()
+    parser.feed(reply[nl + 2 :])
+    items = []
+    for _ in range(count):
+        item = parser.next_reply()
+        if item is None:
+            return None
+        items.append(item)
+    return items
+
+
+@implementer(ICodec)
+class RedisCodec:
+    """The Redis protocol: parsers, MGET/MSET/DEL/UNLINK/TOUCH/EXISTS split and merge."""
+
+    name = "redis"
+
+    def request_parser(self, pool_config) -> RedisRequestParser:
+        return RedisRequestParser(pool_config, self)
+
+    def reply_parser(self) -> RedisReplyParser:
+        return RedisReplyParser()
+
+    def split(self, request, groups: list) -> list:
+        if len(groups) == 1:
+            return [request.frame]  # one group holds every key, in client order
+        keys = request.keys
+        values = request.data  # MSET's values, else None
+        head = _bulk(request.command)
+        frames = []
+        for group in groups:
+            args = [head]
+            for i in group:
+                args.append(_bulk(keys[i]))
+                if values is not None:
+                    args.append(_bulk(values[i]))
+            frames.append(b"*%d\r\n" % (len(args)) + b"".join(args))
+        return frames
+
+    def merge(self, request, fragments: list) -> bytes:
+        for fragment in fragments:
+            if fragment.reply[:1] == b"-":
+                return fragment.reply
+        if len(fragments) == 1:
+            return fragments[0].reply
+        command = request.command
+        if command == b"mget":
+            values = [None] * len(request.keys)
+            for fragment in fragments:
+                items = _array_items(fragment.reply)
+                indices = fragment.key_indices
+                if items is None or len(items) != len(indices):
+                    return _BAD_BACKEND_REPLY
+                for index, item in zip(indices, items):
+                    values[index] = item
+            return b"*%d\r\n" % len(values) + b"".join(values)
+        if command == b"mset":
+            return _OK
+        total = 0  # del, unlink, touch, exists: how many keys each server counted
+        for fragment in fragments:
+            count = _integer(fragment.reply)
+            if count is None:
+                return _BAD_BACKEND_REPLY
+            total += count
+        return b":%d\r\n" % total
+
+    def filter_reply(self, request, raw: bytes) -> bytes:
+        return raw
+
+    def error_reply(self, request, message) -> bytes:
+        if not isinstance(message, bytes):
+            message = message.encode("utf-8", "replace")
+        return b"-ERR " + message.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"
+
+    def handshake(self, pool_config) -> list:
+        requests = []
+        if pool_config.redis_auth:
+            password = pool_config.redis_auth.encode("utf-8")
+            requests.append(Request(multibulk((b"AUTH", password)), b"auth"))
+        if pool_config.redis_db:
+            requests.append(Request(multibulk((b"SELECT", b"%d" % pool_config.redis_db)), b"select"))
+        return requests
+
+    def handshake_error(self, raw: bytes):
+        if raw[:1] == b"-":
+            return raw[1:].rstrip(b"\r\n").decode("utf-8", "replace")
+        return None
+
+
+codec = RedisCodec()
