@@ -34,7 +34,6 @@ class Proxy:
 
     @ivar pools: pool name -> L{ServerPool}.
     @ivar factories: pool name -> L{ProxyFactory} (a Twisted ServerFactory).
-    @ivar ports: the listening ports opened by L{start}.
     """
 
     def __init__(self, config: ProxyConfig, reactor):
@@ -46,7 +45,7 @@ class Proxy:
             pool = build_pool(pool_config, reactor)
             self.pools[pool_config.name] = pool
             self.factories[pool_config.name] = ProxyFactory(pool)
-        self.ports = []
+        self._port_by_pool = {}
 
     @classmethod
     def from_file(cls, path: str, reactor) -> "Proxy":
@@ -63,12 +62,71 @@ class Proxy:
         for name, pool in self.pools.items():
             pool.start()
             cfg = pool.config
-            self.ports.append(listen(self.reactor, cfg.listen, self.factories[name], cfg.backlog, cfg.reuseport))
+            port = listen(self.reactor, cfg.listen, self.factories[name], cfg.backlog, cfg.reuseport)
+            self._port_by_pool[name] = port
         return self.ports
+
+    @property
+    def ports(self) -> list:
+        """The listening ports this proxy opened itself (L{start})."""
+        return list(self._port_by_pool.values())
+
+    def reconfigure(self, config: ProxyConfig) -> None:
+        """
+        Switch to C{config} between requests, keeping client connections.
+
+        Every pool is rebuilt from the new configuration; clients of a pool that
+        still exists move to its new version at once (their next request is
+        routed by it), while requests already in flight finish on the old pool,
+        whose backend connections close once idle.  Pools that disappeared stop
+        listening and their clients are closed; new pools start listening (when
+        this proxy listens itself, i.e. L{start} was used).
+        """
+        listening = bool(self._port_by_pool)
+        old_pools = self.pools
+        self.config = config
+        self.pools = {}
+        for pool_config in config.pools:
+            name = pool_config.name
+            pool = build_pool(pool_config, self.reactor)
+            self.pools[name] = pool
+            old = old_pools.get(name)
+            factory = self.factories.get(name)
+            if factory is None:
+                factory = self.factories[name] = ProxyFactory(pool)
+            else:
+                factory.switch_pool(pool)
+            pool.start()
+            if old is not None:
+                for client in list(old.clients):
+                    client.pool = pool
+                    pool.clients.add(client)
+                old.clients.clear()
+                old.retire()
+            if listening and (old is None or old.config.listen != pool_config.listen):
+                self._relisten(name, old)
+        for name, old in old_pools.items():
+            if name not in self.pools:
+                self._relisten(name, old)
+                del self.factories[name]
+                for client in list(old.clients):
+                    client.transport.loseConnection()
+                old.retire()
+
+    def _relisten(self, name, old_pool) -> None:
+        """Close the old pool's port (if any) and open the new pool's (if any)."""
+        if old_pool is not None and name in self._port_by_pool:
+            self._port_by_pool.pop(name).stopListening()
+        pool = self.pools.get(name)
+        if pool is not None:
+            cfg = pool.config
+            port = listen(self.reactor, cfg.listen, self.factories[name], cfg.backlog, cfg.reuseport)
+            self._port_by_pool[name] = port
 
     def stop(self):
         """Stop listening, close clients and backend connections; a Deferred fires when done."""
-        ports, self.ports = self.ports, []
+        ports = self.ports
+        self._port_by_pool = {}
         waits = [maybeDeferred(port.stopListening) for port in ports]
         for pool in self.pools.values():
             for client in list(pool.clients):

@@ -176,3 +176,8 @@ class ProxyFactory(ServerFactory):
         client = ClientConnection(pool, self.codec.request_parser(pool.config))
         pool.clients.add(client)
         return client
+
+    def switch_pool(self, pool) -> None:
+        """New connections go to C{pool} from now on (a reload)."""
+        self.pool = pool
+        self.codec = pool.codec

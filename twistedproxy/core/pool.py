@@ -287,6 +287,19 @@ class ServerPool:
     def client_gone(self, client) -> None:
         self.clients.discard(client)
 
+    def retire(self) -> None:
+        """
+        Stop taking requests after a reload: every backend connection closes as
+        soon as its in-flight requests are answered, so they finish normally.
+        """
+        self.closing = True
+        for server in self.servers:
+            if server.retry_call is not None and server.retry_call.active():
+                server.retry_call.cancel()
+            for conns in server.connections.values():
+                for conn in conns:
+                    conn.close_when_idle()
+
     def stop(self) -> None:
         """Close every backend connection; requests in flight get error replies."""
         self.closing = True

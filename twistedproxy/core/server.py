@@ -43,6 +43,7 @@ class ServerConnection(Protocol):
         self.connected = False
         self.closed = False
         self.n_expired = 0  # the expired requests are always a prefix of inflight
+        self.closing_when_idle = False
         self.timer = None
         self.timeout = server.pool.timeout  # seconds or None
         for request in codec.handshake(server.pool.config):
@@ -116,6 +117,8 @@ class ServerConnection(Protocol):
         if self.server.failures:
             self.server.failures = 0
         flush_clients(dirty)
+        if self.closing_when_idle and not inflight:
+            self.close()
 
     def _handshake_reply(self, raw: bytes) -> None:
         error = self.codec.handshake_error(raw)
@@ -131,6 +134,12 @@ class ServerConnection(Protocol):
         """The TCP connection could not be made."""
         self._fail_all("cannot connect to %s: %s" % (self.server.label, reason.getErrorMessage()))
         self.server.connection_lost(self, reason)
+
+    def close_when_idle(self) -> None:
+        """Close once every request in flight is answered (used when a pool retires)."""
+        self.closing_when_idle = True
+        if not self.inflight and not self.outbuf:
+            self.close()
 
     def close(self) -> None:
         """Close the connection; requests still in flight get error replies."""
