@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from twistedproxy.core.completion import flush_clients
 from twistedproxy.core.request import ROUTE_LOCAL, ProtocolError, local
+from twistedproxy.core.writes import immediate_writer
 
 log = Logger()
 
@@ -53,6 +54,7 @@ class ClientConnection(Protocol):
             except OSError:
                 pass  # a UNIX socket
         transport.registerProducer(self, True)
+        self.write = immediate_writer(transport)
 
     def dataReceived(self, data):
         if self.quitting:
@@ -109,7 +111,7 @@ class ClientConnection(Protocol):
                 close = True
                 break
         if out:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.write(out[0] if len(out) == 1 else b"".join(out))
         if close:
             self.closed = True
             self.transport.loseConnection()

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from twistedproxy.core.completion import complete, fail, flush_clients
 from twistedproxy.core.request import ProtocolError
+from twistedproxy.core.writes import immediate_writer
 
 log = Logger()
 
@@ -67,7 +68,7 @@ class ServerConnection(Protocol):
             return
         out = self.outbuf
         self.outbuf = []
-        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        self.write(out[0] if len(out) == 1 else b"".join(out))
         if self.timer is None and self.timeout is not None:
             self._arm_timer()
 
@@ -76,6 +77,7 @@ class ServerConnection(Protocol):
     def connectionMade(self):
         self.connected = True
         transport = self.transport
+        self.write = immediate_writer(transport)
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
             if self.server.pool.config.tcpkeepalive:
