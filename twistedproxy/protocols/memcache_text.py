@@ -69,6 +69,9 @@ _NOREPLY = b"noreply"
 
 _STARTED = time.time()
 
+# `stats <group>` groups of memcached 1.6 that the proxy answers with an empty list.
+_STATS_GROUPS = frozenset([b"settings", b"items", b"slabs", b"sizes", b"conns", b"extstore"])
+
 
 def client_error(reason: bytes) -> bytes:
     return b"CLIENT_ERROR " + reason + _CRLF
@@ -297,6 +300,15 @@ class TextRequestParser(StreamBuffer):
             requests.append(local(command, client_error(reason)))
         return after
 
+    @staticmethod
+    def _error(tokens, after, requests):
+        """
+        Answer ERROR: memcached's reply to a command word it knows with a token
+        count it does not accept (no data block is skipped, as memcached skips none).
+        """
+        requests.append(local(tokens[0], _ERROR))
+        return after
+
     def _data_length(self, token: bytes, requests: list) -> int:
         """The length of a data block; one over max_request_bytes loses framing."""
         length = int(token)
@@ -315,17 +327,18 @@ class TextRequestParser(StreamBuffer):
             requests.append(Request(buf[pos:after], tokens[0], key))
             return after
         if len(tokens) < 2:
-            requests.append(local(tokens[0], _ERROR))
-            return after
+            return self._error(tokens, after, requests)
         return self._multi_key(tokens, tokens[1:], tokens[0] + b" ", buf, pos, after, requests)
 
     def _get_and_touch(self, tokens, buf, pos, after, requests):
         """gat|gats <exptime> <key>*"""
-        if len(tokens) < 3:
-            requests.append(local(tokens[0], _ERROR))
-            return after
+        if len(tokens) < 2:
+            return self._error(tokens, after, requests)
         if not _is_int32(tokens[1]):
             return self._reject(tokens, buf, pos, after, b"invalid exptime argument", requests)
+        if len(tokens) == 2:  # no key: memcached touches nothing and answers END
+            requests.append(local(tokens[0], _END))
+            return after
         if len(tokens) == 3:
             key = tokens[2]
             if len(key) > MAX_KEY_LENGTH:
@@ -345,8 +358,9 @@ class TextRequestParser(StreamBuffer):
         """set|add|replace|append|prepend <key> <flags> <exptime> <bytes> [noreply], cas ... <cas unique> [noreply]"""
         command = tokens[0]
         noreply = tokens[-1] == _NOREPLY
-        expected = 5 + (command == b"cas") + noreply
-        if len(tokens) != expected:
+        if len(tokens) < 5:  # no length token, so no data block to skip
+            return self._error(tokens, after, requests)
+        if len(tokens) != 5 + (command == b"cas") + noreply:
             return self._reject(tokens, buf, pos, after, b"bad command line format", requests)
         key = tokens[1]
         if len(key) > MAX_KEY_LENGTH:
@@ -373,6 +387,8 @@ class TextRequestParser(StreamBuffer):
 
     def _delete(self, tokens, buf, pos, after, requests):
         """delete <key> [0] [noreply] (the legacy hold time must be 0)"""
+        if not 2 <= len(tokens) <= 4:
+            return self._error(tokens, after, requests)
         noreply = tokens[-1] == _NOREPLY
         count = len(tokens) - noreply
         if not (count == 2 or (count == 3 and tokens[2] == b"0")):
@@ -383,6 +399,8 @@ class TextRequestParser(StreamBuffer):
 
     def _arithmetic(self, tokens, buf, pos, after, requests):
         """incr|decr <key> <value> [noreply]"""
+        if len(tokens) not in (3, 4):
+            return self._error(tokens, after, requests)
         noreply = tokens[-1] == _NOREPLY
         if len(tokens) - noreply != 3:
             return self._reject(tokens, buf, pos, after, b"bad command line format", requests)
@@ -392,6 +410,8 @@ class TextRequestParser(StreamBuffer):
 
     def _touch(self, tokens, buf, pos, after, requests):
         """touch <key> <exptime> [noreply]"""
+        if len(tokens) not in (3, 4):
+            return self._error(tokens, after, requests)
         noreply = tokens[-1] == _NOREPLY
         if len(tokens) - noreply != 3:
             return self._reject(tokens, buf, pos, after, b"bad command line format", requests)
@@ -413,14 +433,15 @@ class TextRequestParser(StreamBuffer):
     def _verbosity(self, tokens, buf, pos, after, requests):
         """verbosity <level> [noreply]: every server, one OK."""
         if len(tokens) not in (2, 3):
-            requests.append(local(tokens[0], _ERROR))
-            return after
+            return self._error(tokens, after, requests)
         if not _is_uint(tokens[1], MAX_UINT32):
             return self._reject(tokens, buf, pos, after, b"bad command line format", requests)
         return self._broadcast(tokens, buf, pos, after, requests)
 
     def _flush_all(self, tokens, buf, pos, after, requests):
         """flush_all [delay] [noreply]: every server, one reply."""
+        if len(tokens) > 3:
+            return self._error(tokens, after, requests)
         noreply = tokens[-1] == _NOREPLY
         count = len(tokens) - noreply
         if count > 2:
@@ -443,9 +464,17 @@ class TextRequestParser(StreamBuffer):
         return after
 
     def _stats(self, tokens, buf, pos, after, requests):
-        """stats [args]: answered by the proxy; per-server stats are on the stats port."""
+        """
+        stats [group]: answered by the proxy; per-server stats are on the stats port.
+        The groups memcached knows list nothing here; any other argument (noreply
+        included) is an ERROR, as memcached answers an unknown group.
+        """
         if len(tokens) == 2 and tokens[1] == b"reset":
             requests.append(local(b"stats", _RESET))
+            return after
+        if len(tokens) > 1:
+            known = len(tokens) == 2 and tokens[1] in _STATS_GROUPS
+            requests.append(local(b"stats", _END if known else _ERROR))
             return after
         lines = [b"STAT %s %s\r\n" % pair for pair in stats_lines()]
         lines.append(_END)
@@ -466,6 +495,8 @@ class TextRequestParser(StreamBuffer):
 
     def _meta_set(self, tokens, buf, pos, after, requests):
         """ms <key> <datalen> <flags>*, then the data block."""
+        if len(tokens) < 2:
+            return self._error(tokens, after, requests)
         if len(tokens) < 3 or not tokens[2].isdigit():
             return self._reject(tokens, buf, pos, after, b"bad command line format", requests)
         end = after + self._data_length(tokens[2], requests) + 2
@@ -485,7 +516,7 @@ class TextRequestParser(StreamBuffer):
         """
         command = tokens[0]
         if len(tokens) < 2:
-            return self._reject(tokens, buf, pos, after, b"bad command line format", requests)
+            return self._error(tokens, after, requests)
         key = tokens[1]
         if len(key) > MAX_KEY_LENGTH:
             return self._reject(tokens, buf, pos, after, b"key too long", requests)
