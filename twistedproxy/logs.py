@@ -48,10 +48,38 @@ def filtered_observer(output=None):
     if output is None or output == "-":
         stream = sys.stderr
     elif isinstance(output, str):
-        stream = open(output, "a", buffering=1)
+        stream = _LogFile(output)
     else:
         stream = output
     return FilteringLogObserver(textFileLogObserver(stream), [level_filter])
+
+
+class _LogFile:
+    """A log file that L{reopen} can reopen (after rotation: SIGUSR1)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = open(path, "a", buffering=1)
+        _log_files.append(self)
+
+    def write(self, text):
+        self.file.write(text)
+
+    def flush(self):
+        self.file.flush()
+
+    def reopen(self) -> None:
+        old, self.file = self.file, open(self.path, "a", buffering=1)
+        old.close()
+
+
+_log_files = []
+
+
+def reopen() -> None:
+    """Reopen every log file opened here (log rotation)."""
+    for log_file in _log_files:
+        log_file.reopen()
 
 
 def add_observer(output=None) -> None:

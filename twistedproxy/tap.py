@@ -65,12 +65,15 @@ def check_config(path: str, out=sys.stdout) -> bool:
 
 
 class ProxyService(service.Service):
-    """Runs every pool of a configuration in this process."""
+    """Runs every pool of a configuration in this process (and its stats endpoints)."""
 
-    def __init__(self, config, reactor=None):
+    def __init__(self, config, reactor=None, stats_port=None, stats_addr="0.0.0.0"):
         self.config = config
         self._reactor = reactor
         self.proxy = None
+        self.stats_port = stats_port  # nutcracker's -s; None or 0: no stats port
+        self.stats_addr = stats_addr
+        self.stats_ports = []
 
     def startService(self):
         service.Service.startService(self)
@@ -81,9 +84,18 @@ class ProxyService(service.Service):
             from twisted.internet import reactor
         self.proxy = Proxy(self.config, reactor)
         self.proxy.start()
+        from twistedproxy.stats import server as stats_server
+
+        self.stats_ports = stats_server.start(
+            reactor, stats_server.LocalSources(self.proxy), self.stats_port, self.stats_addr,
+            self.config.global_.stats_http,
+        )
 
     def stopService(self):
         service.Service.stopService(self)
+        for port in self.stats_ports:
+            port.stopListening()
+        self.stats_ports = []
         if self.proxy is not None:
             return self.proxy.stop()
 
@@ -102,4 +114,11 @@ def makeService(options, reactor=None):
     logs.set_level(logs.level_for_verbosity(options["verbose"]))
     if options["output"]:
         logs.add_observer(options["output"])
-    return ProxyService(config, reactor)
+    if config.global_.worker_processes > 0:
+        from twistedproxy.process.master import MasterService
+
+        try:
+            return MasterService(config, options, reactor)
+        except (ConfigError, OSError) as e:
+            raise usage.UsageError("configuration file '%s' is invalid:\n%s" % (path, e))
+    return ProxyService(config, reactor, stats_port=options["stats-port"], stats_addr=options["stats-addr"])

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import socket
 
+from twisted.internet import tcp, unix
+
 
 def bind_socket(listen, backlog: int, reuseport: bool = False) -> socket.socket:
     """
@@ -41,6 +43,8 @@ def adopt_socket(reactor, sock: socket.socket, factory):
     """Serve C{factory} on an already listening socket; returns the port object."""
     family = sock.family
     port = reactor.adoptStreamPort(sock.fileno(), family, factory)
+    # PyPy's socket.fromfd (used by the adoption) makes the shared descriptor blocking.
+    sock.setblocking(False)
     return port
 
 
@@ -59,3 +63,78 @@ def listen(reactor, listen_spec, factory, backlog: int = 512, reuseport: bool = 
     finally:
         # adoptStreamPort dups the descriptor; ours is no longer needed.
         sock.close()
+
+
+# -- master and workers ------------------------------------------------------
+
+# Names the listening descriptors a new master inherits on upgrade (nginx's
+# NGINX variable): "key=fd;key=fd", keys from socket_key().
+INHERIT_ENV = "TWISTEDPROXY_LISTEN_FDS"
+
+
+def socket_key(listen_spec, slot) -> str:
+    """
+    The name of one listening socket of the master: the address, and the worker
+    slot it serves in reuseport mode (C{None}: shared by every worker).
+    """
+    return "%s#%s" % (listen_spec, "shared" if slot is None else slot)
+
+
+def inherited_sockets(environ) -> dict:
+    """The listening sockets named by L{INHERIT_ENV} in C{environ}: key -> socket."""
+    found = {}
+    for item in environ.get(INHERIT_ENV, "").split(";"):
+        key, sep, fd = item.rpartition("=")
+        if not sep or not fd.isdigit():
+            continue
+        fd = int(fd)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue  # not an open socket: ignore rather than adopt garbage
+        sock.setblocking(False)
+        os.set_inheritable(fd, False)
+        found[key] = sock
+    return found
+
+
+def adopt_port(reactor, fd: int, factory, one_accept: bool = False):
+    """
+    Serve C{factory} on the listening socket C{fd} (not closed: the port dups it)
+    and return the started port.  With C{one_accept}, each readiness accepts a
+    single connection (nginx's default, needed to spread accepts fairly under
+    the accept mutex).  An adopted UNIX socket's path is left in place when the
+    port stops: the master owns it.
+    """
+    probe = socket.socket(fileno=fd)
+    family = probe.family
+    probe.detach()  # the descriptor stays open; it was only inspected
+    if family == socket.AF_UNIX:
+        cls = _OneAcceptUNIXPort if one_accept else _AdoptedUNIXPort
+        port = cls._fromListeningDescriptor(reactor, fd, factory)
+    else:
+        cls = _OneAcceptTCPPort if one_accept else tcp.Port
+        port = cls._fromListeningDescriptor(reactor, fd, family, factory)
+    # PyPy makes a descriptor blocking when wrapping it in a socket object; the
+    # flag is shared with every process holding this socket.
+    os.set_blocking(fd, False)
+    port.startListening()
+    return port
+
+
+class _AdoptedUNIXPort(unix.Port):
+    def connectionLost(self, reason):
+        # Skip unix.Port's unlink: the socket file belongs to the master.
+        tcp.Port.connectionLost(self, reason)
+
+
+class _OneAcceptUNIXPort(_AdoptedUNIXPort):
+    def doRead(self):
+        self.numberAccepts = 1
+        _AdoptedUNIXPort.doRead(self)
+
+
+class _OneAcceptTCPPort(tcp.Port):
+    def doRead(self):
+        self.numberAccepts = 1
+        tcp.Port.doRead(self)

@@ -1,0 +1,129 @@
+"""Unit tests of the process model's parts: channel arguments, accept mutex, listeners, levels."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import pytest
+from twisted.internet.protocol import ServerFactory
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel
+
+from twistedproxy.config import ListenSpec
+from twistedproxy.process import accept_mutex, channel
+from twistedproxy.process.listeners import INHERIT_ENV, adopt_port, bind_socket, inherited_sockets, socket_key
+from twistedproxy.process.master import parse_level
+
+
+def test_big_unicode_survives_the_amp_value_limit():
+    text = "é" * 70000 + "end"
+    box = channel.Reconfigure.makeArguments({"config": text, "source": "x.yml"}, None)
+    assert all(len(value) <= 65535 for value in box.values())
+    assert channel.Reconfigure.parseArguments(box, None) == {"config": text, "source": "x.yml"}
+    empty = channel.Reconfigure.makeArguments({"config": "", "source": ""}, None)
+    assert channel.Reconfigure.parseArguments(empty, None)["config"] == ""
+
+
+class FakePort:
+    def __init__(self):
+        self.reading = True
+
+    def startReading(self):
+        self.reading = True
+
+    def stopReading(self):
+        self.reading = False
+
+
+@pytest.fixture
+def mutex_fd():
+    fd = accept_mutex.create_file()
+    yield fd
+    os.close(fd)
+
+
+def make_mutex(fd, slot, count):
+    reactor = MemoryReactorClock()
+    ports = [FakePort()]
+    state = {"count": count}
+    mutex = accept_mutex.AcceptMutex(reactor, fd, slot, lambda: ports, lambda: state["count"])
+    return mutex, reactor, ports, state
+
+
+def test_accept_mutex_holder_reads_and_gives_way_to_emptier_workers(mutex_fd):
+    busy, busy_reactor, busy_ports, busy_state = make_mutex(mutex_fd, 0, 0)
+    idle, _, _, _ = make_mutex(mutex_fd, 1, 0)
+    idle.start()
+    busy.start()
+    # (POSIX locks are per process, so both hold it here; workers are processes.)
+    assert busy.held and busy_ports[0].reading
+    # Accepting past 7/8 of the mean + 1 while another worker has fewer: give way.
+    busy.accepted()
+    assert busy.held
+    busy.accepted()
+    assert not busy.held and busy_ports[0].reading is False
+    # Stays out while over the line; competes again once the others caught up.
+    busy_state["count"] = 2
+    busy_reactor.advance(accept_mutex.INTERVAL)
+    assert not busy.held
+    idle._publish(2)
+    busy_reactor.advance(accept_mutex.INTERVAL)
+    assert busy.held and busy_ports[0].reading
+    # A holder that accepted gives the lock up at the next tick.
+    busy.accepted()
+    busy_reactor.advance(accept_mutex.INTERVAL)
+    assert not busy.held
+    busy.stop()
+    accept_mutex.clear_slot(mutex_fd, 1)
+    assert not busy._over()  # alone in the table
+
+
+def test_socket_keys_and_inherited_sockets():
+    spec = ListenSpec(host="127.0.0.1", port=1234)
+    assert socket_key(spec, None) == "127.0.0.1:1234#shared"
+    assert socket_key(spec, 2) == "127.0.0.1:1234#2"
+    sock = bind_socket(ListenSpec(host="127.0.0.1", port=0), 8)
+    fd = os.dup(sock.fileno())
+    try:
+        found = inherited_sockets({INHERIT_ENV: "a#0=%d;junk;b#1=notanfd" % fd})
+        assert list(found) == ["a#0"]
+        assert found["a#0"].getsockname() == sock.getsockname()
+        found["a#0"].close()
+    finally:
+        sock.close()
+
+
+def test_adopted_unix_port_leaves_the_path_to_the_master():
+    path = tempfile.mktemp(prefix="tp-adopt-", suffix=".sock")
+    sock = bind_socket(ListenSpec(path=path, perm=0o600), 8)
+    reactor = MemoryReactorClock()
+    try:
+        port = adopt_port(reactor, sock.fileno(), ServerFactory(), one_accept=True)
+        assert os.get_blocking(sock.fileno()) is False
+        port.stopListening()
+        reactor.advance(0)
+        assert os.path.exists(path)
+    finally:
+        sock.close()
+        os.unlink(path)
+
+
+def test_parse_level():
+    assert parse_level("debug") is LogLevel.debug
+    assert parse_level("WARNING") is LogLevel.warn
+    assert parse_level("11") is LogLevel.debug
+    with pytest.raises(ValueError):
+        parse_level("loud")
+
+
+def test_tcp_sockets_of_the_master_share_a_port():
+    first = bind_socket(ListenSpec(host="127.0.0.1", port=0), 8, reuseport=True)
+    try:
+        port = first.getsockname()[1]
+        second = bind_socket(ListenSpec(host="127.0.0.1", port=port), 8, reuseport=True)
+        second.close()
+    finally:
+        first.close()
+    assert socket.SO_REUSEPORT

@@ -1,0 +1,97 @@
+"""
+The AMP commands spoken between the master and each worker, over a socketpair
+the master passes to the worker as a descriptor.
+
+Worker -> master: L{Hello} (answered with the configuration), L{Ready}.
+Master -> worker: L{Reconfigure}, L{Stats}, L{Ping}, L{Stop}, L{SetLogLevel}.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.protocol import Factory
+from twisted.logger import LogLevel
+from twisted.protocols import amp
+
+from twistedproxy import logs
+
+# AMP caps one value at 65535 bytes; a configuration can be longer.
+_CHUNK = 60000
+
+
+class BigUnicode(amp.Argument):
+    """Text of any length, sent as numbered chunks C{name.0}, C{name.1}, ..."""
+
+    def fromBox(self, name, strings, objects, proto):
+        parts = []
+        index = 0
+        while True:
+            key = b"%s.%d" % (name, index)
+            part = strings.get(key)
+            if part is None:
+                break
+            parts.append(part)
+            index += 1
+        objects[str(name, "ascii")] = b"".join(parts).decode("utf-8")
+
+    def toBox(self, name, strings, objects, proto):
+        data = objects[str(name, "ascii")].encode("utf-8")
+        for index, start in enumerate(range(0, max(len(data), 1), _CHUNK)):
+            strings[b"%s.%d" % (name, index)] = data[start:start + _CHUNK]
+
+
+def quiet_factory(build):
+    """A factory whose protocols come from C{build()}, without start/stop log lines."""
+    factory = Factory()
+    factory.noisy = False
+    factory.buildProtocol = lambda addr: build()
+    return factory
+
+
+def quiet_amp_logs() -> None:
+    """AMP logs every connection at info level; the channels and control clients are routine."""
+    logs.level_filter.setLogLevelForNamespace("twisted.protocols.amp", LogLevel.warn)
+
+
+class Hello(amp.Command):
+    """A worker is up; the answer is the configuration it must run."""
+
+    arguments = [(b"pid", amp.Integer()), (b"slot", amp.Integer())]
+    response = [(b"config", BigUnicode()), (b"source", amp.Unicode())]
+
+
+class Ready(amp.Command):
+    """The worker serves: pools built, listening descriptors adopted."""
+
+    arguments = []
+    response = []
+
+
+class Reconfigure(amp.Command):
+    """Apply this configuration text between requests (same listen addresses)."""
+
+    arguments = [(b"config", BigUnicode()), (b"source", amp.Unicode())]
+    response = [(b"ok", amp.Boolean()), (b"error", amp.Unicode())]
+
+
+class Stats(amp.Command):
+    """The worker's counters, as a JSON object."""
+
+    arguments = []
+    response = [(b"stats", BigUnicode())]
+
+
+class Ping(amp.Command):
+    arguments = []
+    response = [(b"pid", amp.Integer())]
+
+
+class Stop(amp.Command):
+    """Stop: C{graceful} finishes in-flight requests first (bounded by the shutdown timeout)."""
+
+    arguments = [(b"graceful", amp.Boolean())]
+    response = []
+
+
+class SetLogLevel(amp.Command):
+    arguments = [(b"level", amp.Unicode())]
+    response = []

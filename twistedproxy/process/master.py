@@ -1,0 +1,763 @@
+"""
+The master process (nginx model): owns the listening sockets, runs
+C{global.worker_processes} workers (L{twistedproxy.process.worker}), and
+reloads, upgrades and stops them without dropping clients.
+
+  - Workers are started with C{reactor.spawnProcess} (same interpreter), their
+    listening sockets, AMP channel and accept-mutex file passed as descriptors.
+  - A worker that dies is respawned at once; one that dies young again and
+    again is respawned with a growing delay (crash-loop backoff).
+  - Listen modes: C{reuseport} gives each worker slot its own SO_REUSEPORT
+    socket per pool (the kernel balances); C{shared} gives every worker the same
+    socket (UNIX sockets are always shared), optionally with the accept mutex.
+
+Signals: SIGHUP reload, SIGUSR2 binary upgrade, SIGQUIT graceful stop,
+SIGTERM/SIGINT fast stop, SIGUSR1 reopen logs, SIGTTIN/SIGTTOU log level up/down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger, LogLevel
+from twisted.protocols import amp
+
+from twistedproxy import logs
+from twistedproxy.config import ConfigError, parse_config
+from twistedproxy.process import accept_mutex, channel
+from twistedproxy.process.channel import quiet_factory
+from twistedproxy.process.listeners import (
+    INHERIT_ENV,
+    bind_socket,
+    inherited_sockets,
+    socket_key,
+)
+
+log = Logger()
+
+# The pipe on which an upgraded master tells the old one it serves (fd number in env).
+READY_ENV = "TWISTEDPROXY_UPGRADE_READY_FD"
+UPGRADE_TIMEOUT = 30.0  # seconds the old master waits for the new one
+KILL_GRACE = 3.0  # seconds past a stop's deadline before SIGKILL
+YOUNG = 2.0  # a worker dying younger than this (s) counts towards a crash loop
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 10.0
+LOG_LEVELS = [LogLevel.critical, LogLevel.error, LogLevel.warn, LogLevel.info, LogLevel.debug]
+
+# Global keys that change what workers are started with: a change rolls the workers over.
+_ROLLOVER_KEYS = ("worker_cpu_affinity", "listen_mode", "accept_mutex", "tcp_quickack", "user", "group")
+
+
+def read_config(path: str):
+    """(text, config) of the file at C{path}; raises ConfigError or OSError."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(["%s: not UTF-8 text (invalid byte at offset %d)" % (path, e.start)])
+    return text, parse_config(text, path)
+
+
+def check_global(config, path: str) -> None:
+    """What the loader cannot know: the process model's limits and accounts; raises ConfigError."""
+    glob = config.global_
+    problems = []
+    if glob.worker_processes < 1:
+        problems.append("%s: worker_processes 0 (single process) needs a restart" % (path,))
+    if glob.worker_processes > accept_mutex.SLOTS:
+        problems.append("%s: at most %d workers" % (path, accept_mutex.SLOTS))
+    if glob.user:
+        import pwd
+
+        try:
+            pwd.getpwnam(glob.user)
+        except KeyError:
+            problems.append("%s: global.user: no user %r" % (path, glob.user))
+    if glob.group:
+        import grp
+
+        try:
+            grp.getgrnam(glob.group)
+        except KeyError:
+            problems.append("%s: global.group: no group %r" % (path, glob.group))
+    if problems:
+        raise ConfigError(problems)
+
+
+def _listen_layout(config) -> tuple:
+    return tuple((pool.name, pool.listen, pool.backlog) for pool in config.pools)
+
+
+def parse_level(text: str) -> LogLevel:
+    """A log level from its name (debug, info, warn, error, critical) or a nutcracker C{-v} number."""
+    text = text.strip().lower()
+    if text.isdigit():
+        return logs.level_for_verbosity(int(text))
+    try:
+        return LogLevel.levelWithName({"warning": "warn"}.get(text, text))
+    except Exception:
+        raise ValueError("unknown log level %r (debug, info, warn, error, critical or 0..11)" % (text,))
+
+
+class WorkerProcess(ProcessProtocol):
+    """One spawned worker, seen from the master."""
+
+    def __init__(self, master, slot: int, generation: int):
+        self.master = master
+        self.slot = slot
+        self.generation = generation
+        self.pid = None
+        self.state = "starting"  # starting, ready, stopping, gone
+        self.started_at = master.reactor.seconds()
+        self.channel = None
+        self.hello = False
+        self.kill_call = None
+
+    def processEnded(self, reason):
+        self.state = "gone"
+        if self.kill_call is not None and self.kill_call.active():
+            self.kill_call.cancel()
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.loseConnection()
+        self.master.worker_ended(self, reason)
+
+    def signal(self, signum) -> None:
+        if self.state != "gone" and self.transport is not None:
+            try:
+                self.transport.signalProcess(signum)
+            except Exception:
+                pass  # exited meanwhile
+
+    def stop(self, graceful: bool, timeout: float) -> None:
+        """Ask the worker to stop; SIGKILL it if still there after C{timeout} + grace."""
+        if self.state == "gone":
+            return
+        self.state = "stopping"
+        if graceful and self.channel is not None and self.hello:
+            # A lost channel makes the worker stop on its own; kill_call is the backstop.
+            self.channel.callRemote(channel.Stop, graceful=True).addErrback(lambda _: None)
+        else:
+            self.signal("TERM")
+        if self.kill_call is None:
+            delay = (timeout if graceful else 0) + KILL_GRACE
+            self.kill_call = self.master.reactor.callLater(delay, self.signal, "KILL")
+
+    def describe(self) -> dict:
+        now = self.master.reactor.seconds()
+        return {"slot": self.slot, "pid": self.pid, "state": self.state,
+                "generation": self.generation, "uptime": round(now - self.started_at, 3)}
+
+
+class MasterChannel(amp.AMP):
+    """The master's end of one worker's AMP channel."""
+
+    def __init__(self, worker: WorkerProcess):
+        amp.AMP.__init__(self)
+        self.worker = worker
+
+    @channel.Hello.responder
+    def hello(self, pid, slot):
+        self.worker.hello = True
+        master = self.worker.master
+        return {"config": master.config_text, "source": master.config_path}
+
+    @channel.Ready.responder
+    def ready(self):
+        self.worker.master.worker_ready(self.worker)
+        return {}
+
+
+class _UpgradeProtocol(ProcessProtocol):
+    """The new master of an upgrade, seen from the old one."""
+
+    def __init__(self, master):
+        self.master = master
+        self.ready = False
+        self.buffer = b""
+
+    def childDataReceived(self, fd, data):
+        self.buffer += data
+        if not self.ready and b"ready" in self.buffer:
+            self.ready = True
+            self.master.upgrade_ready(self)
+
+    def processEnded(self, reason):
+        if not self.ready:
+            self.master.upgrade_failed(self, reason.value)
+
+
+class MasterService(service.Service):
+    """
+    The master: C{makeService} returns it when C{global.worker_processes} > 0.
+
+    @ivar workers: slot -> the current L{WorkerProcess} of that slot.
+    @ivar retiring: workers of an older generation (or removed slots), stopping.
+    """
+
+    def __init__(self, config, options, reactor=None, config_text=None):
+        self.config_path = os.path.abspath(options["conf-file"])
+        if config_text is None:
+            # Workers get the file's text: re-read it with its parse, so both agree.
+            config_text, config = read_config(self.config_path)
+        self.config = config
+        self.config_text = config_text
+        check_global(config, self.config_path)
+        self.options = options
+        self._reactor = reactor
+        self.worker_count = config.global_.worker_processes
+        self.generation = 0
+        self.workers = {}
+        self.retiring = set()
+        self.sockets = {}  # socket_key -> listening socket
+        self.mutex_fd = None
+        self.use_mutex = False
+        self.failures = {}  # slot -> consecutive young deaths
+        self.respawn_calls = {}  # slot -> pending delayed respawn
+        self.rollover_pending = None  # the generation whose readiness retires the previous one
+        self.started_at = 0.0
+        self.stopping = False
+        self.upgrade = None
+        self.handed_over = False  # an upgraded master took the sockets: leave paths alone
+        self.ready_fd = None
+        self.control_port = None
+        self.stats_ports = []  # the stats port and stats HTTP endpoint
+        self.last_reload = {"ok": None, "error": "", "time": None}
+        self.stopped = defer.Deferred()
+        self._privileged = False
+
+    @property
+    def reactor(self):
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    # -- start ------------------------------------------------------------------
+
+    def privilegedStartService(self):
+        """Bind (or inherit) the listening sockets and the control socket."""
+        self._privileged = True
+        inherited = inherited_sockets(os.environ)
+        os.environ.pop(INHERIT_ENV, None)
+        ready = os.environ.pop(READY_ENV, None)
+        self.ready_fd = int(ready) if ready and ready.isdigit() else None
+        self.sockets = self._open_sockets(self.config, self.worker_count, inherited)
+        for sock in inherited.values():
+            sock.close()  # an upgrade from a configuration with more sockets
+        self._open_control()
+        service.Service.privilegedStartService(self)
+
+    def startService(self):
+        if not self._privileged:
+            try:
+                self.privilegedStartService()
+            except Exception:
+                log.failure("cacheproxy master cannot start")
+                self.reactor.callLater(0, self._stop_reactor)
+                return
+        service.Service.startService(self)
+        channel.quiet_amp_logs()
+        self.started_at = self.reactor.seconds()
+        self._install_signals()
+        self._setup_mutex(self.config)
+        self.generation = 1
+        self.rollover_pending = 1
+        for slot in range(self.worker_count):
+            self._spawn(slot)
+        from twistedproxy.stats import server as stats_server, workers as stats_workers
+
+        self.stats_ports = stats_server.start(
+            self.reactor, stats_workers.WorkerSources(self), self.options.get("stats-port"),
+            self.options.get("stats-addr", "0.0.0.0"), self.config.global_.stats_http,
+        )
+        log.info("cacheproxy master {pid} started {n} workers ({mode})",
+                 pid=os.getpid(), n=self.worker_count, mode=self.config.global_.listen_mode)
+
+    def _install_signals(self):
+        handlers = {
+            signal.SIGHUP: self.reload,
+            signal.SIGUSR2: self.start_upgrade,
+            signal.SIGQUIT: lambda: self.stop(graceful=True),
+            signal.SIGUSR1: self.reopen_logs,
+            signal.SIGTTIN: lambda: self.step_log_level(1),
+            signal.SIGTTOU: lambda: self.step_log_level(-1),
+        }
+        for signum, handler in handlers.items():
+            signal.signal(signum, lambda s, f, h=handler: self.reactor.callFromThread(h))
+
+    def _open_control(self):
+        path = self.config.global_.control
+        if not path:
+            return
+        from twistedproxy.control.server import listen_control
+
+        self.control_port = listen_control(self.reactor, path, self)
+
+    def _setup_mutex(self, config):
+        """The accept mutex serialises shared sockets only: reuseport sockets have one worker each."""
+        glob = config.global_
+        self.use_mutex = glob.accept_mutex and glob.listen_mode == "shared"
+        if self.use_mutex and self.mutex_fd is None:
+            self.mutex_fd = accept_mutex.create_file()
+
+    # -- sockets ----------------------------------------------------------------
+
+    def _keys(self, config, count) -> dict:
+        """socket_key -> (pool config, slot or None) for C{config} with C{count} workers."""
+        keys = {}
+        shared = config.global_.listen_mode == "shared"
+        for pool in config.pools:
+            if shared or pool.listen.is_unix:
+                keys[socket_key(pool.listen, None)] = (pool, None)
+            else:
+                for slot in range(count):
+                    keys[socket_key(pool.listen, slot)] = (pool, slot)
+        return keys
+
+    def _open_sockets(self, config, count, available) -> dict:
+        """
+        The sockets C{config} needs: taken from C{available} (key -> socket,
+        consumed) when there, bound otherwise; on a bind error every socket
+        bound here is closed and the error raised.
+        """
+        opened = {}
+        made = []
+        try:
+            for key, (pool, slot) in self._keys(config, count).items():
+                sock = available.pop(key, None)
+                if sock is None:
+                    # SO_REUSEPORT on every TCP socket: lets a reuseport group grow
+                    # and a rollover bind the same address in the other mode.
+                    sock = bind_socket(pool.listen, pool.backlog, reuseport=not pool.listen.is_unix)
+                    made.append(sock)
+                opened[key] = sock
+        except OSError:
+            for sock in made:
+                sock.close()
+            raise
+        return opened
+
+    def _fds_for(self, config, slot) -> dict:
+        """pool name -> the master's descriptor that worker C{slot} serves."""
+        shared = config.global_.listen_mode == "shared"
+        fds = {}
+        for pool in config.pools:
+            one = shared or pool.listen.is_unix
+            fds[pool.name] = self.sockets[socket_key(pool.listen, None if one else slot)].fileno()
+        return fds
+
+    def _prune_sockets(self) -> None:
+        """Close sockets no worker may use any more (after a rollover or fewer workers)."""
+        if self.retiring or self.rollover_pending:
+            return
+        wanted = self._keys(self.config, self.worker_count)
+        for key in list(self.sockets):
+            if key not in wanted:
+                self._close_socket(self.sockets.pop(key))
+
+    def _close_socket(self, sock) -> None:
+        path = None
+        if sock.family == socket.AF_UNIX and not self.handed_over:
+            path = sock.getsockname()
+        sock.close()
+        if path:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    # -- workers ----------------------------------------------------------------
+
+    def _spawn(self, slot: int) -> WorkerProcess:
+        self.respawn_calls.pop(slot, None)
+        worker = WorkerProcess(self, slot, self.generation)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_fds = {1: 1, 2: 2, 3: child.fileno()}
+        layout = {"master": os.getpid(), "slot": slot, "channel": 3, "listen": {},
+                  "mutex": None, "level": logs.current_level().name, "output": self.options.get("output")}
+        next_fd = 4
+        for name, fd in self._fds_for(self.config, slot).items():
+            child_fds[next_fd] = fd
+            layout["listen"][name] = next_fd
+            next_fd += 1
+        if self.use_mutex:
+            child_fds[next_fd] = self.mutex_fd
+            layout["mutex"] = next_fd
+        env = dict(os.environ)
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
+        argv = [sys.executable, "-m", "twistedproxy.process.worker", json.dumps(layout)]
+        try:
+            self.reactor.spawnProcess(worker, sys.executable, argv, env=env, path=os.getcwd(), childFDs=child_fds)
+        finally:
+            child.close()
+        worker.pid = worker.transport.pid
+        worker.channel = MasterChannel(worker)
+        self.reactor.adoptStreamConnection(parent.fileno(), socket.AF_UNIX, quiet_factory(lambda: worker.channel))
+        parent.setblocking(False)  # PyPy's adoption made it blocking
+        parent.close()
+        self.workers[slot] = worker
+        log.debug("worker {pid} started in slot {slot}", pid=worker.pid, slot=slot)
+        return worker
+
+    def worker_ready(self, worker: WorkerProcess) -> None:
+        if worker.state == "starting":
+            worker.state = "ready"
+        log.debug("worker {pid} ready", pid=worker.pid)
+        self._check_generation_ready()
+
+    def _check_generation_ready(self) -> None:
+        if self.rollover_pending is None or self.stopping:
+            return
+        current = [w for w in self.workers.values() if w.generation == self.rollover_pending]
+        if len(current) < self.worker_count or any(w.state != "ready" for w in current):
+            return
+        self.rollover_pending = None
+        for worker in list(self.retiring):
+            worker.stop(graceful=True, timeout=self.config.global_.worker_shutdown_timeout)
+        if self.ready_fd is not None:
+            # We are an upgrade: tell the old master it can leave.
+            try:
+                os.write(self.ready_fd, b"ready\n")
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = None
+        self._prune_sockets()
+
+    def worker_ended(self, worker: WorkerProcess, reason) -> None:
+        if self.mutex_fd is not None:
+            accept_mutex.clear_slot(self.mutex_fd, worker.slot)
+        if worker in self.retiring:
+            self.retiring.discard(worker)
+            self._prune_sockets()
+        elif self.workers.get(worker.slot) is worker:
+            del self.workers[worker.slot]
+            if not self.stopping and worker.state != "stopping" and worker.slot < self.worker_count:
+                self._respawn_later(worker, reason)
+        if self.stopping and not self.workers and not self.retiring:
+            self._finish_stop()
+
+    def _respawn_later(self, worker, reason) -> None:
+        slot = worker.slot
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        young = worker.state != "ready" or self.reactor.seconds() - worker.started_at < YOUNG
+        failures = self.failures.get(slot, 0) + 1 if young else 0
+        self.failures[slot] = failures
+        delay = 0 if failures <= 1 else min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 2))
+        log.warn("worker {pid} (slot {slot}) exited (code {code}, signal {sig}); respawning in {delay}s",
+                 pid=worker.pid, slot=slot, code=code, sig=sig, delay=delay)
+        if delay:
+            self.respawn_calls[slot] = self.reactor.callLater(delay, self._respawn, slot)
+        else:
+            self._respawn(slot)
+
+    def _respawn(self, slot) -> None:
+        self.respawn_calls.pop(slot, None)
+        if not self.stopping and slot not in self.workers and slot < self.worker_count:
+            self._spawn(slot)
+
+    def _all_workers(self) -> list:
+        return list(self.workers.values()) + list(self.retiring)
+
+    def live_workers(self) -> list:
+        """The workers that answer commands: said hello, not gone."""
+        return [w for w in self._all_workers() if w.hello and w.state != "gone"]
+
+    # -- reload, resize -----------------------------------------------------------
+
+    def reload(self):
+        """
+        Re-read the configuration file: an invalid one changes nothing; a valid
+        one is pushed to the workers, or rolls them over when listen addresses
+        or worker start-up settings changed.  Returns a Deferred firing with
+        (ok, error text) once the live workers have applied it (or the new
+        generation has been started).
+        """
+        path = self.config_path
+        try:
+            text, config = read_config(path)
+            check_global(config, path)
+        except (ConfigError, OSError) as e:
+            return defer.succeed(self._refused(str(e)))
+        old = self.config
+        rollover = _listen_layout(old) != _listen_layout(config) or any(
+            getattr(old.global_, key) != getattr(config.global_, key) for key in _ROLLOVER_KEYS)
+        if rollover:
+            try:
+                self._rollover(config, text)
+            except OSError as e:
+                return defer.succeed(self._refused("cannot listen: %s" % (e,)))
+            applied = defer.succeed(None)
+        else:
+            self.config, self.config_text = config, text
+            pushes = []
+            for worker in self._all_workers():
+                if worker.hello and worker.state in ("starting", "ready"):
+                    d = worker.channel.callRemote(channel.Reconfigure, config=text, source=path)
+                    pushes.append(d.addCallback(self._reconfigured, worker).addErrback(self._not_reconfigured, worker))
+            self._resize(config.global_.worker_processes)
+            applied = defer.DeferredList(pushes)
+
+        def done(_):
+            log.info("reloaded {path} ({how})", path=path, how="workers rolled over" if rollover else "applied live")
+            self._record_reload(True, "")
+            return True, ""
+
+        return applied.addCallback(done)
+
+    def _refused(self, error):
+        log.error("reload of {path} refused; the running configuration stays:\n{error}",
+                  path=self.config_path, error=error)
+        self._record_reload(False, error)
+        return False, error
+
+    def _reconfigured(self, answer, worker):
+        if not answer["ok"]:
+            log.error("worker {pid} refused the configuration: {error}", pid=worker.pid, error=answer["error"])
+
+    def _not_reconfigured(self, failure, worker):
+        if worker.state != "gone":
+            log.failure("worker {pid} could not apply the configuration", failure, pid=worker.pid)
+
+    def _record_reload(self, ok, error):
+        self.last_reload = {"ok": ok, "error": error, "time": self.reactor.seconds() - self.started_at}
+
+    def _rollover(self, config, text) -> None:
+        """Start a new generation of workers on C{config}'s sockets; the old one drains once it is ready."""
+        count = config.global_.worker_processes
+        available = dict(self.sockets)
+        new_sockets = self._open_sockets(config, count, available)
+        self.sockets.update(new_sockets)
+        self.config, self.config_text = config, text
+        self.worker_count = count
+        self._setup_mutex(config)
+        for call in self.respawn_calls.values():
+            call.cancel()
+        self.respawn_calls = {}
+        self.retiring.update(self.workers.values())
+        self.workers = {}
+        self.generation += 1
+        self.rollover_pending = self.generation
+        self.failures = {}
+        for slot in range(count):
+            self._spawn(slot)
+
+    def set_workers(self, count: int):
+        """Run C{count} workers from now on (until the next reload); returns (ok, error)."""
+        if not 1 <= count <= accept_mutex.SLOTS:
+            return False, "the worker count must be from 1 to %d" % (accept_mutex.SLOTS,)
+        self._resize(count)
+        return True, ""
+
+    def _resize(self, count: int) -> None:
+        if count == self.worker_count:
+            return
+        old = self.worker_count
+        self.worker_count = count
+        if count > old:
+            self.sockets.update(self._open_sockets(self.config, count, dict(self.sockets)))
+            for slot in range(old, count):
+                if slot not in self.workers:
+                    self._spawn(slot)
+        else:
+            for slot in range(count, old):
+                call = self.respawn_calls.pop(slot, None)
+                if call is not None:
+                    call.cancel()
+                worker = self.workers.pop(slot, None)
+                if worker is not None:
+                    self.retiring.add(worker)
+                    worker.stop(graceful=True, timeout=self.config.global_.worker_shutdown_timeout)
+            self._prune_sockets()
+        log.info("worker count {old} -> {new}", old=old, new=count)
+
+    # -- upgrade ------------------------------------------------------------------
+
+    def _master_argv(self) -> list:
+        opts = self.options
+        argv = ["-c", self.config_path, "-v", str(opts.get("verbose", logs.DEFAULT_VERBOSITY))]
+        for flag, key in (("-o", "output"), ("-p", "pid-file"), ("-s", "stats-port"),
+                          ("-a", "stats-addr"), ("-i", "stats-interval")):
+            if opts.get(key) is not None:
+                argv += [flag, str(opts[key])]
+        return argv
+
+    def start_upgrade(self):
+        """SIGUSR2: start a new master from the current code on our sockets; returns (ok, error)."""
+        if self.upgrade is not None or self.stopping:
+            return False, "an upgrade or a stop is already under way"
+        child_fds = {1: 1, 2: 2, 3: "r"}
+        names = {}
+        next_fd = 4
+        for key, sock in self.sockets.items():
+            child_fds[next_fd] = sock.fileno()
+            names[key] = next_fd
+            next_fd += 1
+        env = dict(os.environ)
+        env[INHERIT_ENV] = ";".join("%s=%d" % item for item in sorted(names.items()))
+        env[READY_ENV] = "3"
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
+        argv = [sys.executable, "-m", "twistedproxy.cli"] + self._master_argv()
+        protocol = _UpgradeProtocol(self)
+        self.reactor.spawnProcess(protocol, sys.executable, argv, env=env, path=os.getcwd(), childFDs=child_fds)
+        self.upgrade = protocol
+        protocol.timeout = self.reactor.callLater(UPGRADE_TIMEOUT, self._upgrade_timed_out, protocol)
+        log.info("upgrade: new master {pid} started", pid=protocol.transport.pid)
+        return True, ""
+
+    def upgrade_ready(self, protocol) -> None:
+        if protocol.timeout.active():
+            protocol.timeout.cancel()
+        log.info("upgrade: new master {pid} serves; this master {me} drains and exits",
+                 pid=protocol.transport.pid, me=os.getpid())
+        self.handed_over = True
+        self.stop(graceful=True)
+
+    def upgrade_failed(self, protocol, why) -> None:
+        if protocol.timeout.active():
+            protocol.timeout.cancel()
+        if self.upgrade is protocol:
+            self.upgrade = None
+        log.error("upgrade failed ({why}); this master keeps serving", why=str(why))
+        # The new master may have taken the control path and the pid file: take them back.
+        if self.control_port is not None:
+            self.control_port.stopListening()
+            self.control_port = None
+            self._open_control()
+        if self.options.get("pid-file"):
+            with open(self.options["pid-file"], "w") as f:
+                f.write("%d\n" % os.getpid())
+
+    def _upgrade_timed_out(self, protocol) -> None:
+        log.error("upgrade: new master not ready after {t}s; stopping it", t=UPGRADE_TIMEOUT)
+        try:
+            protocol.transport.signalProcess("TERM")
+        except Exception:
+            pass
+
+    # -- logs -------------------------------------------------------------------
+
+    def reopen_logs(self) -> None:
+        logs.reopen()
+        for worker in self._all_workers():
+            worker.signal("USR1")
+
+    def set_log_level(self, level: LogLevel) -> None:
+        logs.set_level(level)
+        for worker in self._all_workers():
+            if worker.hello and worker.state != "gone":
+                worker.channel.callRemote(channel.SetLogLevel, level=level.name).addErrback(lambda _: None)
+
+    def step_log_level(self, step: int) -> None:
+        """SIGTTIN (+1, more verbose) / SIGTTOU (-1)."""
+        index = LOG_LEVELS.index(logs.current_level()) if logs.current_level() in LOG_LEVELS else 3
+        index = max(0, min(len(LOG_LEVELS) - 1, index + step))
+        self.set_log_level(LOG_LEVELS[index])
+        log.info("log level is now {level}", level=LOG_LEVELS[index].name)
+
+    # -- status and stats ----------------------------------------------------------
+
+    def status(self) -> dict:
+        now = self.reactor.seconds()
+        return {
+            "pid": os.getpid(),
+            "uptime": round(now - self.started_at, 3),
+            "config": self.config_path,
+            "config_digest": hashlib.sha256(self.config_text.encode("utf-8")).hexdigest(),
+            "generation": self.generation,
+            "worker_processes": self.worker_count,
+            "listen_mode": self.config.global_.listen_mode,
+            "accept_mutex": self.use_mutex,
+            "workers": [w.describe() for _, w in sorted(self.workers.items())],
+            "retiring": [w.describe() for w in self.retiring],
+            "last_reload": self.last_reload,
+            "log_level": logs.current_level().name,
+            "upgrading": self.upgrade is not None,
+            "stopping": self.stopping,
+        }
+
+    def collect_stats(self):
+        """A Deferred firing with {pid: the worker's stats} over every live worker."""
+        workers = self.live_workers()
+        calls = [w.channel.callRemote(channel.Stats) for w in workers]
+        d = defer.DeferredList(calls, consumeErrors=True)
+
+        def gather(results):
+            return {str(w.pid): json.loads(r["stats"]) for w, (ok, r) in zip(workers, results) if ok}
+
+        return d.addCallback(gather)
+
+    # -- stop -------------------------------------------------------------------
+
+    def stop(self, graceful: bool = True) -> None:
+        """Stop every worker (C{graceful}: let them finish in-flight requests), then exit."""
+        if self.stopping:
+            if not graceful:
+                for worker in self._all_workers():
+                    worker.stop(graceful=False, timeout=0)
+            return
+        self.stopping = True
+        log.info("master {pid}: {how} stop", pid=os.getpid(), how="graceful" if graceful else "fast")
+        for call in self.respawn_calls.values():
+            call.cancel()
+        self.respawn_calls = {}
+        if self.control_port is not None and self.handed_over:
+            self.control_port.stopListening()  # the new master owns the control path now
+            self.control_port = None
+        timeout = self.config.global_.worker_shutdown_timeout
+        for worker in self._all_workers():
+            worker.stop(graceful=graceful, timeout=timeout)
+        if not self.workers and not self.retiring:
+            self._finish_stop()
+
+    def _finish_stop(self) -> None:
+        for port in self.stats_ports:
+            port.stopListening()
+        self.stats_ports = []
+        for sock in self.sockets.values():
+            self._close_socket(sock)
+        self.sockets = {}
+        if self.mutex_fd is not None:
+            os.close(self.mutex_fd)
+            self.mutex_fd = None
+        if self.control_port is not None:
+            port, self.control_port = self.control_port, None
+            port.stopListening()
+            if not self.handed_over:
+                try:
+                    os.unlink(self.config.global_.control)
+                except OSError:
+                    pass
+        if not self.stopped.called:
+            self.stopped.callback(None)
+        self._stop_reactor()
+
+    def _stop_reactor(self) -> None:
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def stopService(self):
+        """The reactor is shutting down (SIGTERM/SIGINT, or after our own stop): fast-stop the workers."""
+        service.Service.stopService(self)
+        if self.stopped.called:
+            return None
+        self.stop(graceful=False)
+        d = defer.Deferred()
+        self.stopped.addBoth(lambda _: d.callback(None))
+        return d

@@ -1,0 +1,335 @@
+"""
+A worker process: C{python -m twistedproxy.process.worker LAYOUT}.
+
+Started by the master (L{twistedproxy.process.master}) with its descriptors in
+place; C{LAYOUT} is a JSON object naming them::
+
+    {"master": pid, "slot": n, "channel": fd, "listen": {"pool": fd, ...},
+     "mutex": fd or null, "level": "info", "output": path or null}
+
+The worker asks the master for its configuration over the AMP channel
+(L{channel.Hello}), builds the pools, serves the listening sockets it was given
+(it never binds one itself), and says L{channel.Ready}.  It exits when the
+channel closes (the master is gone) and, as a second guard, when its parent
+dies (PR_SET_PDEATHSIG).
+
+Signals: SIGQUIT graceful stop, SIGTERM/SIGINT fast stop, SIGUSR1 reopen logs;
+the master's other signals are ignored (they are the master's business).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger, LogLevel
+from twisted.protocols import amp
+
+from twistedproxy import logs
+from twistedproxy.config import ConfigError, parse_config
+from twistedproxy.process import channel
+from twistedproxy.process.accept_mutex import AcceptMutex
+from twistedproxy.process.listeners import adopt_port
+from twistedproxy.stats import commands as stats_commands, workers as stats_workers
+
+log = Logger()
+
+# How often a gracefully stopping worker looks for idle clients to close (s).
+DRAIN_INTERVAL = 0.1
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the parent dies (Linux prctl); exit if it already has."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux, or no prctl: the channel still guards
+    if os.getppid() != parent_pid:
+        os._exit(0)  # the master died before prctl took effect
+
+
+def set_affinity(cpus) -> None:
+    """Pin this process to C{cpus} (sched_setaffinity, or taskset where os lacks it)."""
+    if not cpus:
+        return
+    try:
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, cpus)
+        else:
+            import subprocess
+
+            subprocess.run(
+                ["taskset", "-p", "-c", ",".join(str(c) for c in cpus), str(os.getpid())],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+    except Exception as e:
+        log.warn("worker cpu affinity {cpus} not applied: {error}", cpus=list(cpus), error=str(e))
+
+
+def drop_privileges(user, group) -> None:
+    """Become C{user}/C{group} (names) when running as root; otherwise nothing to drop."""
+    if os.geteuid() != 0 or not (user or group):
+        return
+    import grp
+    import pwd
+
+    if group:
+        os.setgid(grp.getgrnam(group).gr_gid)
+    if user:
+        entry = pwd.getpwnam(user)
+        if not group:
+            os.setgid(entry.pw_gid)
+        os.initgroups(user, os.getgid())
+        os.setuid(entry.pw_uid)
+
+
+def _quickack_reader(client):
+    """C{client.dataReceived} followed by re-arming TCP_QUICKACK (Linux clears it after ACKing)."""
+    read = client.dataReceived
+    level, option = socket.IPPROTO_TCP, socket.TCP_QUICKACK
+
+    def dataReceived(data):
+        read(data)
+        try:
+            client.transport.getHandle().setsockopt(level, option, 1)
+        except OSError:
+            pass  # closed meanwhile
+
+    return dataReceived
+
+
+class _PoolFactory(ServerFactory):
+    """
+    Accepts for one pool of the worker: the proxy's current factory builds the
+    client (so a reload's new pool is used), then the worker's extras.
+    """
+
+    noisy = False
+
+    def __init__(self, worker, name):
+        self.worker = worker
+        self.name = name
+
+    def buildProtocol(self, addr):
+        worker = self.worker
+        client = worker.proxy.factories[self.name].buildProtocol(addr)
+        if client is not None and worker.mutex is not None:
+            worker.mutex.accepted()
+        if client is not None and worker.quickack and hasattr(addr, "port"):
+            client.dataReceived = _quickack_reader(client)
+        return client
+
+
+class WorkerChannel(amp.AMP):
+    """The worker's end of the AMP channel to the master."""
+
+    def __init__(self, worker):
+        amp.AMP.__init__(self)
+        self.worker = worker
+
+    def connectionLost(self, reason):
+        amp.AMP.connectionLost(self, reason)
+        self.worker.channel_lost()
+
+    @channel.Reconfigure.responder
+    def reconfigure(self, config, source):
+        try:
+            self.worker.reconfigure(parse_config(config, source))
+        except ConfigError as e:
+            return {"ok": False, "error": str(e)}
+        return {"ok": True, "error": ""}
+
+    @channel.Stats.responder
+    def stats(self):
+        return {"stats": json.dumps(self.worker.stats())}
+
+    @stats_commands.SlowLog.responder
+    def slowlog(self, limit=None):
+        return stats_workers.worker_slowlog(self.worker.proxy)
+
+    @stats_commands.Tune.responder
+    def tune(self, changes, pool=None):
+        return stats_workers.worker_tune(self.worker.proxy, changes, pool)
+
+    @channel.Ping.responder
+    def ping(self):
+        return {"pid": os.getpid()}
+
+    @channel.Stop.responder
+    def stop(self, graceful):
+        self.worker.reactor.callLater(0, self.worker.stop, graceful)
+        return {}
+
+    @channel.SetLogLevel.responder
+    def set_log_level(self, level):
+        logs.set_level(LogLevel.levelWithName(level))
+        return {}
+
+
+class Worker:
+    """One worker's state: its proxy, adopted ports, accept mutex and channel."""
+
+    def __init__(self, reactor, layout: dict):
+        self.reactor = reactor
+        self.layout = layout
+        self.slot = layout["slot"]
+        self.proxy = None
+        self.ports = []
+        self.mutex = None
+        self.quickack = False
+        self.channel = None
+        self.stopping = False
+        self.finished = False
+
+    def start(self) -> None:
+        fd = self.layout["channel"]
+        self.channel = WorkerChannel(self)
+        self.reactor.adoptStreamConnection(fd, socket.AF_UNIX, channel.quiet_factory(lambda: self.channel))
+        os.set_blocking(fd, False)  # PyPy's adoption made it blocking
+        os.close(fd)
+        d = self.channel.callRemote(channel.Hello, pid=os.getpid(), slot=self.slot)
+        d.addCallback(lambda answer: self.configure(parse_config(answer["config"], answer["source"])))
+        d.addCallback(lambda _: self.channel.callRemote(channel.Ready))
+        d.addErrback(self._failed)
+
+    def _failed(self, failure) -> None:
+        log.failure("worker {pid} could not start", failure, pid=os.getpid())
+        self.finish(1)
+
+    def configure(self, config) -> None:
+        """Build the pools for C{config} and serve the listening sockets handed over."""
+        from twistedproxy.api import Proxy
+
+        glob = config.global_
+        if glob.worker_cpu_affinity:
+            set_affinity(glob.worker_cpu_affinity[self.slot % len(glob.worker_cpu_affinity)])
+        self.quickack = glob.tcp_quickack
+        self.proxy = Proxy(config, self.reactor)
+        for pool in self.proxy.pools.values():
+            pool.start()
+        mutex_fd = self.layout.get("mutex")
+        for name, fd in sorted(self.layout["listen"].items()):
+            self.ports.append(adopt_port(self.reactor, fd, _PoolFactory(self, name), one_accept=mutex_fd is not None))
+            os.close(fd)
+        drop_privileges(glob.user, glob.group)
+        if mutex_fd is not None:
+            self.mutex = AcceptMutex(self.reactor, mutex_fd, self.slot, lambda: self.ports, self.connections)
+            self.mutex.start()
+
+    def reconfigure(self, config) -> None:
+        self.proxy.reconfigure(config)
+
+    def connections(self) -> int:
+        """Open client connections, over every pool."""
+        if self.proxy is None:
+            return 0
+        return sum(len(pool.clients) for pool in self.proxy.pools.values())
+
+    def stats(self) -> dict:
+        """Per-worker statistics for the master's stats collection (L{twistedproxy.stats.snapshot})."""
+        result = stats_workers.worker_snapshot(self.proxy, self.slot)
+        result["pid"] = os.getpid()
+        result["client_connections"] = self.connections()
+        return result
+
+    # -- stopping ---------------------------------------------------------------
+
+    def channel_lost(self) -> None:
+        if not self.stopping and not self.finished:
+            log.warn("worker {pid}: master channel closed; stopping", pid=os.getpid())
+        self.stop(graceful=True)
+
+    def stop(self, graceful: bool) -> None:
+        """Stop accepting; C{graceful} lets in-flight requests finish first (bounded)."""
+        if self.stopping:
+            if not graceful:
+                self.finish()
+            return
+        self.stopping = True
+        if self.mutex is not None:
+            self.mutex.stop()
+        for port in self.ports:
+            port.stopListening()
+        self.ports = []
+        if not graceful or self.proxy is None:
+            self.finish()
+            return
+        timeout = self.proxy.config.global_.worker_shutdown_timeout
+        self._deadline = self.reactor.seconds() + timeout
+        self._idle = set()
+        self._drain()
+
+    def _drain(self) -> None:
+        # Close a client once idle at two looks in a row, so one caught between
+        # two requests of a burst is not cut off; leave when none remain.
+        clients = [c for pool in self.proxy.pools.values() for c in pool.clients]
+        if not clients or self.reactor.seconds() >= self._deadline:
+            self.finish()
+            return
+        idle = set()
+        for client in clients:
+            if not client.queue:
+                if client in self._idle:
+                    client.transport.loseConnection()
+                else:
+                    idle.add(client)
+        self._idle = idle
+        self.reactor.callLater(DRAIN_INTERVAL, self._drain)
+
+    def finish(self, code: int = 0) -> None:
+        """Close everything and leave the reactor."""
+        if self.finished:
+            return
+        self.finished = True
+        self.exit_code = code
+        if self.proxy is not None:
+            d = self.proxy.stop()
+            d.addBoth(lambda _: self._stop_reactor())
+        else:
+            self._stop_reactor()
+
+    def _stop_reactor(self) -> None:
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass  # already shutting down (SIGTERM)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    layout = json.loads(argv[0])
+    die_with_parent(layout["master"])
+    for signum in (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGPIPE):
+        signal.signal(signum, signal.SIG_IGN)
+
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner
+
+    logs.set_level(LogLevel.levelWithName(layout.get("level", "info")))
+    output = layout.get("output")
+    globalLogBeginner.beginLoggingTo([logs.filtered_observer(output)], redirectStandardIO=False)
+    channel.quiet_amp_logs()
+    worker = Worker(reactor, layout)
+
+    def on_signal(handler):
+        return lambda signum, frame: reactor.callFromThread(handler)
+
+    signal.signal(signal.SIGQUIT, on_signal(lambda: worker.stop(graceful=True)))
+    signal.signal(signal.SIGUSR1, on_signal(logs.reopen))
+    reactor.callWhenRunning(worker.start)
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: worker.finish())
+    reactor.run()
+    return getattr(worker, "exit_code", 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
