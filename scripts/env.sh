@@ -4,9 +4,10 @@
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-# Debian packages: backends and peers the tests and the demo run for real.
+# Debian packages: backends and peers the tests and the demo run for real
+# (chromium renders the status page headless, as a person's browser would).
 DEBIAN_PACKAGES="redis-server redis-tools memcached nutcracker libmemcached-tools libmemcached-dev
-  pypy3 pypy3-venv python3-venv python3-dev zlib1g-dev gcc"
+  pypy3 pypy3-venv python3-venv python3-dev zlib1g-dev gcc chromium"
 
 ensure_debian_packages() {
     local missing=""

@@ -627,6 +627,14 @@ GLOBAL_KEYS: Tuple[KeySpec, ...] = (
     KeySpec("control", _SocketPath(), "Path of the master's control socket; absent disables it."),
     KeySpec("user", _Text(), "User the workers run as (the master must start as root)."),
     KeySpec("group", _Text(), "Group the workers run as."),
+    KeySpec("stats_http", _Listen(),
+            "Address of the HTTP endpoint serving /status, /metrics (Prometheus), /stats.json and"
+            " /slowlog; absent disables it."),
+    KeySpec("slowlog_threshold", _Seconds(),
+            "Requests taking at least this many seconds (e.g. 0.01) go to the slow log."),
+    KeySpec("slowlog_max_len", _Integer(0),
+            "Slow requests kept per process (the most recent, at most 100000); 0 keeps none."),
+    KeySpec("slowlog_log", _Boolean(), "Also write every slow request to the log."),
 )
 
 

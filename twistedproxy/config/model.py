@@ -119,6 +119,10 @@ class GlobalConfig:
     control: Optional[str] = None  # path of the master's control socket
     user: Optional[str] = None
     group: Optional[str] = None
+    stats_http: Optional[ListenSpec] = None  # HTTP /metrics, /status, /slowlog, /stats.json
+    slowlog_threshold: float = 0.010  # seconds; requests at least this slow are kept
+    slowlog_max_len: int = 128  # slow requests kept per process; 0 keeps none
+    slowlog_log: bool = False  # also write each slow request to the log
     extra: Tuple[Tuple[str, object], ...] = field(default=())  # keys for later features
 
 

@@ -1,0 +1,147 @@
+"""
+Prometheus text exposition of a merged snapshot, through C{prometheus_client}
+with a custom collector and a registry made per scrape (no global state).
+
+Every metric is named C{cacheproxy_*} and labelled by C{pool} (and C{server},
+C{command}): twemproxy's counters and gauges, latency histograms (buckets from
+the HDR histograms) and HDR percentiles as gauges with a C{quantile} label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from twistedproxy.stats.histogram import EMPTY, PERCENTILE_NAMES, PERCENTILES, cumulative_counts, summarize
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Histogram bucket bounds, seconds.
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BUCKETS_US = [int(round(b * 1000000)) for b in BUCKETS]
+
+_POOL_COUNTERS = (
+    ("client_eof", "Client connections closed by the client."),
+    ("client_err", "Client connections closed on an error."),
+    ("server_ejects", "Times a server was ejected from the pool."),
+    ("forward_error", "Client requests answered with an error because forwarding failed."),
+    ("fragments", "Sub-requests made by splitting multi-key requests."),
+)
+_SERVER_COUNTERS = (
+    ("server_eof", "Server connections closed by the server."),
+    ("server_err", "Server connections lost on an error."),
+    ("server_timedout", "Server timeout events."),
+    ("requests", "Requests written to the server."),
+    ("request_bytes", "Request bytes written to the server."),
+    ("responses", "Replies read from the server."),
+    ("response_bytes", "Reply bytes read from the server."),
+)
+_SERVER_GAUGES = (
+    ("server_connections", "Open connections to the server."),
+    ("in_queue", "Requests waiting to be written to the server."),
+    ("in_queue_bytes", "Bytes of requests waiting to be written to the server."),
+    ("out_queue", "Requests written, waiting for the server's reply."),
+    ("out_queue_bytes", "Bytes of requests written, waiting for the server's reply."),
+    ("ejected", "Workers in which the server is ejected now."),
+)
+
+
+def _histogram(family, labels, hist):
+    hist = hist or EMPTY
+    counts = cumulative_counts(hist, _BUCKETS_US)
+    buckets = [(repr(bound), n) for bound, n in zip(BUCKETS, counts)]
+    buckets.append(("+Inf", hist["count"]))
+    family.add_metric(labels, buckets, hist["sum"] / 1000000.0)
+
+
+def _quantiles(family, labels, hist):
+    summary = summarize(hist or EMPTY)
+    for p, name in zip(PERCENTILES, PERCENTILE_NAMES):
+        family.add_metric(labels + [repr(p / 100.0)], summary[name] / 1000.0)
+
+
+class SnapshotCollector:
+    """A Prometheus collector rendering one merged snapshot."""
+
+    def __init__(self, merged: dict, now: float):
+        self.merged = merged
+        self.now = now
+
+    def collect(self):
+        merged = self.merged
+        pools = merged["pools"]
+        yield GaugeMetricFamily("cacheproxy_workers", "Worker processes reporting.", value=merged.get("workers", 1))
+        started = merged.get("started") or self.now
+        yield GaugeMetricFamily("cacheproxy_uptime_seconds", "Seconds since start.", value=self.now - started)
+        yield CounterMetricFamily("cacheproxy_connections", "Connections ever made (clients, servers, listeners).",
+                                  value=merged["total_connections"])
+        yield GaugeMetricFamily("cacheproxy_current_connections", "Connections open now.",
+                                value=merged["curr_connections"])
+        yield CounterMetricFamily("cacheproxy_slow_requests", "Requests that went to the slow log.",
+                                  value=merged.get("slowlog_seen", 0))
+
+        clients = GaugeMetricFamily("cacheproxy_client_connections", "Open client connections.", labels=["pool"])
+        for name, pool in pools.items():
+            clients.add_metric([name], pool.get("client_connections", 0))
+        yield clients
+        for field, doc in _POOL_COUNTERS:
+            family = CounterMetricFamily("cacheproxy_" + field, doc, labels=["pool"])
+            for name, pool in pools.items():
+                family.add_metric([name], pool.get(field, 0))
+            yield family
+        for field, doc in _SERVER_COUNTERS:
+            family = CounterMetricFamily("cacheproxy_server_" + field.replace("server_", ""), doc,
+                                         labels=["pool", "server"])
+            for name, pool in pools.items():
+                for label, server in pool["servers"].items():
+                    family.add_metric([name, label], server.get(field, 0))
+            yield family
+        for field, doc in _SERVER_GAUGES:
+            family = GaugeMetricFamily("cacheproxy_server_" + field.replace("server_", ""), doc,
+                                       labels=["pool", "server"])
+            for name, pool in pools.items():
+                for label, server in pool["servers"].items():
+                    family.add_metric([name, label], server.get(field, 0))
+            yield family
+
+        request = HistogramMetricFamily("cacheproxy_request_duration_seconds",
+                                        "Time from reading a request to writing its reply.",
+                                        labels=["pool", "command"])
+        backend = HistogramMetricFamily("cacheproxy_backend_duration_seconds",
+                                        "Part of a request's time spent waiting on backends.",
+                                        labels=["pool", "command"])
+        proxy = HistogramMetricFamily("cacheproxy_proxy_duration_seconds",
+                                      "Part of a request's time spent in the proxy.", labels=["pool"])
+        server_hist = HistogramMetricFamily("cacheproxy_server_duration_seconds",
+                                            "Time from writing a request to a server to reading its reply.",
+                                            labels=["pool", "server"])
+        quantiles = GaugeMetricFamily("cacheproxy_latency_seconds",
+                                      "Latency percentiles (HDR histograms merged across workers).",
+                                      labels=["pool", "kind", "quantile"])
+        server_quantiles = GaugeMetricFamily("cacheproxy_server_latency_seconds",
+                                             "Server latency percentiles (HDR, merged across workers).",
+                                             labels=["pool", "server", "quantile"])
+        for name, pool in pools.items():
+            for command, c in sorted(pool.get("commands", {}).items()):
+                _histogram(request, [name, command], c.get("total"))
+                _histogram(backend, [name, command], c.get("backend"))
+            latency = pool.get("latency", {})
+            _histogram(proxy, [name], latency.get("proxy"))
+            for kind in ("total", "backend", "proxy"):
+                _quantiles(quantiles, [name, kind], latency.get(kind))
+            for label, server in pool["servers"].items():
+                _histogram(server_hist, [name, label], server.get("latency"))
+                _quantiles(server_quantiles, [name, label], server.get("latency"))
+        yield request
+        yield backend
+        yield proxy
+        yield server_hist
+        yield quantiles
+        yield server_quantiles
+
+
+def render(merged: dict, now: float) -> bytes:
+    """The Prometheus text format of a merged snapshot."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(merged, now))
+    return generate_latest(registry)

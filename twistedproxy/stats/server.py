@@ -1,0 +1,228 @@
+"""
+The stats endpoints:
+
+  - the stats port (nutcracker's C{-s/-a}): every TCP connection gets the
+    twemproxy JSON document and is closed, as nutcracker does;
+  - the HTTP endpoint (C{global: stats_http}): C{/status} (HTML page),
+    C{/stats.json}, C{/metrics} (Prometheus), C{/slowlog} (JSON, C{?limit=N})
+    and C{POST /tune} (run-time settings as a form or JSON object; answers
+    with each process's settings).
+
+Both take I{sources}, callables returning Deferreds, so the same servers run in
+a single process (L{LocalSources}) and in the master, which collects from its
+workers over AMP:
+
+  - C{stats()}: the merged snapshot (L{twistedproxy.stats.snapshots.merge});
+  - C{slowlog()}: the merged slow log (a list, most recent first);
+  - C{tune(changes, pool)}: apply settings everywhere; fires with a report.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.defer import maybeDeferred, succeed
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from twistedproxy.stats import prometheus, snapshots, status, tuning
+
+log = Logger()
+
+
+class LocalSources:
+    """The sources for a single process running C{proxy}."""
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+
+    def stats(self):
+        return succeed(snapshots.merge([snapshots.snapshot(self.proxy)]))
+
+    def slowlog(self):
+        return succeed(snapshots.merge_slowlogs([snapshots.slowlog(self.proxy)]))
+
+    def tune(self, changes, pool=None):
+        return maybeDeferred(lambda: {"workers": [tuning.apply(self.proxy, changes, pool)]})
+
+
+# -- the twemproxy stats port ------------------------------------------------
+
+
+class _StatsPortProtocol(Protocol):
+    def connectionMade(self):
+        d = maybeDeferred(self.factory.source)
+        d.addCallback(snapshots.twemproxy_document)
+        d.addCallback(self._send)
+        d.addErrback(self._failed)
+
+    def _send(self, document):
+        if self.transport is not None:
+            self.transport.write(json.dumps(document, separators=(", ", ":")).encode("utf-8") + b"\n")
+            self.transport.loseConnection()
+
+    def _failed(self, failure):
+        log.failure("stats port: cannot collect stats", failure)
+        self.transport.loseConnection()
+
+
+class StatsPortFactory(Factory):
+    """nutcracker's stats port: C{source()} fires with a merged snapshot."""
+
+    protocol = _StatsPortProtocol
+    noisy = False
+
+    def __init__(self, source):
+        self.source = source
+
+
+# -- HTTP --------------------------------------------------------------------
+
+
+class _Deferred(resource.Resource):
+    """A leaf that answers from a Deferred: C{produce(request)} fires with (content type, body)."""
+
+    isLeaf = True
+
+    def __init__(self, produce, methods=(b"GET", b"HEAD")):
+        resource.Resource.__init__(self)
+        self.produce = produce
+        self.methods = methods
+
+    def render(self, request):
+        if request.method not in self.methods:
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b", ".join(self.methods))
+            return b"method not allowed\n"
+        finished = []
+        request.notifyFinish().addBoth(finished.append)
+        d = maybeDeferred(self.produce, request)
+
+        def write(result):
+            if finished:
+                return  # the client went away
+            content_type, body, code = result if len(result) == 3 else result + (200,)
+            request.setResponseCode(code)
+            request.setHeader(b"content-type", content_type.encode("ascii"))
+            request.setHeader(b"cache-control", b"no-store")
+            request.write(body)
+            request.finish()
+
+        def error(failure):
+            if failure.check(tuning.TuningError):
+                return write(("application/json", _json({"error": str(failure.value)}), 400))
+            log.failure("stats HTTP: {uri}", failure, uri=request.uri)
+            if not finished:
+                request.setResponseCode(500)
+                request.write(b"internal error\n")
+                request.finish()
+
+        d.addCallback(write)
+        d.addErrback(error)
+        return server.NOT_DONE_YET
+
+
+def _json(data) -> bytes:
+    return json.dumps(data, indent=1, sort_keys=False).encode("utf-8") + b"\n"
+
+
+class _QuietSite(server.Site):
+    """No access log: scrapes every few seconds would flood the proxy's log."""
+
+    noisy = False
+
+    def log(self, request):
+        pass
+
+
+class StatsSite:
+    """The HTTP resource tree; C{site()} is a Twisted web Site to listen with."""
+
+    def __init__(self, sources, reactor):
+        self.sources = sources
+        self.reactor = reactor
+        self.previous = None  # the last snapshot the status page saw (for rates)
+        root = resource.Resource()
+        page = _Deferred(self._status)
+        root.putChild(b"", page)
+        root.putChild(b"status", page)
+        root.putChild(b"stats.json", _Deferred(self._stats_json))
+        root.putChild(b"metrics", _Deferred(self._metrics))
+        root.putChild(b"slowlog", _Deferred(self._slowlog))
+        root.putChild(b"tune", _Deferred(self._tune, methods=(b"POST",)))
+        self.root = root
+
+    def site(self) -> server.Site:
+        site = _QuietSite(self.root)
+        site.displayTracebacks = False
+        return site
+
+    def _status(self, request):
+        def render(merged):
+            previous, self.previous = self.previous, merged
+            if previous is not None and merged["time"] - previous["time"] > 120:
+                previous = None  # too old to give a current rate
+            return "text/html; charset=utf-8", status.render(merged, previous, self.reactor.seconds()).encode("utf-8")
+
+        return self.sources.stats().addCallback(render)
+
+    def _stats_json(self, request):
+        now = self.reactor.seconds()
+        return self.sources.stats().addCallback(
+            lambda merged: ("application/json", _json(snapshots.report(merged, now)))
+        )
+
+    def _metrics(self, request):
+        now = self.reactor.seconds()
+        return self.sources.stats().addCallback(
+            lambda merged: (prometheus.CONTENT_TYPE, prometheus.render(merged, now))
+        )
+
+    def _slowlog(self, request):
+        limit = None
+        raw = request.args.get(b"limit")
+        if raw:
+            try:
+                limit = max(int(raw[0]), 0)
+            except ValueError:
+                raise tuning.TuningError("limit: expected an integer")
+        return self.sources.slowlog().addCallback(
+            lambda entries: ("application/json", _json(entries[:limit] if limit is not None else entries))
+        )
+
+    def _tune(self, request):
+        content_type = request.getHeader(b"content-type") or b""
+        if content_type.startswith(b"application/json"):
+            try:
+                changes = json.loads(request.content.read().decode("utf-8"))
+            except ValueError as e:
+                raise tuning.TuningError("bad JSON: %s" % (e,))
+            if not isinstance(changes, dict):
+                raise tuning.TuningError("expected a JSON object of settings")
+        else:
+            changes = {k.decode("utf-8"): v[-1].decode("utf-8") for k, v in request.args.items()}
+        pool = changes.pop("pool", None)
+        return self.sources.tune(changes, pool).addCallback(lambda report: ("application/json", _json(report)))
+
+
+def start(reactor, sources, stats_port=None, stats_addr="0.0.0.0", http_listen=None) -> list:
+    """
+    Listen with the stats port (C{stats_port}, 0 or None: none) and the HTTP
+    endpoint (C{http_listen}, a ListenSpec or None); returns the listening ports.
+    A port that cannot be opened is logged and skipped: the proxy keeps serving.
+    """
+    from twistedproxy.process.listeners import listen
+
+    ports = []
+    if stats_port:
+        try:
+            ports.append(reactor.listenTCP(stats_port, StatsPortFactory(sources.stats), interface=stats_addr))
+        except Exception as e:
+            log.error("cannot listen on stats port {addr}:{port}: {error}", addr=stats_addr, port=stats_port, error=e)
+    if http_listen is not None:
+        try:
+            ports.append(listen(reactor, http_listen, StatsSite(sources, reactor).site()))
+        except Exception as e:
+            log.error("cannot listen for stats HTTP on {addr}: {error}", addr=str(http_listen), error=e)
+    return ports

@@ -1,0 +1,276 @@
+"""
+Snapshots of one process's statistics, their merge across workers, and the
+documents built from a merged snapshot.
+
+  - L{snapshot}C{(proxy)}: one worker's counters, gauges and exported HDR
+    histograms, as a JSON-able dict (what a worker sends its master).
+  - L{merge}C{([snapshots])}: one dict of the same shape: counters and gauges
+    summed, histograms added bucket by bucket.
+  - L{twemproxy_document}: exactly the JSON nutcracker 0.5.0 serves on its stats
+    port, so its dashboards and exporters keep working.
+  - L{report}: that document plus our own data under the C{"twistedproxy"} key
+    (latency summaries, settings): what C{/stats.json} serves.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from twistedproxy._version import __version__
+from twistedproxy.stats.histogram import EMPTY, Latency, merge_hist, summarize
+
+# twemproxy 0.5.0's fields, in its order (src/nc_stats.h).
+POOL_FIELDS = ("client_eof", "client_err", "client_connections", "server_ejects", "forward_error", "fragments")
+SERVER_FIELDS = (
+    "server_eof", "server_err", "server_timedout", "server_connections", "server_ejected_at",
+    "requests", "request_bytes", "responses", "response_bytes",
+    "in_queue", "in_queue_bytes", "out_queue", "out_queue_bytes",
+)
+# Summed across workers, except these (the latest one wins).
+_MAX_FIELDS = ("server_ejected_at",)
+
+
+def _sum_latency(latencies) -> Latency:
+    """One L{Latency} holding every value of C{latencies} (cheap: list additions)."""
+    total = Latency()
+    counts = total.counts
+    for latency in latencies:
+        if not latency.count:
+            continue
+        for index, n in enumerate(latency.counts):
+            if n:
+                counts[index] += n
+        total.count += latency.count
+        total.sum += latency.sum
+        if latency.max > total.max:
+            total.max = latency.max
+    return total
+
+
+def _queues(server) -> dict:
+    """twemproxy's queue gauges: frames not yet written (in) and written, awaiting a reply (out)."""
+    in_queue = in_bytes = out_queue = out_bytes = connected = 0
+    for conns in server.connections.values():
+        for conn in conns:
+            waiting = len(conn.inflight)
+            waiting_bytes = sum(len(request.frame) for request in conn.inflight)
+            if conn.connected:
+                connected += 1
+                unsent = len(conn.outbuf)
+                unsent_bytes = sum(len(frame) for frame in conn.outbuf)
+            else:
+                unsent, unsent_bytes = waiting, waiting_bytes
+            in_queue += unsent
+            in_bytes += unsent_bytes
+            out_queue += waiting - unsent
+            out_bytes += waiting_bytes - unsent_bytes
+    return {
+        "server_connections": connected,
+        "in_queue": in_queue,
+        "in_queue_bytes": in_bytes,
+        "out_queue": out_queue,
+        "out_queue_bytes": out_bytes,
+    }
+
+
+def snapshot(proxy, settings=True) -> dict:
+    """This process's statistics for C{proxy} (a L{twistedproxy.api.Proxy}), JSON-able."""
+    registry = proxy.stats
+    now = proxy.reactor.seconds()
+    pools = {}
+    accepted = made = current = 0
+    for name, pool in proxy.pools.items():
+        stats = pool.stats
+        accepted += stats.clients_accepted
+        clients = len(pool.clients)
+        current += clients
+        servers = {}
+        for server in pool.servers:
+            sstats = server.stats
+            made += sstats.connections_made
+            entry = {
+                "server_eof": sstats.server_eof,
+                "server_err": sstats.server_err,
+                "server_timedout": sstats.server_timedout,
+                "server_ejected_at": sstats.server_ejected_at,
+                "requests": sstats.requests,
+                "request_bytes": sstats.request_bytes,
+                "responses": sstats.responses,
+                "response_bytes": sstats.response_bytes,
+            }
+            entry.update(_queues(server))
+            current += entry["server_connections"]
+            entry["ejected"] = 1 if server.ejected else 0
+            entry["latency"] = sstats.latency.export()
+            servers[server.label] = entry
+        commands = {}
+        for command, cstats in stats.commands.items():
+            commands[command.decode("latin-1")] = {
+                "total": cstats.total.export(),
+                "backend": cstats.backend.export(),
+            }
+        pools[name] = {
+            "client_eof": stats.client_eof,
+            "client_err": stats.client_err,
+            "client_connections": clients,
+            "server_ejects": stats.server_ejects,
+            "forward_error": stats.forward_error,
+            "fragments": stats.fragments,
+            "latency": {
+                "total": _sum_latency(c.total for c in stats.commands.values()).export(),
+                "backend": _sum_latency(c.backend for c in stats.commands.values()).export(),
+                "proxy": stats.proxy.export(),
+            },
+            "commands": commands,
+            "servers": servers,
+        }
+    listening = len(proxy.ports)
+    result = {
+        "pids": [os.getpid()],
+        "workers": 1,
+        "started": registry.started,
+        "time": now,
+        "total_connections": accepted + made + listening,
+        "curr_connections": current + listening,
+        "slowlog_seen": registry.slowlog.seen,
+        "pools": pools,
+    }
+    if settings:
+        from twistedproxy.stats.tuning import current
+
+        result["settings"] = current(proxy)
+    return result
+
+
+def _merge_counters(into: dict, entry: dict, skip=()) -> None:
+    for key, value in entry.items():
+        if key in skip or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if key in _MAX_FIELDS:
+            into[key] = max(into.get(key, 0), value)
+        else:
+            into[key] = into.get(key, 0) + value
+
+
+def _merge_hists(into: dict, entry: dict, keys) -> None:
+    for key in keys:
+        into.setdefault(key, []).append(entry.get(key))
+
+
+def merge(snapshots) -> dict:
+    """One snapshot out of several workers' (counters summed, histograms added)."""
+    snapshots = [s for s in snapshots if s]
+    merged = {
+        "pids": [],
+        "workers": 0,
+        "started": min((s["started"] for s in snapshots), default=0.0),
+        "time": max((s["time"] for s in snapshots), default=0.0),
+        "total_connections": 0,
+        "curr_connections": 0,
+        "slowlog_seen": 0,
+        "pools": {},
+    }
+    pending = {}  # (pool, part...) -> list of histograms to add
+    for snap in snapshots:
+        merged["pids"].extend(snap.get("pids", ()))
+        merged["workers"] += snap.get("workers", 1)
+        for key in ("total_connections", "curr_connections", "slowlog_seen"):
+            merged[key] += snap.get(key, 0)
+        if "settings" in snap and "settings" not in merged:
+            merged["settings"] = snap["settings"]
+        for name, pool in snap["pools"].items():
+            mpool = merged["pools"].get(name)
+            if mpool is None:
+                mpool = merged["pools"][name] = {"latency": {}, "commands": {}, "servers": {}}
+            _merge_counters(mpool, pool)
+            for part in ("total", "backend", "proxy"):
+                pending.setdefault((name, "latency", part), []).append(pool["latency"].get(part))
+            for command, cstats in pool.get("commands", {}).items():
+                mpool["commands"].setdefault(command, {})
+                for part in ("total", "backend"):
+                    pending.setdefault((name, "commands", command, part), []).append(cstats.get(part))
+            for label, server in pool["servers"].items():
+                mserver = mpool["servers"].get(label)
+                if mserver is None:
+                    mserver = mpool["servers"][label] = {}
+                _merge_counters(mserver, server)
+                pending.setdefault((name, "servers", label, "latency"), []).append(server.get("latency"))
+    for path, hists in pending.items():
+        node = merged["pools"][path[0]]
+        for part in path[1:-1]:
+            node = node[part]
+        node[path[-1]] = merge_hist(hists)
+    return merged
+
+
+def twemproxy_document(merged: dict, now=None, source=None) -> dict:
+    """The JSON document nutcracker 0.5.0 serves on its stats port, from a merged snapshot."""
+    now = time.time() if now is None else now
+    doc = {
+        "service": "nutcracker",
+        "source": source or socket.gethostname(),
+        "version": __version__,
+        "uptime": int(now - merged["started"]) if merged.get("started") else 0,
+        "timestamp": int(now),
+        "total_connections": merged["total_connections"],
+        "curr_connections": merged["curr_connections"],
+    }
+    for name, pool in merged["pools"].items():
+        entry = {field: pool.get(field, 0) for field in POOL_FIELDS}
+        for label, server in pool["servers"].items():
+            entry[label] = {field: server.get(field, 0) for field in SERVER_FIELDS}
+        doc[name] = entry
+    return doc
+
+
+def report(merged: dict, now=None, source=None) -> dict:
+    """
+    L{twemproxy_document} plus our own data under C{"twistedproxy"}: latency
+    summaries in milliseconds (count, avg, p50 .. p99.9, max) per pool, per
+    command and per server, the settings and the worker count.
+    """
+    doc = twemproxy_document(merged, now, source)
+    pools = {}
+    for name, pool in merged["pools"].items():
+        latency = pool.get("latency", {})
+        pools[name] = {
+            "latency": {part: summarize(latency.get(part, EMPTY)) for part in ("total", "backend", "proxy")},
+            "commands": {
+                command: {part: summarize(c.get(part, EMPTY)) for part in ("total", "backend")}
+                for command, c in sorted(pool.get("commands", {}).items())
+            },
+            "servers": {
+                label: {
+                    "ejected": bool(server.get("ejected")),
+                    "latency": summarize(server.get("latency", EMPTY)),
+                }
+                for label, server in pool["servers"].items()
+            },
+        }
+    doc["twistedproxy"] = {
+        "version": __version__,
+        "workers": merged.get("workers", 1),
+        "pids": merged.get("pids", []),
+        "slowlog_seen": merged.get("slowlog_seen", 0),
+        "settings": merged.get("settings", {}),
+        "pools": pools,
+    }
+    return doc
+
+
+def slowlog(proxy) -> list:
+    """This process's slow log entries (oldest first), each tagged with the pid."""
+    pid = os.getpid()
+    entries = proxy.stats.slowlog.export()
+    for entry in entries:
+        entry["pid"] = pid
+    return entries
+
+
+def merge_slowlogs(lists, limit=None) -> list:
+    """Several workers' slow logs as one list, most recent first (at most C{limit})."""
+    entries = [entry for entries in lists if entries for entry in entries]
+    entries.sort(key=lambda entry: entry["time"], reverse=True)
+    return entries[:limit] if limit is not None else entries

@@ -1,0 +1,192 @@
+"""
+The status page for people: one self-contained HTML page (no scripts) with the
+workers, pools and servers, their health, request rates and a latency chart
+drawn as inline SVG.  It refreshes itself every few seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from html import escape
+
+from twistedproxy._version import __version__
+from twistedproxy.stats.histogram import EMPTY, PERCENTILE_NAMES, summarize
+
+REFRESH_SECONDS = 5
+
+_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+h1{font-size:1.4em;margin:0 0 .2em} h2{font-size:1.15em;margin:1.4em 0 .4em}
+table{border-collapse:collapse;margin:.4em 0 1em;background:#fff}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th{background:#eee} td.name,th.name{text-align:left}
+.up{color:#176f2c;font-weight:bold} .down{color:#b00020;font-weight:bold}
+.meta{color:#555} svg{background:#fff;border:1px solid #ddd}
+"""
+
+_BAR_COLORS = ("#4e79a7", "#59a14f", "#edc948", "#f28e2b", "#e15759", "#b07aa1", "#76b7b2")
+
+
+def _fmt_ms(value: float) -> str:
+    return "%.3f" % value if value < 10 else "%.1f" % value
+
+
+def _rate(merged, previous, path) -> float:
+    """Per-second rate of the counter at C{path}, against the previous snapshot if any."""
+
+    def get(snapshot):
+        node = snapshot
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                return None
+        return node
+
+    now_value = get(merged) or 0
+    if previous is not None:
+        dt = merged["time"] - previous["time"]
+        before = get(previous)
+        if dt > 0 and before is not None and before <= now_value:
+            return (now_value - before) / dt
+    elapsed = merged["time"] - (merged.get("started") or merged["time"])
+    return now_value / elapsed if elapsed > 0 else 0.0
+
+
+def latency_chart(rows, width=640) -> str:
+    """
+    An SVG bar chart: one group of bars per row (label, summary in ms), one bar
+    per percentile and the max, on a log scale so 0.1 ms and 1 s both show.
+    """
+    names = list(PERCENTILE_NAMES) + ["max"]
+    bar_h, gap, left, top = 10, 8, 150, 24
+    group_h = bar_h * len(names) + gap
+    height = top + group_h * max(len(rows), 1) + 30
+    values = [s[n] for _, s in rows for n in names if s[n] > 0]
+    low = 0.01  # ms: the left edge of the scale
+    high = max(values + [1.0])
+    span = math.log10(high / low) or 1.0
+    plot_w = width - left - 70
+
+    def x_of(ms):
+        if ms <= low:
+            return 0.0
+        return plot_w * math.log10(ms / low) / span
+
+    parts = [
+        '<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" role="img" '
+        'aria-label="latency percentiles">' % (width, height)
+    ]
+    for i, name in enumerate(names):  # legend
+        parts.append('<rect x="%d" y="4" width="10" height="10" fill="%s"/>' % (left + i * 62, _BAR_COLORS[i]))
+        parts.append('<text x="%d" y="13" font-size="11">%s</text>' % (left + i * 62 + 13, escape(name)))
+    for g, (label, summary) in enumerate(rows):
+        y0 = top + g * group_h
+        parts.append('<text x="4" y="%d" font-size="12">%s</text>' % (y0 + group_h // 2, escape(label)))
+        if not summary["count"]:
+            parts.append('<text x="%d" y="%d" font-size="11" fill="#777">no requests yet</text>'
+                         % (left + 4, y0 + group_h // 2))
+            continue
+        for i, name in enumerate(names):
+            ms = summary[name]
+            y = y0 + i * bar_h
+            w = max(x_of(ms), 1.0) if ms > 0 else 0.0
+            parts.append(
+                '<rect class="bar" x="%d" y="%d" width="%.1f" height="%d" fill="%s"><title>%s %s: %s ms</title></rect>'
+                % (left, y, w, bar_h - 1, _BAR_COLORS[i], escape(label), name, _fmt_ms(ms))
+            )
+            parts.append('<text x="%.1f" y="%d" font-size="9">%s</text>' % (left + w + 3, y + bar_h - 2, _fmt_ms(ms)))
+    axis_y = height - 18
+    decade = low
+    while decade <= high * 1.0001:
+        x = left + x_of(decade)
+        parts.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#bbb"/>' % (x, top, x, axis_y))
+        parts.append('<text x="%.1f" y="%d" font-size="10" text-anchor="middle">%s ms</text>'
+                     % (x, axis_y + 12, ("%g" % decade)))
+        decade *= 10
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def render(merged: dict, previous=None, now=None) -> str:
+    """The status page for a merged snapshot (C{previous}: the one before, for rates)."""
+    now = time.time() if now is None else now
+    started = merged.get("started") or now
+    out = [
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\">",
+        '<meta http-equiv="refresh" content="%d">' % (REFRESH_SECONDS,),
+        "<title>twistedproxy status</title><style>%s</style></head><body>" % (_STYLE,),
+        "<h1>twistedproxy %s</h1>" % (escape(__version__),),
+        '<p class="meta">%d worker%s (pid %s) &middot; up %ds &middot; %d connections open, %d made'
+        " &middot; %s</p>"
+        % (
+            merged.get("workers", 1), "" if merged.get("workers", 1) == 1 else "s",
+            escape(", ".join(str(p) for p in merged.get("pids", []))), int(now - started),
+            merged["curr_connections"], merged["total_connections"],
+            escape(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))),
+        ),
+    ]
+    settings = merged.get("settings") or {}
+    if settings:
+        out.append('<p class="meta">slow log: requests &ge; %s ms (%d kept per worker), %d seen'
+                   " &middot; log level %s</p>"
+                   % (_fmt_ms(settings.get("slowlog_threshold", 0) * 1000.0), settings.get("slowlog_max_len", 0),
+                      merged.get("slowlog_seen", 0), escape(str(settings.get("log_level")))))
+    out.append('<h2>Pools</h2><table id="pools"><tr><th class="name">pool</th><th>clients</th><th>req/s</th>'
+               "<th>requests</th><th>forward errors</th><th>servers up</th>"
+               + "".join("<th>%s ms</th>" % n for n in ("avg",) + PERCENTILE_NAMES + ("max",)) + "</tr>")
+    chart_rows = []
+    for name, pool in merged["pools"].items():
+        total = summarize(pool.get("latency", {}).get("total", EMPTY))
+        chart_rows.append((name, total))
+        servers = pool["servers"]
+        up = sum(1 for s in servers.values() if not s.get("ejected"))
+        out.append(
+            '<tr><td class="name">%s</td><td>%d</td><td>%.1f</td><td>%d</td><td>%d</td><td>%d/%d</td>%s</tr>'
+            % (
+                escape(name), pool.get("client_connections", 0),
+                _rate(merged, previous, ("pools", name, "latency", "total", "count")),
+                total["count"], pool.get("forward_error", 0), up, len(servers),
+                "".join("<td>%s</td>" % _fmt_ms(total[n]) for n in ("avg",) + PERCENTILE_NAMES + ("max",)),
+            )
+        )
+    out.append("</table>")
+    out.append("<h2>Latency</h2>")
+    out.append(latency_chart(chart_rows))
+    for name, pool in merged["pools"].items():
+        out.append('<h2>Servers of %s</h2><table class="servers"><tr><th class="name">server</th><th>health</th>'
+                   "<th>connections</th><th>req/s</th><th>requests</th><th>responses</th><th>timeouts</th>"
+                   "<th>errors</th><th>eof</th><th>p50 ms</th><th>p99 ms</th><th>max ms</th></tr>"
+                   % (escape(name),))
+        for label, server in pool["servers"].items():
+            s = summarize(server.get("latency", EMPTY))
+            healthy = not server.get("ejected")
+            out.append(
+                '<tr><td class="name">%s</td><td class="%s">%s</td><td>%d</td><td>%.1f</td><td>%d</td><td>%d</td>'
+                "<td>%d</td><td>%d</td><td>%d</td><td>%s</td><td>%s</td><td>%s</td></tr>"
+                % (
+                    escape(label), "up" if healthy else "down", "up" if healthy else "ejected",
+                    server.get("server_connections", 0),
+                    _rate(merged, previous, ("pools", name, "servers", label, "requests")),
+                    server.get("requests", 0), server.get("responses", 0), server.get("server_timedout", 0),
+                    server.get("server_err", 0), server.get("server_eof", 0),
+                    _fmt_ms(s["p50"]), _fmt_ms(s["p99"]), _fmt_ms(s["max"]),
+                )
+            )
+        out.append("</table>")
+        commands = pool.get("commands", {})
+        if commands:
+            out.append('<table class="commands"><tr><th class="name">command</th><th>count</th><th>avg ms</th>'
+                       "<th>p50 ms</th><th>p99 ms</th><th>backend p99 ms</th><th>max ms</th></tr>")
+            for command, c in sorted(commands.items()):
+                s = summarize(c.get("total", EMPTY))
+                b = summarize(c.get("backend", EMPTY))
+                out.append(
+                    ('<tr><td class="name">%s</td><td>%d</td>' + "<td>%s</td>" * 5 + "</tr>")
+                    % (escape(command or "(none)"), s["count"], _fmt_ms(s["avg"]), _fmt_ms(s["p50"]),
+                       _fmt_ms(s["p99"]), _fmt_ms(b["p99"]), _fmt_ms(s["max"]))
+                )
+            out.append("</table>")
+    out.append('<p class="meta">Also: <a href="/stats.json">/stats.json</a> &middot; <a href="/metrics">/metrics</a>'
+               ' &middot; <a href="/slowlog">/slowlog</a></p></body></html>')
+    return "\n".join(out)
