@@ -12,7 +12,7 @@ from twistedproxy.config.model import ListenSpec, PoolConfig
 from twistedproxy.core.request import ROUTE_ANY, ROUTE_KEY, ROUTE_KEYS, ROUTE_LOCAL, ProtocolError, Request
 from twistedproxy.protocols import redis_commands
 from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
-from twistedproxy.protocols.redis import codec, split_quoted
+from twistedproxy.protocols.redis import codec, multibulk, split_quoted
 
 
 def cmd(*args) -> bytes:
@@ -728,3 +728,19 @@ def test_error_reply_and_filter():
     assert reply == b"-ERR server 10.0.0.1:6379 unavailable\r\n"
     assert codec.error_reply(request, "two\r\nlines") == b"-ERR two  lines\r\n"
     assert codec.filter_reply(request, b"$1\r\nx\r\n") == b"$1\r\nx\r\n"
+
+
+def _hello_reply(*args):
+    parser = codec.request_parser(PoolConfig(name="p", listen=ListenSpec(host="127.0.0.1", port=1), redis=True, redis_auth="pw" if b"AUTH" in args else None))
+    (request,) = parser.feed(multibulk([b"HELLO"] + list(args)))
+    return request.reply
+
+
+def test_hello_2_is_answered_locally_and_3_refused():
+    """redis-py 8 and other RESP3-first clients fall back when HELLO 3 is refused."""
+    assert _hello_reply().startswith(b"*14\r\n$6\r\nserver\r\n$12\r\ntwistedproxy\r\n")
+    assert b":2\r\n" in _hello_reply(b"2")
+    assert _hello_reply(b"3").startswith(b"-NOPROTO ")
+    assert _hello_reply(b"x").startswith(b"-ERR Protocol version")
+    assert _hello_reply(b"2", b"AUTH", b"default", b"bad") == b"-ERR invalid password\r\n"
+    assert _hello_reply(b"2", b"AUTH", b"default", b"pw").startswith(b"*14\r\n")

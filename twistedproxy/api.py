@@ -20,12 +20,13 @@ from twistedproxy.core.client import ProxyFactory
 from twistedproxy.core.pool import ServerPool
 from twistedproxy.process.listeners import listen
 from twistedproxy.protocols import codec_for, codecs_of
+from twistedproxy.stats.recorder import StatsRegistry
 
 
-def build_pool(pool_config, reactor) -> ServerPool:
-    """A L{ServerPool} for one L{PoolConfig}, speaking the pool's protocol."""
+def build_pool(pool_config, reactor, stats=None) -> ServerPool:
+    """A L{ServerPool} for one L{PoolConfig}, speaking the pool's protocol (C{stats}: its recorder)."""
     codec = codec_for(pool_config.protocol)
-    return ServerPool(pool_config, codec, reactor, codecs=codecs_of(codec))
+    return ServerPool(pool_config, codec, reactor, codecs=codecs_of(codec), stats=stats)
 
 
 class Proxy:
@@ -34,6 +35,7 @@ class Proxy:
 
     @ivar pools: pool name -> L{ServerPool}.
     @ivar factories: pool name -> L{ProxyFactory} (a Twisted ServerFactory).
+    @ivar stats: the L{StatsRegistry} every pool records into (kept across reloads).
     """
 
     def __init__(self, config: ProxyConfig, reactor):
@@ -41,8 +43,9 @@ class Proxy:
         self.reactor = reactor
         self.pools = {}
         self.factories = {}
+        self.stats = StatsRegistry(reactor, config.global_)
         for pool_config in config.pools:
-            pool = build_pool(pool_config, reactor)
+            pool = build_pool(pool_config, reactor, self.stats.pool(pool_config.name))
             self.pools[pool_config.name] = pool
             self.factories[pool_config.name] = ProxyFactory(pool)
         self._port_by_pool = {}
@@ -86,9 +89,11 @@ class Proxy:
         old_pools = self.pools
         self.config = config
         self.pools = {}
+        self.stats.configure(config.global_)
+        self.stats.prune(config)
         for pool_config in config.pools:
             name = pool_config.name
-            pool = build_pool(pool_config, self.reactor)
+            pool = build_pool(pool_config, self.reactor, self.stats.pool(name))
             self.pools[name] = pool
             old = old_pools.get(name)
             factory = self.factories.get(name)

@@ -85,12 +85,21 @@ class Process:
         self.signal(signal.SIGCONT)
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # a failed start has already stopped (and closed) it
+            self._log.flush()
         with open(self.log_path, "rb") as f:
             return f.read().decode("utf-8", "replace")
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def rss_kb(self) -> int:
+        """The process's resident set size in kB (VmRSS of /proc/<pid>/status)."""
+        with open("/proc/%d/status" % self.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS for pid %d" % self.pid)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc.poll() is None:
@@ -146,8 +155,32 @@ def proxy(config: dict, port: int, python=None, extra_args=(), wait_port=True) -
     path = write_config(config)
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    argv = [python or sys.executable, "-m", "twistedproxy.cli", "-c", path] + list(extra_args)
+    argv = [python or sys.executable, "-m", "twistedproxy.cli", "-c", path] + stats_args(extra_args)
     return Process(argv, port if wait_port else None, env=env, cwd=ROOT)
+
+
+def stats_args(extra_args=()) -> list:
+    """C{extra_args}, plus a free loopback stats port unless they name one (never 0.0.0.0:22222)."""
+    extra_args = list(extra_args)
+    if not any(a in ("-s", "--stats-port") or a.startswith("--stats-port=") for a in extra_args):
+        extra_args += ["-s", str(free_port()), "-a", HOST]
+    return extra_args
+
+
+def proxy_env() -> dict:
+    """The environment for a proxy child: the checkout first on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def twistd(config: dict, port: int, python=None) -> Process:
+    """The proxy as C{twistd -n cacheproxy -c FILE}, twistd from the interpreter's bin directory."""
+    path = write_config(config)
+    bindir = os.path.dirname(python or sys.executable)
+    pidfile = tempfile.mktemp(prefix="tp-twistd-", suffix=".pid")
+    argv = [os.path.join(bindir, "twistd"), "-n", "--pidfile", pidfile, "cacheproxy", "-c", path] + stats_args()
+    return Process(argv, port, env=proxy_env(), cwd=ROOT)
 
 
 def pool_config(servers, listen_port, redis=True, **keys) -> dict:

@@ -10,7 +10,10 @@ replies ends with one write to the client.
 
 Backpressure: reading from the client pauses while it has too many requests in
 flight or while its transport's write buffer is full (a client that does not
-read its replies), so a slow client cannot grow the proxy's memory.
+read its replies), so a slow client cannot grow the proxy's memory.  Replies
+count too: at most L{DISPATCH_WINDOW} requests of a client are out at backends
+or answered but unwritten; the others wait, parsed, until replies are written,
+and none are sent while the client's write buffer is full.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ from twistedproxy.core.writes import immediate_writer
 
 log = Logger()
 
+# Requests of one client sent to backends and not yet written back.  Bounds what
+# a client that never reads can make the proxy buffer (this many of the largest
+# reply) while staying deep enough to keep pipelined backends busy.
+DISPATCH_WINDOW = 64
+
 
 @implementer(IPushProducer)
 class ClientConnection(Protocol):
@@ -43,6 +51,8 @@ class ClientConnection(Protocol):
         self.max_pending = pool.config.client_max_pending
         self.paused_for_queue = False
         self.paused_for_writes = False
+        self.held = deque()  # parsed requests waiting for room in the dispatch window
+        self.outstanding = 0  # requests dispatched and not yet written to the client
 
     # -- connection events ---------------------------------------------------
 
@@ -76,7 +86,11 @@ class ClientConnection(Protocol):
             request.received_at = now
             queue.append(request)
             if request.route != ROUTE_LOCAL:
-                pool.dispatch(request, codec, now, touched, dirty)
+                if self.held or self.paused_for_writes or self.outstanding >= DISPATCH_WINDOW:
+                    self.held.append(request)
+                else:
+                    self.outstanding += 1
+                    pool.dispatch(request, codec, now, touched, dirty)
             if request.close_after:
                 self.quitting = True
                 break
@@ -102,8 +116,13 @@ class ClientConnection(Protocol):
         queue = self.queue
         out = []
         close = False
+        stats = self.pool.stats
+        now = self.pool.reactor.seconds()
         while queue and queue[0].done:
             request = queue.popleft()
+            if request.route != ROUTE_LOCAL:
+                self.outstanding -= 1
+            stats.finished(request, now)
             reply = request.reply
             if reply:
                 out.append(reply)
@@ -120,6 +139,23 @@ class ClientConnection(Protocol):
             self.paused_for_queue = False
             if not self.paused_for_writes:
                 self.transport.resumeProducing()
+        if self.held and not self.paused_for_writes:
+            self._dispatch_held()
+
+    def _dispatch_held(self):
+        """Send held requests while the dispatch window has room."""
+        held = self.held
+        pool = self.pool
+        codec = self.parser.codec
+        now = pool.reactor.seconds()
+        touched = []
+        dirty = []
+        while held and self.outstanding < DISPATCH_WINDOW:
+            self.outstanding += 1
+            pool.dispatch(held.popleft(), codec, now, touched, dirty)
+        for conn in touched:
+            conn.flush()
+        flush_clients(dirty)
 
     def connectionLost(self, reason):
         self.closed = True
@@ -128,6 +164,8 @@ class ClientConnection(Protocol):
         for request in self.queue:
             request.client = None
         self.queue.clear()
+        self.held.clear()
+        self.pool.stats.client_closed(reason)
         self.pool.client_gone(self)
 
     # -- IPushProducer: the transport tells us when its write buffer is full --
@@ -143,6 +181,8 @@ class ClientConnection(Protocol):
             self.paused_for_writes = False
             if not self.paused_for_queue and not self.closed:
                 self.transport.resumeProducing()
+            if self.held and not self.closed:
+                self._dispatch_held()
 
     def stopProducing(self):
         pass
@@ -177,6 +217,7 @@ class ProxyFactory(ServerFactory):
             return None
         client = ClientConnection(pool, self.codec.request_parser(pool.config))
         pool.clients.add(client)
+        pool.stats.clients_accepted += 1
         return client
 
     def switch_pool(self, pool) -> None:

@@ -17,6 +17,7 @@ from twistedproxy.core.completion import fail
 from twistedproxy.core.request import ROUTE_ALL, ROUTE_ANY, ROUTE_KEY, ROUTE_KEYS, Request
 from twistedproxy.core.server import ServerConnection
 from twistedproxy.hashing import hash_function, hash_tag_key, make_distribution
+from twistedproxy.stats.recorder import PoolStats
 
 log = Logger()
 
@@ -55,6 +56,7 @@ class Server:
         self.retry_at = 0.0  # no new connection before this time (backoff)
         self.ejected = False
         self.retry_call = None
+        self.stats = pool.stats.server(self.label)
 
     def connection(self, codec):
         """A connection for C{codec}: round-robin over C{server_connections}, made on demand."""
@@ -86,18 +88,21 @@ class Server:
 
     def connection_made(self, conn) -> None:
         self.retry_at = 0.0
+        self.stats.connections_made += 1
 
     def connection_lost(self, conn, reason) -> None:
         conns = self.connections.get(conn.codec)
         if conns is not None and conn in conns:
             conns.remove(conn)
-        if self.pool.closing:
-            return
+        self.stats.connection_lost(reason)
+        if self.pool.closing or self.ejected:
+            return  # a close we asked for (ejection, stop), not a new failure
         self.record_failure()
         if self.pool.config.preconnect and not self.ejected:
             self.pool.reactor.callLater(max(self.retry_at - self.pool.reactor.seconds(), 0.0), self.preconnect)
 
     def timed_out(self, conn) -> None:
+        self.stats.server_timedout += 1
         self.record_failure()
 
     def record_failure(self) -> None:
@@ -118,6 +123,8 @@ class Server:
         pool = self.pool
         self.failures = 0
         self.ejected = True
+        self.stats.server_ejected_at = int(pool.reactor.seconds() * 1000000)
+        pool.stats.server_ejects += 1
         log.warn(
             "pool {pool}: ejecting server {server} for {seconds}s",
             pool=pool.name,
@@ -166,9 +173,11 @@ class ServerPool:
         kept per codec); the first is the pool's main codec.
     """
 
-    def __init__(self, config, codec, reactor, codecs=None):
+    def __init__(self, config, codec, reactor, codecs=None, stats=None):
         self.config = config
         self.name = config.name
+        # Counters outlive the pool object when a registry hands them in (reloads).
+        self.stats = stats if stats is not None else PoolStats(config.name)
         self.reactor = reactor
         self.codec = codec
         self.codecs = tuple(codecs) if codecs else (codec,)
@@ -265,6 +274,9 @@ class ServerPool:
         pairs = request.fragments
         request.fragments = [fragment for _, fragment in pairs]
         request.pending = len(pairs)
+        request.sent_at = now
+        if len(pairs) > 1:
+            self.stats.fragments += len(pairs)
         for server, fragment in pairs:
             self._send(server, fragment, codec, now, touched, dirty)
 

@@ -54,7 +54,7 @@ class Request:
       - data: codec-private state (parsed arguments for split/merge, opaque ...).
 
     Fields owned by the core: done, client, parent, fragments, pending,
-    key_indices, sent_at, expired, server, failed.
+    key_indices, received_at, sent_at, replied_at, expired, server, failed.
     """
 
     __slots__ = (
@@ -76,6 +76,7 @@ class Request:
         "key_indices",
         "received_at",
         "sent_at",
+        "replied_at",
         "expired",
         "server",
         "failed",
@@ -110,6 +111,7 @@ class Request:
         self.key_indices = None
         self.received_at = 0.0
         self.sent_at = 0.0
+        self.replied_at = 0.0  # when the (last) backend reply was read; 0.0 = none
         self.expired = False
         self.server = None
         self.failed = None

@@ -47,7 +47,11 @@ class ServerConnection(Protocol):
         self.closing_when_idle = False
         self.timer = None
         self.timeout = server.pool.timeout  # seconds or None
+        now = reactor.seconds()
         for request in codec.handshake(server.pool.config):
+            # Timed like any request queued before the connection is up (a zero
+            # sent_at would make it expire at the first flush).
+            request.sent_at = now
             self.outbuf.append(request.frame)
             self.inflight.append(request)
 
@@ -58,8 +62,12 @@ class ServerConnection(Protocol):
         if not self.outbuf:
             touched.append(self)
         request.sent_at = now
-        request.server = self.server
-        self.outbuf.append(request.frame)
+        server = request.server = self.server
+        frame = request.frame
+        stats = server.stats
+        stats.requests += 1
+        stats.request_bytes += len(frame)
+        self.outbuf.append(frame)
         self.inflight.append(request)
 
     def flush(self) -> None:
@@ -78,6 +86,11 @@ class ServerConnection(Protocol):
         self.connected = True
         transport = self.transport
         self.write = immediate_writer(transport)
+        if self.closed:
+            # Closed while connecting (its server was ejected or stopped): do not
+            # keep it; requests queued on it fail when the connection is lost.
+            transport.loseConnection()
+            return
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
             if self.server.pool.config.tcpkeepalive:
@@ -91,6 +104,8 @@ class ServerConnection(Protocol):
         inflight = self.inflight
         codec = self.codec
         dirty = []
+        stats = self.server.stats
+        now = self.reactor.seconds()
         try:
             while inflight:
                 request = inflight[0]
@@ -98,9 +113,14 @@ class ServerConnection(Protocol):
                 if raw is None:
                     break
                 inflight.popleft()
+                if request.server is not None:  # not a handshake request (never enqueued)
+                    stats.reply(len(raw), now - request.sent_at)
+                    request.replied_at = now
+                    if request.parent is not None:
+                        request.parent.replied_at = now
                 if request.expired:
                     self.n_expired -= 1
-                elif request.client is None and request.parent is None:
+                elif request.server is None:  # a handshake request (never enqueued)
                     self._handshake_reply(raw)
                 else:
                     complete(request, raw, codec, dirty)
@@ -129,13 +149,15 @@ class ServerConnection(Protocol):
 
     def connectionLost(self, reason):
         self.connected = False
-        self._fail_all("connection to %s lost" % (self.server.label,))
+        # Leave the server first: failing requests lets their clients send more
+        # (held requests), which must not be queued on this dead connection.
         self.server.connection_lost(self, reason)
+        self._fail_all("connection to %s lost" % (self.server.label,))
 
     def connection_failed(self, reason) -> None:
         """The TCP connection could not be made."""
-        self._fail_all("cannot connect to %s: %s" % (self.server.label, reason.getErrorMessage()))
         self.server.connection_lost(self, reason)
+        self._fail_all("cannot connect to %s: %s" % (self.server.label, reason.getErrorMessage()))
 
     def close_when_idle(self) -> None:
         """Close once every request in flight is answered (used when a pool retires)."""
@@ -197,5 +219,6 @@ class ServerConnection(Protocol):
         flush_clients(dirty)
         if expired:
             self.server.timed_out(self)
-        if not self.closed and self.connected:
+        # Failing requests may have let clients send more, arming the timer already.
+        if self.timer is None and not self.closed and self.connected:
             self._arm_timer()

@@ -18,6 +18,7 @@ import hmac
 
 from zope.interface import implementer
 
+from twistedproxy._version import __version__
 from twistedproxy.core.request import ROUTE_ANY, ROUTE_KEYS, ProtocolError, Request, local
 from twistedproxy.protocols import redis_commands as commands
 from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
@@ -36,6 +37,14 @@ _NOT_AN_INTEGER = b"-ERR value is not an integer or out of range\r\n"
 _NEGATIVE_KEYS = b"-ERR Number of keys can't be negative\r\n"
 _TOO_MANY_KEYS = b"-ERR Number of keys can't be greater than number of args\r\n"
 _BAD_BACKEND_REPLY = b"-ERR unexpected reply from the server\r\n"
+_NOPROTO = b"-NOPROTO sorry, this protocol version is not supported\r\n"
+_BAD_PROTOVER = b"-ERR Protocol version is not an integer or out of range\r\n"
+# HELLO 2's map, as a flat RESP2 array like Redis sends it.
+_HELLO_REPLY = (
+    b"*14\r\n$6\r\nserver\r\n$12\r\ntwistedproxy\r\n$7\r\nversion\r\n$%d\r\n%s\r\n"
+    b"$5\r\nproto\r\n:2\r\n$2\r\nid\r\n:0\r\n$4\r\nmode\r\n$5\r\nproxy\r\n"
+    b"$4\r\nrole\r\n$6\r\nmaster\r\n$7\r\nmodules\r\n*0\r\n"
+) % (len(__version__), __version__.encode())
 
 _KEY = commands.KEY
 _MULTI = commands.MULTI
@@ -45,6 +54,7 @@ _PING = commands.PING
 _ECHO = commands.ECHO
 _QUIT = commands.QUIT
 _AUTH = commands.AUTH
+_HELLO = commands.HELLO
 _UNSUPPORTED = commands.UNSUPPORTED
 
 
@@ -374,6 +384,8 @@ class RedisRequestParser:
             return local(name, self._auth(args))
         if kind == _QUIT:
             return local(name, _OK, close_after=True)
+        if kind == _HELLO:
+            return local(name, self._hello(args))
         if self._locked:
             return local(name, _NOAUTH)
         if kind == _PING:
@@ -411,6 +423,30 @@ class RedisRequestParser:
                 )
             return Request(frame, name, args[3])
         return Request(frame, name, route=ROUTE_ANY)  # commands.ANY
+
+    def _hello(self, args) -> bytes:
+        """
+        C{HELLO [protover [AUTH user pass] [SETNAME name]]}: the proxy speaks
+        RESP2 only, so version 3 gets NOPROTO (clients then stay on RESP2) and
+        version 2 gets Redis's server map as a flat array.
+        """
+        if len(args) > 1:
+            version = args[1]
+            if not version.isdigit():
+                return _BAD_PROTOVER
+            if int(version) != 2:
+                return _NOPROTO
+        options = [a.lower() for a in args[2:]]
+        if b"auth" in options:
+            at = 2 + options.index(b"auth")
+            if at + 2 >= len(args):
+                return b"-ERR Syntax error in HELLO option 'auth'\r\n"
+            reply = self._auth([b"auth", args[at + 1], args[at + 2]])
+            if reply != _OK:
+                return reply
+        if self._locked:
+            return _NOAUTH
+        return _HELLO_REPLY
 
     def _auth(self, args) -> bytes:
         """Check an AUTH C{[username] password} and (un)lock the connection (as twemproxy)."""

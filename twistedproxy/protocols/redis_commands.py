@@ -52,6 +52,7 @@ ECHO = 6
 QUIT = 7
 AUTH = 8
 UNSUPPORTED = 9
+HELLO = 10  # answered by the proxy: RESP2 only, as twemproxy's clients expect
 
 NAME, KIND, MIN_ARGS, MAX_ARGS, KEY_INDEX, COLLECT = range(6)
 
@@ -242,6 +243,7 @@ _OTHER_COMMANDS = (
     ("echo", ECHO, 2),
     ("quit", QUIT, -1),
     ("auth", AUTH, -2, 3),
+    ("hello", HELLO, -1, 7),
 )
 
 # Known commands the proxy refuses (named here so stats and errors say which).
@@ -259,7 +261,7 @@ UNSUPPORTED_COMMANDS = (
     # scripts and functions management
     "script", "function",
     # connection and server administration
-    "select", "swapdb", "hello", "reset", "client", "info", "config", "dbsize", "debug",
+    "select", "swapdb", "reset", "client", "info", "config", "dbsize", "debug",
     "flushall", "flushdb", "shutdown", "save", "bgsave", "bgrewriteaof", "lastsave", "monitor",
     "sync", "psync", "replicaof", "slaveof", "role", "time", "slowlog", "latency", "memory",
     "module", "acl", "cluster", "readonly", "readwrite", "failover", "asking",
@@ -276,7 +278,7 @@ def _entry(name, kind, arity, max_args=None, key_index=1):
         collect = 4  # name, script, numkeys, first key
     elif kind in (MULTI, MSET):
         collect = _UNBOUNDED
-    elif kind in (PING, ECHO, AUTH):
+    elif kind in (PING, ECHO, AUTH, HELLO):
         collect = max_args
     else:
         collect = 1

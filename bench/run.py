@@ -1,0 +1,583 @@
+"""
+The benchmark: the same load against twistedproxy on PyPy, twistedproxy on
+CPython and twemproxy (nutcracker), each in front of the same two backends on
+loopback, then one table of requests/s, p50/p99 latency and the ratio of each
+proxy to nutcracker next to its target.
+
+    python3 bench/run.py                 # full run, Redis and memcached
+    python3 bench/run.py --quick         # the same, with fewer requests
+    python3 bench/run.py --protocol redis --workers 0,2
+
+See bench/README.md for what each run does and how to read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+try:
+    import yaml  # noqa: F401  (tests.support.processes needs it)
+except ImportError:  # a bare python3: go on under the CPython venv, which has it
+    _venv = os.path.join(ROOT, ".venv-cpython", "bin", "python")
+    if not os.path.exists(_venv):
+        subprocess.check_call(["bash", "-c", 'source scripts/env.sh && ensure_venv cpython "$(cpython)" ""'],
+                              cwd=ROOT)
+    os.execv(_venv, [_venv] + sys.argv)
+
+sys.path.insert(0, ROOT)
+from tests.support import processes  # noqa: E402
+
+HOST = processes.HOST
+CLIENTS = 50
+PIPELINE = 16
+KEYSPACE = 100000  # -r: random keys key:000000000000 .. key:000000099999
+FULL_REQUESTS = 200000
+QUICK_REQUESTS = 40000
+
+# Minimum ratio of a proxy's requests/s to nutcracker's: (pipelined, unpipelined).
+TARGETS = {"pypy": (1.5, 0.8), "cpython": (0.7, 0.5)}
+TOOLS = ["redis-server", "redis-benchmark", "memcached", "memcaslap", "nutcracker"]
+
+
+class BenchError(Exception):
+    """The benchmark, or one target's run, cannot go on."""
+
+
+# -- interpreters and tools ---------------------------------------------------------
+
+def find_python(name: str, override, fallback: str) -> str:
+    """
+    The venv interpreter for C{name} ("pypy" or "cpython"): C{override} (a venv
+    directory or an interpreter), else the repo's .venv-NAME, else C{fallback},
+    else a new .venv-NAME made by scripts/env.sh's ensure_venv.
+    """
+    candidates = [override] if override else [os.path.join(ROOT, ".venv-" + name), fallback]
+    for path in candidates:
+        python = os.path.join(path, "bin", "python") if os.path.isdir(path) else path
+        if os.access(python, os.X_OK):
+            return python
+    if override:
+        raise BenchError("--%s %s: no such venv or interpreter" % (name, override))
+    interp = "pypy3" if name == "pypy" else '"$(cpython)"'
+    print("==> no %s venv found; making %s/.venv-%s" % (name, ROOT, name), flush=True)
+    subprocess.check_call(["bash", "-c", "source scripts/env.sh && ensure_venv %s %s ''" % (name, interp)],
+                          cwd=ROOT)
+    return os.path.join(ROOT, ".venv-" + name, "bin", "python")
+
+
+def ensure_tools() -> None:
+    """The Debian packages this needs, installed by scripts/env.sh if any is missing."""
+    if all(shutil.which(tool) for tool in TOOLS):
+        return
+    subprocess.check_call(["bash", "-c", "source scripts/env.sh && ensure_debian_packages"], cwd=ROOT)
+    missing = [tool for tool in TOOLS if not shutil.which(tool)]
+    if missing:
+        raise BenchError("missing after install: %s" % (", ".join(missing),))
+
+
+def describe(python: str) -> str:
+    """C{python}'s implementation and version, e.g. "PyPy 3.9.16"."""
+    try:
+        return subprocess.check_output(
+            [python, "-c", "import sys, platform; print(platform.python_implementation(), sys.version.split()[0])"],
+            text=True, stderr=subprocess.STDOUT).strip()
+    except (OSError, subprocess.CalledProcessError) as e:
+        return "unknown (%s)" % (e,)
+
+
+# -- processes ---------------------------------------------------------------------
+
+class Running:
+    """Every process this run started, stopped in reverse order by L{stop_all}."""
+
+    def __init__(self):
+        self.procs = []
+
+    def add(self, proc):
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc, keep_log=False):
+        proc.stop()
+        # A master/worker proxy's workers share its process group (its own session):
+        # make sure none outlives the master.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if proc in self.procs:
+            self.procs.remove(proc)
+        if not keep_log:
+            _unlink(proc.log_path)
+        if "-c" in proc.argv:  # the config file processes.write_config made
+            _unlink(proc.argv[proc.argv.index("-c") + 1])
+
+    def stop_all(self):
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def start_target(running, target, pool, python=None, workers=0):
+    """Start C{target} ("nutcracker" or a proxy interpreter name) in front of C{pool}."""
+    port = processes.free_port()
+    pool = dict(pool, listen="%s:%d" % (HOST, port))
+    if target == "nutcracker":
+        proc = processes.nutcracker({"bench": pool}, port)
+    else:
+        config = {"bench": pool, "global": {"worker_processes": workers}}
+        stats = ["-s", str(processes.free_port()), "-a", HOST]
+        proc = processes.proxy(config, port, python=python, extra_args=stats)
+    return running.add(proc), port
+
+
+# -- load generators ---------------------------------------------------------------
+
+def _run(argv, timeout):
+    try:
+        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError("%s timed out after %ss" % (argv[0], timeout))
+    if out.returncode != 0:
+        raise BenchError("%s exited %s:\n%s" % (" ".join(argv), out.returncode, out.stdout[-2000:]))
+    return out.stdout
+
+
+def redis_load(port, requests, pipeline, timeout):
+    """redis-benchmark set,get: {test: {rps, p50_ms, p99_ms}}."""
+    argv = ["redis-benchmark", "-h", HOST, "-p", str(port), "-t", "set,get", "-n", str(requests),
+            "-c", str(CLIENTS), "-r", str(KEYSPACE), "--csv"]
+    if pipeline > 1:
+        argv += ["-P", str(pipeline)]
+    out = _run(argv, timeout)
+    results = {}
+    header = None
+    for line in out.splitlines():
+        if not line.startswith('"'):
+            continue  # e.g. the CONFIG GET warning
+        cells = [c.strip('"') for c in line.split('","')]
+        if cells[0] == "test":
+            header = cells
+            continue
+        row = dict(zip(header or ["test", "rps"], cells))
+        results[row["test"].lower()] = {
+            "rps": float(row["rps"]),
+            "p50_ms": float(row["p50_latency_ms"]) if "p50_latency_ms" in row else None,
+            "p99_ms": float(row["p99_latency_ms"]) if "p99_latency_ms" in row else None,
+        }
+    if set(results) != {"set", "get"}:
+        raise BenchError("redis-benchmark gave no SET/GET results:\n%s" % (out[-2000:],))
+    return results
+
+
+def mcload(loader_python, port, requests, pipeline, timeout):
+    """bench/mcload.py's set/get mix: {"set+get": {rps, p50_ms, p99_ms}}."""
+    argv = [loader_python, os.path.join(HERE, "mcload.py"), "--port", str(port), "-n", str(requests),
+            "-c", str(CLIENTS), "-P", str(pipeline), "-r", str(KEYSPACE), "--timeout", str(timeout)]
+    result = json.loads(_run(argv, timeout + 30).strip().splitlines()[-1])
+    if result["errors"]:
+        raise BenchError("mcload: %d error replies" % (result["errors"],))
+    return {"set+get": {k: result[k] for k in ("rps", "p50_ms", "p99_ms")}}
+
+
+_MEMASLAP_CFG = "key\n16 16 1\nvalue\n3 3 1\ncmd\n0 0.5\n1 0.5\n"  # 16-byte keys, 3-byte values, 50% set
+
+
+def memaslap(port, requests, timeout):
+    """
+    memaslap (libmemcached-tools' memcaslap) set/get 50/50 mix, one request in
+    flight per connection: {"set+get": {rps, p50_ms, p99_ms}}.  memaslap keeps
+    only a log2 histogram, so p50/p99 are read off it (approximate).
+    """
+    with tempfile.NamedTemporaryFile("w", prefix="tp-memaslap-", suffix=".cfg", delete=False) as f:
+        f.write(_MEMASLAP_CFG)
+    try:
+        argv = ["memcaslap", "-s", "%s:%d" % (HOST, port), "-T", "2", "-c", str(CLIENTS),
+                "-x", str(requests), "-F", f.name, "-S", "3600s"]
+        out = _run(argv, timeout)
+    finally:
+        _unlink(f.name)
+    tps = re.search(r"Run time: \S+ Ops: (\d+) TPS: (\d+)", out)
+    if not tps or int(tps.group(1)) < requests:
+        raise BenchError("memaslap did not finish:\n%s" % (out[-2000:],))
+    buckets = _log2_histogram(out, "Total Statistics")
+    return {"set+get": {"rps": float(tps.group(2)), "p50_ms": _log2_percentile(buckets, 0.50),
+                        "p99_ms": _log2_percentile(buckets, 0.99), "approx_latency": True}}
+
+
+def _log2_histogram(out, section):
+    """memaslap's 'Log2 Dist' rows under C{section}: counts per bucket, bucket i = [2^i, 2^(i+1)) us."""
+    counts = {}
+    text = out[out.index(section):]
+    text = text[text.index("Log2 Dist:"):]
+    for line in text.splitlines()[1:]:
+        m = re.match(r"\s*(\d+):((?:\s+\d+)+)\s*$", line)
+        if not m:
+            break
+        for i, count in enumerate(m.group(2).split()):
+            counts[int(m.group(1)) + i] = int(count)
+    return counts
+
+
+def _log2_percentile(counts, p):
+    total = sum(counts.values())
+    seen = 0
+    for bucket in sorted(counts):
+        n = counts[bucket]
+        if n and seen + n >= p * total:
+            fraction = (p * total - seen) / n
+            return round(2 ** (bucket + fraction) / 1000.0, 3)  # geometric within the bucket, in ms
+        seen += n
+    return None
+
+
+class Load:
+    """One protocol's load: warm-up and measured runs against a listening port."""
+
+    def __init__(self, protocol, requests, quick, loader_python, mc_loader):
+        self.protocol = protocol
+        self.requests = requests
+        self.loader_python = loader_python
+        self.mc_loader = mc_loader
+        self.warm = (10000, 30000) if quick else (30000, 100000)  # (unpipelined, pipelined)
+
+    def run(self, port, pipeline, requests):
+        # A stuck target fails its run instead of the whole benchmark: even at 5000
+        # requests/s a run is over well within this.
+        timeout = max(60, requests // 5000)
+        if self.protocol == "redis":
+            return redis_load(port, requests, pipeline, timeout)
+        if pipeline == 1 and self.mc_loader == "memaslap":
+            return memaslap(port, requests, timeout)
+        return mcload(self.loader_python, port, requests, pipeline, timeout)
+
+    def warm_up(self, port):
+        """Load that is not measured: PyPy's JIT compiles the hot paths here."""
+        self.run(port, PIPELINE, self.warm[1])
+        self.run(port, 1, self.warm[0])
+
+    def measure(self, port, pgid):
+        """
+        [(pipeline, test, result)] for the pipelined and the unpipelined run; each
+        result also has the target's CPU time per request (its whole process group),
+        which other load on the machine disturbs much less than requests/s.
+        """
+        rows = []
+        for pipeline in (PIPELINE, 1):
+            before = cpu_seconds(pgid)
+            results = self.run(port, pipeline, self.requests)
+            cpu_us = (cpu_seconds(pgid) - before) * 1e6 / (self.requests * len(results))
+            for test, result in results.items():
+                rows.append((pipeline, test, dict(result, cpu_us_per_req=round(cpu_us, 2))))
+        return rows
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pgid) -> float:
+    """User + system CPU seconds of the live processes of process group C{pgid} (Linux /proc)."""
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rindex(b")") + 2:].split()
+        if int(fields[2]) == pgid:  # state, ppid, pgrp, ...; utime and stime are 11 and 12
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICK
+
+
+# -- the run -----------------------------------------------------------------------
+
+def backends(running, protocol):
+    factory = processes.redis_server if protocol == "redis" else processes.memcached
+    return [running.add(factory()) for _ in range(2)]
+
+
+_PROBE = {"redis": (b"*2\r\n$3\r\nGET\r\n$11\r\nbench:probe\r\n", b"$-1\r\n"),
+          "memcache": (b"get bench:probe\r\n", b"END\r\n")}
+
+
+def wait_ready(port, protocol, connections=8, timeout=20.0):
+    """
+    Wait until C{connections} fresh connections each get a reply to a GET: a
+    listening socket alone does not mean every worker of a proxy serves it.
+    """
+    request, reply = _PROBE[protocol]
+    deadline = time.time() + timeout
+    ok = 0
+    last = None
+    while ok < connections:
+        if time.time() > deadline:
+            raise BenchError("%d of %d probe connections got no reply in %ss (%s)" % (
+                connections - ok, connections, timeout, last))
+        try:
+            with socket.create_connection((HOST, port), timeout=2.0) as sock:
+                sock.sendall(request)
+                got = b""
+                while len(got) < len(reply):
+                    chunk = sock.recv(64)
+                    if not chunk:
+                        break
+                    got += chunk
+            if got == reply:
+                ok += 1
+                continue
+            last = "reply %r" % (got,)
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.1)
+    return True
+
+
+def bench_protocol(running, protocol, args, pythons, results):
+    """
+    Every target runs at once in front of the same two backends (idle while another
+    is measured); after each one's warm-up, the measured runs go round-robin,
+    C{args.repeat} rounds, so that load from elsewhere on the machine spreads over
+    all targets.  Each row keeps the median run (by requests/s) and all samples.
+    A target that fails (does not start, does not answer, a load errors or hangs)
+    is stopped and reported as failed; the others go on.
+    """
+    load = Load(protocol, args.requests, args.quick, args.loader_python, args.mc_loader)
+    servers = backends(running, protocol)
+    pool = processes.pool_config([s.port for s in servers], 0, redis=(protocol == "redis"))
+    runs = [("nutcracker", 0)]
+    for workers in args.workers:
+        runs += [(name, workers) for name in ("pypy", "cpython") if name in pythons]
+    live = []  # [target, workers, label, proc, port]
+    samples = {}  # (target, workers, pipeline, test) -> [result]
+    failed = {}  # (target, workers) -> error
+
+    def attempt(entry, what, func, *func_args):
+        target, workers, label, proc, port = entry
+        try:
+            return func(*func_args)
+        except BenchError as e:
+            tail = proc.output()[-3000:] if proc is not None else ""
+            print("!!! %s %s failed: %s\n---- %s log ----\n%s" % (label, what, e, label, tail), file=sys.stderr)
+            failed[(target, workers)] = "%s: %s" % (what, str(e).splitlines()[0])
+            if proc is not None:
+                running.stop(proc)
+            if entry in live:
+                live.remove(entry)
+            return None
+
+    try:
+        for target, workers in runs:
+            label = target if target == "nutcracker" else "%s w=%d" % (target, workers)
+            entry = [target, workers, label, None, None]
+            try:
+                entry[3], entry[4] = start_target(running, target, pool, pythons.get(target), workers)
+            except RuntimeError as e:
+                attempt(entry, "start", _raise, BenchError(str(e)))
+                continue
+            live.append(entry)
+        for entry in list(live):
+            print("==> %s: warming up %s" % (protocol, entry[2]), flush=True)
+            if attempt(entry, "readiness", wait_ready, entry[4], protocol):
+                attempt(entry, "warm-up", load.warm_up, entry[4])
+        for round_ in range(args.repeat):
+            for entry in list(live):
+                target, workers, label, proc, port = entry
+                print("==> %s round %d/%d: %s (load average %.2f)" % (
+                    protocol, round_ + 1, args.repeat, label, os.getloadavg()[0]), flush=True)
+                rows = attempt(entry, "measured run", load.measure, port, proc.pid)
+                for pipeline, test, result in rows or ():
+                    result = dict(result, loadavg=os.getloadavg()[0])
+                    samples.setdefault((target, workers, pipeline, test), []).append(result)
+                    print("    P=%-2d %-8s %10.0f req/s  p50 %s  p99 %s  cpu %.1f us/req" % (
+                        pipeline, test, result["rps"], _ms(result["p50_ms"]), _ms(result["p99_ms"]),
+                        result["cpu_us_per_req"]), flush=True)
+    finally:
+        for entry in live:
+            running.stop(entry[3])
+        for server in servers:
+            running.stop(server)
+    for (target, workers, pipeline, test), runs_ in samples.items():
+        if (target, workers) in failed:
+            continue  # a target that failed midway has no comparable median
+        median = sorted(runs_, key=lambda r: r["rps"])[len(runs_) // 2]
+        results.append(dict(median, protocol=protocol, target=target, workers=workers, pipeline=pipeline,
+                            test=test, samples=[r["rps"] for r in runs_]))
+    for (target, workers), error in failed.items():
+        results.append({"protocol": protocol, "target": target, "workers": workers, "pipeline": None,
+                        "test": "-", "rps": None, "p50_ms": None, "p99_ms": None, "error": error})
+
+
+def _raise(error):
+    raise error
+
+
+def add_ratios(results):
+    """Each proxy row gets its ratio to nutcracker's row of the same load, and its target."""
+    base = {(r["protocol"], r["test"], r["pipeline"]): r["rps"] for r in results
+            if r["target"] == "nutcracker" and r["rps"]}
+    for r in results:
+        nut = base.get((r["protocol"], r["test"], r["pipeline"]))
+        r["ratio"] = round(r["rps"] / nut, 3) if nut and r["rps"] else None
+        if r["target"] in TARGETS and r["ratio"] is not None:
+            r["goal"] = TARGETS[r["target"]][0 if r["pipeline"] > 1 else 1]
+            r["pass"] = r["ratio"] >= r["goal"]
+
+
+def _ms(value):
+    return "-" if value is None else "%.3f" % value
+
+
+def table(results) -> str:
+    """The results as a text table; failed targets are listed under it."""
+    head = ("protocol", "test", "pipe", "target", "w", "req/s", "spread", "p50 ms", "p99 ms",
+            "cpu us/req", "x nutcracker", "goal", "")
+    lines = []
+    errors = []
+    for r in results:
+        if r["rps"] is None:
+            errors.append("%s %s w=%s FAILED (%s)" % (r["protocol"], r["target"], r["workers"], r["error"]))
+            continue
+        approx = "~" if r.get("approx_latency") else ""
+        samples = r.get("samples") or [r["rps"]]
+        spread = "" if len(samples) < 2 else "%.0f%%" % (100.0 * (max(samples) - min(samples)) / r["rps"])
+        if r["target"] == "nutcracker":
+            ratio = "-"
+        else:
+            ratio = "n/a" if r["ratio"] is None else "%.2f" % r["ratio"]
+        lines.append((
+            r["protocol"], r["test"], "P%d" % r["pipeline"], r["target"],
+            "-" if r["target"] == "nutcracker" else str(r["workers"]),
+            "%.0f" % r["rps"], spread, approx + _ms(r["p50_ms"]), approx + _ms(r["p99_ms"]),
+            "%.1f" % r["cpu_us_per_req"], ratio,
+            ">=%.1f" % r["goal"] if "goal" in r else "",
+            ("PASS" if r["pass"] else "FAIL") if "pass" in r else "",
+        ))
+    widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
+    right = {5, 6, 7, 8, 9, 10}
+
+    def fmt(row):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(row) for row in lines] + errors)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="twistedproxy (PyPy, CPython) against nutcracker, same load.")
+    parser.add_argument("--quick", action="store_true", help="%d requests per run instead of %d" % (
+        QUICK_REQUESTS, FULL_REQUESTS))
+    parser.add_argument("-n", "--requests", type=int, help="requests per measured run (overrides --quick)")
+    parser.add_argument("--repeat", type=int, help="measured rounds per target, median kept (default 3; 1 with --quick)")
+    parser.add_argument("--protocol", choices=("redis", "memcache", "all"), default="all")
+    parser.add_argument("--workers", default="0",
+                        help="comma-separated worker counts for the proxy's global: worker_processes (default 0)")
+    parser.add_argument("--pypy", help="PyPy venv directory or interpreter")
+    parser.add_argument("--cpython", help="CPython venv directory or interpreter")
+    parser.add_argument("--only", default="pypy,cpython", help="which proxies to run: pypy,cpython (default both)")
+    parser.add_argument("--mc-loader", choices=("memaslap", "mcload"), default="memaslap",
+                        help="unpipelined memcached load: memaslap (default) or bench/mcload.py")
+    parser.add_argument("--results", default=os.path.join(HERE, "results"), help="where the JSON goes")
+    args = parser.parse_args(argv)
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    args.requests = args.requests or (QUICK_REQUESTS if args.quick else FULL_REQUESTS)
+    try:
+        args.workers = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        parser.error("--workers takes numbers like 0 or 0,2")
+    args.only = [name for name in args.only.split(",") if name]
+    return args
+
+
+def _git_state() -> str:
+    """The commit measured, and whether the work tree had changes (read-only git)."""
+    try:
+        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                        text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt()
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    ensure_tools()
+    pythons = {}
+    if "pypy" in args.only:
+        pythons["pypy"] = find_python("pypy", args.pypy, "/tmp/vpy")
+    if "cpython" in args.only:
+        pythons["cpython"] = find_python("cpython", args.cpython, "/tmp/vcp")
+    # The memcached load generator is Python: PyPy runs it about twice as fast.
+    args.loader_python = shutil.which("pypy3") or pythons.get("pypy") or sys.executable
+    protocols = ["redis", "memcache"] if args.protocol == "all" else [args.protocol]
+    meta = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "requests": args.requests, "clients": CLIENTS,
+        "pipeline": PIPELINE, "keyspace": KEYSPACE, "repeat": args.repeat, "workers": args.workers, "quick": args.quick,
+        "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
+        "interpreters": {name: {"python": py, "version": describe(py)} for name, py in pythons.items()},
+        "nutcracker": subprocess.run(["nutcracker", "-V"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True).stdout.strip(),
+        "git": _git_state(),
+        "memcache_unpipelined_loader": args.mc_loader, "memcache_pipelined_loader": "bench/mcload.py",
+        "mcload_python": args.loader_python,
+    }
+    print("==> %d requests/run, %d clients, -r %d, pipelined P=%d and unpipelined; %s" % (
+        args.requests, CLIENTS, KEYSPACE, PIPELINE,
+        ", ".join("%s: %s" % (k, v["version"]) for k, v in meta["interpreters"].items())), flush=True)
+    running = Running()
+    results = []
+    try:
+        for protocol in protocols:
+            bench_protocol(running, protocol, args, pythons, results)
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping every process", file=sys.stderr)
+        return 130
+    except BenchError as e:
+        print("bench: %s" % (e,), file=sys.stderr)
+        return 1
+    finally:
+        running.stop_all()
+    add_ratios(results)
+    meta["loadavg_end"] = os.getloadavg()
+    os.makedirs(args.results, exist_ok=True)
+    path = os.path.join(args.results, time.strftime("%Y%m%d-%H%M%S") + ".json")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    print()
+    print(table(results))
+    print("\nspread = (max - min) / median of the %d measured rounds; ~ = read off memaslap's log2 histogram;"
+          % (args.repeat,))
+    print("cpu us/req = the target's CPU time (all its processes) per request in that run (set+get together).")
+    print("Results: %s" % (os.path.relpath(path),))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
