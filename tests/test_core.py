@@ -55,7 +55,8 @@ def parse_commands(data: bytes) -> list:
 class Backend:
     """One fake backend connection: what the proxy wrote, and replies on demand."""
 
-    def __init__(self, port, protocol, transport):
+    def __init__(self, port, protocol, transport, reactor):
+        self.reactor = reactor
         self.port = port
         self.protocol = protocol
         self.transport = transport
@@ -80,6 +81,7 @@ class Backend:
                 self.protocol.dataReceived(replies[i : i + 1])
         elif replies:
             self.protocol.dataReceived(replies)
+        self.reactor.advance(0)  # the end of the reactor turn: held requests go out
         return commands
 
     def reply(self, args) -> bytes:
@@ -131,6 +133,14 @@ class Harness:
             return None, None
         transport = StringTransport()
         protocol.makeConnection(transport)
+        read = protocol.dataReceived
+
+        def data_received(data):
+            # A real reactor ends the turn right after the read: backend writes go out then.
+            read(data)
+            self.reactor.advance(0)
+
+        protocol.dataReceived = data_received
         return protocol, transport
 
     def attempts(self) -> list:
@@ -144,7 +154,7 @@ class Harness:
             protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
             transport = StringTransport()
             protocol.makeConnection(transport)
-            self.backends[port] = Backend(port, protocol, transport)
+            self.backends[port] = Backend(port, protocol, transport, self.reactor)
         return self.backends
 
     def refuse(self) -> None:
@@ -407,6 +417,7 @@ def test_full_write_buffer_holds_requests_back():
     backend.answer()
     assert t.value() == b"$-1\r\n"
     c.resumeProducing()
+    h.reactor.advance(0)
     assert t.producerState == "producing"
     assert backend.pending() == [[b"GET", b"b"]]
     backend.answer()

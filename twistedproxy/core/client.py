@@ -98,8 +98,7 @@ class ClientConnection(Protocol):
             log.info("client {peer}: {error}; closing", peer=self._peer(), error=str(error))
             queue.append(local(b"", error.reply, close_after=True))
             self.quitting = True
-        for conn in touched:
-            conn.flush()
+        pool.flusher.add(touched)
         flush_clients(dirty)
         if queue and queue[0].done:
             self.flush()
@@ -153,8 +152,7 @@ class ClientConnection(Protocol):
         while held and self.outstanding < DISPATCH_WINDOW:
             self.outstanding += 1
             pool.dispatch(held.popleft(), codec, now, touched, dirty)
-        for conn in touched:
-            conn.flush()
+        pool.flusher.add(touched)
         flush_clients(dirty)
 
     def connectionLost(self, reason):

@@ -13,6 +13,7 @@ import random
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 
+from twistedproxy.core.batching import TurnFlusher
 from twistedproxy.core.completion import fail
 from twistedproxy.core.request import ROUTE_ALL, ROUTE_ANY, ROUTE_KEY, ROUTE_KEYS, Request
 from twistedproxy.core.server import ServerConnection
@@ -184,6 +185,7 @@ class ServerPool:
         self.timeout = config.timeout / 1000.0 if config.timeout is not None else None
         self.closing = False
         self.clients = set()  # ClientConnections currently open
+        self.flusher = TurnFlusher(reactor)  # backend writes: one per connection per reactor turn
         self.servers = [Server(self, spec, i) for i, spec in enumerate(config.servers)]
         self._hash = hash_function(config.hash)
         self._hash_tag = config.hash_tag
