@@ -1,10 +1,12 @@
 """
-Backend writes batched per reactor turn.
+Writes batched per reactor turn.
 
-One reactor turn (one epoll wait) often delivers requests from many clients;
-nutcracker answers them with one write per backend, not one per client.  A
-L{TurnFlusher} collects the backend connections that got frames during the
-turn and flushes each once when the turn's events are all handled: a
+One reactor turn (one epoll wait) often delivers requests from many clients
+and replies from several backends; nutcracker answers them with one write per
+backend, not one per client, and we also want one write per client, not one per
+backend that answered it.  A L{TurnFlusher} collects the connections (backend
+or client) that have bytes to write during the turn and flushes each once when
+the turn's events are all handled: a
 C{callLater(0)} runs right after the current poll's callbacks, before the
 reactor waits again, so this adds no waiting, and it costs one timer per turn,
 not one per request.

@@ -138,7 +138,8 @@ class ServerConnection(Protocol):
             return
         if self.server.failures:
             self.server.failures = 0
-        flush_clients(dirty)
+        # Replies for a client from several backends in one turn leave in one write.
+        self.server.pool.flusher.add(dirty)
         if self.closing_when_idle and not inflight:
             self.close()
 
