@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from twistedproxy.core.request import ROUTE_ALL, ProtocolError, Request, local
 from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
-from twistedproxy.protocols.memcache_text import MAX_KEY_LENGTH, VERSION, ReplyBuffer, StreamBuffer, stats_lines
+from twistedproxy.protocols.memcache_text import MAX_KEY_LENGTH, VERSION, ClientStreamParser, ReplyBuffer, stats_lines
 
 HEADER_LENGTH = 24
 REQUEST_MAGIC = 0x80
@@ -204,21 +204,13 @@ COMMANDS = {
 
 
 @implementer(IRequestParser)
-class BinaryRequestParser(StreamBuffer):
+class BinaryRequestParser(ClientStreamParser):
     """Frames one binary-protocol client connection."""
 
-    __slots__ = ("codec", "_max_request", "_closed")
-
-    def __init__(self, codec, pool_config):
-        StreamBuffer.__init__(self)
-        self.codec = codec
-        self._max_request = pool_config.max_request_bytes
-        self._closed = False
+    __slots__ = ()
 
     def feed(self, data: bytes) -> list:
-        if self._closed:
-            return []
-        buf = self._gather(data)
+        buf = self._take(data)
         if buf is None:
             return []
         requests = []

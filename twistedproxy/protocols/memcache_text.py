@@ -223,9 +223,11 @@ class ReplyBuffer(StreamBuffer):
         return self._buf[pos:end]
 
 
-@implementer(IRequestParser)
-class TextRequestParser(StreamBuffer):
-    """Frames one text-protocol client connection (classic and meta commands)."""
+class ClientStreamParser(StreamBuffer):
+    """
+    What the memcached request parsers share: their codec, the pool's request
+    size limit, and being closed (after quit or lost framing nothing more is read).
+    """
 
     __slots__ = ("codec", "_max_request", "_closed")
 
@@ -235,10 +237,21 @@ class TextRequestParser(StreamBuffer):
         self._max_request = pool_config.max_request_bytes
         self._closed = False
 
-    def feed(self, data: bytes) -> list:
+    def _take(self, data: bytes):
+        """The buffered bytes to frame now, or None (closed, or not enough yet)."""
         if self._closed:
-            return []
-        buf = self._gather(data)
+            return None
+        return self._gather(data)
+
+
+@implementer(IRequestParser)
+class TextRequestParser(ClientStreamParser):
+    """Frames one text-protocol client connection (classic and meta commands)."""
+
+    __slots__ = ()
+
+    def feed(self, data: bytes) -> list:
+        buf = self._take(data)
         if buf is None:
             return []
         requests = []
