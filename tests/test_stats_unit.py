@@ -50,9 +50,11 @@ class Harness:
     def send(self, data: bytes):
         self.client.dataReceived(data)
         self.connect_servers()
+        self.reactor.advance(0)  # the end of the reactor turn: batched writes go out
 
     def reply(self, port: int, data: bytes):
         self.servers[port][0].dataReceived(data)
+        self.reactor.advance(0)
 
     def server_for(self, key: bytes) -> int:
         return self.proxy.pools["alpha"].server_for(key).spec.port
