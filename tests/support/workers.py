@@ -53,15 +53,15 @@ def master_config(pools: dict, **global_keys) -> dict:
 class Master:
     """A proxy master as a real process, with its control socket."""
 
-    def __init__(self, spawn, config: dict, port: int):
+    def __init__(self, spawn, config: dict, port: int, extra_args=()):
         self.config = config
         self.control_path = config["global"]["control"]
         self.path = None
-        self.process = spawn(self._start, config, port)
+        self.process = spawn(self._start, config, port, extra_args)
         self.status = self.wait_ready(config["global"]["worker_processes"])
 
-    def _start(self, config, port):
-        proc = processes.proxy(config, port)
+    def _start(self, config, port, extra_args):
+        proc = processes.proxy(config, port, extra_args=extra_args)
         self.path = proc.argv[proc.argv.index("-c") + 1]
         return proc
 

@@ -80,6 +80,15 @@ def socket_key(listen_spec, slot) -> str:
     return "%s#%s" % (listen_spec, "shared" if slot is None else slot)
 
 
+def stats_key(kind: str, listen_spec) -> str:
+    """
+    The name of the master's listening socket for a stats endpoint (C{kind}
+    "port": nutcracker's C{-s/-a}; "http": C{global.stats_http}).  The address is
+    part of the name so a new master whose endpoint moved binds afresh.
+    """
+    return "stats#%s@%s" % (kind, listen_spec)
+
+
 def inherited_sockets(environ) -> dict:
     """The listening sockets named by L{INHERIT_ENV} in C{environ}: key -> socket."""
     found = {}

@@ -28,6 +28,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.protocols import amp
 
@@ -41,6 +42,7 @@ from twistedproxy.process.listeners import (
     inherited_sockets,
     socket_key,
 )
+from twistedproxy.stats import server as stats_server, workers as stats_workers
 
 log = Logger()
 
@@ -94,6 +96,16 @@ def check_global(config, path: str) -> None:
         raise ConfigError(problems)
 
 
+def backoff_delay(failures: int) -> float:
+    """
+    Seconds before respawning a worker that died young C{failures} times in a
+    row: at once the first time, then 0.1 s doubling up to 10 s.
+    """
+    if failures <= 1:
+        return 0
+    return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 2))
+
+
 def _listen_layout(config) -> tuple:
     return tuple((pool.name, pool.listen, pool.backlog) for pool in config.pools)
 
@@ -121,6 +133,7 @@ class WorkerProcess(ProcessProtocol):
         self.started_at = master.reactor.seconds()
         self.channel = None
         self.hello = False
+        self.served = False  # said Ready (the state is "gone" once it ended)
         self.kill_call = None
 
     def processEnded(self, reason):
@@ -144,8 +157,11 @@ class WorkerProcess(ProcessProtocol):
             return
         self.state = "stopping"
         if graceful and self.channel is not None and self.hello:
+            # Its counters so far go to the master's totals first (they outlive it).
             # A lost channel makes the worker stop on its own; kill_call is the backstop.
-            self.channel.callRemote(channel.Stop, graceful=True).addErrback(lambda _: None)
+            d = stats_workers.collect(self.master, [self])
+            d.addCallback(lambda _: self.channel.callRemote(channel.Stop, graceful=True))
+            d.addErrback(lambda _: None)
         else:
             self.signal("TERM")
         if self.kill_call is None:
@@ -230,7 +246,11 @@ class MasterService(service.Service):
         self.handed_over = False  # an upgraded master took the sockets: leave paths alone
         self.ready_fd = None
         self.control_port = None
-        self.stats_ports = []  # the stats port and stats HTTP endpoint
+        self.stats_endpoints = {}  # kind -> ListenSpec (stats_server.endpoints)
+        self.stats_sockets = {}  # stats_key -> listening socket, passed on upgrade too
+        self.stats_ports = []  # the ports serving them
+        self.stats_totals = stats_workers.Totals()
+        self.stats_loop = None  # collects the workers' stats every -i milliseconds
         self.last_reload = {"ok": None, "error": "", "time": None}
         self.stopped = defer.Deferred()
         self._privileged = False
@@ -253,6 +273,10 @@ class MasterService(service.Service):
         ready = os.environ.pop(READY_ENV, None)
         self.ready_fd = int(ready) if ready and ready.isdigit() else None
         self.sockets = self._open_sockets(self.config, self.worker_count, inherited)
+        opts = self.options
+        self.stats_endpoints = stats_server.endpoints(
+            opts.get("stats-port"), opts.get("stats-addr", "0.0.0.0"), self.config.global_.stats_http)
+        self.stats_sockets = stats_server.bind(self.stats_endpoints, inherited)
         for sock in inherited.values():
             sock.close()  # an upgrade from a configuration with more sockets
         self._open_control()
@@ -275,14 +299,20 @@ class MasterService(service.Service):
         self.rollover_pending = 1
         for slot in range(self.worker_count):
             self._spawn(slot)
-        from twistedproxy.stats import server as stats_server, workers as stats_workers
-
-        self.stats_ports = stats_server.start(
-            self.reactor, stats_workers.WorkerSources(self), self.options.get("stats-port"),
-            self.options.get("stats-addr", "0.0.0.0"), self.config.global_.stats_http,
-        )
+        if self.ready_fd is None:
+            self._serve_stats()
+        # else (an upgrade) once our workers are ready: the old master answers till then.
+        interval = (self.options.get("stats-interval") or 0) / 1000.0
+        if interval > 0:
+            self.stats_loop = LoopingCall(stats_workers.collect, self)
+            self.stats_loop.clock = self.reactor
+            self.stats_loop.start(interval, now=False)
         log.info("cacheproxy master {pid} started {n} workers ({mode})",
                  pid=os.getpid(), n=self.worker_count, mode=self.config.global_.listen_mode)
+
+    def _serve_stats(self) -> None:
+        self.stats_ports = stats_server.adopt(
+            self.reactor, stats_workers.WorkerSources(self), self.stats_endpoints, self.stats_sockets)
 
     def _install_signals(self):
         handlers = {
@@ -412,6 +442,7 @@ class MasterService(service.Service):
         return worker
 
     def worker_ready(self, worker: WorkerProcess) -> None:
+        worker.served = True
         if worker.state == "starting":
             worker.state = "ready"
         log.debug("worker {pid} ready", pid=worker.pid)
@@ -427,7 +458,8 @@ class MasterService(service.Service):
         for worker in list(self.retiring):
             worker.stop(graceful=True, timeout=self.config.global_.worker_shutdown_timeout)
         if self.ready_fd is not None:
-            # We are an upgrade: tell the old master it can leave.
+            # We are an upgrade: serve the stats, and tell the old master it can leave.
+            self._serve_stats()
             try:
                 os.write(self.ready_fd, b"ready\n")
                 os.close(self.ready_fd)
@@ -439,6 +471,7 @@ class MasterService(service.Service):
     def worker_ended(self, worker: WorkerProcess, reason) -> None:
         if self.mutex_fd is not None:
             accept_mutex.clear_slot(self.mutex_fd, worker.slot)
+        self.stats_totals.retire(worker.pid)
         if worker in self.retiring:
             self.retiring.discard(worker)
             self._prune_sockets()
@@ -453,10 +486,10 @@ class MasterService(service.Service):
         slot = worker.slot
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
-        young = worker.state != "ready" or self.reactor.seconds() - worker.started_at < YOUNG
+        young = not worker.served or self.reactor.seconds() - worker.started_at < YOUNG
         failures = self.failures.get(slot, 0) + 1 if young else 0
         self.failures[slot] = failures
-        delay = 0 if failures <= 1 else min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 2))
+        delay = backoff_delay(failures)
         log.warn("worker {pid} (slot {slot}) exited (code {code}, signal {sig}); respawning in {delay}s",
                  pid=worker.pid, slot=slot, code=code, sig=sig, delay=delay)
         if delay:
@@ -602,7 +635,7 @@ class MasterService(service.Service):
         child_fds = {1: 1, 2: 2, 3: "r"}
         names = {}
         next_fd = 4
-        for key, sock in self.sockets.items():
+        for key, sock in list(self.sockets.items()) + list(self.stats_sockets.items()):
             child_fds[next_fd] = sock.fileno()
             names[key] = next_fd
             next_fd += 1
@@ -692,14 +725,8 @@ class MasterService(service.Service):
 
     def collect_stats(self):
         """A Deferred firing with {pid: the worker's stats} over every live worker."""
-        workers = self.live_workers()
-        calls = [w.channel.callRemote(channel.Stats) for w in workers]
-        d = defer.DeferredList(calls, consumeErrors=True)
-
-        def gather(results):
-            return {str(w.pid): json.loads(r["stats"]) for w, (ok, r) in zip(workers, results) if ok}
-
-        return d.addCallback(gather)
+        d = stats_workers.collect(self)
+        return d.addCallback(lambda answers: {str(w.pid): snap for w, snap in answers.items()})
 
     # -- stop -------------------------------------------------------------------
 
@@ -715,9 +742,14 @@ class MasterService(service.Service):
         for call in self.respawn_calls.values():
             call.cancel()
         self.respawn_calls = {}
-        if self.control_port is not None and self.handed_over:
-            self.control_port.stopListening()  # the new master owns the control path now
-            self.control_port = None
+        if self.handed_over:
+            # The new master serves the control path and the stats endpoints now.
+            if self.control_port is not None:
+                self.control_port.stopListening()
+                self.control_port = None
+            for port in self.stats_ports:
+                port.stopListening()
+            self.stats_ports = []
         timeout = self.config.global_.worker_shutdown_timeout
         for worker in self._all_workers():
             worker.stop(graceful=graceful, timeout=timeout)
@@ -725,12 +757,15 @@ class MasterService(service.Service):
             self._finish_stop()
 
     def _finish_stop(self) -> None:
+        if self.stats_loop is not None and self.stats_loop.running:
+            self.stats_loop.stop()
         for port in self.stats_ports:
             port.stopListening()
         self.stats_ports = []
-        for sock in self.sockets.values():
+        for sock in list(self.sockets.values()) + list(self.stats_sockets.values()):
             self._close_socket(sock)
         self.sockets = {}
+        self.stats_sockets = {}
         if self.mutex_fd is not None:
             os.close(self.mutex_fd)
             self.mutex_fd = None

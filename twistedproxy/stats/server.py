@@ -206,23 +206,86 @@ class StatsSite:
         return self.sources.tune(changes, pool).addCallback(lambda report: ("application/json", _json(report)))
 
 
+def endpoints(stats_port=None, stats_addr="0.0.0.0", http_listen=None) -> dict:
+    """
+    The stats endpoints asked for: kind -> ListenSpec, kind "port" for the stats
+    port (C{stats_port}, 0 or None: none) and "http" for the HTTP endpoint
+    (C{http_listen}, a ListenSpec or None).
+    """
+    from twistedproxy.config import ListenSpec
+
+    found = {}
+    if stats_port:
+        found["port"] = ListenSpec(host=stats_addr, port=stats_port)
+    if http_listen is not None:
+        found["http"] = http_listen
+    return found
+
+
+def _factory(kind, sources, reactor):
+    if kind == "port":
+        return StatsPortFactory(sources.stats)
+    return StatsSite(sources, reactor).site()
+
+
+def _cannot_listen(kind, spec, error) -> None:
+    what = "on stats port" if kind == "port" else "for stats HTTP on"
+    log.error("cannot listen {what} {addr}: {error}", what=what, addr=str(spec), error=error)
+
+
 def start(reactor, sources, stats_port=None, stats_addr="0.0.0.0", http_listen=None) -> list:
     """
-    Listen with the stats port (C{stats_port}, 0 or None: none) and the HTTP
-    endpoint (C{http_listen}, a ListenSpec or None); returns the listening ports.
-    A port that cannot be opened is logged and skipped: the proxy keeps serving.
+    Listen with the stats endpoints (see L{endpoints}); returns the listening
+    ports.  One that cannot be opened is logged and skipped: the proxy keeps
+    serving.
     """
     from twistedproxy.process.listeners import listen
 
     ports = []
-    if stats_port:
+    for kind, spec in endpoints(stats_port, stats_addr, http_listen).items():
         try:
-            ports.append(reactor.listenTCP(stats_port, StatsPortFactory(sources.stats), interface=stats_addr))
+            ports.append(listen(reactor, spec, _factory(kind, sources, reactor)))
         except Exception as e:
-            log.error("cannot listen on stats port {addr}:{port}: {error}", addr=stats_addr, port=stats_port, error=e)
-    if http_listen is not None:
-        try:
-            ports.append(listen(reactor, http_listen, StatsSite(sources, reactor).site()))
-        except Exception as e:
-            log.error("cannot listen for stats HTTP on {addr}: {error}", addr=str(http_listen), error=e)
+            _cannot_listen(kind, spec, e)
+    return ports
+
+
+def bind(specs: dict, available: dict) -> dict:
+    """
+    Listening sockets for the endpoints C{specs} (kind -> ListenSpec, from
+    L{endpoints}): taken from C{available} (socket name -> socket, consumed:
+    what a master inherits on upgrade) when there, bound otherwise.  Returns
+    socket name (L{stats_key}) -> socket; one that cannot be bound is logged
+    and skipped.
+    """
+    from twistedproxy.process.listeners import bind_socket, stats_key
+
+    sockets = {}
+    for kind, spec in specs.items():
+        key = stats_key(kind, spec)
+        sock = available.pop(key, None)
+        if sock is None:
+            try:
+                sock = bind_socket(spec, 128)
+            except OSError as e:
+                _cannot_listen(kind, spec, e)
+                continue
+        sockets[key] = sock
+    return sockets
+
+
+def adopt(reactor, sources, specs: dict, sockets: dict) -> list:
+    """
+    Serve the stats endpoints C{specs} on the sockets made for them by L{bind}
+    (an endpoint without one is skipped); returns the ports.  The sockets stay
+    open (and a UNIX socket's path in place) when the ports stop: their owner
+    closes them.
+    """
+    from twistedproxy.process.listeners import adopt_port, stats_key
+
+    ports = []
+    for kind, spec in specs.items():
+        sock = sockets.get(stats_key(kind, spec))
+        if sock is not None:
+            ports.append(adopt_port(reactor, sock.fileno(), _factory(kind, sources, reactor)))
     return ports

@@ -30,6 +30,10 @@ SERVER_FIELDS = (
 )
 # Summed across workers, except these (the latest one wins).
 _MAX_FIELDS = ("server_ejected_at",)
+# Gauges: what is now, not a count so far; an exited worker's are dropped (L{counters_only}).
+PROCESS_GAUGES = ("curr_connections",)
+POOL_GAUGES = ("client_connections",)
+SERVER_GAUGES = ("server_connections", "in_queue", "in_queue_bytes", "out_queue", "out_queue_bytes", "ejected")
 
 
 def _sum_latency(latencies) -> Latency:
@@ -203,6 +207,25 @@ def merge(snapshots) -> dict:
             node = node[part]
         node[path[-1]] = merge_hist(hists)
     return merged
+
+
+def counters_only(snap: dict) -> dict:
+    """
+    C{snap} (one worker's, or merged) without its gauges, settings and process
+    identity: what an exited worker leaves to the totals, so that L{merge}
+    with it adds its counters and histograms and nothing else.
+    """
+    pools = {}
+    for name, pool in snap["pools"].items():
+        entry = {k: v for k, v in pool.items() if k not in POOL_GAUGES and k != "servers"}
+        entry["servers"] = {
+            label: {k: v for k, v in server.items() if k not in SERVER_GAUGES}
+            for label, server in pool["servers"].items()
+        }
+        pools[name] = entry
+    result = {k: v for k, v in snap.items() if k not in PROCESS_GAUGES and k not in ("settings", "pools")}
+    result.update({"pids": [], "workers": 0, "pools": pools})
+    return result
 
 
 def twemproxy_document(merged: dict, now=None, source=None) -> dict:

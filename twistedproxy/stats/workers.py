@@ -2,6 +2,14 @@
 Statistics under a master: the worker's answers to the stats commands, and the
 master's sources (see L{twistedproxy.stats.server}) that ask every live worker
 over its AMP channel and merge the answers.
+
+Counters merged over live workers alone would drop whenever a worker exits
+(respawn, rollover, fewer workers), which Prometheus reads as a counter reset
+and twemproxy exporters as a negative rate.  So the master keeps each worker's
+last snapshot (L{Totals}): an exited worker's counters and histograms, as of
+its last collection, stay in every later merge.  The master collects on every
+request for stats, every C{-i/--stats-interval} milliseconds and before a
+graceful worker stop, so little is lost when a worker dies.
 """
 
 from __future__ import annotations
@@ -43,6 +51,59 @@ def worker_tune(proxy, changes: str, pool=None) -> dict:
 # -- in the master ----------------------------------------------------------------
 
 
+class Totals:
+    """
+    The master's memory of its workers' statistics.
+
+    @ivar last: pid -> the latest snapshot of each live worker.
+    @ivar retired: the counters and histograms of every exited worker
+        (L{snapshots.counters_only}, merged), or None.
+    """
+
+    def __init__(self):
+        self.last = {}
+        self.retired = None
+
+    def record(self, pid: int, snap: dict) -> None:
+        self.last[pid] = snap
+
+    def retire(self, pid: int) -> None:
+        """Worker C{pid} exited: fold its last counters into the retired total."""
+        snap = self.last.pop(pid, None)
+        if snap is not None:
+            self.retired = snapshots.merge([self.retired, snapshots.counters_only(snap)])
+
+    def merged(self, pids, pools=None) -> dict:
+        """
+        The merged snapshot of the live workers C{pids} (their latest snapshots)
+        and the retired total, limited to the pool names C{pools} (the ones
+        configured: a pool removed by a reload leaves the statistics).
+        """
+        retired = self.retired
+        if retired is not None and pools is not None:
+            retired = dict(retired, pools={n: p for n, p in retired["pools"].items() if n in pools})
+        return snapshots.merge([self.last[pid] for pid in pids if pid in self.last] + [retired])
+
+
+def collect(master, workers=None):
+    """
+    Ask C{workers} (default: every live worker of C{master}) for their
+    snapshots and record them in C{master.stats_totals}; a Deferred firing with
+    {worker: snapshot} of those that answered.
+    """
+    workers = master.live_workers() if workers is None else workers
+
+    def answered(answer, worker):
+        snap = json.loads(answer["stats"])
+        if worker.state != "gone":  # else it has been retired already
+            master.stats_totals.record(worker.pid, snap)
+        return snap
+
+    calls = [w.channel.callRemote(channel.Stats).addCallback(answered, w) for w in workers]
+    d = defer.DeferredList(calls, consumeErrors=True)
+    return d.addCallback(lambda results: {w: snap for w, (ok, snap) in zip(workers, results) if ok})
+
+
 class WorkerSources:
     """The stats endpoints' sources in the master: every live worker, merged."""
 
@@ -57,14 +118,17 @@ class WorkerSources:
         return d.addCallback(lambda results: [answer for ok, answer in results if ok])
 
     def stats(self):
-        def merged(answers):
-            result = snapshots.merge([json.loads(a["stats"]) for a in answers])
+        master = self.master
+
+        def merged(_):
+            pools = {pool.name for pool in master.config.pools}
+            result = master.stats_totals.merged([w.pid for w in master.live_workers()], pools)
             # Uptime is the master's: workers come and go.
-            result["started"] = self.master.started_at or result["started"]
-            result["time"] = self.master.reactor.seconds()
+            result["started"] = master.started_at or result["started"]
+            result["time"] = master.reactor.seconds()
             return result
 
-        return self._ask(channel.Stats).addCallback(merged)
+        return collect(master).addCallback(merged)
 
     def slowlog(self, limit=None):
         def merged(answers):
