@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 
 import pytest
@@ -93,6 +94,31 @@ def test_socket_keys_and_inherited_sockets():
         found["a#0"].close()
     finally:
         sock.close()
+
+
+def test_adopting_a_shared_socket_never_makes_it_blocking():
+    # Another process accepting on the socket meanwhile (an old worker during an
+    # upgrade) would hang in accept(): watch the flag at every Python-level step.
+    sock = bind_socket(ListenSpec(host="127.0.0.1", port=0), 8, reuseport=True)
+    fd = os.dup(sock.fileno())
+    seen = []
+
+    def watch(frame, event, arg):
+        seen.append(os.get_blocking(sock.fileno()))
+        return watch
+
+    reactor = MemoryReactorClock()
+    sys.settrace(watch)
+    try:
+        inherited = inherited_sockets({INHERIT_ENV: "a#0=%d" % fd})["a#0"]
+        port = adopt_port(reactor, inherited.fileno(), ServerFactory())
+    finally:
+        sys.settrace(None)
+    port.stopListening()
+    reactor.advance(0)
+    inherited.close()
+    sock.close()
+    assert seen and not any(seen)
 
 
 def test_adopted_unix_port_leaves_the_path_to_the_master():

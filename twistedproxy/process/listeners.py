@@ -7,6 +7,7 @@ and hand them to workers (adoptStreamPort) with the same rules.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -39,13 +40,28 @@ def bind_socket(listen, backlog: int, reuseport: bool = False) -> socket.socket:
     return sock
 
 
+@contextlib.contextmanager
+def keep_nonblocking():
+    """
+    Within it, wrapping a descriptor in a socket object (socket(fileno=...),
+    fromfd, Twisted's adoptions) leaves the descriptor non-blocking.
+    """
+    # PyPy makes a wrapped descriptor blocking unless the default timeout is 0.
+    # The flag is the socket's, shared with every process holding it: even a
+    # moment of blocking mode can leave another process (an old worker during an
+    # upgrade) stuck in accept() with the connection it just took unserved.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0.0)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def adopt_socket(reactor, sock: socket.socket, factory):
     """Serve C{factory} on an already listening socket; returns the port object."""
-    family = sock.family
-    port = reactor.adoptStreamPort(sock.fileno(), family, factory)
-    # PyPy's socket.fromfd (used by the adoption) makes the shared descriptor blocking.
-    sock.setblocking(False)
-    return port
+    with keep_nonblocking():
+        return reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
 
 
 def listen(reactor, listen_spec, factory, backlog: int = 512, reuseport: bool = False):
@@ -98,10 +114,10 @@ def inherited_sockets(environ) -> dict:
             continue
         fd = int(fd)
         try:
-            sock = socket.socket(fileno=fd)
+            with keep_nonblocking():
+                sock = socket.socket(fileno=fd)
         except OSError:
             continue  # not an open socket: ignore rather than adopt garbage
-        sock.setblocking(False)
         os.set_inheritable(fd, False)
         found[key] = sock
     return found
@@ -115,18 +131,16 @@ def adopt_port(reactor, fd: int, factory, one_accept: bool = False):
     the accept mutex).  An adopted UNIX socket's path is left in place when the
     port stops: the master owns it.
     """
-    probe = socket.socket(fileno=fd)
-    family = probe.family
-    probe.detach()  # the descriptor stays open; it was only inspected
-    if family == socket.AF_UNIX:
-        cls = _OneAcceptUNIXPort if one_accept else _AdoptedUNIXPort
-        port = cls._fromListeningDescriptor(reactor, fd, factory)
-    else:
-        cls = _OneAcceptTCPPort if one_accept else tcp.Port
-        port = cls._fromListeningDescriptor(reactor, fd, family, factory)
-    # PyPy makes a descriptor blocking when wrapping it in a socket object; the
-    # flag is shared with every process holding this socket.
-    os.set_blocking(fd, False)
+    with keep_nonblocking():
+        probe = socket.socket(fileno=fd)
+        family = probe.family
+        probe.detach()  # the descriptor stays open; it was only inspected
+        if family == socket.AF_UNIX:
+            cls = _OneAcceptUNIXPort if one_accept else _AdoptedUNIXPort
+            port = cls._fromListeningDescriptor(reactor, fd, factory)
+        else:
+            cls = _OneAcceptTCPPort if one_accept else tcp.Port
+            port = cls._fromListeningDescriptor(reactor, fd, family, factory)
     port.startListening()
     return port
 
