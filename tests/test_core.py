@@ -14,17 +14,9 @@ from twistedproxy.api import build_pool
 from twistedproxy.config import config_from_dict
 from twistedproxy.core import client as client_module
 from twistedproxy.core.client import ProxyFactory
+from tests.support.resp import cmd
 
 PORTS = (7001, 7002, 7003)
-
-
-def cmd(*args) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            arg = arg.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(parts)
 
 
 def bulk(value) -> bytes:

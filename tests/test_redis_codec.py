@@ -13,16 +13,7 @@ from twistedproxy.core.request import ROUTE_ANY, ROUTE_KEY, ROUTE_KEYS, ROUTE_LO
 from twistedproxy.protocols import redis_commands
 from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
 from twistedproxy.protocols.redis import codec, multibulk, split_quoted
-
-
-def cmd(*args) -> bytes:
-    """A multibulk request frame, written independently of the codec."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            arg = arg.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(parts)
+from tests.support.resp import cmd
 
 
 def pool(**kwargs) -> PoolConfig:
