@@ -89,20 +89,14 @@ class SnapshotCollector:
             for name, pool in pools.items():
                 family.add_metric([name], pool.get(field, 0))
             yield family
-        for field, doc in _SERVER_COUNTERS:
-            family = CounterMetricFamily("cacheproxy_server_" + field.replace("server_", ""), doc,
-                                         labels=["pool", "server"])
-            for name, pool in pools.items():
-                for label, server in pool["servers"].items():
-                    family.add_metric([name, label], server.get(field, 0))
-            yield family
-        for field, doc in _SERVER_GAUGES:
-            family = GaugeMetricFamily("cacheproxy_server_" + field.replace("server_", ""), doc,
-                                       labels=["pool", "server"])
-            for name, pool in pools.items():
-                for label, server in pool["servers"].items():
-                    family.add_metric([name, label], server.get(field, 0))
-            yield family
+        for family_class, fields in ((CounterMetricFamily, _SERVER_COUNTERS), (GaugeMetricFamily, _SERVER_GAUGES)):
+            for field, doc in fields:
+                family = family_class("cacheproxy_server_" + field.replace("server_", ""), doc,
+                                      labels=["pool", "server"])
+                for name, pool in pools.items():
+                    for label, server in pool["servers"].items():
+                        family.add_metric([name, label], server.get(field, 0))
+                yield family
 
         request = HistogramMetricFamily("cacheproxy_request_duration_seconds",
                                         "Time from reading a request to writing its reply.",
