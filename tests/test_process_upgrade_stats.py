@@ -72,9 +72,7 @@ def test_stats_endpoints_answer_through_an_upgrade(spawn, memcached_backends):
     new_pid = None
     try:
         poll(lambda: poller.reads > 3, 10, message="stats reads")
-        master.signal(signal.SIGUSR2)
-        poll(lambda: not master.process.alive(), 20, 0.05, "the old master to exit")
-        status = master.wait_ready(1)
+        status = master.upgrade(1)
         new_pid = status["pid"]
         new_workers = [w["pid"] for w in status["workers"]]
         poll(lambda: poller.pids == new_workers, 10, message="stats from the new master's worker")

@@ -86,6 +86,12 @@ class Master:
 
         return poll(ready, timeout, 0.05, "%d ready workers" % count)
 
+    def upgrade(self, workers: int) -> dict:
+        """SIGUSR2; the new master's status once this master has exited and C{workers} serve."""
+        self.signal(signal.SIGUSR2)
+        poll(lambda: not self.process.alive(), 20, 0.05, "the old master to exit")
+        return self.wait_ready(workers)
+
     def worker_pids(self) -> set:
         return {w["pid"] for w in self.current_status()["workers"]}
 
