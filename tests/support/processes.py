@@ -78,8 +78,26 @@ class Process:
     def signal(self, signum) -> None:
         self.proc.send_signal(signum)
 
-    def freeze(self) -> None:
+    def freeze(self, timeout: float = 5.0) -> None:
+        """SIGSTOP, and return only once every thread is stopped: delivery is asynchronous."""
         self.signal(signal.SIGSTOP)
+        deadline = time.time() + timeout
+        while not self._all_threads_stopped():
+            if time.time() > deadline:
+                raise RuntimeError("%s did not stop" % (self.argv[0],))
+            time.sleep(0.005)
+
+    def _all_threads_stopped(self) -> bool:
+        task_dir = "/proc/%d/task" % self.pid
+        try:
+            for tid in os.listdir(task_dir):
+                with open("%s/%s/stat" % (task_dir, tid)) as f:
+                    # The state follows the command name in parentheses.
+                    if f.read().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+                        return False
+        except (OSError, IndexError):
+            return False
+        return True
 
     def thaw(self) -> None:
         self.signal(signal.SIGCONT)
