@@ -50,6 +50,13 @@ def bucket_index(us: int) -> int:
     return ((b + 1) << _HALF_MAG) + (us >> (b + _UNIT)) - _HALF
 
 
+# The bucket index of every value below FAST_US (65 ms, above nearly every
+# latency a cache sees), computed once: recording such a value is then one list
+# lookup instead of the bit arithmetic, which matters at a few records per request.
+FAST_US = 1 << 16
+_FAST_INDEX = [bucket_index(us) for us in range(FAST_US)]
+
+
 class Latency:
     """One latency distribution, recorded in seconds, kept in microseconds."""
 
@@ -62,13 +69,18 @@ class Latency:
         self.max = 0
 
     def record(self, seconds: float) -> None:
-        us = int(seconds * 1000000.0)
-        if us < 0:
-            us = 0  # a clock step backwards
-        elif us > HIGHEST_US:
-            us = HIGHEST_US
-        b = (us | _MASK).bit_length() - _SHIFT
-        self.counts[((b + 1) << _HALF_MAG) + (us >> (b + _UNIT)) - _HALF] += 1
+        self.record_us(int(seconds * 1000000.0))
+
+    def record_us(self, us: int) -> None:
+        """Record C{us} microseconds (the hot path's form: callers convert once)."""
+        if 0 <= us < FAST_US:
+            self.counts[_FAST_INDEX[us]] += 1
+        else:
+            if us < 0:
+                us = 0  # a clock step backwards
+            elif us > HIGHEST_US:
+                us = HIGHEST_US
+            self.counts[bucket_index(us)] += 1
         self.count += 1
         self.sum += us
         if us > self.max:

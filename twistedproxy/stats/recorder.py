@@ -129,13 +129,15 @@ class PoolStats:
         stats = self.commands.get(command)
         if stats is None:
             stats = self.commands[command] = CommandStats()
-        stats.total.record(total)
+        total_us = int(total * 1000000.0)
+        stats.total.record_us(total_us)
         backend = 0.0
         replied_at = request.replied_at
         if replied_at:
             backend = replied_at - request.sent_at
-            stats.backend.record(backend)
-            self.proxy.record(total - backend)
+            backend_us = int(backend * 1000000.0)
+            stats.backend.record_us(backend_us)
+            self.proxy.record_us(total_us - backend_us)
         if request.failed is not None:
             self.forward_error += 1
         if total >= self.slow_threshold:
