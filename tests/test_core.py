@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 from twistedproxy.api import build_pool
 from twistedproxy.config import config_from_dict
 from twistedproxy.core import client as client_module
+from twistedproxy.core import pool as pool_module
 from twistedproxy.core.client import ProxyFactory
 from tests.support.resp import cmd
 
@@ -355,6 +356,27 @@ def test_ejection_after_failure_limit_and_readmission():
     c.dataReceived(cmd("GET", a))
     h.accept()[7001].answer()
     assert t.value() == b"$-1\r\n"
+
+
+def test_the_placement_cache_is_bounded_and_agrees_with_the_hash(monkeypatch):
+    monkeypatch.setattr(pool_module, "PLACEMENT_CACHE_SIZE", 8)
+    h = Harness()
+    pool = h.pool
+    keys = [b"k%d" % i for i in range(50)]
+    placed = [pool.server_for(k) for k in keys]
+    again = [pool.server_for(k) for k in keys]  # from the cache where it still holds them
+    assert again == placed
+    assert len(pool._placement) == 8
+    # What the cache answers is what hashing answers.
+    uncached = [pool.live[pool._index(pool._hash(k))] for k in keys]
+    assert placed == uncached
+
+
+def test_random_distribution_is_not_cached():
+    h = Harness(distribution="random")
+    seen = {h.pool.server_for(b"same-key").spec.port for _ in range(200)}
+    assert seen == {7001, 7002, 7003}
+    assert h.pool._placement == {}
 
 
 def test_ejection_after_timeouts():

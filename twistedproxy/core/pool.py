@@ -27,6 +27,12 @@ log = Logger()
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 2.0
 
+# Keys whose server is remembered (per pool, forgotten when the placement
+# changes).  Hashing a key is a Python loop over its bytes, the largest per-key
+# cost on CPython; a dict lookup is a fraction of it.  When full, the newest
+# entry makes room: the keys seen first (in practice the hot ones) stay.
+PLACEMENT_CACHE_SIZE = 1 << 16
+
 
 class _ConnectorFactory(ClientFactory):
     """Hands an already-built L{ServerConnection} to the reactor's connector."""
@@ -192,12 +198,15 @@ class ServerPool:
         self._random = random.Random()
         self.live = []
         self._index = None
+        self._placement = {}  # key -> Server (deterministic distributions only)
+        self._cache_placement = config.distribution != "random"
         self.rebuild()
 
     # -- placement ---------------------------------------------------------
 
     def rebuild(self) -> None:
         """Recompute the placement over the servers not ejected."""
+        self._placement = {}
         self.live = [s for s in self.servers if not s.ejected]
         if self.live:
             dist = make_distribution(
@@ -211,12 +220,20 @@ class ServerPool:
 
     def server_for(self, key: bytes):
         """The server that holds C{key}, or None when every server is ejected."""
+        server = self._placement.get(key)
+        if server is not None:
+            return server
         index = self._index
         if index is None:
             return None
-        if self._hash_tag is not None:
-            key = hash_tag_key(key, self._hash_tag)
-        return self.live[index(self._hash(key))]
+        hashed = key if self._hash_tag is None else hash_tag_key(key, self._hash_tag)
+        server = self.live[index(self._hash(hashed))]
+        if self._cache_placement:
+            placement = self._placement
+            if len(placement) >= PLACEMENT_CACHE_SIZE:
+                placement.popitem()
+            placement[key] = server
+        return server
 
     # -- dispatch -------------------------------------------------------------
 
