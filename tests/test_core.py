@@ -370,6 +370,10 @@ def test_the_placement_cache_is_bounded_and_agrees_with_the_hash(monkeypatch):
     # What the cache answers is what hashing answers.
     uncached = [pool.live[pool._index(pool._hash(k))] for k in keys]
     assert placed == uncached
+    long_key = b"x" * (pool_module.PLACEMENT_CACHE_KEY_BYTES + 1)
+    pool._placement.clear()
+    pool.server_for(long_key)
+    assert pool._placement == {}
 
 
 def test_random_distribution_is_not_cached():

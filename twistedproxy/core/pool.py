@@ -30,8 +30,10 @@ BACKOFF_MAX = 2.0
 # Keys whose server is remembered (per pool, forgotten when the placement
 # changes).  Hashing a key is a Python loop over its bytes, the largest per-key
 # cost on CPython; a dict lookup is a fraction of it.  When full, the newest
-# entry makes room: the keys seen first (in practice the hot ones) stay.
+# entry makes room: the keys seen first (in practice the hot ones) stay.  Long
+# keys are not kept, so the cache stays under about 10 MB per pool.
 PLACEMENT_CACHE_SIZE = 1 << 16
+PLACEMENT_CACHE_KEY_BYTES = 100
 
 
 class _ConnectorFactory(ClientFactory):
@@ -228,7 +230,7 @@ class ServerPool:
             return None
         hashed = key if self._hash_tag is None else hash_tag_key(key, self._hash_tag)
         server = self.live[index(self._hash(hashed))]
-        if self._cache_placement:
+        if self._cache_placement and len(key) <= PLACEMENT_CACHE_KEY_BYTES:
             placement = self._placement
             if len(placement) >= PLACEMENT_CACHE_SIZE:
                 placement.popitem()
