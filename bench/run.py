@@ -1,12 +1,14 @@
 """
 The benchmark: the same load against twistedproxy on PyPy, twistedproxy on
 CPython and twemproxy (nutcracker), each in front of the same two backends on
-loopback, then one table of requests/s, p50/p99 latency and the ratio of each
-proxy to nutcracker next to its target.
+loopback, and straight against one backend with no proxy ("direct", the
+machine's ceiling), then one table of requests/s, p50/p99 latency and the
+ratio of each target to nutcracker next to its goal.
 
     python3 bench/run.py                 # full run, Redis and memcached
     python3 bench/run.py --quick         # the same, with fewer requests
     python3 bench/run.py --protocol redis --workers 0,2
+    python3 bench/run.py --no-direct     # without the no-proxy baseline
 
 See bench/README.md for what each run does and how to read it.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -49,6 +52,10 @@ QUICK_REQUESTS = 40000
 
 # Minimum ratio of a proxy's requests/s to nutcracker's: (pipelined, unpipelined).
 TARGETS = {"pypy": (1.5, 0.8), "cpython": (0.7, 0.5)}
+# The baseline with no proxy at all: the load tool straight against one backend.
+# No proxy can beat it (a proxy only adds work on the same cores), so its ratio
+# to nutcracker is the highest ratio any proxy can reach on this machine.
+DIRECT = "direct"
 TOOLS = ["redis-server", "redis-benchmark", "memcached", "memcaslap", "nutcracker"]
 
 
@@ -279,15 +286,18 @@ class Load:
         """
         [(pipeline, test, result)] for the pipelined and the unpipelined run; each
         result also has the target's CPU time per request (its whole process group),
-        which other load on the machine disturbs much less than requests/s.
+        which other load on the machine disturbs much less than requests/s; None
+        when C{pgid} is None (no target process: the direct baseline).
         """
         rows = []
         for pipeline in (PIPELINE, 1):
-            before = cpu_seconds(pgid)
+            before = cpu_seconds(pgid) if pgid is not None else None
             results = self.run(port, pipeline, self.requests)
-            cpu_us = (cpu_seconds(pgid) - before) * 1e6 / (self.requests * len(results))
+            cpu_us = None
+            if pgid is not None:
+                cpu_us = round((cpu_seconds(pgid) - before) * 1e6 / (self.requests * len(results)), 2)
             for test, result in results.items():
-                rows.append((pipeline, test, dict(result, cpu_us_per_req=round(cpu_us, 2))))
+                rows.append((pipeline, test, dict(result, cpu_us_per_req=cpu_us)))
         return rows
 
 
@@ -357,16 +367,17 @@ def wait_ready(port, protocol, connections=8, timeout=20.0):
 def bench_protocol(running, protocol, args, pythons, results):
     """
     Every target runs at once in front of the same two backends (idle while another
-    is measured); after each one's warm-up, the measured runs go round-robin,
-    C{args.repeat} rounds, so that load from elsewhere on the machine spreads over
-    all targets.  Each row keeps the median run (by requests/s) and all samples.
+    is measured), plus, unless C{args.no_direct}, the "direct" baseline: the same
+    load against the first backend with no proxy.  After each one's warm-up, the
+    measured runs go round-robin, C{args.repeat} rounds, so that load from
+    elsewhere on the machine spreads over all targets.  Each row keeps the median run (by requests/s) and all samples.
     A target that fails (does not start, does not answer, a load errors or hangs)
     is stopped and reported as failed; the others go on.
     """
     load = Load(protocol, args.requests, args.quick, args.loader_python, args.mc_loader)
     servers = backends(running, protocol)
     pool = processes.pool_config([s.port for s in servers], 0, redis=(protocol == "redis"))
-    runs = [("nutcracker", 0)]
+    runs = [("nutcracker", 0)] + ([] if args.no_direct else [(DIRECT, 0)])
     for workers in args.workers:
         runs += [(name, workers) for name in ("pypy", "cpython") if name in pythons]
     live = []  # [target, workers, label, proc, port]
@@ -389,8 +400,14 @@ def bench_protocol(running, protocol, args, pythons, results):
 
     try:
         for target, workers in runs:
-            label = target if target == "nutcracker" else "%s w=%d" % (target, workers)
+            label = target if target in ("nutcracker", DIRECT) else "%s w=%d" % (target, workers)
             entry = [target, workers, label, None, None]
+            if target == DIRECT:
+                # redis-benchmark cannot spread over two servers: one backend is the
+                # load tool's own ceiling, which is what bounds any proxy here.
+                entry[4] = servers[0].port
+                live.append(entry)
+                continue
             try:
                 entry[3], entry[4] = start_target(running, target, pool, pythons.get(target), workers)
             except RuntimeError as e:
@@ -406,16 +423,17 @@ def bench_protocol(running, protocol, args, pythons, results):
                 target, workers, label, proc, port = entry
                 print("==> %s round %d/%d: %s (load average %.2f)" % (
                     protocol, round_ + 1, args.repeat, label, os.getloadavg()[0]), flush=True)
-                rows = attempt(entry, "measured run", load.measure, port, proc.pid)
+                rows = attempt(entry, "measured run", load.measure, port, proc.pid if proc else None)
                 for pipeline, test, result in rows or ():
                     result = dict(result, loadavg=os.getloadavg()[0])
                     samples.setdefault((target, workers, pipeline, test), []).append(result)
-                    print("    P=%-2d %-8s %10.0f req/s  p50 %s  p99 %s  cpu %.1f us/req" % (
+                    print("    P=%-2d %-8s %10.0f req/s  p50 %s  p99 %s  cpu %s us/req" % (
                         pipeline, test, result["rps"], _ms(result["p50_ms"]), _ms(result["p99_ms"]),
-                        result["cpu_us_per_req"]), flush=True)
+                        _cpu(result["cpu_us_per_req"])), flush=True)
     finally:
         for entry in live:
-            running.stop(entry[3])
+            if entry[3] is not None:
+                running.stop(entry[3])
         for server in servers:
             running.stop(server)
     for (target, workers, pipeline, test), runs_ in samples.items():
@@ -434,7 +452,7 @@ def _raise(error):
 
 
 def add_ratios(results):
-    """Each proxy row gets its ratio to nutcracker's row of the same load, and its target."""
+    """Each proxy (and direct) row gets its ratio to nutcracker's row of the same load; a proxy row its goal."""
     base = {(r["protocol"], r["test"], r["pipeline"]): r["rps"] for r in results
             if r["target"] == "nutcracker" and r["rps"]}
     for r in results:
@@ -445,12 +463,47 @@ def add_ratios(results):
             r["pass"] = r["ratio"] >= r["goal"]
 
 
+def ceilings(results):
+    """
+    Per protocol and pipelining, the direct row with the lowest ratio to
+    nutcracker (the tightest ceiling), with the goals of the proxies in
+    C{results} (all of L{TARGETS} if none ran) that exceed it:
+    [{protocol, pipeline, test, ratio, goals: {target: goal}}], goals possibly empty.
+    """
+    ran = {r["target"] for r in results if r["target"] in TARGETS} or set(TARGETS)
+    lowest = {}
+    for r in results:
+        if r["target"] == DIRECT and r.get("ratio") is not None:
+            key = (r["protocol"], r["pipeline"])
+            if key not in lowest or r["ratio"] < lowest[key]["ratio"]:
+                lowest[key] = r
+    out = []
+    for (protocol, pipeline), r in lowest.items():
+        goals = {t: TARGETS[t][0 if pipeline > 1 else 1] for t in sorted(ran)}
+        out.append({"protocol": protocol, "pipeline": pipeline, "test": r["test"], "ratio": r["ratio"],
+                    "goals": {t: g for t, g in goals.items() if g > r["ratio"]}})
+    return out
+
+
+def ceiling_lines(ceilings_) -> list:
+    """One line per ceiling that some goal exceeds."""
+    # Rounded down: "reaches 1.50x" next to a 1.5x goal it misses would read as a contradiction.
+    return ["ceiling: no proxy at all reaches %.2fx nutcracker (%s P%d %s); %s cannot be met on this machine" % (
+        math.floor(c["ratio"] * 100) / 100, c["protocol"], c["pipeline"], c["test"],
+        " and ".join("the %s goal >=%.1fx" % (t, g) for t, g in c["goals"].items()))
+        for c in ceilings_ if c["goals"]]
+
+
 def _ms(value):
     return "-" if value is None else "%.3f" % value
 
 
+def _cpu(value):
+    return "-" if value is None else "%.1f" % value
+
+
 def table(results) -> str:
-    """The results as a text table; failed targets are listed under it."""
+    """The results as a text table; failed targets are listed under it, then the ceilings goals exceed."""
     head = ("protocol", "test", "pipe", "target", "w", "req/s", "spread", "p50 ms", "p99 ms",
             "cpu us/req", "x nutcracker", "goal", "")
     lines = []
@@ -468,9 +521,9 @@ def table(results) -> str:
             ratio = "n/a" if r["ratio"] is None else "%.2f" % r["ratio"]
         lines.append((
             r["protocol"], r["test"], "P%d" % r["pipeline"], r["target"],
-            "-" if r["target"] == "nutcracker" else str(r["workers"]),
+            "-" if r["target"] in ("nutcracker", DIRECT) else str(r["workers"]),
             "%.0f" % r["rps"], spread, approx + _ms(r["p50_ms"]), approx + _ms(r["p99_ms"]),
-            "%.1f" % r["cpu_us_per_req"], ratio,
+            _cpu(r.get("cpu_us_per_req")), ratio,
             ">=%.1f" % r["goal"] if "goal" in r else "",
             ("PASS" if r["pass"] else "FAIL") if "pass" in r else "",
         ))
@@ -480,7 +533,8 @@ def table(results) -> str:
     def fmt(row):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
 
-    return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(row) for row in lines] + errors)
+    return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(row) for row in lines] + errors
+                     + ceiling_lines(ceilings(results)))
 
 
 def parse_args(argv):
@@ -497,6 +551,8 @@ def parse_args(argv):
     parser.add_argument("--only", default="pypy,cpython", help="which proxies to run: pypy,cpython (default both)")
     parser.add_argument("--mc-loader", choices=("memaslap", "mcload"), default="memaslap",
                         help="unpipelined memcached load: memaslap (default) or bench/mcload.py")
+    parser.add_argument("--no-direct", action="store_true",
+                        help="skip the baseline straight against one backend with no proxy (the ceiling)")
     parser.add_argument("--results", default=os.path.join(HERE, "results"), help="where the JSON goes")
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
@@ -569,12 +625,14 @@ def main(argv=None) -> int:
     os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, time.strftime("%Y%m%d-%H%M%S") + ".json")
     with open(path, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=2)
+        json.dump({"meta": meta, "results": results, "ceilings": ceilings(results)}, f, indent=2)
     print()
     print(table(results))
     print("\nspread = (max - min) / median of the %d measured rounds; ~ = read off memaslap's log2 histogram;"
           % (args.repeat,))
-    print("cpu us/req = the target's CPU time (all its processes) per request in that run (set+get together).")
+    print("cpu us/req = the target's CPU time (all its processes) per request in that run (set+get together);")
+    if not args.no_direct:
+        print("direct = the same load straight against one backend, no proxy: the ceiling no proxy can beat here.")
     print("Results: %s" % (os.path.relpath(path),))
     return 0
 
