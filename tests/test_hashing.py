@@ -7,6 +7,7 @@ observed through a real nutcracker 0.5.0 in front of three redis servers.
 """
 
 import random
+from bisect import bisect_left
 
 import pytest
 
@@ -206,6 +207,27 @@ def test_ketama_lookup_first_point_at_or_above_and_wraps():
     assert distribution.index(0) == continuum[0][1]
     assert distribution.index(values[-1] + 1) == continuum[0][1]
     assert distribution.index(0xFFFFFFFF) == continuum[0][1]
+
+
+@pytest.mark.parametrize("count", [1, 3, 40])
+def test_ketama_fast_lookup_agrees_with_the_binary_search(count):
+    # index() answers most hashes from a table by their top 16 bits; it must
+    # give what the first point at or above the hash gives, on every edge.
+    distribution = make_distribution("ketama", [("server-%d" % i, 1 + i % 3) for i in range(count)])
+    continuum = distribution.continuum
+    values = [value for value, _ in continuum]
+    owners = [owner for _, owner in continuum] + [continuum[0][1]]
+
+    def reference(hash_value):
+        return owners[bisect_left(values, hash_value)]
+
+    rng = random.Random(count)
+    probes = [rng.randrange(1 << 32) for _ in range(3000)] + [0, 0xFFFFFFFF]
+    for value in values[:: max(1, len(values) // 500)] + values[-3:]:
+        probes += [value - 1, value, value + 1, value & ~0xFFFF, value | 0xFFFF]
+    for probe in probes:
+        if 0 <= probe <= 0xFFFFFFFF:
+            assert distribution.index(probe) == reference(probe), probe
 
 
 def test_ketama_placement_depends_on_names_not_order():
