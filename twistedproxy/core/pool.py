@@ -72,12 +72,15 @@ class Server:
         conns = self.connections.get(codec)
         if conns is None:
             conns = self.connections[codec] = []
-        if len(conns) < self.pool.config.server_connections:
+        count = len(conns)
+        if count == 1 and self.pool.config.server_connections == 1:
+            return conns[0]  # twemproxy's default: one connection per server
+        if count < self.pool.config.server_connections:
             conn = self._connect(codec)
             conns.append(conn)
             return conn
         self.next_connection += 1
-        return conns[self.next_connection % len(conns)]
+        return conns[self.next_connection % count]
 
     def _connect(self, codec):
         pool = self.pool
@@ -246,7 +249,11 @@ class ServerPool:
         """
         route = request.route
         if route == ROUTE_KEY:
-            self._send(self.server_for(request.key), request, codec, now, touched, dirty)
+            server = self.server_for(request.key)
+            if server is not None and server.available(now):
+                server.connection(codec).enqueue(request, now, touched)  # _send's common case, inline
+            else:
+                self._send(server, request, codec, now, touched, dirty)
         elif route == ROUTE_KEYS:
             self._dispatch_keys(request, codec, now, touched, dirty)
         elif route == ROUTE_ALL:
