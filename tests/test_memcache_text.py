@@ -342,6 +342,30 @@ def test_control_characters_are_rejected():
 
 def test_high_bytes_in_keys_are_allowed():
     assert parse_one(b"get caf\xc3\xa9\r\n").key == b"caf\xc3\xa9"
+    # bytes the parser's quick printable check does not vouch for (C1 range, soft hyphen)
+    assert parse_one(b"get a\x85\xad\r\n").key == b"a\x85\xad"
+    assert parse_one(b"set a\x9f 0 0 1\r\nx\r\n").frame == b"set a\x9f 0 0 1\r\nx\r\n"
+
+
+# The common shapes (get/gets/delete <key>, set without noreply) take a fast
+# path in the parser; these are the edges where it must hand over to the rules.
+@pytest.mark.parametrize(
+    "data, key, reply",
+    [
+        (b"get noreply\r\n", b"noreply", None),  # a key, not a flag
+        (b"delete noreply\r\n", None, b""),  # a noreply delete without key: silent
+        (b"set foo 4294967295 2147483647 1\r\nx\r\n", b"foo", None),  # 10-digit bounds
+        (b"set foo 4294967296 0 1\r\nx\r\n", None, b"CLIENT_ERROR bad command line format\r\n"),
+        (b"set foo 0 2147483648 1\r\nx\r\n", None, b"CLIENT_ERROR bad command line format\r\n"),
+        (b"set foo 0 0 1\r\nx\n\n", None, b"CLIENT_ERROR bad data chunk\r\n"),
+        (b"set foo 0 0 1\r\nxy\r\n", None, b"CLIENT_ERROR bad data chunk\r\n"),
+        (b"set foo\x01 0 0 1\r\nx\r\n", None, b"CLIENT_ERROR control characters in command line\r\n"),
+        (b"set  foo 0 0 1\r\nx\r\n", b"foo", None),  # extra blanks split like memcached's tokenizer
+    ],
+)
+def test_common_shapes_at_their_edges(data, key, reply):
+    requests = parse(data)
+    assert (requests[0].key, requests[0].reply) == (key, reply)
 
 
 def test_data_block_over_the_limit_loses_framing():
@@ -576,6 +600,32 @@ def test_reply_parser_buffered_counts_unread_bytes():
     parser.feed(b"x\r\nEND\r\n")
     assert parser.next_reply(None) == b"VALUE a 0 1\r\nx\r\nEND\r\n"
     assert parser.buffered() == 0
+
+
+def test_reply_parser_does_not_copy_a_read_it_has_no_leftover_for():
+    parser = codec.reply_parser()
+    data = b"STORED\r\nVALUE a 0 1\r\nx\r\nEND\r\n"
+    parser.feed(data)
+    assert parser.next_reply(None) == b"STORED\r\n"
+    assert parser.next_reply(None) == b"VALUE a 0 1\r\nx\r\nEND\r\n"
+    data = b"END\r\n"
+    parser.feed(data)
+    assert parser._buf is data
+    assert parser.next_reply(None) == b"END\r\n"
+    assert parser.buffered() == 0
+
+
+def test_reply_parser_hit_whose_end_comes_later():
+    assert replies(b"VALUE a 0 1\r\nx\r\nSERVER_ERROR oops\r\nEND\r\n") == [
+        b"VALUE a 0 1\r\nx\r\nSERVER_ERROR oops\r\n",
+        b"END\r\n",
+    ]
+    parser = codec.reply_parser()
+    parser.feed(b"VALUE a 0 1\r\nx\r\nEN")
+    assert parser.next_reply(None) is None
+    parser.feed(b"D\r\nSTORED\r\n")
+    assert parser.next_reply(None) == b"VALUE a 0 1\r\nx\r\nEND\r\n"
+    assert parser.next_reply(None) == b"STORED\r\n"
 
 
 def test_reply_parser_rejects_garbage():

@@ -3,7 +3,8 @@ The memcached text protocol (memcached 1.6 C{doc/protocol.txt}): the classic
 commands and the meta commands (mg, ms, md, ma, mn, me), as an L{ICodec}.
 
 Client side (L{TextRequestParser}): every command line is split into tokens once
-and dispatched on the command word.  Frames are forwarded raw except where the
+and dispatched on the command word (the common get/gets/delete/set shapes are
+framed inline first).  Frames are forwarded raw except where the
 one-reply-per-frame rule needs a rewrite:
 
   - classic C{noreply}: stripped toward the backend, C{filter} set, and the
@@ -62,6 +63,7 @@ _CONTROL_BYTES = bytes(range(32)) + b"\x7f"
 _CRLF = b"\r\n"
 _ERROR = b"ERROR\r\n"
 _END = b"END\r\n"
+_CRLF_END = _CRLF + _END
 _OK = b"OK\r\n"
 _MN = b"MN\r\n"
 _RESET = b"RESET\r\n"
@@ -197,7 +199,11 @@ class ReplyBuffer(StreamBuffer):
         self._pos = 0
 
     def feed(self, data: bytes) -> None:
-        self._chunks.append(data)
+        if self._size or self._chunks:
+            self._chunks.append(data)
+        else:  # every earlier byte is consumed: read from data itself, no copy
+            self._buf = data
+            self._pos = 0
         self._size += len(data)
 
     def _ready(self):
@@ -251,12 +257,13 @@ class TextRequestParser(ClientStreamParser):
     __slots__ = ()
 
     def feed(self, data: bytes) -> list:
-        buf = self._take(data)
+        if self._closed:  # ClientStreamParser._take, inlined
+            return []
+        buf = self._gather(data) if self._chunks else data
         if buf is None:
             return []
         requests = []
-        handlers = self._handlers
-        control = _CONTROL_BYTES
+        append = requests.append
         end = len(buf)
         pos = 0
         while pos < end:
@@ -265,17 +272,67 @@ class TextRequestParser(ClientStreamParser):
                 self._check_partial_line(buf, pos, requests)
                 self._keep(buf, pos, end - pos + 1)
                 return requests
+            after = eol + 1
             line = buf[pos : eol - 1] if eol > pos and buf[eol - 1] == 13 else buf[pos:eol]
             tokens = line.split()
-            handler = handlers.get(tokens[0]) if tokens else None
-            if handler is None:
-                requests.append(local(b"unknown", _ERROR))
-                pos = eol + 1
+            if not tokens:
+                append(local(b"unknown", _ERROR))
+                pos = after
                 continue
-            if len(line.translate(None, control)) != len(line):
-                after = self._reject(tokens, buf, pos, eol + 1, b"control characters in command line", requests)
+            command = tokens[0]
+            # Fast paths for the shapes nearly all traffic has ("get|gets|delete
+            # <key>", "set <key> <flags> <exptime> <bytes>" with its block
+            # complete): they accept exactly what the handlers below would accept
+            # and frame it the same way; anything else (noreply, errors, a block
+            # still arriving) goes on to the handlers.  isprintable() on the
+            # latin-1 text is False for every control byte (and for a few high
+            # bytes, which just take the handlers' exact check), and cheaper than
+            # the translate() below.
+            ntokens = len(tokens)
+            if ntokens == 2:
+                key = tokens[1]
+                if (
+                    (command == b"get" or command == b"gets" or (command == b"delete" and key != _NOREPLY))
+                    and len(key) <= MAX_KEY_LENGTH
+                    and line.decode("latin-1").isprintable()
+                ):
+                    append(Request(buf[pos:after], command, key))
+                    pos = after
+                    continue
+            elif ntokens == 5 and command == b"set":
+                key = tokens[1]
+                flags = tokens[2]
+                exptime = tokens[3]
+                length = tokens[4]
+                if (
+                    len(key) <= MAX_KEY_LENGTH
+                    and len(flags) < 10
+                    and flags.isdigit()
+                    and len(exptime) < 10
+                    and exptime.isdigit()
+                    and length.isdigit()
+                    and line.decode("latin-1").isprintable()
+                ):
+                    size = int(length)
+                    block_end = after + size + 2
+                    if (
+                        block_end <= end
+                        and size <= self._max_request
+                        and buf[block_end - 2] == 13
+                        and buf[block_end - 1] == 10
+                    ):
+                        append(Request(buf[pos:block_end], command, key))
+                        pos = block_end
+                        continue
+            handler = self._handlers.get(command)
+            if handler is None:
+                append(local(b"unknown", _ERROR))
+                pos = after
+                continue
+            if len(line.translate(None, _CONTROL_BYTES)) != len(line):
+                after = self._reject(tokens, buf, pos, after, b"control characters in command line", requests)
             else:
-                after = handler(self, tokens, buf, pos, eol + 1, requests)
+                after = handler(self, tokens, buf, pos, after, requests)
             if after is None:  # a data block is still arriving; _need was set
                 self._keep(buf, pos, self._need)
                 return requests
@@ -612,9 +669,9 @@ class TextReplyParser(ReplyBuffer):
         self._resume = 0  # how far into the current reply complete VALUE blocks reach
 
     def next_reply(self, request):
-        buf = self._ready()
-        if buf is None:
+        if self._size < self._need:
             return None
+        buf = self._ready() if self._chunks else self._buf
         start = self._pos
         cur = start + self._resume
         while True:
@@ -625,27 +682,39 @@ class TextReplyParser(ReplyBuffer):
                 self._resume = cur - start
                 self._need = len(buf) - start + 1
                 return None
-            if buf.startswith(b"VALUE ", cur):
-                length_index = 3
-            elif buf.startswith(b"VA ", cur):
-                length_index = 1
-            else:  # END after VALUE blocks, or any one-line reply
-                self._resume = 0
-                return self._cut(eol + 1)
+            # Only VALUE and VA lines are followed by data; every other reply
+            # (END after VALUE blocks, STORED, HD ...) ends with its line.
+            length_index = 0
+            if buf[cur] == 86:  # "V": one byte rules out the rest without a call
+                if buf.startswith(b"VALUE ", cur):
+                    length_index = 3
+                elif buf.startswith(b"VA ", cur):
+                    length_index = 1
+            if not length_index:
+                end = eol + 1
+                break
             parts = buf[cur:eol].split()
             if len(parts) <= length_index or not parts[length_index].isdigit():
                 raise ProtocolError(b"", [], "bad value line from backend: %r" % (buf[cur:eol][:80],))
-            end = eol + 1 + int(parts[length_index]) + 2
+            end = eol + 3 + int(parts[length_index])  # the line's LF, the block, its CRLF
             if end > len(buf):
                 self._resume = cur - start
                 self._need = end - start
                 return None
+            if length_index == 3 and buf.startswith(_CRLF_END, end - 2):
+                end += 5  # the usual hit: one block, then END (no need to look for its line)
+                break
             if buf[end - 2 : end] != _CRLF:
                 raise ProtocolError(b"", [], "bad data block from backend")
             if length_index == 1:  # a meta VA reply holds one block
-                self._resume = 0
-                return self._cut(end)
+                break
             cur = end
+        # ReplyBuffer._cut, inlined: this runs once per request.
+        self._resume = 0
+        self._pos = end
+        self._size -= end - start
+        self._need = 1
+        return buf[start:end]
 
 
 @implementer(ICodec)
