@@ -360,6 +360,7 @@ def test_ejection_after_failure_limit_and_readmission():
 
 def test_the_placement_cache_is_bounded_and_agrees_with_the_hash(monkeypatch):
     monkeypatch.setattr(pool_module, "PLACEMENT_CACHE_SIZE", 8)
+    monkeypatch.setattr(pool_module, "PLACEMENT_CACHE_ENABLED", True)  # CPython only by default
     h = Harness()
     pool = h.pool
     keys = [b"k%d" % i for i in range(50)]
