@@ -14,7 +14,16 @@ from twisted.logger import LogLevel
 
 from twistedproxy.config import ListenSpec
 from twistedproxy.process import accept_mutex, channel
-from twistedproxy.process.listeners import INHERIT_ENV, adopt_port, bind_socket, inherited_sockets, socket_key
+from twistedproxy.process.listeners import (
+    INHERIT_ENV,
+    adopt_port,
+    bind_socket,
+    inherited_sockets,
+    is_slot_key,
+    reuseport_migration,
+    socket_key,
+    stats_key,
+)
 from twistedproxy.process.master import parse_level
 
 
@@ -153,3 +162,16 @@ def test_tcp_sockets_of_the_master_share_a_port():
     finally:
         first.close()
     assert socket.SO_REUSEPORT
+
+
+def test_slot_keys_and_the_reuseport_migration_setting(tmp_path):
+    tcp = ListenSpec(host="127.0.0.1", port=22121)
+    assert is_slot_key(socket_key(tcp, 3))
+    assert not is_slot_key(socket_key(tcp, None))
+    assert not is_slot_key(stats_key("http", tcp))
+    sysctl = tmp_path / "tcp_migrate_req"
+    sysctl.write_text("0\n")
+    assert reuseport_migration(str(sysctl)) is False
+    sysctl.write_text("1\n")
+    assert reuseport_migration(str(sysctl)) is True
+    assert reuseport_migration(str(tmp_path / "absent")) is None

@@ -96,6 +96,30 @@ def socket_key(listen_spec, slot) -> str:
     return "%s#%s" % (listen_spec, "shared" if slot is None else slot)
 
 
+# Linux 5.14+: when one socket of a SO_REUSEPORT group closes, the connections
+# waiting in its accept queue move to another socket of the group instead of
+# being reset.  Off by default; a per-network-namespace setting.
+MIGRATE_SYSCTL = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def reuseport_migration(path: str = MIGRATE_SYSCTL):
+    """
+    Whether closing a SO_REUSEPORT socket hands its queued connections to the
+    rest of its group (C{net.ipv4.tcp_migrate_req}): True, False, or None when
+    this kernel does not say.
+    """
+    try:
+        with open(path) as f:
+            return f.read().strip() != "0"
+    except (OSError, ValueError):
+        return None
+
+
+def is_slot_key(key: str) -> bool:
+    """Whether a L{socket_key} names a worker slot's own (reuseport) socket."""
+    return not key.startswith("stats#") and key.rpartition("#")[2].isdigit()
+
+
 def stats_key(kind: str, listen_spec) -> str:
     """
     The name of the master's listening socket for a stats endpoint (C{kind}

@@ -40,6 +40,8 @@ from twistedproxy.process.listeners import (
     INHERIT_ENV,
     bind_socket,
     inherited_sockets,
+    is_slot_key,
+    reuseport_migration,
     socket_key,
 )
 from twistedproxy.stats import server as stats_server, workers as stats_workers
@@ -392,9 +394,15 @@ class MasterService(service.Service):
         if self.retiring or self.rollover_pending:
             return
         wanted = self._keys(self.config, self.worker_count)
-        for key in list(self.sockets):
-            if key not in wanted:
-                self._close_socket(self.sockets.pop(key))
+        closing = [key for key in self.sockets if key not in wanted]
+        if any(is_slot_key(key) for key in closing) and reuseport_migration() is False:
+            log.warn(
+                "closing {count} reuseport socket(s): connections still queued on them are reset;"
+                " set net.ipv4.tcp_migrate_req=1 to have the kernel move them to the other workers",
+                count=sum(1 for key in closing if is_slot_key(key)),
+            )
+        for key in closing:
+            self._close_socket(self.sockets.pop(key))
 
     def _close_socket(self, sock) -> None:
         path = None
