@@ -133,3 +133,26 @@ def test_counters_of_exited_workers_stay_in_the_totals(spawn, memcached_backends
          10, 0.05, "one worker left")
     assert _requests(read_stats_port(stats_port)) == 32
     assert _set_count(http_port) == 16
+
+
+def test_a_reload_moves_the_stats_http_endpoint(spawn, memcached_backends):
+    master, port, stats_port, http_port = _start(spawn, memcached_backends, 1)
+    assert b'"mc"' in http_get(http_port, "/stats.json")
+    moved = free_port()
+    config = dict(master.config)
+    config["global"] = dict(config["global"], stats_http="%s:%d" % (HOST, moved))
+    master.write_config(config)
+    with master.control() as client:
+        assert client.reload()["ok"] is True
+
+    def answers(port_number):
+        try:
+            return b'"mc"' in http_get(port_number, "/stats.json")
+        except OSError:
+            return False
+
+    poll(lambda: answers(moved), 10, message="stats HTTP on the new address")
+    poll(lambda: not answers(http_port), 10, message="the old address to close")
+    assert read_stats_port(stats_port)["service"] == "nutcracker"  # the stats port stays
+    with connect(port) as sock:
+        set_get(sock, b"after", b"reload")

@@ -316,6 +316,30 @@ class MasterService(service.Service):
         self.stats_ports = stats_server.adopt(
             self.reactor, stats_workers.WorkerSources(self), self.stats_endpoints, self.stats_sockets)
 
+    def _move_stats(self, config) -> None:
+        """
+        Serve the stats endpoints where C{config} puts them (a reload changed
+        C{stats_http}): sockets that stay are kept, a new address is bound (or
+        logged and skipped, as at start), a dropped one is closed.  Connections
+        already accepted finish where they are.
+        """
+        opts = self.options
+        endpoints = stats_server.endpoints(
+            opts.get("stats-port"), opts.get("stats-addr", "0.0.0.0"), config.global_.stats_http)
+        sockets = stats_server.bind(endpoints, dict(self.stats_sockets))
+        serving = bool(self.stats_ports)
+        for port in self.stats_ports:
+            port.stopListening()
+        self.stats_ports = []
+        for key, sock in self.stats_sockets.items():
+            if key not in sockets:
+                self._close_socket(sock)
+        self.stats_endpoints, self.stats_sockets = endpoints, sockets
+        if serving:  # else an upgrade still waits for its workers: they start serving then
+            self._serve_stats()
+        log.info("stats endpoints: {where}",
+                 where=", ".join("%s %s" % (kind, spec) for kind, spec in endpoints.items()) or "none")
+
     def _install_signals(self):
         handlers = {
             signal.SIGHUP: self.reload,
@@ -551,6 +575,9 @@ class MasterService(service.Service):
                     pushes.append(d.addCallback(self._reconfigured, worker).addErrback(self._not_reconfigured, worker))
             self._resize(config.global_.worker_processes)
             applied = defer.DeferredList(pushes)
+
+        if old.global_.stats_http != config.global_.stats_http:
+            self._move_stats(config)
 
         def done(_):
             log.info("reloaded {path} ({how})", path=path, how="workers rolled over" if rollover else "applied live")
