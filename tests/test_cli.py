@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import redis
+import yaml
 
 from tests.support import processes
 from tests.support.processes import HOST, ROOT, free_port, pool_config, write_config
@@ -109,6 +112,53 @@ def test_cli_serves(spawn, redis_backends):
     _serves(port, backend.port)
     output = proc.output()
     assert "Traceback" not in output, output
+
+
+def _wait(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _answers(port) -> bool:
+    try:
+        return redis.Redis(host=HOST, port=port, socket_timeout=2, protocol=2).ping()
+    except redis.RedisError:
+        return False
+
+
+def test_single_process_signals_reload_reopen_and_survive(spawn, redis_backends, tmp_path):
+    """A plain twemproxy file (one process): HUP reopens the log (logrotate) and applies a changed file."""
+    (backend,) = redis_backends(1)
+    port, second = free_port(), free_port()
+    log_path = tmp_path / "proxy.log"
+    proc = spawn(processes.proxy, {"alpha": pool_config([backend.port], port)}, port,
+                 extra_args=["-o", str(log_path), "-v", "7"])
+    path = proc.argv[proc.argv.index("-c") + 1]
+    _serves(port, backend.port)
+    for signum in (signal.SIGUSR1, signal.SIGTTOU, signal.SIGTTIN, signal.SIGUSR2):
+        proc.signal(signum)
+    # logrotate: the file is moved away, then HUP makes the proxy write a new one.
+    os.rename(str(log_path), str(log_path) + ".1")
+    proc.signal(signal.SIGHUP)
+    _wait(log_path.exists)
+    # A changed file: a second pool starts listening; the first keeps its clients.
+    client = redis.Redis(host=HOST, port=port, socket_timeout=10, protocol=2)
+    assert client.set("before", "reload")
+    with open(path, "w") as f:
+        yaml.safe_dump({"alpha": pool_config([backend.port], port), "beta": pool_config([backend.port], second)}, f)
+    proc.signal(signal.SIGHUP)
+    _wait(lambda: _answers(second))
+    assert client.get("before") == b"reload"
+    # An invalid file changes nothing.
+    with open(path, "a") as f:
+        f.write("bogus: [\n")
+    proc.signal(signal.SIGHUP)
+    _wait(lambda: "reload refused" in log_path.read_text())
+    assert proc.alive() and _answers(port) and _answers(second)
+    text = log_path.read_text()
+    assert "reloaded" in text and "Traceback" not in text, text
 
 
 def test_twistd_plugin_serves(spawn, redis_backends):

@@ -43,6 +43,17 @@ def current_level() -> LogLevel:
     return level_filter.logLevelForNamespace(None)
 
 
+# Quietest first: SIGTTIN steps right (more output), SIGTTOU left.
+LEVELS = (LogLevel.critical, LogLevel.error, LogLevel.warn, LogLevel.info, LogLevel.debug)
+
+
+def stepped_level(step: int) -> LogLevel:
+    """The level C{step} places from the current one (+1 more verbose), within L{LEVELS}."""
+    level = current_level()
+    index = LEVELS.index(level) if level in LEVELS else LEVELS.index(LogLevel.info)
+    return LEVELS[max(0, min(len(LEVELS) - 1, index + step))]
+
+
 def filtered_observer(output=None):
     """A text observer on C{output} (a file path or file object; stderr by default) obeying the level."""
     if output is None or output == "-":

@@ -9,10 +9,13 @@ from __future__ import annotations
 import sys
 
 from twisted.application import service
+from twisted.logger import Logger
 from twisted.python import usage
 
 from twistedproxy._version import __version__
-from twistedproxy.config import ConfigError, load_config
+from twistedproxy.config import ConfigError, load_config, load_config_text
+
+log = Logger()
 
 
 def _int(value):
@@ -65,31 +68,100 @@ def check_config(path: str, out=sys.stdout) -> bool:
 
 
 class ProxyService(service.Service):
-    """Runs every pool of a configuration in this process (and its stats endpoints)."""
+    """
+    Runs every pool of a configuration in this process (and its stats endpoints).
 
-    def __init__(self, config, reactor=None, stats_port=None, stats_addr="0.0.0.0"):
+    With C{config_path} and C{handle_signals} (what twistd and C{cacheproxy} do),
+    signals act as on a master where one process can: SIGHUP reopens the log
+    file, as nutcracker does for logrotate, and applies the file again if it
+    changed; SIGUSR1 reopens the log file; SIGTTIN/SIGTTOU make the log more or
+    less verbose; SIGQUIT stops.
+    """
+
+    def __init__(self, config, reactor=None, stats_port=None, stats_addr="0.0.0.0",
+                 config_path=None, config_text=None, handle_signals=False):
         self.config = config
         self._reactor = reactor
         self.proxy = None
         self.stats_port = stats_port  # nutcracker's -s; None or 0: no stats port
         self.stats_addr = stats_addr
         self.stats_ports = []
+        self.config_path = config_path
+        self.config_text = config_text
+        self.handle_signals = handle_signals
+
+    @property
+    def reactor(self):
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
 
     def startService(self):
         service.Service.startService(self)
         from twistedproxy.api import Proxy
 
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor
-        self.proxy = Proxy(self.config, reactor)
+        self.proxy = Proxy(self.config, self.reactor)
         self.proxy.start()
+        self._serve_stats()
+        if self.handle_signals:
+            self._install_signals()
+
+    def _serve_stats(self) -> None:
         from twistedproxy.stats import server as stats_server
 
         self.stats_ports = stats_server.start(
-            reactor, stats_server.LocalSources(self.proxy), self.stats_port, self.stats_addr,
+            self.reactor, stats_server.LocalSources(self.proxy), self.stats_port, self.stats_addr,
             self.config.global_.stats_http,
         )
+
+    def _install_signals(self) -> None:
+        import signal
+
+        from twistedproxy import logs, signals
+
+        def step(by):
+            logs.set_level(logs.stepped_level(by))
+            log.info("log level is now {name}", name=logs.current_level().name)
+
+        def hangup():
+            logs.reopen()
+            self.reload()
+
+        signals.install(self.reactor, {
+            signal.SIGHUP: hangup,
+            signal.SIGUSR1: logs.reopen,
+            signal.SIGTTIN: lambda: step(1),
+            signal.SIGTTOU: lambda: step(-1),
+            signal.SIGQUIT: self.reactor.stop,
+            signal.SIGUSR2: lambda: log.warn("an upgrade (SIGUSR2) needs a master: set global: worker_processes"),
+        })
+
+    def reload(self) -> bool:
+        """
+        Apply the configuration file again if it changed (between requests,
+        keeping client connections); an invalid file changes nothing.  Returns
+        whether the running configuration is now the file's.
+        """
+        try:
+            text, config = load_config_text(self.config_path)
+        except ConfigError as e:
+            log.error("reload refused; the running configuration stays:\n{error}", error=str(e))
+            return False
+        if text == self.config_text:
+            return True
+        if config.global_.worker_processes != self.config.global_.worker_processes:
+            log.warn("worker_processes changes take a restart; the pools are applied now")
+        old_stats_http = self.config.global_.stats_http
+        self.proxy.reconfigure(config)
+        self.config, self.config_text = config, text
+        if config.global_.stats_http != old_stats_http:
+            for port in self.stats_ports:
+                port.stopListening()
+            self._serve_stats()
+        log.info("reloaded {path}", path=self.config_path)
+        return True
 
     def stopService(self):
         service.Service.stopService(self)
@@ -108,7 +180,7 @@ def makeService(options, reactor=None):
     if options["test-conf"]:
         sys.exit(0 if check_config(path) else 1)
     try:
-        config = load_config(path)
+        text, config = load_config_text(path)
     except (ConfigError, OSError) as e:
         raise usage.UsageError("configuration file '%s' is invalid:\n%s" % (path, e))
     logs.set_level(logs.level_for_verbosity(options["verbose"]))
@@ -121,4 +193,5 @@ def makeService(options, reactor=None):
             return MasterService(config, options, reactor)
         except (ConfigError, OSError) as e:
             raise usage.UsageError("configuration file '%s' is invalid:\n%s" % (path, e))
-    return ProxyService(config, reactor, stats_port=options["stats-port"], stats_addr=options["stats-addr"])
+    return ProxyService(config, reactor, stats_port=options["stats-port"], stats_addr=options["stats-addr"],
+                        config_path=path, config_text=text, handle_signals=True)

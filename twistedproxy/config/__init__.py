@@ -12,6 +12,7 @@ from twistedproxy.config.loader import (
     config_from_dict,
     describe_keys,
     load_config,
+    load_config_text,
     parse_config,
 )
 from twistedproxy.config.model import GlobalConfig, ListenSpec, PoolConfig, ProxyConfig, ServerSpec
@@ -30,5 +31,6 @@ __all__ = [
     "config_from_dict",
     "describe_keys",
     "load_config",
+    "load_config_text",
     "parse_config",
 ]

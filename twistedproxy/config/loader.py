@@ -856,6 +856,16 @@ def load_config(path: Union[str, "os.PathLike[str]"]) -> ProxyConfig:
 
     @raise ConfigError: when the file cannot be read or is refused.
     """
+    return load_config_text(path)[1]
+
+
+def load_config_text(path: Union[str, "os.PathLike[str]"]) -> Tuple[str, ProxyConfig]:
+    """
+    The text of the file at C{path} and the configuration in it (the text is
+    what a master pushes to its workers, and tells a reload whether anything changed).
+
+    @raise ConfigError: when the file cannot be read or is refused.
+    """
     source = os.fsdecode(path)
     try:
         with open(source, "rb") as f:
@@ -866,4 +876,4 @@ def load_config(path: Union[str, "os.PathLike[str]"]) -> ProxyConfig:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(["%s: not UTF-8 text (invalid byte at offset %d)" % (source, e.start)])
-    return parse_config(text, source)
+    return text, parse_config(text, source)

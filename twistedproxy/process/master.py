@@ -32,8 +32,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.protocols import amp
 
-from twistedproxy import logs
-from twistedproxy.config import ConfigError, parse_config
+from twistedproxy import logs, signals
+from twistedproxy.config import ConfigError, load_config_text
 from twistedproxy.process import accept_mutex, channel
 from twistedproxy.process.channel import quiet_factory
 from twistedproxy.process.listeners import (
@@ -55,21 +55,14 @@ KILL_GRACE = 3.0  # seconds past a stop's deadline before SIGKILL
 YOUNG = 2.0  # a worker dying younger than this (s) counts towards a crash loop
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
-LOG_LEVELS = [LogLevel.critical, LogLevel.error, LogLevel.warn, LogLevel.info, LogLevel.debug]
 
 # Global keys that change what workers are started with: a change rolls the workers over.
 _ROLLOVER_KEYS = ("worker_cpu_affinity", "listen_mode", "accept_mutex", "tcp_quickack", "user", "group")
 
 
 def read_config(path: str):
-    """(text, config) of the file at C{path}; raises ConfigError or OSError."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConfigError(["%s: not UTF-8 text (invalid byte at offset %d)" % (path, e.start)])
-    return text, parse_config(text, path)
+    """(text, config) of the file at C{path}; raises ConfigError."""
+    return load_config_text(path)
 
 
 def check_global(config, path: str) -> None:
@@ -349,8 +342,7 @@ class MasterService(service.Service):
             signal.SIGTTIN: lambda: self.step_log_level(1),
             signal.SIGTTOU: lambda: self.step_log_level(-1),
         }
-        for signum, handler in handlers.items():
-            signal.signal(signum, lambda s, f, h=handler: self.reactor.callFromThread(h))
+        signals.install(self.reactor, handlers)
 
     def _open_control(self):
         path = self.config.global_.control
@@ -732,10 +724,9 @@ class MasterService(service.Service):
 
     def step_log_level(self, step: int) -> None:
         """SIGTTIN (+1, more verbose) / SIGTTOU (-1)."""
-        index = LOG_LEVELS.index(logs.current_level()) if logs.current_level() in LOG_LEVELS else 3
-        index = max(0, min(len(LOG_LEVELS) - 1, index + step))
-        self.set_log_level(LOG_LEVELS[index])
-        log.info("log level is now {level}", level=LOG_LEVELS[index].name)
+        level = logs.stepped_level(step)
+        self.set_log_level(level)
+        log.info("log level is now {name}", name=level.name)
 
     # -- status and stats ----------------------------------------------------------
 
