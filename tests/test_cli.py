@@ -171,6 +171,17 @@ def test_twistd_plugin_serves(spawn, redis_backends):
     assert "Traceback" not in output, output
 
 
+def test_twistd_stdout_log_obeys_the_level(spawn, redis_backends):
+    (backend,) = redis_backends(1)
+    port = free_port()
+    proc = spawn(processes.twistd, {"alpha": pool_config([backend.port], port)}, port, extra_args=["-v", "3"])
+    _serves(port, backend.port)
+    proc.signal(signal.SIGTTIN)  # error -> warn: still no info lines
+    _serves(port, backend.port)
+    output = proc.output()
+    assert "starting on" not in output and "[-]" not in output, output
+
+
 def test_twistd_bad_config_fails():
     path = write_config({"alpha": {"listen": "127.0.0.1:1", "hash": "nosuch", "servers": ["127.0.0.1:1:1"]}})
     try:

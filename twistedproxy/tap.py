@@ -172,8 +172,47 @@ class ProxyService(service.Service):
             return self.proxy.stop()
 
 
+class _TwistdStdoutLog(service.MultiService):
+    """
+    Runs one service under C{twistd -n} with twistd's standard output log
+    obeying C{-v} and SIGTTIN/SIGTTOU: twistd logs through an C{ILogObserver}
+    component of its application when there is one, so this sets a filtered
+    observer there.  (Daemonized, or with C{--logfile}, C{--syslog} or
+    C{--logger}, twistd's own choice stands.)
+    """
+
+    def __init__(self, inner):
+        service.MultiService.__init__(self)
+        self.inner = inner
+        inner.setServiceParent(self)
+
+    def setServiceParent(self, parent):
+        from twisted.logger import ILogObserver
+
+        from twistedproxy import logs
+
+        if hasattr(parent, "setComponent"):  # twistd's Application
+            parent.setComponent(ILogObserver, logs.filtered_observer("stdout"))
+        service.MultiService.setServiceParent(self, parent)
+
+
+def _twistd_logs_to_stdout(options) -> bool:
+    """Whether C{options} are C{cacheproxy}'s under C{twistd -n} logging to standard output."""
+    twistd = getattr(options, "parent", None)
+    try:
+        return bool(twistd["nodaemon"]) and twistd["logfile"] in (None, "-") and not twistd["syslog"] \
+            and not twistd["logger"]
+    except (TypeError, KeyError):
+        return False  # not under twistd (the cacheproxy command, a test)
+
+
 def makeService(options, reactor=None):
     """The service twistd runs for C{cacheproxy}."""
+    made = _make_service(options, reactor)
+    return _TwistdStdoutLog(made) if _twistd_logs_to_stdout(options) else made
+
+
+def _make_service(options, reactor=None):
     from twistedproxy import logs
 
     path = options["conf-file"]
