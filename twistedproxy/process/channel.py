@@ -4,6 +4,7 @@ the master passes to the worker as a descriptor.
 
 Worker -> master: L{Hello} (answered with the configuration), L{Ready}.
 Master -> worker: L{Reconfigure}, L{Stats}, L{Ping}, L{Stop}, L{SetLogLevel}.
+Old master -> new master, during an upgrade: L{InheritTotals}.
 """
 
 from __future__ import annotations
@@ -94,4 +95,15 @@ class Stop(amp.Command):
 
 class SetLogLevel(amp.Command):
     arguments = [(b"level", amp.Unicode())]
+    response = []
+
+
+class InheritTotals(amp.Command):
+    """
+    The counters and histograms an old master's workers served (a JSON
+    snapshot, L{twistedproxy.stats.snapshots.counters_only}), sent to the new
+    master of an upgrade, again whenever they grow, until the old master exits.
+    """
+
+    arguments = [(b"stats", BigUnicode())]
     response = []

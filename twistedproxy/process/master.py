@@ -50,6 +50,9 @@ log = Logger()
 
 # The pipe on which an upgraded master tells the old one it serves (fd number in env).
 READY_ENV = "TWISTEDPROXY_UPGRADE_READY_FD"
+# The socket on which the old master sends the new one its counters (fd number in env).
+TOTALS_ENV = "TWISTEDPROXY_UPGRADE_TOTALS_FD"
+INHERIT_WAIT = 3.0  # seconds a new master waits for the old one's counters before serving stats
 UPGRADE_TIMEOUT = 30.0  # seconds the old master waits for the new one
 KILL_GRACE = 3.0  # seconds past a stop's deadline before SIGKILL
 YOUNG = 2.0  # a worker dying younger than this (s) counts towards a crash loop
@@ -195,6 +198,7 @@ class _UpgradeProtocol(ProcessProtocol):
         self.master = master
         self.ready = False
         self.buffer = b""
+        self.heir = None  # AMP to the new master (counters are sent on it once it serves)
 
     def childDataReceived(self, fd, data):
         self.buffer += data
@@ -205,6 +209,23 @@ class _UpgradeProtocol(ProcessProtocol):
     def processEnded(self, reason):
         if not self.ready:
             self.master.upgrade_failed(self, reason.value)
+
+
+class _Inheritance(amp.AMP):
+    """A new master's end of the channel on which the old master sends its counters."""
+
+    def __init__(self, master):
+        amp.AMP.__init__(self)
+        self.master = master
+
+    @channel.InheritTotals.responder
+    def inherit(self, stats):
+        self.master.inherited_totals(json.loads(stats))
+        return {}
+
+    def connectionLost(self, reason):
+        amp.AMP.connectionLost(self, reason)
+        self.master.inherited_totals(None)  # the old master is gone: serve with what came
 
 
 class MasterService(service.Service):
@@ -240,6 +261,9 @@ class MasterService(service.Service):
         self.upgrade = None
         self.handed_over = False  # an upgraded master took the sockets: leave paths alone
         self.ready_fd = None
+        self.totals_fd = None  # an upgrade: where the old master's counters arrive
+        self.heir = None  # the new master's AMP channel, while handing over
+        self.stats_waiting = None  # a new master: the call that serves stats if no counters came
         self.control_port = None
         self.stats_endpoints = {}  # kind -> ListenSpec (stats_server.endpoints)
         self.stats_sockets = {}  # stats_key -> listening socket, passed on upgrade too
@@ -267,6 +291,8 @@ class MasterService(service.Service):
         os.environ.pop(INHERIT_ENV, None)
         ready = os.environ.pop(READY_ENV, None)
         self.ready_fd = int(ready) if ready and ready.isdigit() else None
+        totals = os.environ.pop(TOTALS_ENV, None)
+        self.totals_fd = int(totals) if totals and totals.isdigit() else None
         self.sockets = self._open_sockets(self.config, self.worker_count, inherited)
         opts = self.options
         self.stats_endpoints = stats_server.endpoints(
@@ -290,6 +316,11 @@ class MasterService(service.Service):
         self.started_at = self.reactor.seconds()
         self._install_signals()
         self._setup_mutex(self.config)
+        if self.totals_fd is not None:
+            inheritance = _Inheritance(self)
+            self.reactor.adoptStreamConnection(self.totals_fd, socket.AF_UNIX, quiet_factory(lambda: inheritance))
+            os.close(self.totals_fd)  # the reactor holds its own duplicate
+            self.totals_fd = None
         self.generation = 1
         self.rollover_pending = 1
         for slot in range(self.worker_count):
@@ -482,8 +513,9 @@ class MasterService(service.Service):
         for worker in list(self.retiring):
             worker.stop(graceful=True, timeout=self.config.global_.worker_shutdown_timeout)
         if self.ready_fd is not None:
-            # We are an upgrade: serve the stats, and tell the old master it can leave.
-            self._serve_stats()
+            # We are an upgrade: tell the old master it can leave, and serve the
+            # stats once its counters are in (they must not go backwards).
+            self.stats_waiting = self.reactor.callLater(INHERIT_WAIT, self.inherited_totals, None)
             try:
                 os.write(self.ready_fd, b"ready\n")
                 os.close(self.ready_fd)
@@ -492,10 +524,30 @@ class MasterService(service.Service):
             self.ready_fd = None
         self._prune_sockets()
 
+    def inherited_totals(self, snap) -> None:
+        """The old master's counters arrived (C{snap}), or will not (None): serve stats if waiting."""
+        if snap is not None:
+            self.stats_totals.inherited = snap
+        waiting, self.stats_waiting = self.stats_waiting, None
+        if waiting is not None:
+            if waiting.active():
+                waiting.cancel()
+            self._serve_stats()
+
+    def _hand_on_totals(self):
+        """Send the new master (of an upgrade) every counter served here; a Deferred."""
+        if self.heir is None:
+            return defer.succeed(None)
+        d = self.heir.callRemote(channel.InheritTotals, stats=json.dumps(self.stats_totals.counters()))
+        return d.addErrback(lambda failure: log.warn("upgrade: cannot hand the counters on: {error}",
+                                                     error=failure.getErrorMessage()))
+
     def worker_ended(self, worker: WorkerProcess, reason) -> None:
         if self.mutex_fd is not None:
             accept_mutex.clear_slot(self.mutex_fd, worker.slot)
         self.stats_totals.retire(worker.pid)
+        if self.handed_over:
+            self._hand_on_totals()
         if worker in self.retiring:
             self.retiring.discard(worker)
             self._prune_sockets()
@@ -666,14 +718,25 @@ class MasterService(service.Service):
             child_fds[next_fd] = sock.fileno()
             names[key] = next_fd
             next_fd += 1
+        heir_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_fds[next_fd] = child_end.fileno()
         env = dict(os.environ)
         env[INHERIT_ENV] = ";".join("%s=%d" % item for item in sorted(names.items()))
         env[READY_ENV] = "3"
+        env[TOTALS_ENV] = str(next_fd)
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
         argv = [sys.executable, "-m", "twistedproxy.cli"] + self._master_argv()
         protocol = _UpgradeProtocol(self)
-        self.reactor.spawnProcess(protocol, sys.executable, argv, env=env, path=os.getcwd(), childFDs=child_fds)
+        try:
+            self.reactor.spawnProcess(protocol, sys.executable, argv, env=env, path=os.getcwd(), childFDs=child_fds)
+        finally:
+            child_end.close()
+        heir = amp.AMP()
+        self.reactor.adoptStreamConnection(heir_end.fileno(), socket.AF_UNIX, quiet_factory(lambda: heir))
+        heir_end.setblocking(False)  # PyPy's adoption made it blocking
+        heir_end.close()
+        protocol.heir = heir
         self.upgrade = protocol
         protocol.timeout = self.reactor.callLater(UPGRADE_TIMEOUT, self._upgrade_timed_out, protocol)
         log.info("upgrade: new master {pid} started", pid=protocol.transport.pid)
@@ -685,13 +748,18 @@ class MasterService(service.Service):
         log.info("upgrade: new master {pid} serves; this master {me} drains and exits",
                  pid=protocol.transport.pid, me=os.getpid())
         self.handed_over = True
+        self.heir = protocol.heir
         self.stop(graceful=True)
+        # What the workers served up to now; more follows as each one exits.
+        stats_workers.collect(self).addCallback(lambda _: self._hand_on_totals())
 
     def upgrade_failed(self, protocol, why) -> None:
         if protocol.timeout.active():
             protocol.timeout.cancel()
         if self.upgrade is protocol:
             self.upgrade = None
+        if protocol.heir is not None and protocol.heir.transport is not None:
+            protocol.heir.transport.loseConnection()
         log.error("upgrade failed ({why}); this master keeps serving", why=str(why))
         # The new master may have taken the control path and the pid file: take them back.
         if self.control_port is not None:
@@ -803,6 +871,13 @@ class MasterService(service.Service):
                     os.unlink(self.config.global_.control)
                 except OSError:
                     pass
+        # The new master of an upgrade gets the final counters before we go.
+        self._hand_on_totals().addBoth(lambda _: self._stopped())
+
+    def _stopped(self) -> None:
+        if self.heir is not None:
+            self.heir.transport.loseConnection()
+            self.heir = None
         if not self.stopped.called:
             self.stopped.callback(None)
         self._stop_reactor()

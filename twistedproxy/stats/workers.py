@@ -58,11 +58,19 @@ class Totals:
     @ivar last: pid -> the latest snapshot of each live worker.
     @ivar retired: the counters and histograms of every exited worker
         (L{snapshots.counters_only}, merged), or None.
+    @ivar inherited: what the old master of an upgrade served (its own
+        L{counters}, replaced by each update it sends), or None.
     """
 
     def __init__(self):
         self.last = {}
         self.retired = None
+        self.inherited = None
+
+    def counters(self) -> dict:
+        """Every counter and histogram this master knows of, merged (what an upgrade hands on)."""
+        return snapshots.counters_only(
+            snapshots.merge(list(self.last.values()) + [self.retired, self.inherited]))
 
     def record(self, pid: int, snap: dict) -> None:
         self.last[pid] = snap
@@ -79,10 +87,10 @@ class Totals:
         and the retired total, limited to the pool names C{pools} (the ones
         configured: a pool removed by a reload leaves the statistics).
         """
-        retired = self.retired
-        if retired is not None and pools is not None:
-            retired = dict(retired, pools={n: p for n, p in retired["pools"].items() if n in pools})
-        return snapshots.merge([self.last[pid] for pid in pids if pid in self.last] + [retired])
+        kept = [self.retired, self.inherited]
+        if pools is not None:
+            kept = [dict(k, pools={n: p for n, p in k["pools"].items() if n in pools}) if k else k for k in kept]
+        return snapshots.merge([self.last[pid] for pid in pids if pid in self.last] + kept)
 
 
 def collect(master, workers=None):
