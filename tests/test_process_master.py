@@ -153,6 +153,47 @@ def test_upgrade_under_traffic_refuses_nothing(spawn, memcached_backends):
     assert traffic.errors == [], traffic.errors[:5]
 
 
+@pytest.fixture
+def reuseport_migration():
+    """net.ipv4.tcp_migrate_req on for one test (root only), then as it was."""
+    from twistedproxy.process.listeners import MIGRATE_SYSCTL
+
+    try:
+        with open(MIGRATE_SYSCTL) as f:
+            before = f.read()
+        with open(MIGRATE_SYSCTL, "w") as f:
+            f.write("1\n")
+    except OSError as e:
+        pytest.skip("cannot turn net.ipv4.tcp_migrate_req on here: %s" % (e,))
+    try:
+        yield
+    finally:
+        with open(MIGRATE_SYSCTL, "w") as f:
+            f.write(before)
+
+
+def test_fewer_reuseport_workers_refuse_nothing_with_queue_migration(spawn, memcached_backends,
+                                                                     reuseport_migration):
+    backend = memcached_backends(1)
+    port = processes.free_port()
+    master = Master(spawn, master_config({"mc": memcache_pool(port, backend)}, worker_processes=4), port)
+    traffics = [Traffic(port, reconnect=True) for _ in range(4)]
+    for traffic in traffics:
+        traffic.start()
+    try:
+        poll(lambda: sum(t.requests for t in traffics) > 200, 20, message="traffic")
+        with master.control() as client:
+            client.set_workers(1)
+        master.wait_ready(1)
+        served = sum(t.requests for t in traffics)
+        poll(lambda: sum(t.requests for t in traffics) > served + 200, 20, message="traffic on one worker")
+    finally:
+        for traffic in traffics:
+            traffic.stop()
+    errors = [e for t in traffics for e in t.errors]
+    assert errors == [], errors[:5]
+
+
 def test_failed_upgrade_keeps_the_old_master(spawn, memcached_backends):
     backend = memcached_backends(1)
     port = processes.free_port()
