@@ -292,12 +292,17 @@ class Load:
         rows = []
         for pipeline in (PIPELINE, 1):
             before = cpu_seconds(pgid) if pgid is not None else None
+            machine_before = machine_cpu()
             results = self.run(port, pipeline, self.requests)
+            busy, elapsed = (after - start for after, start in zip(machine_cpu(), machine_before))
+            count = self.requests * len(results)
             cpu_us = None
             if pgid is not None:
-                cpu_us = round((cpu_seconds(pgid) - before) * 1e6 / (self.requests * len(results)), 2)
+                cpu_us = round((cpu_seconds(pgid) - before) * 1e6 / count, 2)
+            machine = {"machine_us_per_req": round(busy * 1e6 / count, 2),
+                       "machine_busy": round(busy / elapsed, 3) if elapsed else None}
             for test, result in results.items():
-                rows.append((pipeline, test, dict(result, cpu_us_per_req=cpu_us)))
+                rows.append((pipeline, test, dict(result, cpu_us_per_req=cpu_us, **machine)))
         return rows
 
 
@@ -319,6 +324,15 @@ def cpu_seconds(pgid) -> float:
         if int(fields[2]) == pgid:  # state, ppid, pgrp, ...; utime and stime are 11 and 12
             total += int(fields[11]) + int(fields[12])
     return total / _TICK
+
+
+def machine_cpu():
+    """(busy, total) CPU seconds of the whole machine so far, summed over its cores (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is in user)
+    return (total - idle) / _TICK, total / _TICK
 
 
 # -- the run -----------------------------------------------------------------------
