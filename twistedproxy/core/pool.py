@@ -32,7 +32,7 @@ BACKOFF_MAX = 2.0
 # changes).  Hashing a key is a Python loop over its bytes, the largest per-key
 # cost on CPython; a dict lookup is a fraction of it.  When full, the newest
 # entry makes room: the keys seen first (in practice the hot ones) stay.  Long
-# keys are not kept, so the cache stays under about 10 MB per pool.  Not on
+# keys are not kept, so the cache stays under about 12 MB per pool.  Not on
 # PyPy: its JIT hashes a key about as fast as a lookup, and a large dict of
 # constantly replaced young keys costs its garbage collector more than it
 # saves (measured: a third more CPU per request at -P 16).
