@@ -182,6 +182,21 @@ def test_twistd_stdout_log_obeys_the_level(spawn, redis_backends):
     assert "starting on" not in output and "[-]" not in output, output
 
 
+def test_twistd_log_file_obeys_the_level_and_rotates(spawn, redis_backends, tmp_path):
+    (backend,) = redis_backends(1)
+    port = free_port()
+    log_path = tmp_path / "twistd.log"
+    proc = spawn(processes.twistd, {"alpha": pool_config([backend.port], port)}, port,
+                 extra_args=["-v", "4"], twistd_args=["--logfile", str(log_path)])
+    _serves(port, backend.port)
+    proc.signal(signal.SIGUSR2)  # a warning (single process: no upgrade), which -v 4 keeps
+    _wait(lambda: "needs a master" in log_path.read_text())
+    proc.signal(signal.SIGUSR1)  # twistd's log rotation still works
+    _wait(lambda: (tmp_path / "twistd.log.1").exists())
+    text = (tmp_path / "twistd.log.1").read_text()
+    assert "starting on" not in text and "[-]" not in text, text
+
+
 def test_twistd_bad_config_fails():
     path = write_config({"alpha": {"listen": "127.0.0.1:1", "hash": "nosuch", "servers": ["127.0.0.1:1:1"]}})
     try:

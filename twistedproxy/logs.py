@@ -58,8 +58,6 @@ def filtered_observer(output=None):
     """A text observer on C{output} (a file path or file object; stderr by default) obeying the level."""
     if output is None or output == "-":
         stream = sys.stderr
-    elif output == "stdout":
-        stream = sys.stdout
     elif isinstance(output, str):
         stream = _LogFile(output)
     else:

@@ -172,44 +172,62 @@ class ProxyService(service.Service):
             return self.proxy.stop()
 
 
-class _TwistdStdoutLog(service.MultiService):
+class _TwistdLevelLog(service.MultiService):
     """
-    Runs one service under C{twistd -n} with twistd's standard output log
-    obeying C{-v} and SIGTTIN/SIGTTOU: twistd logs through an C{ILogObserver}
-    component of its application when there is one, so this sets a filtered
-    observer there.  (Daemonized, or with C{--logfile}, C{--syslog} or
-    C{--logger}, twistd's own choice stands.)
+    Runs one service under twistd with twistd's own log (standard output,
+    C{--logfile} or C{twistd.log}, rotated on SIGUSR1 as twistd does) obeying
+    C{-v} and SIGTTIN/SIGTTOU: twistd logs through an C{ILogObserver}
+    component of its application when there is one, so this sets there the
+    observer twistd would make, behind the level filter.  (With C{--syslog}
+    or C{--logger}, twistd's own choice stands.)
     """
 
-    def __init__(self, inner):
+    def __init__(self, inner, twistd_options):
         service.MultiService.__init__(self)
-        self.inner = inner
+        self.twistd_options = twistd_options
         inner.setServiceParent(self)
 
     def setServiceParent(self, parent):
-        from twisted.logger import ILogObserver
+        observer = _twistd_observer(self.twistd_options)
+        if observer is not None and hasattr(parent, "setComponent"):  # twistd's Application
+            from twisted.logger import ILogObserver
 
-        from twistedproxy import logs
-
-        if hasattr(parent, "setComponent"):  # twistd's Application
-            parent.setComponent(ILogObserver, logs.filtered_observer("stdout"))
+            parent.setComponent(ILogObserver, observer)
         service.MultiService.setServiceParent(self, parent)
 
 
-def _twistd_logs_to_stdout(options) -> bool:
-    """Whether C{options} are C{cacheproxy}'s under C{twistd -n} logging to standard output."""
+def _twistd_options(options):
+    """twistd's own options when C{options} are C{cacheproxy}'s under twistd, else None."""
     twistd = getattr(options, "parent", None)
     try:
-        return bool(twistd["nodaemon"]) and twistd["logfile"] in (None, "-") and not twistd["syslog"] \
-            and not twistd["logger"]
+        twistd["nodaemon"]
     except (TypeError, KeyError):
-        return False  # not under twistd (the cacheproxy command, a test)
+        return None  # not under twistd (the cacheproxy command, a test)
+    return twistd
+
+
+def _twistd_observer(twistd_options):
+    """The log observer twistd would make for C{twistd_options}, behind our level filter; or None."""
+    if twistd_options.get("syslog") or twistd_options.get("logger"):
+        return None
+    try:
+        from twisted.scripts._twistd_unix import UnixAppLogger
+
+        observer = UnixAppLogger(twistd_options)._getLogObserver()
+    except (ImportError, AttributeError):
+        return None  # another Twisted: leave twistd's log as it is
+    from twisted.logger import FilteringLogObserver
+
+    from twistedproxy import logs
+
+    return FilteringLogObserver(observer, [logs.level_filter])
 
 
 def makeService(options, reactor=None):
     """The service twistd runs for C{cacheproxy}."""
     made = _make_service(options, reactor)
-    return _TwistdStdoutLog(made) if _twistd_logs_to_stdout(options) else made
+    twistd = _twistd_options(options)
+    return _TwistdLevelLog(made, twistd) if twistd is not None else made
 
 
 def _make_service(options, reactor=None):

@@ -192,12 +192,15 @@ def proxy_env() -> dict:
     return env
 
 
-def twistd(config: dict, port: int, python=None, extra_args=()) -> Process:
-    """The proxy as C{twistd -n cacheproxy -c FILE}, twistd from the interpreter's bin directory."""
+def twistd(config: dict, port: int, python=None, extra_args=(), twistd_args=()) -> Process:
+    """
+    The proxy as C{twistd -n [twistd_args] cacheproxy -c FILE [extra_args]}, twistd
+    from the interpreter's bin directory.
+    """
     path = write_config(config)
     bindir = os.path.dirname(python or sys.executable)
     pidfile = tempfile.mktemp(prefix="tp-twistd-", suffix=".pid")
-    argv = [os.path.join(bindir, "twistd"), "-n", "--pidfile", pidfile, "cacheproxy", "-c", path]
+    argv = [os.path.join(bindir, "twistd"), "-n", "--pidfile", pidfile] + list(twistd_args) + ["cacheproxy", "-c", path]
     argv += stats_args(extra_args)
     return Process(argv, port, env=proxy_env(), cwd=ROOT)
 
