@@ -277,10 +277,15 @@ class Load:
             return memaslap(port, requests, timeout)
         return mcload(self.loader_python, port, requests, pipeline, timeout)
 
-    def warm_up(self, port):
-        """Load that is not measured: PyPy's JIT compiles the hot paths here."""
-        self.run(port, PIPELINE, self.warm[1])
-        self.run(port, 1, self.warm[0])
+    def warm_up(self, port, workers=1):
+        """
+        Load that is not measured: PyPy's JIT compiles the hot paths here.  The
+        kernel spreads connections over the workers, so each of C{workers}
+        gets the same share as a single process would.
+        """
+        scale = max(1, workers)
+        self.run(port, PIPELINE, self.warm[1] * scale)
+        self.run(port, 1, self.warm[0] * scale)
 
     def measure(self, port, pgid):
         """
@@ -431,7 +436,7 @@ def bench_protocol(running, protocol, args, pythons, results):
         for entry in list(live):
             print("==> %s: warming up %s" % (protocol, entry[2]), flush=True)
             if attempt(entry, "readiness", wait_ready, entry[4], protocol):
-                attempt(entry, "warm-up", load.warm_up, entry[4])
+                attempt(entry, "warm-up", load.warm_up, entry[4], entry[1])
         for round_ in range(args.repeat):
             for entry in list(live):
                 target, workers, label, proc, port = entry
