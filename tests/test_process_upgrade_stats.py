@@ -17,7 +17,7 @@ import pytest
 
 from tests.support import processes
 from tests.support.processes import HOST, free_port
-from tests.support.workers import Master, connect, kill_pid, master_config, poll, served_by, set_get
+from tests.support.workers import Master, connect, kill_pid, master_config, pid_alive, poll, served_by, set_get
 from tests.test_stats import http_get, read_stats_port
 
 pytestmark = pytest.mark.integration
@@ -160,3 +160,30 @@ def test_a_reload_moves_the_stats_http_endpoint(spawn, memcached_backends):
     assert read_stats_port(stats_port)["service"] == "nutcracker"  # the stats port stays
     with connect(port) as sock:
         set_get(sock, b"after", b"reload")
+
+
+def test_counters_carry_on_through_two_upgrades(spawn, memcached_backends):
+    master, port, stats_port, http_port = _start(spawn, memcached_backends, 1)
+    poller = StatsPoller(stats_port, http_port)
+    poller.start()
+    pids = [master.process.pid]
+    try:
+        with connect(port) as sock:
+            set_get(sock, b"first", b"master")
+        pids.append(master.upgrade(1)["pid"])
+        with connect(port) as sock:
+            set_get(sock, b"second", b"master")
+        os.kill(pids[-1], signal.SIGUSR2)  # the second master is not our child: signal it by pid
+        poll(lambda: not pid_alive(pids[-1]), 20, message="the second master to hand over and exit")
+        pids.append(master.wait_ready(1)["pid"])
+        with connect(port) as sock:
+            set_get(sock, b"third", b"master")
+        poll(lambda: _requests(read_stats_port(stats_port)) == 6, 10, message="all six requests counted")
+        poller.stop()
+    finally:
+        poller.stop()
+        for pid in pids[1:]:
+            kill_pid(pid)
+    assert len(set(pids)) == 3
+    assert poller.errors == [], poller.errors[:5]
+    assert poller.requests == sorted(poller.requests), poller.requests
