@@ -53,6 +53,7 @@ READY_ENV = "TWISTEDPROXY_UPGRADE_READY_FD"
 # The socket on which the old master sends the new one its counters (fd number in env).
 TOTALS_ENV = "TWISTEDPROXY_UPGRADE_TOTALS_FD"
 INHERIT_WAIT = 3.0  # seconds a new master waits for the old one's counters before serving stats
+HAND_ON_TIMEOUT = 5.0  # seconds an old master waits for the new one to take its last counters
 UPGRADE_TIMEOUT = 30.0  # seconds the old master waits for the new one
 KILL_GRACE = 3.0  # seconds past a stop's deadline before SIGKILL
 YOUNG = 2.0  # a worker dying younger than this (s) counts towards a crash loop
@@ -871,8 +872,9 @@ class MasterService(service.Service):
                     os.unlink(self.config.global_.control)
                 except OSError:
                     pass
-        # The new master of an upgrade gets the final counters before we go.
-        self._hand_on_totals().addBoth(lambda _: self._stopped())
+        # The new master of an upgrade gets the final counters before we go (a
+        # new master that does not answer cannot keep us here).
+        self._hand_on_totals().addTimeout(HAND_ON_TIMEOUT, self.reactor).addBoth(lambda _: self._stopped())
 
     def _stopped(self) -> None:
         if self.heir is not None:
