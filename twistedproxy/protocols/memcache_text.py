@@ -257,9 +257,7 @@ class TextRequestParser(ClientStreamParser):
     __slots__ = ()
 
     def feed(self, data: bytes) -> list:
-        if self._closed:  # ClientStreamParser._take, inlined
-            return []
-        buf = self._gather(data) if self._chunks else data
+        buf = self._take(data)
         if buf is None:
             return []
         requests = []
@@ -669,9 +667,9 @@ class TextReplyParser(ReplyBuffer):
         self._resume = 0  # how far into the current reply complete VALUE blocks reach
 
     def next_reply(self, request):
-        if self._size < self._need:
+        buf = self._ready()
+        if buf is None:
             return None
-        buf = self._ready() if self._chunks else self._buf
         start = self._pos
         cur = start + self._resume
         while True:
@@ -709,12 +707,8 @@ class TextReplyParser(ReplyBuffer):
             if length_index == 1:  # a meta VA reply holds one block
                 break
             cur = end
-        # ReplyBuffer._cut, inlined: this runs once per request.
         self._resume = 0
-        self._pos = end
-        self._size -= end - start
-        self._need = 1
-        return buf[start:end]
+        return self._cut(end)
 
 
 @implementer(ICodec)
