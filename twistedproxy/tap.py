@@ -247,7 +247,7 @@ def _make_service(options, reactor=None):
         from twistedproxy.process.master import MasterService
 
         try:
-            return MasterService(config, options, reactor)
+            return MasterService(config, options, reactor, config_text=text)
         except (ConfigError, OSError) as e:
             raise usage.UsageError("configuration file '%s' is invalid:\n%s" % (path, e))
     return ProxyService(config, reactor, stats_port=options["stats-port"], stats_addr=options["stats-addr"],

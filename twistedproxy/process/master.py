@@ -64,9 +64,10 @@ BACKOFF_MAX = 10.0
 _ROLLOVER_KEYS = ("worker_cpu_affinity", "listen_mode", "accept_mutex", "tcp_quickack", "user", "group")
 
 
-def read_config(path: str):
-    """(text, config) of the file at C{path}; raises ConfigError."""
-    return load_config_text(path)
+def _take_fd(name: str):
+    """The descriptor number an upgrading master left in environment variable C{name} (removed), or None."""
+    value = os.environ.pop(name, None)
+    return int(value) if value and value.isdigit() else None
 
 
 def check_global(config, path: str) -> None:
@@ -241,7 +242,7 @@ class MasterService(service.Service):
         self.config_path = os.path.abspath(options["conf-file"])
         if config_text is None:
             # Workers get the file's text: re-read it with its parse, so both agree.
-            config_text, config = read_config(self.config_path)
+            config_text, config = load_config_text(self.config_path)
         self.config = config
         self.config_text = config_text
         check_global(config, self.config_path)
@@ -290,10 +291,8 @@ class MasterService(service.Service):
         self._privileged = True
         inherited = inherited_sockets(os.environ)
         os.environ.pop(INHERIT_ENV, None)
-        ready = os.environ.pop(READY_ENV, None)
-        self.ready_fd = int(ready) if ready and ready.isdigit() else None
-        totals = os.environ.pop(TOTALS_ENV, None)
-        self.totals_fd = int(totals) if totals and totals.isdigit() else None
+        self.ready_fd = _take_fd(READY_ENV)
+        self.totals_fd = _take_fd(TOTALS_ENV)
         self.sockets = self._open_sockets(self.config, self.worker_count, inherited)
         opts = self.options
         self.stats_endpoints = stats_server.endpoints(
@@ -443,11 +442,12 @@ class MasterService(service.Service):
             return
         wanted = self._keys(self.config, self.worker_count)
         closing = [key for key in self.sockets if key not in wanted]
-        if any(is_slot_key(key) for key in closing) and reuseport_migration() is False:
+        slots = sum(1 for key in closing if is_slot_key(key))
+        if slots and reuseport_migration() is False:
             log.warn(
                 "closing {count} reuseport socket(s): connections still queued on them are reset;"
                 " set net.ipv4.tcp_migrate_req=1 to have the kernel move them to the other workers",
-                count=sum(1 for key in closing if is_slot_key(key)),
+                count=slots,
             )
         for key in closing:
             self._close_socket(self.sockets.pop(key))
@@ -598,7 +598,7 @@ class MasterService(service.Service):
         """
         path = self.config_path
         try:
-            text, config = read_config(path)
+            text, config = load_config_text(path)
             check_global(config, path)
         except (ConfigError, OSError) as e:
             return defer.succeed(self._refused(str(e)))
