@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 import redis
@@ -19,6 +18,7 @@ import yaml
 
 from tests.support import processes
 from tests.support.processes import HOST, ROOT, free_port, pool_config, write_config
+from tests.support.workers import poll
 
 pytestmark = pytest.mark.integration
 
@@ -114,13 +114,6 @@ def test_cli_serves(spawn, redis_backends):
     assert "Traceback" not in output, output
 
 
-def _wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def _answers(port) -> bool:
     try:
         return redis.Redis(host=HOST, port=port, socket_timeout=2, protocol=2).ping()
@@ -142,20 +135,20 @@ def test_single_process_signals_reload_reopen_and_survive(spawn, redis_backends,
     # logrotate: the file is moved away, then HUP makes the proxy write a new one.
     os.rename(str(log_path), str(log_path) + ".1")
     proc.signal(signal.SIGHUP)
-    _wait(log_path.exists)
+    poll(log_path.exists, message="a new log file")
     # A changed file: a second pool starts listening; the first keeps its clients.
     client = redis.Redis(host=HOST, port=port, socket_timeout=10, protocol=2)
     assert client.set("before", "reload")
     with open(path, "w") as f:
         yaml.safe_dump({"alpha": pool_config([backend.port], port), "beta": pool_config([backend.port], second)}, f)
     proc.signal(signal.SIGHUP)
-    _wait(lambda: _answers(second))
+    poll(lambda: _answers(second), message="the new pool")
     assert client.get("before") == b"reload"
     # An invalid file changes nothing.
     with open(path, "a") as f:
         f.write("bogus: [\n")
     proc.signal(signal.SIGHUP)
-    _wait(lambda: "reload refused" in log_path.read_text())
+    poll(lambda: "reload refused" in log_path.read_text(), message="the refusal")
     assert proc.alive() and _answers(port) and _answers(second)
     text = log_path.read_text()
     assert "reloaded" in text and "Traceback" not in text, text
@@ -190,9 +183,9 @@ def test_twistd_log_file_obeys_the_level_and_rotates(spawn, redis_backends, tmp_
                  extra_args=["-v", "4"], twistd_args=["--logfile", str(log_path)])
     _serves(port, backend.port)
     proc.signal(signal.SIGUSR2)  # a warning (single process: no upgrade), which -v 4 keeps
-    _wait(lambda: "needs a master" in log_path.read_text())
+    poll(lambda: "needs a master" in log_path.read_text(), message="the warning")
     proc.signal(signal.SIGUSR1)  # twistd's log rotation still works
-    _wait(lambda: (tmp_path / "twistd.log.1").exists())
+    poll(lambda: (tmp_path / "twistd.log.1").exists(), message="the rotated log")
     text = (tmp_path / "twistd.log.1").read_text()
     assert "starting on" not in text and "[-]" not in text, text
 
