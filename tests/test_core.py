@@ -497,6 +497,48 @@ def test_quit_closes_after_earlier_replies():
     assert t.disconnecting
 
 
+def test_half_closed_client_gets_every_reply_then_is_closed():
+    window = client_module.DISPATCH_WINDOW
+    h = Harness(client_max_pending=window * 4)
+    c, t = h.client()
+    a, b = h.key_on(7001), h.key_on(7002)
+    held = [cmd("GET", a)] * (window + 3)  # more than the dispatch window: some are held
+    c.dataReceived(cmd("GET", b) + cmd("MGET", a, b) + cmd("PING") + b"".join(held) + cmd("GET", a)[:7])
+    c.readConnectionLost()  # shutdown(SHUT_WR) after a partial frame
+    resumed = []
+    t.resumeProducing = lambda: resumed.append(True)  # reading again would see the EOF again
+    assert not t.disconnecting
+    backends = h.accept()
+    backends[7002].data[b] = b"B"
+    backends[7002].answer()
+    assert not t.disconnecting
+    while backends[7001].pending():
+        backends[7001].answer(5)
+    assert t.value() == b"$1\r\nB\r\n*2\r\n$-1\r\n$1\r\nB\r\n+PONG\r\n" + b"$-1\r\n" * (window + 3)
+    assert t.disconnecting and not resumed
+
+
+def test_half_closed_idle_client_is_closed_at_once():
+    h = Harness()
+    c, t = h.client()
+    c.dataReceived(cmd("PING"))
+    c.readConnectionLost()
+    assert t.value() == b"+PONG\r\n" and t.disconnecting
+
+
+def test_half_closed_client_does_not_resume_reading():
+    h = Harness(servers=(7001,))
+    c, t = h.client()
+    c.dataReceived(cmd("GET", "a"))
+    c.pauseProducing()  # its write buffer is full
+    c.readConnectionLost()
+    resumed = []
+    t.resumeProducing = lambda: resumed.append(True)
+    c.resumeProducing()  # the buffer drained
+    h.accept()[7001].answer()
+    assert t.value() == b"$-1\r\n" and t.disconnecting and not resumed
+
+
 def test_protocol_error_serves_earlier_requests_then_closes():
     h = Harness()
     c, t = h.client()

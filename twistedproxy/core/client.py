@@ -14,13 +14,17 @@ read its replies), so a slow client cannot grow the proxy's memory.  Replies
 count too: at most L{DISPATCH_WINDOW} requests of a client are out at backends
 or answered but unwritten; the others wait, parsed, until replies are written,
 and none are sent while the client's write buffer is full.
+
+Half-close: a client that shuts down its sending side (C{shutdown(SHUT_WR)},
+C{nc -q1}) still gets the reply to every request it sent; the connection closes
+once the last one is written, as with memcached, Redis and nutcracker.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -37,7 +41,7 @@ log = Logger()
 DISPATCH_WINDOW = 64
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class ClientConnection(Protocol):
     """One client of a pool; pipelined, replies in order."""
 
@@ -48,6 +52,7 @@ class ClientConnection(Protocol):
         self.dirty = False  # queued for a flush at the end of the current batch
         self.closed = False
         self.quitting = False  # a close_after request was read: ignore what follows
+        self.read_closed = False  # the client shut down its sending side: close once answered
         self.max_pending = pool.config.client_max_pending
         self.paused_for_queue = False
         self.paused_for_writes = False
@@ -130,13 +135,13 @@ class ClientConnection(Protocol):
                 break
         if out:
             self.write(out[0] if len(out) == 1 else b"".join(out))
-        if close:
+        if close or (self.read_closed and not queue):
             self.closed = True
             self.transport.loseConnection()
             return
         if self.paused_for_queue and len(queue) <= self.max_pending // 2:
             self.paused_for_queue = False
-            if not self.paused_for_writes:
+            if not self.paused_for_writes and not self.read_closed:
                 self.transport.resumeProducing()
         if self.held and not self.paused_for_writes:
             self._dispatch_held()
@@ -154,6 +159,20 @@ class ClientConnection(Protocol):
             pool.dispatch(held.popleft(), codec, now, touched, dirty)
         pool.flusher.add(touched)
         flush_clients(dirty)
+
+    def readConnectionLost(self):
+        """
+        The client sent its last byte: read nothing more, answer every request
+        already read (a partial one is dropped), then close.
+        """
+        self.read_closed = True
+        self.quitting = True
+        if not self.queue and not self.closed:
+            self.closed = True
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass  # the proxy never half-closes its own side
 
     def connectionLost(self, reason):
         self.closed = True
@@ -177,7 +196,7 @@ class ClientConnection(Protocol):
     def resumeProducing(self):
         if self.paused_for_writes:
             self.paused_for_writes = False
-            if not self.paused_for_queue and not self.closed:
+            if not self.paused_for_queue and not self.closed and not self.read_closed:
                 self.transport.resumeProducing()
             if self.held and not self.closed:
                 self._dispatch_held()

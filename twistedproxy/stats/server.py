@@ -2,7 +2,8 @@
 The stats endpoints:
 
   - the stats port (nutcracker's C{-s/-a}): every TCP connection gets the
-    twemproxy JSON document and is closed, as nutcracker does;
+    twemproxy JSON document and is closed, as nutcracker does (also one that
+    shut down its sending side at once, like C{nc HOST PORT </dev/null});
   - the HTTP endpoint (C{global: stats_http}): C{/status} (HTML page),
     C{/stats.json}, C{/metrics} (Prometheus), C{/slowlog} (JSON, C{?limit=N})
     and C{POST /tune} (run-time settings as a form or JSON object; answers
@@ -22,9 +23,11 @@ from __future__ import annotations
 import json
 
 from twisted.internet.defer import maybeDeferred, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web import resource, server
+from zope.interface import implementer
 
 from twistedproxy.stats import prometheus, snapshots, status, tuning
 
@@ -50,6 +53,7 @@ class LocalSources:
 # -- the twemproxy stats port ------------------------------------------------
 
 
+@implementer(IHalfCloseableProtocol)
 class _StatsPortProtocol(Protocol):
     def connectionMade(self):
         d = maybeDeferred(self.factory.source)
@@ -65,6 +69,12 @@ class _StatsPortProtocol(Protocol):
     def _failed(self, failure):
         log.failure("stats port: cannot collect stats", failure)
         self.transport.loseConnection()
+
+    def readConnectionLost(self):
+        pass  # the client sent all it will (nothing is read anyway): the document still goes out
+
+    def writeConnectionLost(self):
+        pass
 
 
 class StatsPortFactory(Factory):
