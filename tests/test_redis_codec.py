@@ -471,6 +471,45 @@ def test_auth_with_username():
     assert replies == [b"-ERR invalid password\r\n", b"+OK\r\n"]
 
 
+IN_REFUSED_MULTI = b"-ERR MULTI is not supported by the proxy: command refused inside the refused transaction\r\n"
+
+
+def test_a_refused_multi_refuses_every_command_until_exec_or_discard():
+    parser = codec.request_parser(pool())
+    inside = cmd("SET", "k", "1") + cmd("INCR", "k") + cmd("MGET", "a", "b") + cmd("PING") + b"GET k\r\n" + cmd("MULTI")
+    requests = parser.feed(cmd("GET", "a") + cmd("MULTI") + inside + cmd("DISCARD") + cmd("GET", "k"))
+    assert requests[0].route == ROUTE_KEY
+    assert requests[1].reply == b"-ERR unsupported command 'MULTI'\r\n"
+    assert [r.reply for r in requests[2:8]] == [IN_REFUSED_MULTI] * 6
+    assert all(r.route == ROUTE_LOCAL for r in requests[1:9])
+    assert requests[8].reply == b"+OK\r\n"  # DISCARD ends the state
+    assert (requests[9].route, requests[9].key) == (ROUTE_KEY, b"k")
+    # EXEC ends it too, with Redis's answer when a queued command failed; the state
+    # spans reads, even a frame cut in two.
+    frame = cmd("SET", "k", "2")
+    requests = parser.feed(b"multi\r\n" + frame[:9])
+    requests += parser.feed(frame[9:] + cmd("EXEC") + cmd("EXEC") + cmd("DISCARD"))
+    assert [r.reply for r in requests] == [
+        b"-ERR unsupported command 'multi'\r\n",
+        IN_REFUSED_MULTI,
+        b"-EXECABORT Transaction discarded because of previous errors.\r\n",
+        b"-ERR unsupported command 'EXEC'\r\n",  # no transaction any more
+        b"-ERR unsupported command 'DISCARD'\r\n",
+    ]
+
+
+def test_quit_inside_a_refused_multi_closes():
+    requests = parse(cmd("MULTI") + cmd("SET", "k", "1") + cmd("QUIT"))
+    assert requests[1].reply == IN_REFUSED_MULTI
+    assert requests[2].reply == b"+OK\r\n" and requests[2].close_after
+
+
+def test_multi_with_arguments_is_refused_without_a_transaction():
+    requests = parse(cmd("MULTI", "x") + cmd("GET", "k"))
+    assert requests[0].reply == b"-ERR unsupported command 'MULTI'\r\n"
+    assert requests[1].route == ROUTE_KEY
+
+
 def test_unsupported_and_arity_errors_before_auth():
     requests = parse(cmd("KEYS", "*") + cmd("GET"), redis_auth="pw")
     assert requests[0].reply.startswith(b"-ERR unsupported command")

@@ -133,3 +133,39 @@ def test_half_closed_stats_port_client_gets_the_document(spawn, redis_backends):
         time.sleep(0.1)  # the worker may not have reported yet
     assert "alpha" in document and document["service"] == "nutcracker"
     assert "Traceback" not in proc.output()
+
+
+# -- a refused transaction ------------------------------------------------------------
+
+IN_REFUSED_MULTI = b"-ERR MULTI is not supported by the proxy: command refused inside the refused transaction\r\n"
+
+
+def test_commands_inside_a_refused_multi_never_run(spawn, redis_backends):
+    import redis
+
+    backends = redis_backends(2)
+    port, _, proc = start(spawn, [b.port for b in backends])
+    data = cmd("MULTI") + cmd("SET", "k", "1") + cmd("INCR", "k") + cmd("DISCARD") + cmd("GET", "k")
+    assert half_closed_exchange(port, data) == (
+        b"-ERR unsupported command 'MULTI'\r\n" + IN_REFUSED_MULTI * 2 + b"+OK\r\n" + b"$-1\r\n"
+    )
+    data = cmd("MULTI") + cmd("SET", "k", "1") + cmd("MSET", "a", "1", "b", "2") + cmd("EXEC") + cmd("EXISTS", "k", "a")
+    assert half_closed_exchange(port, data) == (
+        b"-ERR unsupported command 'MULTI'\r\n"
+        + IN_REFUSED_MULTI * 2
+        + b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+        + b":0\r\n"
+    )
+    # redis-py's transactional pipeline: MULTI ... EXEC in one write; nothing runs.
+    client = redis.Redis(host=HOST, port=port, socket_timeout=10, protocol=2)
+    pipe = client.pipeline(transaction=True)
+    pipe.set("k", "1")
+    pipe.incr("k")
+    with pytest.raises(redis.exceptions.ResponseError):
+        pipe.execute()
+    assert client.get("k") is None
+    assert client.set("k", "2") and client.incr("k") == 3  # the connection is usable again
+    for backend in backends:
+        direct = redis.Redis(host=HOST, port=backend.port, protocol=2)
+        assert direct.exists("a", "b") == 0
+    assert "Traceback" not in proc.output()

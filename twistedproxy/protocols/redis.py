@@ -39,6 +39,9 @@ _TOO_MANY_KEYS = b"-ERR Number of keys can't be greater than number of args\r\n"
 _BAD_BACKEND_REPLY = b"-ERR unexpected reply from the server\r\n"
 _NOPROTO = b"-NOPROTO sorry, this protocol version is not supported\r\n"
 _BAD_PROTOVER = b"-ERR Protocol version is not an integer or out of range\r\n"
+# Between a refused MULTI and its EXEC or DISCARD (see RedisRequestParser._refused).
+_IN_REFUSED_MULTI = b"-ERR MULTI is not supported by the proxy: command refused inside the refused transaction\r\n"
+_EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 # HELLO 2's map, as a flat RESP2 array like Redis sends it.
 _HELLO_REPLY = (
     b"*14\r\n$6\r\nserver\r\n$12\r\ntwistedproxy\r\n$7\r\nversion\r\n$%d\r\n%s\r\n"
@@ -155,7 +158,13 @@ def split_quoted(line: bytes):
 class RedisRequestParser:
     """
     Frames one client connection's requests.  Also holds the connection's
-    AUTH state, since the proxy answers AUTH itself.
+    state the proxy answers for itself: AUTH, and a refused transaction.
+
+    Transactions are not supported, yet a client that sends MULTI and then
+    commands expects none of them to run unless EXEC succeeds.  So a refused
+    MULTI leaves the connection refusing: every command up to EXEC or DISCARD
+    gets an error and reaches no backend; EXEC answers EXECABORT (what Redis
+    says when a queued command failed), DISCARD answers +OK.
     """
 
     def __init__(self, pool_config, codec):
@@ -165,6 +174,7 @@ class RedisRequestParser:
         self._password = password.encode("utf-8") if password else None
         self._locked = self._password is not None  # until a successful AUTH
         self._closed = False  # after QUIT: ignore whatever follows
+        self._refusing = False  # after a refused MULTI, until EXEC or DISCARD
         # Bytes not parsed yet: the first starts at a frame boundary, or inside a
         # frame at an argument boundary when _partial is set.
         self._chunks = []
@@ -216,7 +226,7 @@ class RedisRequestParser:
         lookup = commands.COMMANDS.get
         max_bytes = self._max_request_bytes
         key_kind = _KEY
-        locked = self._locked
+        locked = self._locked or self._refusing  # every command goes through _dispatch
         partial = self._partial
         self._partial = None
         while True:
@@ -237,7 +247,7 @@ class RedisRequestParser:
                         if request.close_after:
                             self._closed = True
                             return pos
-                        locked = self._locked
+                        locked = self._locked or self._refusing
                     continue
                 if pos + 4 <= blen and buf[pos + 2] == 13 and buf[pos + 3] == 10 and 49 <= buf[pos + 1] <= 57:
                     nargs = buf[pos + 1] - 48  # fast path: *N\r\n
@@ -337,7 +347,7 @@ class RedisRequestParser:
                 if request.close_after:
                     self._closed = True
                     return pos
-                locked = self._locked
+                locked = self._locked or self._refusing
                 continue
             # Cut short inside the frame: keep what was scanned, wait for `need` bytes
             # (refused at once when the frame would outgrow the limit).
@@ -376,7 +386,11 @@ class RedisRequestParser:
         inline command: built here if the command is forwarded).
         """
         name, kind, min_args, max_args, key_index, _ = entry
+        if self._refusing and kind != _QUIT:
+            return self._refused(name)
         if kind == _UNSUPPORTED:
+            if name == b"multi" and nargs == 1:
+                self._refusing = True
             return local(name, b"-ERR unsupported command '%s'\r\n" % _printable(args[0]))
         if not min_args <= nargs <= max_args:
             return local(name, b"-ERR wrong number of arguments for '%s' command\r\n" % name)
@@ -423,6 +437,16 @@ class RedisRequestParser:
                 )
             return Request(frame, name, args[3])
         return Request(frame, name, route=ROUTE_ANY)  # commands.ANY
+
+    def _refused(self, name: bytes):
+        """The answer to C{name} inside a refused transaction; EXEC and DISCARD end it."""
+        if name == b"exec":
+            self._refusing = False
+            return local(name, _EXECABORT)
+        if name == b"discard":
+            self._refusing = False
+            return local(name, _OK)
+        return local(name, _IN_REFUSED_MULTI)
 
     def _hello(self, args) -> bytes:
         """

@@ -26,7 +26,8 @@ only work when all their keys live on one server: use hash tags.
 
 Not supported (answered with an error, the connection stays open): anything
 about the whole keyspace or the server (KEYS, SCAN, RANDOMKEY, DBSIZE, FLUSHDB,
-INFO, CONFIG, ...), transactions, pub/sub, blocking commands, SELECT (the pool's
+INFO, CONFIG, ...), transactions (after a refused MULTI every command up to
+EXEC or DISCARD is refused too), pub/sub, blocking commands, SELECT (the pool's
 C{redis_db} is selected on every backend connection), RENAME and RENAMENX (the
 new name may hash elsewhere; twemproxy refuses them too), MSETNX (not atomic
 once split), SCRIPT and FUNCTION management, and every name not in this table.
