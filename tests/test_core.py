@@ -241,7 +241,7 @@ def test_a_failed_fragment_fails_the_whole_request():
     backends = h.accept()
     backends[7002].answer()
     backends[7001].protocol.connectionLost(Failure(ConnectionLost()))
-    assert t.value() == b"-ERR connection to 127.0.0.1:7001 lost\r\n$-1\r\n"
+    assert t.value() == b"-ERR Connection reset by peer\r\n$-1\r\n"
 
 
 # -- timeouts -------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def test_timeout_answers_an_error_and_drops_the_late_reply():
     h.reactor.advance(0.099)
     assert t.value() == b""
     h.reactor.advance(0.002)
-    assert t.value() == b"-ERR timeout on 127.0.0.1:7001\r\n$-1\r\n"
+    assert t.value() == b"-ERR Connection timed out\r\n$-1\r\n"
     t.clear()
     # The connection stays; once the backoff is over a new request goes on it,
     # and the expired request's late reply is thrown away, not given to it.
@@ -280,12 +280,12 @@ def test_timeouts_fire_per_request_age():
     h.reactor.advance(0.05)
     c.dataReceived(cmd("PING") + cmd("GET", a))
     h.reactor.advance(0.051)
-    assert t.value() == b"-ERR timeout on 127.0.0.1:7001\r\n+PONG\r\n"
+    assert t.value() == b"-ERR Connection timed out\r\n+PONG\r\n"
     backend.answer(1)  # the late reply of the first GET: dropped
     backend.answer()
-    assert t.value() == b"-ERR timeout on 127.0.0.1:7001\r\n+PONG\r\n$-1\r\n"
+    assert t.value() == b"-ERR Connection timed out\r\n+PONG\r\n$-1\r\n"
     h.reactor.advance(1)
-    assert t.value().count(b"timeout") == 1
+    assert t.value().count(b"-ERR Connection timed out") == 1
 
 
 def test_timeout_of_a_fragment():
@@ -295,7 +295,7 @@ def test_timeout_of_a_fragment():
     c.dataReceived(cmd("MGET", a, b))
     h.accept()[7002].answer()
     h.reactor.advance(0.1)
-    assert t.value() == b"-ERR timeout on 127.0.0.1:7001\r\n"
+    assert t.value() == b"-ERR Connection timed out\r\n"
 
 
 # -- failures ------------------------------------------------------------------------
@@ -311,7 +311,7 @@ def test_backend_lost_mid_pipeline_errors_exactly_its_requests():
     backends[7001].protocol.connectionLost(Failure(ConnectionLost()))
     assert t.value() == b"$-1\r\n"  # the GET to 7002 is still pending
     backends[7002].answer()
-    assert t.value() == b"$-1\r\n$-1\r\n-ERR connection to 127.0.0.1:7001 lost\r\n+PONG\r\n"
+    assert t.value() == b"$-1\r\n$-1\r\n-ERR Connection reset by peer\r\n+PONG\r\n"
 
 
 def test_reconnect_after_backoff():
@@ -320,10 +320,10 @@ def test_reconnect_after_backoff():
     a = h.key_on(7001)
     c.dataReceived(cmd("GET", a))
     h.refuse()
-    assert t.value().startswith(b"-ERR cannot connect to 127.0.0.1:7001")
+    assert t.value() == b"-ERR Connection refused\r\n"
     t.clear()
-    c.dataReceived(cmd("GET", a))  # during the backoff: fails at once, no new attempt
-    assert t.value() == b"-ERR server 127.0.0.1:7001 unavailable\r\n"
+    c.dataReceived(cmd("GET", a))  # during the backoff: fails at once, no new attempt, as the attempt did
+    assert t.value() == b"-ERR Connection refused\r\n"
     assert h.attempts() == []
     t.clear()
     h.reactor.advance(1)
@@ -342,7 +342,7 @@ def test_ejection_after_failure_limit_and_readmission():
         c.dataReceived(cmd("GET", a))
         h.refuse()
         h.reactor.advance(0.5)  # past the reconnect backoff
-    assert t.value().count(b"-ERR cannot connect") == 2
+    assert t.value().count(b"-ERR Connection refused") == 2
     assert [s.spec.port for s in h.pool.live] == [7002, 7003]
     new_port = h.pool.server_for(a).spec.port
     assert new_port != 7001
@@ -394,7 +394,7 @@ def test_ejection_after_timeouts():
     h.reactor.advance(0.5)  # past the backoff: the next request goes to the same server
     c.dataReceived(cmd("GET", a))
     h.reactor.advance(0.1)
-    assert t.value().count(b"timeout") == 2
+    assert t.value().count(b"-ERR Connection timed out") == 2
     assert 7001 not in [s.spec.port for s in h.pool.live]
 
 
@@ -404,7 +404,7 @@ def test_all_servers_ejected():
     c.dataReceived(cmd("GET", "x"))
     h.refuse()
     c.dataReceived(cmd("GET", "x") + cmd("MGET", "x", "y") + cmd("PING"))
-    assert t.value().endswith(b"-ERR no server available in pool alpha\r\n" * 2 + b"+PONG\r\n")
+    assert t.value().endswith(b"-ERR Connection refused\r\n" * 2 + b"+PONG\r\n")
 
 
 # -- backpressure and limits -----------------------------------------------------
@@ -560,7 +560,7 @@ def test_garbage_from_a_backend_fails_its_requests():
     backend.protocol.dataReceived(b"?what\r\n")
     assert backend.transport.disconnecting or backend.transport.disconnected
     backend.protocol.connectionLost(Failure(ConnectionLost()))
-    assert t.value() == b"-ERR connection to 127.0.0.1:7001 lost\r\n"
+    assert t.value() == b"-ERR Invalid argument\r\n"
 
 
 # -- connecting ------------------------------------------------------------------------
@@ -638,7 +638,7 @@ def test_a_frozen_backend_times_out_during_the_handshake():
     c.dataReceived(cmd("GET", "a"))
     h.accept()
     h.reactor.advance(0.1)
-    assert t.value() == b"-ERR timeout on 127.0.0.1:7001\r\n"
+    assert t.value() == b"-ERR Connection timed out\r\n"
 
 
 def test_closing_connections_on_ejection_is_not_a_new_failure():
@@ -688,7 +688,7 @@ def test_held_requests_released_by_a_lost_connection_are_not_sent_on_it():
     # on the dead connection (where no reply would ever come).
     replies = t.value().split(b"\r\n")[:-1]
     assert len(replies) == window + 10, replies[-3:]
-    assert replies[-1] == b"-ERR server 127.0.0.1:7001 unavailable"
+    assert replies[-1] == b"-ERR Connection reset by peer"
 
 
 def test_one_timer_per_connection_when_timeouts_release_held_requests():
@@ -698,10 +698,10 @@ def test_one_timer_per_connection_when_timeouts_release_held_requests():
     c.dataReceived(b"".join(cmd("GET", "k%d" % i) for i in range(window + 5)))
     backend = h.accept()[7001]
     h.reactor.advance(0.1)
-    assert t.value().count(b"timeout") == window
+    assert t.value().count(b"-ERR Connection timed out") == window
     timers = [d for d in h.reactor.getDelayedCalls() if d.active() and "_timer_fired" in repr(d.func)]
     assert len(timers) == 1, timers
     h.reactor.advance(0.1)
-    assert t.value().count(b"timeout") == window + 5
+    assert t.value().count(b"-ERR Connection timed out") == window + 5
     backend.answer()  # late replies: all dropped
     assert t.value().count(b"\r\n") == window + 5

@@ -16,6 +16,7 @@ import pytest
 
 from tests.support import processes
 from tests.support.processes import HOST, free_port, pool_config
+from tests.test_redis_proxy import recv_until_closed
 
 pytestmark = pytest.mark.integration
 
@@ -25,12 +26,7 @@ def half_closed_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes
     with socket.create_connection((HOST, port), timeout=timeout) as sock:
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
-        out = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return out
-            out += chunk
+        return recv_until_closed(sock)
 
 
 def start(spawn, servers, redis=True, global_keys=None, **pool_keys):
@@ -121,13 +117,7 @@ def test_half_closed_stats_port_client_gets_the_document(spawn, redis_backends):
     while True:
         with socket.create_connection((HOST, stats_port), timeout=10) as sock:
             sock.shutdown(socket.SHUT_WR)  # nc HOST PORT </dev/null
-            data = b""
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        document = json.loads(data)
+            document = json.loads(recv_until_closed(sock))
         if "alpha" in document or time.time() > deadline:
             break
         time.sleep(0.1)  # the worker may not have reported yet
@@ -169,3 +159,250 @@ def test_commands_inside_a_refused_multi_never_run(spawn, redis_backends):
         direct = redis.Redis(host=HOST, port=backend.port, protocol=2)
         assert direct.exists("a", "b") == 0
     assert "Traceback" not in proc.output()
+
+
+# -- backend failures answer with nutcracker's texts ------------------------------------
+
+needs_nutcracker = pytest.mark.skipif(shutil.which("nutcracker") is None, reason="nutcracker (twemproxy) is not installed")
+
+REQUESTS = {
+    # One server per pool: the multi-key requests are not split (see the fragment test).
+    "redis": cmd("GET", "k") + cmd("MGET", "a", "b") + cmd("SET", "k", "v"),
+    "memcache": b"get k\r\nget a b\r\nset k 0 0 1\r\nv\r\n",
+}
+
+
+def error_replies(protocol: str, text: str) -> bytes:
+    line = ("-ERR %s\r\n" if protocol == "redis" else "SERVER_ERROR %s\r\n") % text
+    return line.encode() * 3
+
+
+def side_by_side(spawn, protocol: str, server_port: int, global_keys=None, **pool_keys):
+    """
+    nutcracker and the proxy (with C{global_keys}) on the same one-server pool:
+    (nutcracker's port, the proxy's, the proxy process).
+    """
+    pool_keys.setdefault("timeout", 5000)
+    ports = []
+    for start_one in (processes.nutcracker, processes.proxy):
+        port = free_port()
+        config = {"alpha": pool_config([server_port], port, redis=protocol == "redis", **pool_keys)}
+        if global_keys and start_one is processes.proxy:
+            config["global"] = global_keys
+        ports.append(port)
+        proc = spawn(start_one, config, port)
+    return ports[0], ports[1], proc
+
+
+def unread_connections(port: int) -> int:
+    """Connections accepted on loopback C{port} holding bytes their process has not read."""
+    count = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local_port = int(fields[1].split(":")[1], 16)
+            rx_queue = int(fields[4].split(":")[1], 16)
+            if local_port == port and fields[3] == "01" and rx_queue > 0:  # ESTABLISHED
+                count += 1
+    return count
+
+
+def wait_for(predicate, timeout: float = 10.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError("condition not met after %ss" % timeout)
+        time.sleep(0.02)
+
+
+class FakeBackend:
+    """A loopback listener that reads each connection's first bytes, then sends C{reply} or closes."""
+
+    def __init__(self, reply=None):
+        import threading
+
+        self.reply = reply
+        self.listener = socket.socket()
+        self.listener.bind((HOST, 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    if conn.recv(65536) and self.reply is not None:
+                        conn.sendall(self.reply)
+                        conn.recv(65536)  # until the peer closes
+                except OSError:
+                    pass
+
+    def stop(self):
+        self.listener.close()
+
+
+@pytest.fixture
+def fake_backend():
+    made = []
+
+    def make(reply=None):
+        backend = FakeBackend(reply)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        backend.stop()
+
+
+def backend_process(spawn, protocol):
+    return spawn(processes.redis_server if protocol == "redis" else processes.memcached)
+
+
+@needs_nutcracker
+@pytest.mark.parametrize("protocol", ["redis", "memcache"])
+def test_refused_backend(spawn, protocol):
+    import urllib.request
+
+    dead = free_port()
+    http = free_port()
+    global_keys = {"stats_http": "%s:%d" % (HOST, http), "slowlog_threshold": 0}
+    nut, ours, proc = side_by_side(spawn, protocol, dead, global_keys=global_keys)
+    data = REQUESTS[protocol]
+    expected = error_replies(protocol, "Connection refused")
+    assert half_closed_exchange(nut, data) == expected
+    assert half_closed_exchange(ours, data) == expected
+    assert half_closed_exchange(ours, data) == expected  # during the reconnect backoff too
+    # The log and the slow log name the server instead.
+    label = "%s:%d" % (HOST, dead)
+    assert "backend %s: cannot connect" % label in proc.output()
+    processes.wait_for_port(http, proc.proc)
+    with urllib.request.urlopen("http://%s:%d/slowlog" % (HOST, http), timeout=10) as response:
+        entries = json.loads(response.read())
+    assert len(entries) == 6
+    assert all(e["error"] == "Connection refused (%s)" % label for e in entries), entries
+    assert "Traceback" not in proc.output()
+
+
+@needs_nutcracker
+@pytest.mark.parametrize("protocol", ["redis", "memcache"])
+def test_ejected_backend_no_server_left(spawn, protocol):
+    nut, ours, proc = side_by_side(
+        spawn, protocol, free_port(), auto_eject_hosts=True, server_failure_limit=1, server_retry_timeout=30000
+    )
+    data = REQUESTS[protocol]
+    expected = error_replies(protocol, "Connection refused")
+    for port in (nut, ours):
+        assert half_closed_exchange(port, data) == expected  # the failure that ejects
+        assert half_closed_exchange(port, data) == expected  # no server in the placement
+    assert "ejecting server" in proc.output()
+
+
+@needs_nutcracker
+@pytest.mark.parametrize("protocol", ["redis", "memcache"])
+def test_frozen_backend_times_out(spawn, protocol):
+    backend = backend_process(spawn, protocol)
+    nut, ours, proc = side_by_side(spawn, protocol, backend.port, timeout=300)
+    backend.freeze()
+    data = REQUESTS[protocol]
+    expected = error_replies(protocol, "Connection timed out")
+    assert half_closed_exchange(nut, data) == expected
+    assert half_closed_exchange(ours, data) == expected
+    assert "requests timed out" in proc.output()
+
+
+@needs_nutcracker
+@pytest.mark.parametrize("protocol", ["redis", "memcache"])
+def test_backend_killed_with_requests_in_flight(spawn, protocol):
+    backend = backend_process(spawn, protocol)
+    nut, ours, proc = side_by_side(spawn, protocol, backend.port)
+    backend.freeze()
+    clients = []
+    for port in (nut, ours):
+        sock = socket.create_connection((HOST, port), timeout=10)
+        sock.sendall(REQUESTS[protocol])
+        sock.shutdown(socket.SHUT_WR)
+        clients.append(sock)
+    # Both proxies' requests wait unread in the frozen backend: killing it resets them.
+    wait_for(lambda: unread_connections(backend.port) == 2)
+    backend.kill()
+    expected = error_replies(protocol, "Connection reset by peer")
+    for sock in clients:
+        with sock:
+            assert recv_until_closed(sock) == expected
+
+
+@needs_nutcracker
+@pytest.mark.parametrize("protocol", ["redis", "memcache"])
+def test_backend_closing_the_connection(spawn, fake_backend, protocol):
+    backend = fake_backend()  # reads the request, then closes
+    nut, ours, proc = side_by_side(spawn, protocol, backend.port)
+    data = REQUESTS[protocol]
+    expected = error_replies(protocol, "unknown")  # nutcracker has no errno to name then
+    assert half_closed_exchange(nut, data) == expected
+    assert half_closed_exchange(ours, data) == expected
+
+
+@needs_nutcracker
+@pytest.mark.parametrize("protocol", ["redis", "memcache"])
+def test_backend_sending_garbage(spawn, fake_backend, protocol):
+    backend = fake_backend(b"?what\r\n" if protocol == "redis" else b"VALUE k 0 zz\r\n")
+    nut, ours, proc = side_by_side(spawn, protocol, backend.port)
+    data = cmd("GET", "k") if protocol == "redis" else b"get k\r\n"  # one: what follows depends on timing
+    expected = error_replies(protocol, "Invalid argument")[: len(error_replies(protocol, "Invalid argument")) // 3]
+    assert half_closed_exchange(nut, data) == expected
+    assert half_closed_exchange(ours, data) == expected
+    assert "sent bad data" in proc.output()
+
+
+def keys_on_each(ports, count: int) -> list:
+    """C{count} keys placed on each server of a default pool on C{ports} (the same in nutcracker)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twistedproxy.api import build_pool
+    from twistedproxy.config import config_from_dict
+
+    pool = build_pool(config_from_dict({"alpha": pool_config(ports, 1)}).pools[0], MemoryReactorClock())
+    found = {port: [] for port in ports}
+    i = 0
+    while min(len(keys) for keys in found.values()) < count:
+        key = "key:%d" % i
+        on = found[pool.server_for(key.encode()).spec.port]
+        if len(on) < count:
+            on.append(key)
+        i += 1
+    return [key for keys in found.values() for key in keys]
+
+
+@needs_nutcracker
+def test_an_error_from_one_fragment_keeps_the_backends_message(spawn):
+    """
+    A deliberate difference: nutcracker 0.5.0 answers a split request whose
+    fragment got an error reply with "-ERR Invalid argument"; the proxy passes
+    the backend's own error (here NOREPLICAS; READONLY from a replica alike).
+    """
+    healthy = spawn(processes.redis_server)
+    refusing = spawn(processes.redis_server, None, "--min-replicas-to-write", "1")
+    keys = keys_on_each([healthy.port, refusing.port], 10)
+    ports = []
+    for start_one in (processes.nutcracker, processes.proxy):
+        port = free_port()
+        spawn(start_one, {"alpha": pool_config([healthy.port, refusing.port], port, timeout=5000)}, port)
+        ports.append(port)
+    nut, ours = ports
+    data = cmd("MSET", *[x for k in keys for x in (k, "v")]) + cmd("DEL", *keys) + cmd("MGET", *keys)
+    mget = b"*20\r\n" + b"$-1\r\n" * 20
+    noreplicas = b"-NOREPLICAS Not enough good replicas to write.\r\n"
+    assert half_closed_exchange(ours, data) == noreplicas * 2 + mget
+    assert half_closed_exchange(nut, data) == b"-ERR Invalid argument\r\n" * 2 + mget

@@ -5,9 +5,42 @@ client is queued for one flush at the end of the current I/O batch.
 
 Fragments of a split or broadcast request report to their parent, which gets its
 merged reply (or one error reply) once the last fragment is in.
+
+A failure's reply says what nutcracker 0.5.0 says for the same failure (its
+C{strerror(errno)}, or "unknown" where it has no errno), so clients and scripts
+that match those texts keep working; which server failed goes to the log and
+the slow log (L{Request.failed}), not to the reply.
 """
 
 from __future__ import annotations
+
+import os
+
+from twisted.internet import error as _error
+
+# nutcracker's texts, by failure.
+REFUSED = "Connection refused"  # also when no server is left in the placement (nutcracker's ECONNREFUSED)
+TIMED_OUT = "Connection timed out"
+RESET = "Connection reset by peer"
+CLOSED = "unknown"  # the backend closed the connection: nutcracker has no errno to name
+BAD_REPLY = "Invalid argument"  # the backend sent bytes that are no reply (nutcracker's EINVAL)
+
+
+def failure_text(reason) -> str:
+    """nutcracker's text for a backend connection that failed or was lost with C{reason} (a Failure)."""
+    value = reason.value
+    if isinstance(value, _error.TimeoutError):  # the connect timeout
+        return TIMED_OUT
+    if isinstance(value, _error.ConnectionRefusedError):
+        return REFUSED
+    if isinstance(value, _error.ConnectError):
+        errno = value.osError
+        return os.strerror(errno) if isinstance(errno, int) else CLOSED
+    if isinstance(value, _error.ConnectionDone):
+        return CLOSED
+    if isinstance(value, _error.ConnectionLost):
+        return RESET  # Twisted drops the errno of a failed read; a reset is what it nearly always is
+    return CLOSED
 
 
 def complete(request, raw: bytes, codec, dirty: list) -> None:
@@ -28,11 +61,15 @@ def complete(request, raw: bytes, codec, dirty: list) -> None:
         _finish_parent(parent, codec, dirty)
 
 
-def fail(request, message: str, codec, dirty: list) -> None:
-    """Give C{request} the codec's error reply for C{message} (never filtered)."""
+def fail(request, error: str, where: str, codec, dirty: list) -> None:
+    """
+    Give C{request} the codec's error reply for C{error} (one of nutcracker's
+    texts above; never filtered); C{where} (the server or pool) is kept with it
+    for the slow log.
+    """
     parent = request.parent
-    request.failed = message
-    request.reply = codec.error_reply(request if parent is None else parent, message)
+    request.failed = "%s (%s)" % (error, where)
+    request.reply = codec.error_reply(request if parent is None else parent, error)
     request.done = True
     if parent is None:
         _mark(request.client, dirty)

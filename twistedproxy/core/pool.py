@@ -15,7 +15,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 
 from twistedproxy.core.batching import TurnFlusher
-from twistedproxy.core.completion import fail
+from twistedproxy.core.completion import REFUSED, fail
 from twistedproxy.core.request import ROUTE_ALL, ROUTE_ANY, ROUTE_KEY, ROUTE_KEYS, Request
 from twistedproxy.core.server import ServerConnection
 from twistedproxy.hashing import hash_function, hash_tag_key, make_distribution
@@ -67,6 +67,7 @@ class Server:
         self.connections = {}  # codec -> [ServerConnection]
         self.next_connection = 0
         self.failures = 0  # consecutive failures (reset by a good reply)
+        self.last_error = None  # nutcracker's text for the last failure (completion.failure_text)
         self.retry_at = 0.0  # no new connection before this time (backoff)
         self.ejected = False
         self.retry_call = None
@@ -264,7 +265,7 @@ class ServerPool:
         elif route == ROUTE_ALL:
             servers = self.live
             if not servers:
-                fail(request, "no server available in pool %s" % (self.name,), codec, dirty)
+                fail(request, REFUSED, "no server in pool %s" % (self.name,), codec, dirty)
                 return
             request.fragments = fragments = []
             for server in servers:
@@ -315,9 +316,10 @@ class ServerPool:
 
     def _send(self, server, request, codec, now, touched, dirty) -> None:
         if server is None:
-            fail(request, "no server available in pool %s" % (self.name,), codec, dirty)
+            fail(request, REFUSED, "no server in pool %s" % (self.name,), codec, dirty)
         elif not server.available(now):
-            fail(request, "server %s unavailable" % (server.label,), codec, dirty)
+            # Backing off after a failure: fail fast, the way that failure did.
+            fail(request, server.last_error or REFUSED, server.label, codec, dirty)
         else:
             server.connection(codec).enqueue(request, now, touched)
 

@@ -19,7 +19,7 @@ from collections import deque
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from twistedproxy.core.completion import complete, fail, flush_clients
+from twistedproxy.core.completion import BAD_REPLY, CLOSED, TIMED_OUT, complete, fail, failure_text, flush_clients
 from twistedproxy.core.request import ProtocolError
 from twistedproxy.core.writes import immediate_writer
 
@@ -134,6 +134,8 @@ class ServerConnection(Protocol):
                 error=str(e),
             )
             flush_clients(dirty)
+            self.closed = True
+            self.server.last_error = BAD_REPLY
             self.transport.abortConnection()
             return
         if self.server.failures:
@@ -150,15 +152,37 @@ class ServerConnection(Protocol):
 
     def connectionLost(self, reason):
         self.connected = False
+        server = self.server
+        if self.closed:
+            # The proxy closed it (ejection, bad data, stop): what is still in
+            # flight fails the way the failure that made it close did.
+            error = server.last_error or CLOSED
+        else:
+            error = server.last_error = failure_text(reason)
         # Leave the server first: failing requests lets their clients send more
         # (held requests), which must not be queued on this dead connection.
-        self.server.connection_lost(self, reason)
-        self._fail_all("connection to %s lost" % (self.server.label,))
+        server.connection_lost(self, reason)
+        failed = self._fail_all(error)
+        if failed or not self.closed:
+            self._log_failure("connection lost", reason, failed, error)
 
     def connection_failed(self, reason) -> None:
         """The TCP connection could not be made."""
-        self.server.connection_lost(self, reason)
-        self._fail_all("cannot connect to %s: %s" % (self.server.label, reason.getErrorMessage()))
+        server = self.server
+        error = server.last_error = failure_text(reason)
+        server.connection_lost(self, reason)
+        self._log_failure("cannot connect", reason, self._fail_all(error), error)
+
+    def _log_failure(self, what: str, reason, failed: int, error: str) -> None:
+        # The reply says only nutcracker's text: the log names the server and the cause.
+        log.warn(
+            "backend {server}: {what} ({reason}); {failed} requests answered '{error}'",
+            server=self.server.label,
+            what=what,
+            reason=reason.getErrorMessage(),
+            failed=failed,
+            error=error,
+        )
 
     def close_when_idle(self) -> None:
         """Close once every request in flight is answered (used when a pool retires)."""
@@ -174,18 +198,23 @@ class ServerConnection(Protocol):
         if self.connected:
             self.transport.loseConnection()
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, error: str) -> int:
+        """Fail every request in flight with C{error}; return how many."""
         self.closed = True
         self._cancel_timer()
         dirty = []
         inflight = self.inflight
         self.inflight = deque()
         self.outbuf = []
+        where = self.server.label
+        failed = 0
         for request in inflight:
             if not request.expired and (request.client is not None or request.parent is not None):
-                fail(request, message, self.codec, dirty)
+                fail(request, error, where, self.codec, dirty)
+                failed += 1
         self.n_expired = 0
         flush_clients(dirty)
+        return failed
 
     # -- timeouts ------------------------------------------------------------
 
@@ -208,6 +237,7 @@ class ServerConnection(Protocol):
         inflight = self.inflight
         dirty = []
         expired = 0
+        where = self.server.label
         # Fractions of a millisecond early count as due: timers fire at most that early.
         while len(inflight) > self.n_expired and inflight[self.n_expired].sent_at <= deadline + 1e-4:
             request = inflight[self.n_expired]
@@ -216,9 +246,11 @@ class ServerConnection(Protocol):
             expired += 1
             if request.client is None and request.parent is None:
                 continue  # a handshake request
-            fail(request, "timeout on %s" % (self.server.label,), self.codec, dirty)
+            fail(request, TIMED_OUT, where, self.codec, dirty)
         flush_clients(dirty)
         if expired:
+            log.info("backend {server}: {expired} requests timed out", server=where, expired=expired)
+            self.server.last_error = TIMED_OUT
             self.server.timed_out(self)
         # Failing requests may have let clients send more, arming the timer already.
         if self.timer is None and not self.closed and self.connected:
