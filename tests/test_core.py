@@ -497,6 +497,16 @@ def test_quit_closes_after_earlier_replies():
     assert t.disconnecting
 
 
+def test_a_quit_whose_reply_meets_a_reset_counts_as_an_eof():
+    h = Harness()
+    c, _ = h.client()
+    c.dataReceived(cmd("QUIT"))
+    c.connectionLost(Failure(ConnectionLost()))  # the client had closed: the +OK met a reset
+    other, _ = h.client()
+    other.connectionLost(Failure(ConnectionLost()))
+    assert (h.pool.stats.client_eof, h.pool.stats.client_err) == (1, 1)
+
+
 def test_half_closed_client_gets_every_reply_then_is_closed():
     window = client_module.DISPATCH_WINDOW
     h = Harness(client_max_pending=window * 4)

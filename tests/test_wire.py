@@ -406,3 +406,31 @@ def test_an_error_from_one_fragment_keeps_the_backends_message(spawn):
     noreplicas = b"-NOREPLICAS Not enough good replicas to write.\r\n"
     assert half_closed_exchange(ours, data) == noreplicas * 2 + mget
     assert half_closed_exchange(nut, data) == b"-ERR Invalid argument\r\n" * 2 + mget
+
+
+# -- QUIT ------------------------------------------------------------------------------------
+
+
+def test_a_quit_meeting_a_closed_client_is_no_client_error(spawn, redis_backends):
+    backends = redis_backends(1)
+    port, stats_port, proc = start(spawn, [backends[0].port])
+    processes.wait_for_port(stats_port, proc.proc)
+    for i in range(20):
+        sock = socket.create_connection((HOST, port))
+        sock.sendall(cmd("GET", "k") * (i * 5) + cmd("QUIT"))
+        if i % 2:  # an abortive close: the +OK meets a reset
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # without reading the +OK
+    with socket.create_connection((HOST, port)) as sock:  # a real error, for contrast
+        sock.sendall(cmd("GET", "k") * 50)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    deadline = time.time() + 20
+    while True:
+        with socket.create_connection((HOST, stats_port), timeout=10) as sock:
+            pool = json.loads(recv_until_closed(sock))["alpha"]
+        # The port check of the start counts as one more EOF.
+        if pool["client_eof"] + pool["client_err"] >= 22 or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert (pool["client_eof"], pool["client_err"]) == (21, 1)
+    assert "Traceback" not in proc.output()

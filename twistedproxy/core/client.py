@@ -25,8 +25,10 @@ from __future__ import annotations
 from collections import deque
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistedproxy.core.completion import flush_clients
@@ -40,6 +42,8 @@ log = Logger()
 # reply) while staying deep enough to keep pipelined backends busy.
 DISPATCH_WINDOW = 64
 
+_QUIT_CLOSE = Failure(ConnectionDone("the client quit"))
+
 
 @implementer(IPushProducer, IHalfCloseableProtocol)
 class ClientConnection(Protocol):
@@ -52,6 +56,7 @@ class ClientConnection(Protocol):
         self.dirty = False  # queued for a flush at the end of the current batch
         self.closed = False
         self.quitting = False  # a close_after request was read: ignore what follows
+        self.quit = False  # the client asked to close (QUIT): however the close goes, it is an EOF
         self.read_closed = False  # the client shut down its sending side: close once answered
         self.max_pending = pool.config.client_max_pending
         self.paused_for_queue = False
@@ -97,7 +102,7 @@ class ClientConnection(Protocol):
                     self.outstanding += 1
                     pool.dispatch(request, codec, now, touched, dirty)
             if request.close_after:
-                self.quitting = True
+                self.quitting = self.quit = True
                 break
         if error is not None and not self.quitting:
             log.info("client {peer}: {error}; closing", peer=self._peer(), error=str(error))
@@ -182,7 +187,9 @@ class ClientConnection(Protocol):
             request.client = None
         self.queue.clear()
         self.held.clear()
-        self.pool.stats.client_closed(reason)
+        # A client that quits often closes before reading the +OK, and the reset
+        # that meets it is no error of its connection.
+        self.pool.stats.client_closed(_QUIT_CLOSE if self.quit else reason)
         self.pool.client_gone(self)
 
     # -- IPushProducer: the transport tells us when its write buffer is full --
