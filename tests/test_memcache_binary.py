@@ -303,6 +303,31 @@ def test_body_over_the_limit_loses_framing():
     assert [r.command for r in caught.value.requests] == [b"noop"]
 
 
+def _printable(text: str) -> bool:
+    return all(32 <= ord(c) < 127 for c in text)
+
+
+def test_framing_errors_describe_the_packet_readably():
+    parser = codec.request_parser(pool_config(max_request_bytes=100))
+    with pytest.raises(ProtocolError) as caught:
+        parser.feed(packet(SET, b"k\r\n", store_extras(), b"\x00\x01" * 100, opaque=3))
+    message = str(caught.value)
+    assert _printable(message), message
+    assert message.startswith("request body over max_request_bytes (100): magic 0x80, opcode 0x01 (set), ")
+    assert "key length 3, extras length 8, body length 211; header 80 01 00 03 08 " in message
+    parser = codec.request_parser(pool_config())
+    with pytest.raises(ProtocolError) as caught:
+        parser.feed(packet(GET, b"a") + b"\x7f\x01get a\r\n" + b"\0" * 20)
+    message = str(caught.value)
+    assert _printable(message), message
+    assert message.startswith("bad request magic: magic 0x7f, not a binary packet; first bytes 7f 01 67 65 74 ")
+    reply_parser = codec.reply_parser()
+    reply_parser.feed(b"\x00\x01\r\n" + b"\0" * 30)
+    with pytest.raises(ProtocolError) as caught:
+        reply_parser.next_reply(None)
+    assert _printable(str(caught.value)) and "from backend: magic 0x00, not a binary packet" in str(caught.value)
+
+
 def test_error_reply_carries_the_clients_opcode_and_opaque():
     request = parse_one(packet(GETKQ, b"k", opaque=77))
     raw = codec.error_reply(request, "timeout on 127.0.0.1:11211")

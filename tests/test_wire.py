@@ -434,3 +434,20 @@ def test_a_quit_meeting_a_closed_client_is_no_client_error(spawn, redis_backends
         time.sleep(0.05)
     assert (pool["client_eof"], pool["client_err"]) == (21, 1)
     assert "Traceback" not in proc.output()
+
+
+# -- memcached binary framing errors in the log ------------------------------------------
+
+
+def test_binary_framing_errors_are_logged_readably(spawn, memcached_backends):
+    backends = memcached_backends(1)
+    port, _, proc = start(spawn, [backends[0].port], redis=False, max_request_bytes=1024)
+    too_large = mc_packet(0x01, b"k\r\n", extras=bytes(8), value=b"\x00\x07" * 1024, opaque=9)
+    reply = half_closed_exchange(port, too_large)
+    assert struct.unpack(">BBHBBH", reply[:8]) == (0x81, 0x01, 0, 0, 0, 0x0003)  # E2BIG, then closed
+    half_closed_exchange(port, mc_packet(0x0A) + b"\x07\x01garbage" + bytes(30))
+    wait_for(lambda: proc.output().count("; closing") >= 2)
+    lines = [line for line in proc.output().splitlines() if "; closing" in line]
+    assert all(all(32 <= ord(c) < 127 for c in line) for line in lines), lines
+    assert "request body over max_request_bytes (1024): magic 0x80, opcode 0x01 (set), key length 3" in lines[0]
+    assert "bad request magic: magic 0x07, not a binary packet; first bytes 07 01 67 61" in lines[1]

@@ -220,10 +220,15 @@ class BinaryRequestParser(ClientStreamParser):
         while end - pos >= HEADER_LENGTH:
             magic, opcode, keylen, extlen, bodylen = _REQUEST_HEADER.unpack_from(buf, pos)
             if magic != REQUEST_MAGIC:
-                raise ProtocolError(b"", requests, "bad request magic 0x%02x" % (magic,))
+                raise ProtocolError(b"", requests, "bad request magic: %s" % (describe(buf[pos : pos + HEADER_LENGTH]),))
             if bodylen > self._max_request:
                 opaque = buf[pos + 12 : pos + 16]
-                raise ProtocolError(response(opcode, opaque, STATUS_TOO_LARGE, value=b"Too large."), requests)
+                raise ProtocolError(
+                    response(opcode, opaque, STATUS_TOO_LARGE, value=b"Too large."),
+                    requests,
+                    "request body over max_request_bytes (%d): %s"
+                    % (self._max_request, describe(buf[pos : pos + HEADER_LENGTH])),
+                )
             frame_end = pos + HEADER_LENGTH + bodylen
             if frame_end > end:
                 need += bodylen
@@ -289,12 +294,34 @@ class BinaryReplyParser(ReplyBuffer):
             self._need = HEADER_LENGTH
             return None
         if buf[pos] != RESPONSE_MAGIC:
-            raise ProtocolError(b"", [], "bad response magic 0x%02x from backend" % (buf[pos],))
+            raise ProtocolError(b"", [], "bad response magic from backend: %s" % (describe(buf[pos : pos + HEADER_LENGTH]),))
         end = pos + HEADER_LENGTH + _BODY_LENGTH.unpack_from(buf, pos + 8)[0]
         if end > len(buf):
             self._need = end - pos
             return None
         return self._cut(end)
+
+
+def describe(header: bytes) -> str:
+    """
+    A packet's header told for the log, which must never get the raw bytes
+    (control characters): its fields when the magic is a binary one, and its
+    first bytes in hex.
+    """
+    shown = header[:HEADER_LENGTH].hex(" ")
+    if len(header) < HEADER_LENGTH or header[0] not in (REQUEST_MAGIC, RESPONSE_MAGIC):
+        return "magic 0x%02x, not a binary packet; first bytes %s" % (header[0], shown)
+    magic, opcode, keylen, extlen, bodylen = _REQUEST_HEADER.unpack_from(header)
+    command = COMMANDS.get(opcode)
+    return "magic 0x%02x, opcode 0x%02x (%s), key length %d, extras length %d, body length %d; header %s" % (
+        magic,
+        opcode,
+        command.name.decode("ascii") if command is not None else "unknown",
+        keylen,
+        extlen,
+        bodylen,
+        shown,
+    )
 
 
 def _status(raw: bytes) -> int:
