@@ -6,7 +6,7 @@ driven through the real Redis codec over in-memory transports and a fake clock.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
@@ -396,6 +396,35 @@ def test_ejection_after_timeouts():
     h.reactor.advance(0.1)
     assert t.value().count(b"-ERR Connection timed out") == 2
     assert 7001 not in [s.spec.port for s in h.pool.live]
+
+
+def test_requests_behind_a_timeout_that_ejects_fail_as_timed_out():
+    h = Harness(timeout=100, auto_eject_hosts=True, server_failure_limit=1, server_retry_timeout=1000)
+    c, t = h.client()
+    a = h.key_on(7001)
+    c.dataReceived(cmd("GET", a))
+    backend = h.accept()[7001]
+    h.reactor.advance(0.05)
+    c.dataReceived(cmd("GET", a))  # younger: not due when the first times out
+    h.reactor.advance(0.05)
+    assert t.value() == b"-ERR Connection timed out\r\n"
+    assert backend.transport.disconnecting  # the ejection closes the connection
+    backend.protocol.connectionLost(Failure(ConnectionDone()))
+    assert t.value() == b"-ERR Connection timed out\r\n" * 2  # as nutcracker, which closes on a timeout
+
+
+def test_an_old_failure_is_forgotten_once_a_connection_is_made():
+    h = Harness()
+    c, t = h.client()
+    a = h.key_on(7001)
+    c.dataReceived(cmd("GET", a))
+    h.refuse()
+    h.reactor.advance(1)
+    c.dataReceived(cmd("GET", a))
+    h.accept()
+    h.pool.stop()  # closes with the request in flight: no failure of the server's
+    h.backends[7001].protocol.connectionLost(Failure(ConnectionDone()))
+    assert t.value() == b"-ERR Connection refused\r\n-ERR unknown\r\n"
 
 
 def test_all_servers_ejected():

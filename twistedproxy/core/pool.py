@@ -106,6 +106,7 @@ class Server:
 
     def connection_made(self, conn) -> None:
         self.retry_at = 0.0
+        self.last_error = None
         self.stats.connections_made += 1
 
     def connection_lost(self, conn, reason) -> None:
