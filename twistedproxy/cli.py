@@ -30,7 +30,7 @@ def main(argv=None) -> int:
         return 0 if tap.check_config(options["conf-file"]) else 1
 
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner
+    from twisted.logger import Logger, globalLogBeginner
 
     from twistedproxy import logs
     from twistedproxy.process.master import READY_ENV
@@ -47,10 +47,22 @@ def main(argv=None) -> int:
     # With -o, makeService already sent the log to that file.
     observers = [] if options["output"] else [logs.filtered_observer()]
     globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
-    reactor.callWhenRunning(proxy_service.startService)
+    failed = []
+
+    def start():
+        # One that cannot start (a port in use) ends, as nutcracker does; with -d
+        # the waiting command then exits 1 instead of waiting for ever.
+        try:
+            proxy_service.startService()
+        except Exception:
+            Logger().failure("cacheproxy cannot start")
+            failed.append(True)
+            reactor.stop()
+
+    reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", proxy_service.stopService)
     reactor.run()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

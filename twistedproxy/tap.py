@@ -134,6 +134,7 @@ class ProxyService(service.Service):
         self._serve_stats()
         if self.handle_signals:
             self._install_signals()
+        command.daemon_started()
 
     def _serve_stats(self) -> None:
         from twistedproxy.stats import server as stats_server

@@ -76,14 +76,25 @@ def remove_pid_file(path: str) -> None:
         pass
 
 
+_ready_fd = None  # a daemon's pipe to the command that started it (L{daemon_started})
+
+
 def daemonize() -> None:
     """
     nutcracker's C{-d}: detach from the terminal and the session (fork,
     setsid, fork), work in C{/}, standard input and output to /dev/null.
-    The starting process exits 0.
+    The starting command waits until the daemon has written its pid file and
+    bound its sockets (L{daemon_started}): it exits 0 then, or 1 if the daemon
+    ended first, so init scripts (systemd's Type=forking) find the pid file.
     """
+    global _ready_fd
+    read_end, write_end = os.pipe()
     if os.fork():
-        os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            os._exit(0 if pipe.read() == b"ok" else 1)
+    os.close(read_end)
+    _ready_fd = write_end
     os.setsid()
     if os.fork():
         os._exit(0)
@@ -93,3 +104,14 @@ def daemonize() -> None:
         os.dup2(null, fd)
     if null > 2:
         os.close(null)
+
+
+def daemon_started() -> None:
+    """A daemon serves: let the command that started it exit 0 (nothing without -d)."""
+    global _ready_fd
+    if _ready_fd is not None:
+        fd, _ready_fd = _ready_fd, None
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)

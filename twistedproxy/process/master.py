@@ -346,6 +346,7 @@ class MasterService(service.Service):
             self.stats_loop.start(interval, now=False)
         log.info("cacheproxy master {pid} started {n} workers ({mode})",
                  pid=os.getpid(), n=self.worker_count, mode=self.config.global_.listen_mode)
+        command.daemon_started()
 
     def _serve_stats(self) -> None:
         self.stats_ports = stats_server.adopt(
@@ -667,7 +668,7 @@ class MasterService(service.Service):
             log.error("worker {pid} refused the configuration: {error}", pid=worker.pid, error=answer["error"])
 
     def _not_reconfigured(self, failure, worker):
-        if worker.state != "gone":
+        if worker.state not in ("gone", "stopping") and not self.stopping:  # else a stop cut it short
             log.failure("worker {pid} could not apply the configuration", failure, pid=worker.pid)
 
     def _record_reload(self, ok, error):
