@@ -288,3 +288,93 @@ def test_systemd_unit_agrees_with_the_pid_file_behaviour():
     for arg in start[1:] + check[1:]:
         if arg.startswith("-"):
             assert re.search(r"%s, --" % re.escape(arg), result.stdout.decode()), arg
+
+
+# -- scripts/demo.sh through an upgrade ------------------------------------------------------
+
+
+def _demo_config(tmp_path) -> tuple:
+    """conf/demo.yml on free ports: (path, redis pool port, backend ports, control path)."""
+    with open(os.path.join(ROOT, "conf", "demo.yml")) as f:
+        config = yaml.safe_load(f)
+    backends = {"redis": [free_port(), free_port()], "memcache": [free_port(), free_port()]}
+    for name, ports in backends.items():
+        pool = config[name]
+        pool["listen"] = "%s:%d" % (HOST, free_port())
+        pool["servers"] = ["%s:%d:1 %s" % (HOST, port, server.split()[-1])
+                           for port, server in zip(ports, pool["servers"])]
+    config["global"]["worker_processes"] = 2
+    config["global"]["control"] = str(tmp_path / "demo.ctl")
+    config["global"]["stats_http"] = "%s:%d" % (HOST, free_port())
+    path = tmp_path / "demo.yml"
+    with open(str(path), "w") as f:
+        yaml.safe_dump(config, f)
+    return str(path), int(config["redis"]["listen"].rsplit(":", 1)[1]), backends, config["global"]["control"]
+
+
+def _listening(port) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(180)
+def test_demo_follows_the_master_through_an_upgrade(tmp_path):
+    conf, port, backends, control = _demo_config(tmp_path)
+    run = tmp_path / "run"
+    env = processes.proxy_env()
+    env.update({
+        "DEMO_PROXY": "%s -m twistedproxy.cli" % sys.executable,  # this checkout, this interpreter
+        "DEMO_CONF": conf,
+        "DEMO_REDIS_PORTS": " ".join(map(str, backends["redis"])),
+        "DEMO_MEMCACHED_PORTS": " ".join(map(str, backends["memcache"])),
+        "DEMO_STATS_PORT": str(free_port()),
+        "DEMO_RUN": str(run),
+    })
+    out = open(str(tmp_path / "demo.out"), "wb")
+    demo = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "demo.sh")], cwd=ROOT, env=env,
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    pid_path = run / "cacheproxy.pid"
+    everything = []
+    try:
+        processes.wait_for_port(port, demo, timeout=90)
+        old = poll(lambda: _ready(control, 2), 30, message="2 workers")
+        assert _read_pid(pid_path) == old["pid"]
+        client = redis.Redis(host=HOST, port=port, socket_timeout=10, protocol=2)
+        assert client.set("demo", "survives")
+
+        os.kill(old["pid"], signal.SIGUSR2)
+        poll(lambda: not pid_alive(old["pid"]), 60, message="the old master to leave")
+        new_pid = _read_pid(pid_path)
+        assert new_pid and new_pid != old["pid"]
+        new = poll(lambda: _ready(control, 2), 30, message="the new master's workers")
+        assert new["pid"] == new_pid
+        # The demo still runs, and so do its backends: the value is still there.
+        assert demo.poll() is None
+        assert redis.Redis(host=HOST, port=port, socket_timeout=10, protocol=2).get("demo") == b"survives"
+        assert all(_listening(p) for ports in backends.values() for p in ports)
+        everything = [new_pid] + [w["pid"] for w in new["workers"]]
+
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(60) is not None
+        poll(lambda: not any(pid_alive(pid) for pid in everything), 20, message="the proxy to stop")
+        poll(lambda: not any(_listening(p) for ports in backends.values() for p in ports), 20,
+             message="the backends to stop")
+        assert not _listening(port) and not pid_path.exists()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        try:
+            os.killpg(demo.pid, signal.SIGKILL)  # anything the demo left behind
+        except ProcessLookupError:
+            pass
+        for pid in everything:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        out.close()
+    text = (tmp_path / "demo.out").read_text()
+    assert "Traceback" not in text, text
