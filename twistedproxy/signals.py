@@ -22,15 +22,17 @@ def received(signum: int, doing: str = "") -> str:
 
 def install(reactor, handlers: dict) -> None:
     """
-    Once the reactor runs (it installs its own SIGINT/SIGTERM handlers as it
-    starts), log C{signum} and run C{action()} in the reactor whenever it
-    arrives, for C{handlers[signum] = (doing, action)}; C{action} may be None
-    (only the line is logged).  A Python handler already installed (twistd's
-    SIGUSR1 log rotation, the reactor's SIGTERM) still runs first.
+    Log C{signum} and run C{action()} in the reactor whenever it arrives, for
+    C{handlers[signum] = (doing, action)}; C{action} may be None (only the
+    line is logged).  A Python handler already installed (twistd's SIGUSR1 log
+    rotation, the reactor's SIGTERM) still runs first.  At once, so that a
+    signal sent as soon as the proxy listens is not lost; SIGINT and SIGTERM
+    once the reactor runs, since it installs its own for them as it starts.
     """
 
-    def install_now():
-        for signum, (doing, action) in handlers.items():
+    def install_now(signums):
+        for signum in signums:
+            doing, action = handlers[signum]
             previous = signal.getsignal(signum)
             if not callable(previous):
                 previous = None
@@ -47,4 +49,6 @@ def install(reactor, handlers: dict) -> None:
 
             signal.signal(signum, on_signal)
 
-    reactor.callWhenRunning(install_now)
+    reactors_own = [signum for signum in handlers if signum in (signal.SIGINT, signal.SIGTERM)]
+    install_now([signum for signum in handlers if signum not in reactors_own])
+    reactor.callWhenRunning(install_now, reactors_own)

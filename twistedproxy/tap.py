@@ -129,11 +129,11 @@ class ProxyService(service.Service):
 
         if self.pid_file:
             command.write_pid_file(self.pid_file)
+        if self.handle_signals:
+            self._install_signals()  # before listening: a client may signal as soon as it can connect
         self.proxy = Proxy(self.config, self.reactor)
         self.proxy.start()
         self._serve_stats()
-        if self.handle_signals:
-            self._install_signals()
         command.daemon_started()
 
     def _serve_stats(self) -> None:
