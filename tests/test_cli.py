@@ -286,3 +286,140 @@ def test_plugin_from_a_wheel_install(tmp_path):
         os.unlink(conf)
     assert result.returncode == 0, result
     assert b"syntax is ok" in result.stdout
+
+
+# -- nutcracker's command line ------------------------------------------------------
+
+
+def _nutcracker(*args) -> str:
+    """What the Debian nutcracker (0.5.0) prints for ARGS (it writes on standard error)."""
+    result = subprocess.run(["nutcracker"] + list(args), capture_output=True, timeout=30)
+    return (result.stdout + result.stderr).decode()
+
+
+def test_help_names_every_nutcracker_option():
+    import re
+
+    theirs = set(re.findall(r"(-\w), (--[\w-]+)", _nutcracker("-h")))
+    assert len(theirs) == 13, theirs
+    for flag in ("-h", "-?"):
+        result = cacheproxy(flag)
+        assert result.returncode == 0, result
+        ours = result.stdout.decode()
+        for short, long in theirs:
+            assert "%s, %s" % (short, long) in ours, (short, long, ours)
+
+
+def test_describe_stats_as_nutcracker_does():
+    result = cacheproxy("-D")
+    assert result.returncode == 0, result
+    ours = result.stdout.decode()
+    theirs = _nutcracker("-D")
+    assert ours[ours.index("\npool stats:"):] == theirs[theirs.index("\npool stats:"):]
+    # Every field described is one the stats port serves, and the other way round.
+    from twistedproxy.stats.snapshots import POOL_FIELDS, SERVER_FIELDS
+
+    for field in POOL_FIELDS + SERVER_FIELDS:
+        assert "\n  %s " % field in ours
+
+
+@pytest.mark.parametrize("size, ok", [("512", True), ("16384", True), ("16777216", True),
+                                      ("511", False), ("16777217", False), ("many", False)])
+def test_mbuf_size_within_nutcracker_limits(size, ok):
+    path = _file(GOOD)
+    try:
+        result = cacheproxy("-t", "-m", size, "-c", path)
+        long_form = cacheproxy("-t", "--mbuf-size=%s" % size, "-c", path)
+    finally:
+        os.unlink(path)
+    assert (result.returncode == 0) is ok, result
+    assert long_form.returncode == result.returncode
+    if not ok and size != "many":
+        assert b"mbuf chunk size must be between 512 and 16777216 bytes" in result.stderr
+
+
+def _nutcracker_line(config_path, port_stats, log_path, pid_path):
+    """A nutcracker 0.5.0 command line, every option in its long or short form."""
+    return ["--conf-file=%s" % config_path, "-s", str(port_stats), "--stats-addr=%s" % HOST,
+            "-i", "1000", "--verbose=6", "-o", str(log_path), "--pid-file=%s" % pid_path, "-m", "32768"]
+
+
+@pytest.mark.parametrize("launcher", ["cacheproxy", "twistd"])
+def test_a_nutcracker_command_line_starts_the_proxy(launcher, redis_backends, tmp_path):
+    """The same options nutcracker takes, with the program's name swapped; -p's file goes at exit."""
+    (backend,) = redis_backends(1)
+    port = free_port()
+    path = write_config({"alpha": pool_config([backend.port], port)}, str(tmp_path))
+    log_path, pid_path = tmp_path / "proxy.log", tmp_path / "proxy.pid"
+    args = _nutcracker_line(path, free_port(), log_path, pid_path)
+    if launcher == "twistd":
+        argv = [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile", str(tmp_path / "t.pid"),
+                "cacheproxy"] + args
+    else:
+        argv = [sys.executable, "-m", "twistedproxy.cli"] + args
+    proc = processes.Process(argv, port, env=processes.proxy_env(), cwd=str(tmp_path))
+    try:
+        _serves(port, backend.port)
+        assert poll(pid_path.exists, message="the pid file")
+        assert pid_path.read_text() == "%d\n" % proc.pid
+    finally:
+        proc.stop()
+    # twistd ends by the signal it got, as Twisted does.
+    assert proc.proc.returncode == (-signal.SIGTERM if launcher == "twistd" else 0), proc.output()
+    assert not pid_path.exists()
+    assert "Traceback" not in log_path.read_text()
+
+
+def test_twistd_refuses_daemonize_with_nodaemon():
+    path = _file(GOOD)
+    try:
+        result = subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "cacheproxy", "-d", "-c", path],
+            capture_output=True, timeout=60, cwd=tempfile.gettempdir(), env=processes.proxy_env(),
+        )
+    finally:
+        os.unlink(path)
+    assert result.returncode != 0
+    assert b"twistd daemonizes by itself; drop twistd's -n/--nodaemon" in result.stdout + result.stderr
+
+
+def _session(pid: int) -> int:
+    with open("/proc/%d/stat" % pid) as f:
+        return int(f.read().rsplit(")", 1)[1].split()[3])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_daemonize_detaches_writes_the_pid_file_serves_and_stops(workers, redis_backends, tmp_path):
+    """-d as nutcracker does it: the command returns, the daemon has its own session in /, -p names it."""
+    from tests.support.workers import pid_alive
+
+    (backend,) = redis_backends(1)
+    port = free_port()
+    config = {"alpha": pool_config([backend.port], port)}
+    if workers:
+        config["global"] = {"worker_processes": workers}
+    # Relative paths, as an operator types them: the daemon moves to / after reading them.
+    write_path = write_config(config, str(tmp_path))
+    args = ["-d", "-c", os.path.basename(write_path), "-p", "proxy.pid", "-o", "proxy.log",
+            "-s", str(free_port()), "-a", HOST]
+    started = cacheproxy(*args, cwd=str(tmp_path))
+    assert started.returncode == 0, started
+    pid_path = tmp_path / "proxy.pid"
+    pid = int(poll(lambda: pid_path.exists() and pid_path.read_text().strip(), message="the pid file"))
+    try:
+        assert _session(pid) != _session(os.getpid())  # setsid, then a second fork (no terminal again)
+        assert os.readlink("/proc/%d/cwd" % pid) == "/"
+        processes.wait_for_port(port, timeout=20)
+        _serves(port, backend.port)
+        os.kill(pid, signal.SIGHUP)  # reopens the log and re-reads the file: both by absolute path
+        log_text = (tmp_path / "proxy.log").read_text
+        poll(lambda: "reopening log file" in log_text() and ("reloaded" in log_text() or "unchanged" in log_text()),
+             message="the HUP")
+        os.kill(pid, signal.SIGTERM)
+        poll(lambda: not pid_alive(pid), 20, message="the daemon to exit")
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert not pid_path.exists()
+    text = (tmp_path / "proxy.log").read_text()
+    assert "Traceback" not in text and "reload refused" not in text, text

@@ -2,7 +2,8 @@
 The C{cacheproxy} command: the twistd plugin without twistd's boilerplate.
 
 C{cacheproxy -c conf.yml} behaves like C{twistd -n cacheproxy -c conf.yml}:
-foreground, logs to standard error (or C{-o FILE}), stops on SIGINT/SIGTERM.
+foreground, logs to standard error (or C{-o FILE}), stops on SIGINT/SIGTERM;
+with C{-d} it detaches as nutcracker does (L{command.daemonize}).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import sys
 from twisted.python import usage
 
 from twistedproxy import tap
+from twistedproxy.process import command
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    argv = ["-h" if arg == "-?" else arg for arg in argv]  # nutcracker's other name for -h
     options = tap.Options()
     try:
         options.parseOptions(argv)
@@ -27,25 +30,39 @@ def main(argv=None) -> int:
         return 0 if tap.check_config(options["conf-file"]) else 1
 
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner
+    from twisted.logger import Logger, globalLogBeginner
 
     from twistedproxy import logs
+    from twistedproxy.process.master import READY_ENV
 
     try:
         proxy_service = tap.makeService(options, reactor)
     except usage.UsageError as e:
         sys.stderr.write("cacheproxy: %s\n" % (e,))
         return 1
+    # The configuration is checked and the log file open: errors so far went to the terminal.
+    # The new master of an upgrade is already detached (and its old master waits for it).
+    if options["daemonize"] and READY_ENV not in os.environ:
+        command.daemonize()
     # With -o, makeService already sent the log to that file.
     observers = [] if options["output"] else [logs.filtered_observer()]
     globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
-    if options["pid-file"]:
-        with open(options["pid-file"], "w") as f:
-            f.write("%d\n" % os.getpid())
-    reactor.callWhenRunning(proxy_service.startService)
+    failed = []
+
+    def start():
+        # One that cannot start (a port in use) ends, as nutcracker does; with -d
+        # the waiting command then exits 1 instead of waiting for ever.
+        try:
+            proxy_service.startService()
+        except Exception:
+            Logger().failure("cacheproxy cannot start")
+            failed.append(True)
+            reactor.stop()
+
+    reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", proxy_service.stopService)
     reactor.run()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

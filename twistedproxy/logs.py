@@ -5,6 +5,7 @@ later SIGTTIN/SIGTTOU and the control client).
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.logger import (
@@ -69,7 +70,7 @@ class _LogFile:
     """A log file that L{reopen} can reopen (after rotation: SIGUSR1)."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path = os.path.abspath(path)  # reopened after -d has moved us to /
         self.file = open(path, "a", buffering=1)
         _log_files.append(self)
 

@@ -1,11 +1,13 @@
 """
 The twistd plugin's options and service: C{twistd -n cacheproxy -c conf.yml}.
 
-Flags mirror nutcracker's where they make sense (C{-c -t -v -o -s -a -i -V}).
+Flags are nutcracker 0.5.0's (C{-h -V -t -d -D -v -o -c -s -a -i -p -m}): any
+nutcracker command line, with the program's name swapped, means the same here.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.application import service
@@ -14,8 +16,12 @@ from twisted.python import usage
 
 from twistedproxy._version import __version__
 from twistedproxy.config import ConfigError, load_config, load_config_text
+from twistedproxy.process import command
 
 log = Logger()
+
+# nutcracker's -m limits (src/nc_mbuf.h), and its default.
+MBUF_MIN, MBUF_MAX, MBUF_DEFAULT = 512, 16777216, 16384
 
 
 def _int(value):
@@ -30,6 +36,7 @@ class Options(usage.Options):
 
     optFlags = [
         ["test-conf", "t", "Test the configuration for syntax errors and exit."],
+        ["daemonize", "d", "Run as a daemon (under twistd: twistd's own daemon mode, so not with -n)."],
     ]
     optParameters = [
         ["conf-file", "c", "conf/nutcracker.yml", "Configuration file (nutcracker.yml format)."],
@@ -38,7 +45,10 @@ class Options(usage.Options):
         ["stats-port", "s", 22222, "Stats monitoring port.", _int],
         ["stats-addr", "a", "0.0.0.0", "Stats monitoring address."],
         ["stats-interval", "i", 30000, "Stats aggregation interval in milliseconds.", _int],
-        ["pid-file", "p", None, "Write the process id to this file (the cacheproxy command)."],
+        ["pid-file", "p", None, "Write the process id to this file (removed on exit; see the README on upgrades)."],
+        ["mbuf-size", "m", MBUF_DEFAULT,
+         "nutcracker's mbuf chunk size, %d..%d bytes: accepted and checked, advisory here." % (MBUF_MIN, MBUF_MAX),
+         _int],
     ]
 
     def opt_version(self):
@@ -48,9 +58,23 @@ class Options(usage.Options):
 
     opt_V = opt_version
 
+    def opt_describe_stats(self):
+        """Print the stats descriptions (as nutcracker -D does) and exit."""
+        from twistedproxy.stats.describe import describe_stats
+
+        print("This is twistedproxy-%s (a twemproxy-compatible proxy)" % (__version__,))
+        sys.stdout.write(describe_stats())
+        sys.exit(0)
+
+    opt_D = opt_describe_stats
+    opt_h = usage.Options.opt_help
+
     def postOptions(self):
         if self["verbose"] < 0 or self["verbose"] > 11:
             raise usage.UsageError("-v takes a level from 0 to 11")
+        if not MBUF_MIN <= self["mbuf-size"] <= MBUF_MAX:
+            raise usage.UsageError("mbuf chunk size must be between %d and %d bytes" % (MBUF_MIN, MBUF_MAX))
+
 
 
 def check_config(path: str, out=sys.stdout) -> bool:
@@ -79,7 +103,7 @@ class ProxyService(service.Service):
     """
 
     def __init__(self, config, reactor=None, stats_port=None, stats_addr="0.0.0.0",
-                 config_path=None, config_text=None, handle_signals=False):
+                 config_path=None, config_text=None, handle_signals=False, pid_file=None):
         self.config = config
         self._reactor = reactor
         self.proxy = None
@@ -89,6 +113,7 @@ class ProxyService(service.Service):
         self.config_path = config_path
         self.config_text = config_text
         self.handle_signals = handle_signals
+        self.pid_file = pid_file  # nutcracker's -p: written at start, removed at stop
 
     @property
     def reactor(self):
@@ -102,11 +127,14 @@ class ProxyService(service.Service):
         service.Service.startService(self)
         from twistedproxy.api import Proxy
 
+        if self.pid_file:
+            command.write_pid_file(self.pid_file)
+        if self.handle_signals:
+            self._install_signals()  # before listening: a client may signal as soon as it can connect
         self.proxy = Proxy(self.config, self.reactor)
         self.proxy.start()
         self._serve_stats()
-        if self.handle_signals:
-            self._install_signals()
+        command.daemon_started()
 
     def _serve_stats(self) -> None:
         from twistedproxy.stats import server as stats_server
@@ -125,17 +153,24 @@ class ProxyService(service.Service):
             logs.set_level(logs.stepped_level(by))
             log.info("log level is now {name}", name=logs.current_level().name)
 
-        def hangup():
+        def reopen():
             logs.reopen()
+            log.info("log files reopened")
+
+        def hangup():
+            reopen()
             self.reload()
 
         signals.install(self.reactor, {
-            signal.SIGHUP: hangup,
-            signal.SIGUSR1: logs.reopen,
-            signal.SIGTTIN: lambda: step(1),
-            signal.SIGTTOU: lambda: step(-1),
-            signal.SIGQUIT: self.reactor.stop,
-            signal.SIGUSR2: lambda: log.warn("an upgrade (SIGUSR2) needs a master: set global: worker_processes"),
+            signal.SIGHUP: ("reopening log file", hangup),
+            signal.SIGUSR1: ("", reopen),
+            signal.SIGTTIN: ("up logging level", lambda: step(1)),
+            signal.SIGTTOU: ("down logging level", lambda: step(-1)),
+            signal.SIGQUIT: ("exiting", self.reactor.stop),
+            signal.SIGINT: ("exiting", None),  # the reactor stops
+            signal.SIGTERM: ("exiting", None),
+            signal.SIGUSR2: ("", lambda: log.warn(
+                "no upgrade: an upgrade (SIGUSR2) needs a master: set global: worker_processes")),
         })
 
     def reload(self) -> bool:
@@ -150,6 +185,7 @@ class ProxyService(service.Service):
             log.error("reload refused; the running configuration stays:\n{error}", error=str(e))
             return False
         if text == self.config_text:
+            log.info("configuration {path} unchanged; nothing to reload", path=self.config_path)
             return True
         if config.global_.worker_processes != self.config.global_.worker_processes:
             log.warn("worker_processes changes take a restart; the pools are applied now")
@@ -168,6 +204,8 @@ class ProxyService(service.Service):
         for port in self.stats_ports:
             port.stopListening()
         self.stats_ports = []
+        if self.pid_file:
+            command.remove_pid_file(self.pid_file)
         if self.proxy is not None:
             return self.proxy.stop()
 
@@ -185,10 +223,12 @@ class _TwistdLevelLog(service.MultiService):
     def __init__(self, inner, twistd_options):
         service.MultiService.__init__(self)
         self.twistd_options = twistd_options
+        # Made now: what twistd would make of its options as the operator gave them.
+        self.observer = _twistd_observer(twistd_options)
         inner.setServiceParent(self)
 
     def setServiceParent(self, parent):
-        observer = _twistd_observer(self.twistd_options)
+        observer = self.observer
         if observer is not None and hasattr(parent, "setComponent"):  # twistd's Application
             from twisted.logger import ILogObserver
 
@@ -225,9 +265,21 @@ def _twistd_observer(twistd_options):
 
 def makeService(options, reactor=None):
     """The service twistd runs for C{cacheproxy}."""
-    made = _make_service(options, reactor)
     twistd = _twistd_options(options)
-    return _TwistdLevelLog(made, twistd) if twistd is not None else made
+    if twistd is not None and options["daemonize"] and twistd["nodaemon"]:
+        raise usage.UsageError("-d/--daemonize: twistd daemonizes by itself; drop twistd's -n/--nodaemon")
+    made = _make_service(options, reactor)
+    if twistd is None:
+        return made
+    wrapped = _TwistdLevelLog(made, twistd)
+    from twistedproxy.process.master import READY_ENV
+
+    if READY_ENV in os.environ:
+        # The new master of an upgrade runs the operator's twistd command line
+        # again; it must not daemonize a second time (nginx neither): the old
+        # master waits for it as its child.  Its log stays where that line puts it.
+        twistd["nodaemon"] = True
+    return wrapped
 
 
 def _make_service(options, reactor=None):
@@ -250,5 +302,7 @@ def _make_service(options, reactor=None):
             return MasterService(config, options, reactor, config_text=text)
         except (ConfigError, OSError) as e:
             raise usage.UsageError("configuration file '%s' is invalid:\n%s" % (path, e))
+    pid_file = options["pid-file"] and os.path.abspath(options["pid-file"])
     return ProxyService(config, reactor, stats_port=options["stats-port"], stats_addr=options["stats-addr"],
-                        config_path=path, config_text=text, handle_signals=True)
+                        config_path=os.path.abspath(path), config_text=text, handle_signals=True,
+                        pid_file=pid_file)

@@ -11,8 +11,13 @@ reloads, upgrades and stops them without dropping clients.
     socket per pool (the kernel balances); C{shared} gives every worker the same
     socket (UNIX sockets are always shared), optionally with the accept mutex.
 
-Signals: SIGHUP reload, SIGUSR2 binary upgrade, SIGQUIT graceful stop,
-SIGTERM/SIGINT fast stop, SIGUSR1 reopen logs, SIGTTIN/SIGTTOU log level up/down.
+Signals: SIGHUP reopen logs and reload, SIGUSR2 binary upgrade, SIGQUIT
+graceful stop, SIGTERM/SIGINT fast stop, SIGUSR1 reopen logs, SIGTTIN/SIGTTOU
+log level up/down.  Each is logged as nutcracker logs it, then what was done.
+
+Upgrade, as nginx does it: the pid file (C{-p}) moves to C{PIDFILE.oldbin}
+(removed when this master leaves, moved back if the upgrade fails), and the new
+master, started with the operator's own command line, writes C{PIDFILE}.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from twisted.protocols import amp
 
 from twistedproxy import logs, signals
 from twistedproxy.config import ConfigError, load_config_text
-from twistedproxy.process import accept_mutex, channel
+from twistedproxy.process import accept_mutex, channel, command
 from twistedproxy.process.channel import quiet_factory
 from twistedproxy.process.listeners import (
     INHERIT_ENV,
@@ -44,6 +49,7 @@ from twistedproxy.process.listeners import (
     reuseport_migration,
     socket_key,
 )
+from twistedproxy.process.worker import LAYOUT_ENV
 from twistedproxy.stats import server as stats_server, workers as stats_workers
 
 log = Logger()
@@ -275,6 +281,8 @@ class MasterService(service.Service):
         self.last_reload = {"ok": None, "error": "", "time": None}
         self.stopped = defer.Deferred()
         self._privileged = False
+        # nutcracker's -p: this master's pid, at PATH.oldbin while an upgrade replaces it.
+        self.pid_file = os.path.abspath(options["pid-file"]) if options.get("pid-file") else None
 
     @property
     def reactor(self):
@@ -313,6 +321,9 @@ class MasterService(service.Service):
                 return
         service.Service.startService(self)
         channel.quiet_amp_logs()
+        command.set_title("cacheproxy: master process %s" % (command.command_line(),))
+        if self.pid_file:
+            command.write_pid_file(self.pid_file)
         self.started_at = self.reactor.seconds()
         self._install_signals()
         self._setup_mutex(self.config)
@@ -335,6 +346,7 @@ class MasterService(service.Service):
             self.stats_loop.start(interval, now=False)
         log.info("cacheproxy master {pid} started {n} workers ({mode})",
                  pid=os.getpid(), n=self.worker_count, mode=self.config.global_.listen_mode)
+        command.daemon_started()
 
     def _serve_stats(self) -> None:
         self.stats_ports = stats_server.adopt(
@@ -365,13 +377,26 @@ class MasterService(service.Service):
                  where=", ".join("%s %s" % (kind, spec) for kind, spec in endpoints.items()) or "none")
 
     def _install_signals(self):
+        def hangup():
+            # nutcracker's HUP (logrotate's postrotate), then nginx's reload.
+            self.reopen_logs()
+            self.reload()
+
+        def upgrade():
+            ok, error = self.start_upgrade()
+            if not ok:
+                log.warn("no upgrade: {error}", error=error)
+
+        # nutcracker's words for what it does on a signal; what we did is logged next.
         handlers = {
-            signal.SIGHUP: self.reload,
-            signal.SIGUSR2: self.start_upgrade,
-            signal.SIGQUIT: lambda: self.stop(graceful=True),
-            signal.SIGUSR1: self.reopen_logs,
-            signal.SIGTTIN: lambda: self.step_log_level(1),
-            signal.SIGTTOU: lambda: self.step_log_level(-1),
+            signal.SIGHUP: ("reopening log file", hangup),
+            signal.SIGUSR2: ("", upgrade),
+            signal.SIGQUIT: ("exiting", lambda: self.stop(graceful=True)),
+            signal.SIGINT: ("exiting", None),  # the reactor stops: stopService
+            signal.SIGTERM: ("exiting", None),
+            signal.SIGUSR1: ("", self.reopen_logs),
+            signal.SIGTTIN: ("up logging level", lambda: self.step_log_level(1)),
+            signal.SIGTTOU: ("down logging level", lambda: self.step_log_level(-1)),
         }
         signals.install(self.reactor, handlers)
 
@@ -483,7 +508,8 @@ class MasterService(service.Service):
         env = dict(os.environ)
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
-        argv = [sys.executable, "-m", "twistedproxy.process.worker", json.dumps(layout)]
+        env[LAYOUT_ENV] = json.dumps(layout)  # not on the command line: ps shows the worker's title
+        argv = [sys.executable, "-m", "twistedproxy.process.worker"]
         try:
             self.reactor.spawnProcess(worker, sys.executable, argv, env=env, path=os.getcwd(), childFDs=child_fds)
         finally:
@@ -642,7 +668,7 @@ class MasterService(service.Service):
             log.error("worker {pid} refused the configuration: {error}", pid=worker.pid, error=answer["error"])
 
     def _not_reconfigured(self, failure, worker):
-        if worker.state != "gone":
+        if worker.state not in ("gone", "stopping") and not self.stopping:  # else a stop cut it short
             log.failure("worker {pid} could not apply the configuration", failure, pid=worker.pid)
 
     def _record_reload(self, ok, error):
@@ -699,15 +725,6 @@ class MasterService(service.Service):
 
     # -- upgrade ------------------------------------------------------------------
 
-    def _master_argv(self) -> list:
-        opts = self.options
-        argv = ["-c", self.config_path, "-v", str(opts.get("verbose", logs.DEFAULT_VERBOSITY))]
-        for flag, key in (("-o", "output"), ("-p", "pid-file"), ("-s", "stats-port"),
-                          ("-a", "stats-addr"), ("-i", "stats-interval")):
-            if opts.get(key) is not None:
-                argv += [flag, str(opts[key])]
-        return argv
-
     def start_upgrade(self):
         """SIGUSR2: start a new master from the current code on our sockets; returns (ok, error)."""
         if self.upgrade is not None or self.stopping:
@@ -727,10 +744,16 @@ class MasterService(service.Service):
         env[TOTALS_ENV] = str(next_fd)
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
-        argv = [sys.executable, "-m", "twistedproxy.cli"] + self._master_argv()
+        # The operator's own command line, where it was started: pgrep -f, systemd
+        # and init scripts find the new master as they found this one.
+        argv = command.launch_argv()
         protocol = _UpgradeProtocol(self)
+        self._move_pid_files(to_oldbin=True)
         try:
-            self.reactor.spawnProcess(protocol, sys.executable, argv, env=env, path=os.getcwd(), childFDs=child_fds)
+            self.reactor.spawnProcess(protocol, argv[0], argv, env=env, path=command.START_DIR, childFDs=child_fds)
+        except Exception:
+            self._move_pid_files(to_oldbin=False)
+            raise
         finally:
             child_end.close()
         heir = amp.AMP()
@@ -767,9 +790,33 @@ class MasterService(service.Service):
             self.control_port.stopListening()
             self.control_port = None
             self._open_control()
-        if self.options.get("pid-file"):
-            with open(self.options["pid-file"], "w") as f:
-                f.write("%d\n" % os.getpid())
+        self._move_pid_files(to_oldbin=False)
+
+    def _move_pid_files(self, to_oldbin: bool) -> None:
+        """
+        Move this master's pid files (C{-p}, and twistd's C{--pidfile}) to
+        C{PATH.oldbin} as an upgrade starts, so that the new master can write
+        C{PATH} (twistd refuses to start over a live pid file), or back to
+        C{PATH} when the upgrade failed.
+        """
+        from twistedproxy.tap import _twistd_options
+
+
+        def move(path):
+            base = path[:-len(command.OLDBIN)] if path.endswith(command.OLDBIN) else path
+            new = base + command.OLDBIN if to_oldbin else base
+            if new != path:
+                try:
+                    os.replace(path, new)
+                except OSError as e:
+                    log.warn("pid file {path}: {error}", path=path, error=str(e))
+            return new
+
+        if self.pid_file:
+            self.pid_file = move(self.pid_file)
+        twistd = _twistd_options(self.options)
+        if twistd is not None and twistd.get("pidfile"):
+            twistd["pidfile"] = move(twistd["pidfile"])  # what twistd removes when this master leaves
 
     def _upgrade_timed_out(self, protocol) -> None:
         log.error("upgrade: new master not ready after {t}s; stopping it", t=UPGRADE_TIMEOUT)
@@ -784,6 +831,7 @@ class MasterService(service.Service):
         logs.reopen()
         for worker in self._all_workers():
             worker.signal("USR1")
+        log.info("log files reopened")
 
     def set_log_level(self, level: LogLevel) -> None:
         logs.set_level(level)
@@ -877,6 +925,8 @@ class MasterService(service.Service):
         self._hand_on_totals().addTimeout(HAND_ON_TIMEOUT, self.reactor).addBoth(lambda _: self._stopped())
 
     def _stopped(self) -> None:
+        if self.pid_file:
+            command.remove_pid_file(self.pid_file)
         if self.heir is not None:
             self.heir.transport.loseConnection()
             self.heir = None

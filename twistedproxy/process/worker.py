@@ -1,8 +1,9 @@
 """
-A worker process: C{python -m twistedproxy.process.worker LAYOUT}.
+A worker process: C{python -m twistedproxy.process.worker}, titled
+C{cacheproxy: worker process SLOT}.
 
 Started by the master (L{twistedproxy.process.master}) with its descriptors in
-place; C{LAYOUT} is a JSON object naming them::
+place; the environment variable L{LAYOUT_ENV} holds a JSON object naming them::
 
     {"master": pid, "slot": n, "channel": fd, "listen": {"pool": fd, ...},
      "mutex": fd or null, "level": "info", "output": path or null}
@@ -32,13 +33,15 @@ from twisted.protocols import amp
 
 from twistedproxy import logs
 from twistedproxy.config import ConfigError, parse_config
-from twistedproxy.process import channel
+from twistedproxy.process import channel, command
 from twistedproxy.process.accept_mutex import AcceptMutex
 from twistedproxy.process.listeners import adopt_port
 from twistedproxy.stats import commands as stats_commands, workers as stats_workers
 
 log = Logger()
 
+# The environment variable that carries the worker's layout (kept off its command line).
+LAYOUT_ENV = "TWISTEDPROXY_WORKER_LAYOUT"
 # How often a gracefully stopping worker looks for idle clients to close (s).
 DRAIN_INTERVAL = 0.1
 _PR_SET_PDEATHSIG = 1
@@ -304,9 +307,9 @@ class Worker:
             pass  # already shutting down (SIGTERM)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    layout = json.loads(argv[0])
+def main() -> int:
+    layout = json.loads(os.environ.pop(LAYOUT_ENV))
+    command.set_title("cacheproxy: worker process %d" % (layout["slot"],))
     die_with_parent(layout["master"])
     for signum in (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGPIPE):
         signal.signal(signum, signal.SIG_IGN)
