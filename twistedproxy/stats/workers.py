@@ -171,3 +171,8 @@ class WorkerSources:
             return out
 
         return d.addCallback(report)
+
+    def admin_token(self):
+        from twistedproxy.stats.server import admin_token
+
+        return admin_token(self.master.config.global_)
