@@ -301,11 +301,80 @@ def test_status_page_renders_in_a_browser(spawn, redis_backends, tmp_path):
         assert "%s:%d" % (HOST, backend.port) in dom
     assert dom.count('class="up"') == 2
     assert ">alpha<" in dom and ">get<" in dom and ">set<" in dom
+    assert 'id="workers"' in dom and dom.count('class="worker"') == 1 and "single process" in dom
 
     shot = tmp_path / "status.png"
     chromium("--screenshot=%s" % shot, "--window-size=1000,900", url)
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10000
+
+
+def test_status_page_and_metrics_show_workers(spawn, redis_backends):
+    import os
+    import signal
+
+    from tests.support.workers import master_config, poll
+    from twistedproxy.control.client import BlockingControlClient
+
+    (backend,) = redis_backends(1)
+    port, http_port = free_port(), free_port()
+    config = master_config({"alpha": processes.pool_config([backend.port], port)},
+                           stats_http="%s:%d" % (HOST, http_port))
+    control = config["global"]["control"]
+    spawn(processes.proxy, config, port)
+
+    def workers(count):
+        try:
+            with BlockingControlClient(control) as ctl:
+                found = ctl.status()["workers"]
+        except OSError:
+            return None
+        return len([w for w in found if w["state"] == "ready"]) == count and found
+
+    before = poll(lambda: workers(2), 20, 0.05, "2 ready workers")
+    victim = before[1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    after = poll(lambda: (lambda w: w and w[1]["pid"] != victim["pid"] and w)(workers(2)), 20, 0.05,
+                 "the killed worker's respawn")
+    assert [w["restarts"] for w in after] == [0, 1]
+    assert after[0]["last_exit"] is None
+    assert after[1]["last_exit"] == {"pid": victim["pid"], "reason": "killed by signal 9 (SIGKILL)"}
+    r = client(port)
+    for i in range(10):
+        r.set("w:%d" % i, "x")
+    r.close()
+
+    page = http_get(http_port, "/status").decode()
+    table = page[page.index('<table id="workers">'):]
+    table = table[:table.index("</table>")]
+    rows = table.split('<tr class="worker">')[1:]
+    assert len(rows) == 2
+    assert ">%d<" % after[1]["pid"] in rows[1] and ">ready<" in rows[1] and "<td>1</td>" in rows[1]
+    assert "pid %d killed by signal 9 (SIGKILL)" % victim["pid"] in rows[1]
+    assert ">%d<" % after[0]["pid"] in rows[0] and "<td>0</td>" in rows[0]
+
+    families = {f.name: f for f in text_string_to_metric_families(http_get(http_port, "/metrics").decode())}
+    build = families["cacheproxy_build_info"]
+    assert build.type == "gauge"
+    (sample,) = build.samples
+    from twistedproxy._version import __version__
+
+    assert sample.value == 1 and sample.labels["version"] == __version__
+    assert sample.labels["implementation"] in ("CPython", "PyPy") and sample.labels["python"].count(".") == 2
+    restarts = families["cacheproxy_worker_restarts"]
+    assert restarts.type == "counter"
+    assert {s.labels["slot"]: s.value for s in restarts.samples if s.name.endswith("_total")} == {"1": 1}
+    # Latency percentiles: a summary (quantiles, _sum, _count), the same name as the gauge it replaces.
+    latency = families["cacheproxy_latency_seconds"]
+    assert latency.type == "summary"
+    total = [s for s in latency.samples if s.labels.get("kind") == "total"]
+    by_name = {(s.name, s.labels.get("quantile")): s.value for s in total}
+    assert by_name[("cacheproxy_latency_seconds_count", None)] == 10
+    assert 0 < by_name[("cacheproxy_latency_seconds_sum", None)] < 10
+    quantiles = [by_name[("cacheproxy_latency_seconds", q)] for q in ("0.5", "0.9", "0.99", "0.999")]
+    assert 0 < quantiles[0] and quantiles == sorted(quantiles)
+    assert families["cacheproxy_server_latency_seconds"].type == "summary"
+    assert families["cacheproxy_request_duration_seconds"].type == "histogram"
 
 
 def cacheproxyctl(control, *args):
