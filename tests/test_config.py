@@ -701,6 +701,17 @@ def test_global_empty_section_is_defaults():
     assert global_config("global: {}\n") == GlobalConfig()
 
 
+def test_admin_token_one_way_or_the_other(tmp_path):
+    assert global_config("global:\n  admin_token: abc\n").admin_token == "abc"
+    assert global_config("global:\n  admin_token_file: /etc/tp.token\n").admin_token_file == "/etc/tp.token"
+    error = refusal(tmp_path, yaml_text("""
+        global:
+          admin_token: abc
+          admin_token_file: /etc/tp.token
+    """) + MINIMAL)
+    assert "key 'admin_token_file': set admin_token or admin_token_file, not both" in error.errors[0]
+
+
 def test_worker_processes_auto_and_ints(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     assert global_config("global:\n  worker_processes: auto\n").worker_processes == 6

@@ -28,8 +28,9 @@ def master(spawn, memcached_backends):
     return Master(spawn, master_config({"mc": pool}), port)
 
 
-def ctl(master, *args):
-    argv = [sys.executable, "-m", "twistedproxy.control.cli", "-s", master.control_path] + list(args)
+def ctl(master, *args, where=None):
+    where = ["-s", master.control_path] if where is None else where
+    argv = [sys.executable, "-m", "twistedproxy.control.cli"] + where + list(args)
     return subprocess.run(argv, capture_output=True, text=True, cwd=processes.ROOT, env=processes.proxy_env(),
                           timeout=30)
 
@@ -101,3 +102,57 @@ def test_twisted_client(master):
         assert level == "info"
     finally:
         client.close()
+
+
+SUBCOMMANDS = ("status", "stats", "reload", "upgrade", "stop", "workers", "log-level", "slowlog", "set")
+
+
+def test_cacheproxyctl_exit_codes_and_help(master):
+    # Usage errors: EX_USAGE (64), never 2 (which says "unreachable"), and nothing is sent.
+    for args in ([], ["bogus"], ["workers", "many"], ["set", "timeout"], ["slowlog", "--limit", "x"]):
+        result = ctl(master, *args)
+        assert result.returncode == 64, (args, result.stderr)
+        assert "usage: cacheproxyctl" in result.stderr
+    assert ctl(master, "status", where=[]).returncode == 64  # neither -s nor -c
+    # Help for every subcommand: a sentence of its own, exit 0.
+    result = ctl(master, "-h")
+    assert result.returncode == 0 and "64 usage error" in result.stdout
+    for name in SUBCOMMANDS:
+        result = ctl(master, name, "-h")
+        assert result.returncode == 0, name
+        assert result.stdout.startswith("usage: cacheproxyctl %s" % (name,))
+        description = result.stdout.split("\n\n")[1]
+        assert description.rstrip().endswith(".") and len(description) > 40, (name, description)
+    # Refused by the master, or failed on the workers: 1.
+    assert ctl(master, "workers", "0").returncode == 1
+    assert ctl(master, "log-level", "loud").returncode == 1
+    result = ctl(master, "set", "timeout=250", "--pool", "nosuch")
+    assert result.returncode == 1 and "no pool named 'nosuch'" in result.stderr
+    assert json.loads(result.stdout)["workers"][0]["error"]  # the report is still printed
+    result = ctl(master, "set", "timeout=250")
+    assert result.returncode == 0, result.stderr
+    # Unreachable: 2.
+    assert ctl(master, "status", where=["-s", master.control_path + ".none"]).returncode == 2
+
+
+def test_cacheproxyctl_conf_file_while_invalid(master):
+    result = ctl(master, "status", where=["-c", master.path])
+    assert result.returncode == 0 and result.stderr == ""
+    with open(master.path) as f:
+        good = f.read()
+    # Invalid as a configuration (a bad value), then not even YAML: -c still finds the socket.
+    for broken in (good + "\nextra:\n  listen: nowhere\n", good + "\nbogus_key: [\n"):
+        with open(master.path, "w") as f:
+            f.write(broken)
+        result = ctl(master, "reload", where=["-c", master.path])
+        assert result.returncode == 1 and master.path in result.stderr, result.stderr
+        result = ctl(master, "status", where=["-c", master.path])
+        assert result.returncode == 0, result.stderr
+        assert "is not a valid configuration" in result.stderr and master.control_path in result.stderr
+        status = json.loads(result.stdout)
+        assert status["last_reload"]["ok"] is False and master.path in status["last_reload"]["error"]
+    # A file that names no control socket: nothing to reach.
+    with open(master.path, "w") as f:
+        f.write("alpha: [\n")
+    result = ctl(master, "status", where=["-c", master.path])
+    assert result.returncode == 2 and "no global: control:" in result.stderr

@@ -52,10 +52,23 @@ def http_get(port, path) -> bytes:
         return response.read()
 
 
-def http_post(port, path, fields) -> dict:
+TOKEN = "s3cret-admin-token"
+
+
+def http_post(port, path, fields, token=TOKEN) -> dict:
     body = urllib.parse.urlencode(fields).encode()
-    with urllib.request.urlopen("http://%s:%d%s" % (HOST, port, path), data=body, timeout=10) as response:
+    request = urllib.request.Request("http://%s:%d%s" % (HOST, port, path), data=body)
+    if token is not None:
+        request.add_header("Authorization", "Bearer " + token)
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
+
+
+def http_refusal(port, path, fields, token=None):
+    """The HTTP error C{http_post} gets: (status, text of the body, headers)."""
+    with pytest.raises(urllib.error.HTTPError) as e:
+        http_post(port, path, fields, token)
+    return e.value.code, e.value.read().decode(), e.value.headers
 
 
 def poll(fetch, ready, timeout=10.0):
@@ -163,7 +176,7 @@ def test_stats_port_matches_nutcracker(spawn, redis_backends):
 def test_latency_slow_log_and_tuning(spawn, redis_backends):
     (backend,) = redis_backends(1)
     delay_ms = 60
-    port, stats_port, http_port = start_proxy(spawn, [backend.port], slowlog_threshold=0.03)
+    port, stats_port, http_port = start_proxy(spawn, [backend.port], slowlog_threshold=0.03, admin_token=TOKEN)
     r = client(port)
     for i in range(20):
         r.set("fast:%d" % i, "x")
@@ -230,6 +243,30 @@ def test_latency_slow_log_and_tuning(spawn, redis_backends):
     assert below["0.05"] == 0 and below["0.1"] == 5 and below["+Inf"] == 6
 
 
+def test_tune_needs_the_admin_token(spawn, redis_backends, tmp_path):
+    (backend,) = redis_backends(1)
+    # No token configured: state-changing calls are off, and the answer says how to turn them on.
+    _, _, http_port = start_proxy(spawn, [backend.port])
+    code, text, _ = http_refusal(http_port, "/tune", {"slowlog_threshold": "0.5"})
+    assert code == 403 and "admin_token" in text and "Authorization: Bearer" in text
+    code, _, _ = http_refusal(http_port, "/tune", {"slowlog_threshold": "0.5"}, token="anything")
+    assert code == 403
+    settings = json.loads(http_get(http_port, "/stats.json"))["twistedproxy"]["settings"]
+    assert settings["slowlog_threshold"] == 0.01  # unchanged
+    # A token read from a file: a missing or wrong one is 401, the right one goes through.
+    token_file = tmp_path / "admin.token"
+    token_file.write_text(TOKEN + "\n")
+    _, _, http_port = start_proxy(spawn, [backend.port], admin_token_file=str(token_file))
+    code, text, headers = http_refusal(http_port, "/tune", {"slowlog_threshold": "0.5"})
+    assert code == 401 and "Bearer" in headers["www-authenticate"]
+    code, _, _ = http_refusal(http_port, "/tune", {"slowlog_threshold": "0.5"}, token=TOKEN + "x")
+    assert code == 401
+    (settings,) = http_post(http_port, "/tune", {"slowlog_threshold": "0.5"})["workers"]
+    assert settings["slowlog_threshold"] == 0.5
+    # Reading stays open.
+    assert http_get(http_port, "/metrics") and http_get(http_port, "/slowlog") == b"[]\n"
+
+
 def chromium(*args, timeout=60):
     """Headless Chromium with a throwaway profile; its standard output."""
     import shutil
@@ -264,11 +301,80 @@ def test_status_page_renders_in_a_browser(spawn, redis_backends, tmp_path):
         assert "%s:%d" % (HOST, backend.port) in dom
     assert dom.count('class="up"') == 2
     assert ">alpha<" in dom and ">get<" in dom and ">set<" in dom
+    assert 'id="workers"' in dom and dom.count('class="worker"') == 1 and "single process" in dom
 
     shot = tmp_path / "status.png"
     chromium("--screenshot=%s" % shot, "--window-size=1000,900", url)
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10000
+
+
+def test_status_page_and_metrics_show_workers(spawn, redis_backends):
+    import os
+    import signal
+
+    from tests.support.workers import master_config, poll
+    from twistedproxy.control.client import BlockingControlClient
+
+    (backend,) = redis_backends(1)
+    port, http_port = free_port(), free_port()
+    config = master_config({"alpha": processes.pool_config([backend.port], port)},
+                           stats_http="%s:%d" % (HOST, http_port))
+    control = config["global"]["control"]
+    spawn(processes.proxy, config, port)
+
+    def workers(count):
+        try:
+            with BlockingControlClient(control) as ctl:
+                found = ctl.status()["workers"]
+        except OSError:
+            return None
+        return len([w for w in found if w["state"] == "ready"]) == count and found
+
+    before = poll(lambda: workers(2), 20, 0.05, "2 ready workers")
+    victim = before[1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    after = poll(lambda: (lambda w: w and w[1]["pid"] != victim["pid"] and w)(workers(2)), 20, 0.05,
+                 "the killed worker's respawn")
+    assert [w["restarts"] for w in after] == [0, 1]
+    assert after[0]["last_exit"] is None
+    assert after[1]["last_exit"] == {"pid": victim["pid"], "reason": "killed by signal 9 (SIGKILL)"}
+    r = client(port)
+    for i in range(10):
+        r.set("w:%d" % i, "x")
+    r.close()
+
+    page = http_get(http_port, "/status").decode()
+    table = page[page.index('<table id="workers">'):]
+    table = table[:table.index("</table>")]
+    rows = table.split('<tr class="worker">')[1:]
+    assert len(rows) == 2
+    assert ">%d<" % after[1]["pid"] in rows[1] and ">ready<" in rows[1] and "<td>1</td>" in rows[1]
+    assert "pid %d killed by signal 9 (SIGKILL)" % victim["pid"] in rows[1]
+    assert ">%d<" % after[0]["pid"] in rows[0] and "<td>0</td>" in rows[0]
+
+    families = {f.name: f for f in text_string_to_metric_families(http_get(http_port, "/metrics").decode())}
+    build = families["cacheproxy_build_info"]
+    assert build.type == "gauge"
+    (sample,) = build.samples
+    from twistedproxy._version import __version__
+
+    assert sample.value == 1 and sample.labels["version"] == __version__
+    assert sample.labels["implementation"] in ("CPython", "PyPy") and sample.labels["python"].count(".") == 2
+    restarts = families["cacheproxy_worker_restarts"]
+    assert restarts.type == "counter"
+    assert {s.labels["slot"]: s.value for s in restarts.samples if s.name.endswith("_total")} == {"1": 1}
+    # Latency percentiles: a summary (quantiles, _sum, _count), the same name as the gauge it replaces.
+    latency = families["cacheproxy_latency_seconds"]
+    assert latency.type == "summary"
+    total = [s for s in latency.samples if s.labels.get("kind") == "total"]
+    by_name = {(s.name, s.labels.get("quantile")): s.value for s in total}
+    assert by_name[("cacheproxy_latency_seconds_count", None)] == 10
+    assert 0 < by_name[("cacheproxy_latency_seconds_sum", None)] < 10
+    quantiles = [by_name[("cacheproxy_latency_seconds", q)] for q in ("0.5", "0.9", "0.99", "0.999")]
+    assert 0 < quantiles[0] and quantiles == sorted(quantiles)
+    assert families["cacheproxy_server_latency_seconds"].type == "summary"
+    assert families["cacheproxy_request_duration_seconds"].type == "histogram"
 
 
 def cacheproxyctl(control, *args):
@@ -288,7 +394,7 @@ def test_master_merges_workers_and_tunes_them(spawn, redis_backends):
     (backend,) = redis_backends(1)
     port, stats_port, http_port = free_port(), free_port(), free_port()
     config = master_config({"alpha": processes.pool_config([backend.port], port)},
-                           stats_http="%s:%d" % (HOST, http_port), slowlog_threshold=0.15)
+                           stats_http="%s:%d" % (HOST, http_port), slowlog_threshold=0.15, admin_token=TOKEN)
     control = config["global"]["control"]
     spawn(processes.proxy, config, port, extra_args=["-s", str(stats_port), "-a", HOST])
 
@@ -339,6 +445,11 @@ def test_master_merges_workers_and_tunes_them(spawn, redis_backends):
     assert len(json.loads(cacheproxyctl(control, "slowlog")[1])) == 6
 
     code, out, err = cacheproxyctl(control, "set", "slowlog_max_len=lots")
-    assert code != 0 and "slowlog_max_len" in err
+    assert code == 1 and "slowlog_max_len" in err
+
+    # The master's HTTP endpoint: POST /tune with the token reaches every worker, without it nothing.
+    assert http_refusal(http_port, "/tune", {"slowlog_max_len": "7"}, token="wrong")[0] == 401
+    answer = http_post(http_port, "/tune", {"slowlog_max_len": "7"})["workers"]
+    assert {w["pid"] for w in answer} == pids and all(w["slowlog_max_len"] == 7 for w in answer)
     for r in clients:
         r.close()

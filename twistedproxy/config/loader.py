@@ -630,6 +630,11 @@ GLOBAL_KEYS: Tuple[KeySpec, ...] = (
     KeySpec("stats_http", _Listen(),
             "Address of the HTTP endpoint serving /status, /metrics (Prometheus), /stats.json and"
             " /slowlog; absent disables it."),
+    KeySpec("admin_token", _Text(),
+            "Token that state-changing HTTP calls (POST /tune) need as Authorization: Bearer"
+            " TOKEN; absent (and no admin_token_file): they are refused."),
+    KeySpec("admin_token_file", _Text(),
+            "File holding the admin_token (read at each call; surrounding whitespace ignored)."),
     KeySpec("slowlog_threshold", _Seconds(),
             "Requests taking at least this many seconds (e.g. 0.01) go to the slow log."),
     KeySpec("slowlog_max_len", _Integer(0),
@@ -755,7 +760,11 @@ def _parse_global(line: Optional[int], node: ConfigNode, problems: _Problems) ->
         problems.add(line, "expected a mapping of global keys, got %s" % (_describe(node),), section)
         return None
     found_before = len(problems)
-    values = _parse_section(node, GLOBAL_KEYS, _GLOBAL_DEFAULTS, section, problems).values
+    parsed = _parse_section(node, GLOBAL_KEYS, _GLOBAL_DEFAULTS, section, problems)
+    values = parsed.values
+    if "admin_token" in values and "admin_token_file" in values:
+        problems.add(parsed.lines["admin_token_file"], "set admin_token or admin_token_file, not both",
+                     section, "admin_token_file")
     if len(problems) > found_before:
         return None
     affinity = values.get("worker_cpu_affinity")

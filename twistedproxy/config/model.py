@@ -120,6 +120,8 @@ class GlobalConfig:
     user: Optional[str] = None
     group: Optional[str] = None
     stats_http: Optional[ListenSpec] = None  # HTTP /metrics, /status, /slowlog, /stats.json
+    admin_token: Optional[str] = None  # enables POST /tune (Authorization: Bearer)
+    admin_token_file: Optional[str] = None  # the same, read from this file
     slowlog_threshold: float = 0.010  # seconds; requests at least this slow are kept
     slowlog_max_len: int = 128  # slow requests kept per process; 0 keeps none
     slowlog_log: bool = False  # also write each slow request to the log

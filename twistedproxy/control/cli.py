@@ -8,7 +8,11 @@ C{cacheproxyctl}: talk to a running master through its control socket.
     cacheproxyctl -s PATH slowlog [--limit N]
     cacheproxyctl -s PATH set NAME=VALUE ... [--pool NAME]   (run-time settings)
 
-The socket defaults to C{global.control} of the file given with C{-c}.
+The socket defaults to C{global.control} of the file given with C{-c}, read
+even when the file is invalid (so C{status} can show why a reload was refused).
+
+Exit codes: L{EXIT_OK} done, L{EXIT_REFUSED} refused or failed on any worker,
+L{EXIT_UNREACHABLE} no master to talk to, L{EX_USAGE} a bad command line.
 """
 
 from __future__ import annotations
@@ -22,45 +26,138 @@ from twistedproxy.control.client import BlockingControlClient, ControlError
 from twistedproxy.stats import commands as stats_commands
 from twistedproxy.stats.tuning import SETTINGS
 
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_UNREACHABLE = 2
+EX_USAGE = 64  # sysexits.h: the command was used incorrectly
+
+# name -> (one-line help, the sentence of its own -h)
+_COMMANDS = {
+    "status": ("master and workers: pids, uptime, restarts, config digest, last reload",
+               "Print the master's state as JSON: its pid and uptime, every worker (pid, state, uptime,"
+               " restarts, last exit), the configuration file and digest, and the last reload's outcome."),
+    "stats": ("every worker's counters (JSON)",
+              "Print every live worker's counters and histograms as JSON, keyed by worker pid."),
+    "reload": ("re-read the configuration file (like SIGHUP)",
+               "Re-read the configuration file, like SIGHUP: an invalid file changes nothing and exits 1"
+               " with the reasons."),
+    "upgrade": ("start a new master on the same sockets (like SIGUSR2)",
+                "Start a new master from the installed code on the same sockets, like SIGUSR2; the old one"
+                " drains and exits once the new one serves."),
+    "stop": ("stop gracefully (like SIGQUIT); --fast is like SIGTERM",
+             "Stop the master and its workers: gracefully by default (like SIGQUIT, in-flight requests"
+             " finish), at once with --fast (like SIGTERM)."),
+    "workers": ("set the number of workers",
+                "Run COUNT workers from now on (until the next reload changes worker_processes)."),
+    "log-level": ("set the log level of the master and workers",
+                  "Set the log level of the master and every worker: a name (debug, info, warn, error,"
+                  " critical) or nutcracker's -v number 0..11."),
+    "slowlog": ("the slow requests of every worker, most recent first (JSON)",
+                "Print the slow requests kept by every worker, merged, most recent first, as JSON."),
+    "set": ("change run-time settings in every worker: " + ", ".join(SETTINGS),
+            "Change run-time settings in every worker (" + ", ".join(SETTINGS) + "); a refused value"
+            " changes nothing, and a worker that fails makes the command exit 1."),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit with EX_USAGE (64), not argparse's 2 (which means "unreachable" here)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, "%s: error: %s\n" % (self.prog, message))
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cacheproxyctl", description="Control a running cacheproxy master.")
+    parser = _Parser(
+        prog="cacheproxyctl", description="Control a running cacheproxy master through its control socket.",
+        epilog="exit codes: 0 done, 1 refused or failed on any worker, 2 master unreachable, 64 usage error")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("-s", "--socket", help="the master's control socket (global.control)")
-    where.add_argument("-c", "--conf-file", help="read the control socket path from this configuration")
+    where.add_argument("-c", "--conf-file",
+                       help="read the control socket path from this configuration (even an invalid one)")
     parser.add_argument("-t", "--timeout", type=float, default=30.0, help="seconds to wait for an answer")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", help="master and workers: pids, uptime, config digest, last reload")
-    sub.add_parser("stats", help="every worker's counters (JSON)")
-    sub.add_parser("reload", help="re-read the configuration file (like SIGHUP)")
-    sub.add_parser("upgrade", help="start a new master on the same sockets (like SIGUSR2)")
-    stop = sub.add_parser("stop", help="stop gracefully (like SIGQUIT); --fast is like SIGTERM")
-    stop.add_argument("--fast", action="store_true")
-    workers = sub.add_parser("workers", help="set the number of workers")
-    workers.add_argument("count", type=int)
-    level = sub.add_parser("log-level", help="set the log level of the master and workers")
-    level.add_argument("level")
-    slowlog = sub.add_parser("slowlog", help="the slow requests of every worker, most recent first (JSON)")
-    slowlog.add_argument("--limit", type=int, default=0, help="at most this many (0: all kept)")
-    tune = sub.add_parser("set", help="change run-time settings in every worker: " + ", ".join(SETTINGS))
-    tune.add_argument("settings", nargs="+", metavar="NAME=VALUE")
-    tune.add_argument("--pool", help="limit pool settings to this pool")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {}
+    for name, (summary, sentence) in _COMMANDS.items():
+        commands[name] = sub.add_parser(name, help=summary, description=sentence)
+    commands["stop"].add_argument("--fast", action="store_true", help="do not wait for in-flight requests")
+    commands["workers"].add_argument("count", type=int, help="the number of workers (1 or more)")
+    commands["log-level"].add_argument("level", help="debug, info, warn, error, critical or 0..11")
+    commands["slowlog"].add_argument("--limit", type=int, default=0, help="at most this many (0: all kept)")
+    commands["set"].add_argument("settings", nargs="+", metavar="NAME=VALUE", help="a setting and its new value")
+    commands["set"].add_argument("--pool", help="limit pool settings to this pool")
     return parser
+
+
+class _NoMaster(Exception):
+    """No control socket to talk to (exit 2)."""
+
+
+def _control_in_text(text: str):
+    """
+    The C{global.control} path of a configuration's text, read tolerantly (the
+    file may be invalid as a configuration, or even as YAML); None if absent.
+    """
+    import yaml
+
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError:
+        tree = None
+    if isinstance(tree, dict):
+        section = tree.get("global")
+        control = section.get("control") if isinstance(section, dict) else None
+        return control if isinstance(control, str) and control else None
+    # Broken YAML: the first "control:" line indented under a top-level "global:".
+    in_global = False
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line[0].isspace():
+            in_global = line.split("#", 1)[0].strip() == "global:"
+            continue
+        key, colon, value = line.strip().partition(":")
+        if in_global and colon and key == "control":
+            value = value.split(" #", 1)[0].strip().strip("\"'")
+            return value or None
+    return None
 
 
 def _socket_path(args) -> str:
     if args.socket:
         return args.socket
-    from twistedproxy.config import load_config
+    from twistedproxy.config import ConfigError, load_config
 
-    path = load_config(args.conf_file).global_.control
+    try:
+        path = load_config(args.conf_file).global_.control
+    except OSError as e:
+        raise _NoMaster("cannot read %s: %s" % (args.conf_file, e))
+    except ConfigError:
+        with open(args.conf_file, encoding="utf-8", errors="replace") as f:
+            path = _control_in_text(f.read())
+        if path:
+            sys.stderr.write("cacheproxyctl: note: %s is not a valid configuration (`cacheproxyctl status`"
+                             " shows a refused reload's reasons); using its control socket %s\n"
+                             % (args.conf_file, path))
     if not path:
-        raise ControlError("%s has no global.control socket" % (args.conf_file,))
+        raise _NoMaster("%s has no global: control: socket path (use -s PATH)" % (args.conf_file,))
     return path
 
 
+def _failed_workers(report: dict) -> list:
+    """The error texts of the workers that failed in a C{set} report."""
+    return ["worker %s: %s" % (w.get("pid"), w["error"]) for w in report.get("workers", ()) if "error" in w]
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "set":
+        for setting in args.settings:
+            if "=" not in setting:
+                parser.error("set: expected NAME=VALUE, got %r" % (setting,))
+    code = EXIT_OK
     try:
         with BlockingControlClient(_socket_path(args), timeout=args.timeout) as client:
             if args.command == "status":
@@ -85,22 +182,25 @@ def main(argv=None) -> int:
                 changes = dict(setting.partition("=")[::2] for setting in args.settings)
                 kwargs = {"pool": args.pool} if args.pool else {}
                 result = json.loads(client.call(stats_commands.Tune, changes=json.dumps(changes), **kwargs)["settings"])
+                for failure in _failed_workers(result):
+                    sys.stderr.write("cacheproxyctl: %s\n" % (failure,))
+                    code = EXIT_REFUSED
             else:
                 result = "log level: %s" % client.set_log_level(args.level)
     except ControlError as e:
         sys.stderr.write("cacheproxyctl: %s\n" % (e,))
-        return 1
+        return EXIT_REFUSED
+    except _NoMaster as e:
+        sys.stderr.write("cacheproxyctl: %s\n" % (e,))
+        return EXIT_UNREACHABLE
     except (OSError, socket.timeout) as e:
         sys.stderr.write("cacheproxyctl: cannot reach the master: %s\n" % (e,))
-        return 2
-    except Exception as e:  # a ConfigError from -c
-        sys.stderr.write("cacheproxyctl: %s\n" % (e,))
-        return 2
+        return EXIT_UNREACHABLE
     if isinstance(result, str):
         print(result)
     else:
         print(json.dumps(result, indent=2, sort_keys=True))
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -116,6 +116,17 @@ def _listen_layout(config) -> tuple:
     return tuple((pool.name, pool.listen, pool.backlog) for pool in config.pools)
 
 
+def exit_reason(reason) -> str:
+    """What ended a process, for people: C{reason} is the Failure of C{processEnded}."""
+    sig = getattr(reason.value, "signal", None)
+    if sig:
+        try:
+            return "killed by signal %d (%s)" % (sig, signal.Signals(sig).name)
+        except ValueError:
+            return "killed by signal %d" % (sig,)
+    return "exited with code %s" % (getattr(reason.value, "exitCode", None) or 0,)
+
+
 def parse_level(text: str) -> LogLevel:
     """A log level from its name (debug, info, warn, error, critical) or a nutcracker C{-v} number."""
     text = text.strip().lower()
@@ -177,7 +188,8 @@ class WorkerProcess(ProcessProtocol):
     def describe(self) -> dict:
         now = self.master.reactor.seconds()
         return {"slot": self.slot, "pid": self.pid, "state": self.state,
-                "generation": self.generation, "uptime": round(now - self.started_at, 3)}
+                "generation": self.generation, "uptime": round(now - self.started_at, 3),
+                "restarts": self.master.restarts.get(self.slot, 0), "last_exit": self.master.exits.get(self.slot)}
 
 
 class MasterChannel(amp.AMP):
@@ -262,6 +274,8 @@ class MasterService(service.Service):
         self.mutex_fd = None
         self.use_mutex = False
         self.failures = {}  # slot -> consecutive young deaths
+        self.restarts = {}  # slot -> times its worker died unasked and was respawned
+        self.exits = {}  # slot -> how the slot's last worker ended (exit_reason), with its pid
         self.respawn_calls = {}  # slot -> pending delayed respawn
         self.rollover_pending = None  # the generation whose readiness retires the previous one
         self.started_at = 0.0
@@ -580,6 +594,7 @@ class MasterService(service.Service):
             self._prune_sockets()
         elif self.workers.get(worker.slot) is worker:
             del self.workers[worker.slot]
+            self.exits[worker.slot] = {"pid": worker.pid, "reason": exit_reason(reason)}
             if not self.stopping and worker.state != "stopping" and worker.slot < self.worker_count:
                 self._respawn_later(worker, reason)
         if self.stopping and not self.workers and not self.retiring:
@@ -592,6 +607,7 @@ class MasterService(service.Service):
         young = not worker.served or self.reactor.seconds() - worker.started_at < YOUNG
         failures = self.failures.get(slot, 0) + 1 if young else 0
         self.failures[slot] = failures
+        self.restarts[slot] = self.restarts.get(slot, 0) + 1
         delay = backoff_delay(failures)
         log.warn("worker {pid} (slot {slot}) exited (code {code}, signal {sig}); respawning in {delay}s",
                  pid=worker.pid, slot=slot, code=code, sig=sig, delay=delay)
@@ -859,6 +875,7 @@ class MasterService(service.Service):
             "listen_mode": self.config.global_.listen_mode,
             "accept_mutex": self.use_mutex,
             "workers": [w.describe() for _, w in sorted(self.workers.items())],
+            "restarts": {str(slot): n for slot, n in sorted(self.restarts.items())},
             "retiring": [w.describe() for w in self.retiring],
             "last_reload": self.last_reload,
             "log_level": logs.current_level().name,

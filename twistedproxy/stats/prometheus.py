@@ -4,13 +4,19 @@ with a custom collector and a registry made per scrape (no global state).
 
 Every metric is named C{cacheproxy_*} and labelled by C{pool} (and C{server},
 C{command}): twemproxy's counters and gauges, latency histograms (buckets from
-the HDR histograms) and HDR percentiles as gauges with a C{quantile} label.
+the HDR histograms), HDR percentiles as summaries (C{quantile} label, C{_sum},
+C{_count}; over every request since start), the build (C{cacheproxy_build_info})
+and, under a master, worker restarts per slot.
 """
 
 from __future__ import annotations
 
+import platform
+
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from twistedproxy._version import __version__
 
 from twistedproxy.stats.histogram import EMPTY, PERCENTILE_NAMES, PERCENTILES, cumulative_counts, summarize
 
@@ -54,10 +60,26 @@ def _histogram(family, labels, hist):
     family.add_metric(labels, buckets, hist["sum"] / 1000000.0)
 
 
-def _quantiles(family, labels, hist):
-    summary = summarize(hist or EMPTY)
-    for p, name in zip(PERCENTILES, PERCENTILE_NAMES):
-        family.add_metric(labels + [repr(p / 100.0)], summary[name] / 1000.0)
+class _QuantileSummary(Metric):
+    """
+    A summary with quantiles (prometheus_client's C{SummaryMetricFamily} has
+    only C{_count} and C{_sum}): the HDR percentiles of every request since
+    start, NaN before the first, as Prometheus clients report an empty one.
+    """
+
+    def __init__(self, name, documentation, labels):
+        Metric.__init__(self, name, documentation, "summary")
+        self.label_names = labels
+
+    def add_metric(self, values, hist):
+        hist = hist or EMPTY
+        labels = dict(zip(self.label_names, values))
+        summary = summarize(hist)
+        for p, name in zip(PERCENTILES, PERCENTILE_NAMES):
+            value = summary[name] / 1000.0 if hist["count"] else float("nan")
+            self.add_sample(self.name, dict(labels, quantile="%g" % (p / 100.0,)), value)
+        self.add_sample(self.name + "_count", labels, hist["count"])
+        self.add_sample(self.name + "_sum", labels, hist["sum"] / 1000000.0)
 
 
 class SnapshotCollector:
@@ -70,6 +92,18 @@ class SnapshotCollector:
     def collect(self):
         merged = self.merged
         pools = merged["pools"]
+        build = GaugeMetricFamily("cacheproxy_build_info", "The running version and Python; always 1.",
+                                  labels=["version", "python", "implementation"])
+        build.add_metric([__version__, platform.python_version(), platform.python_implementation()], 1)
+        yield build
+        master = merged.get("master")
+        if master is not None:
+            restarts = CounterMetricFamily("cacheproxy_worker_restarts",
+                                           "Times a worker slot's process died unasked and was respawned.",
+                                           labels=["slot"])
+            for slot, count in sorted(master.get("restarts", {}).items()):
+                restarts.add_metric([slot], count)
+            yield restarts
         yield GaugeMetricFamily("cacheproxy_workers", "Worker processes reporting.", value=merged.get("workers", 1))
         started = merged.get("started") or self.now
         yield GaugeMetricFamily("cacheproxy_uptime_seconds", "Seconds since start.", value=self.now - started)
@@ -109,12 +143,12 @@ class SnapshotCollector:
         server_hist = HistogramMetricFamily("cacheproxy_server_duration_seconds",
                                             "Time from writing a request to a server to reading its reply.",
                                             labels=["pool", "server"])
-        quantiles = GaugeMetricFamily("cacheproxy_latency_seconds",
-                                      "Latency percentiles (HDR histograms merged across workers).",
-                                      labels=["pool", "kind", "quantile"])
-        server_quantiles = GaugeMetricFamily("cacheproxy_server_latency_seconds",
-                                             "Server latency percentiles (HDR, merged across workers).",
-                                             labels=["pool", "server", "quantile"])
+        quantiles = _QuantileSummary("cacheproxy_latency_seconds",
+                                     "Latency percentiles since start (HDR histograms merged across workers).",
+                                     ["pool", "kind"])
+        server_quantiles = _QuantileSummary("cacheproxy_server_latency_seconds",
+                                            "Server latency percentiles since start (HDR, merged across workers).",
+                                            ["pool", "server"])
         for name, pool in pools.items():
             for command, c in sorted(pool.get("commands", {}).items()):
                 _histogram(request, [name, command], c.get("total"))
@@ -122,10 +156,10 @@ class SnapshotCollector:
             latency = pool.get("latency", {})
             _histogram(proxy, [name], latency.get("proxy"))
             for kind in ("total", "backend", "proxy"):
-                _quantiles(quantiles, [name, kind], latency.get(kind))
+                quantiles.add_metric([name, kind], latency.get(kind))
             for label, server in pool["servers"].items():
                 _histogram(server_hist, [name, label], server.get("latency"))
-                _quantiles(server_quantiles, [name, label], server.get("latency"))
+                server_quantiles.add_metric([name, label], server.get("latency"))
         yield request
         yield backend
         yield proxy

@@ -7,7 +7,9 @@ The stats endpoints:
   - the HTTP endpoint (C{global: stats_http}): C{/status} (HTML page),
     C{/stats.json}, C{/metrics} (Prometheus), C{/slowlog} (JSON, C{?limit=N})
     and C{POST /tune} (run-time settings as a form or JSON object; answers
-    with each process's settings).
+    with each process's settings).  State-changing calls (C{POST}) are off
+    unless C{global: admin_token} (or C{admin_token_file}) is set; they then
+    need C{Authorization: Bearer TOKEN}.
 
 Both take I{sources}, callables returning Deferreds, so the same servers run in
 a single process (L{LocalSources}) and in the master, which collects from its
@@ -15,11 +17,14 @@ workers over AMP:
 
   - C{stats()}: the merged snapshot (L{twistedproxy.stats.snapshots.merge});
   - C{slowlog()}: the merged slow log (a list, most recent first);
-  - C{tune(changes, pool)}: apply settings everywhere; fires with a report.
+  - C{tune(changes, pool)}: apply settings everywhere; fires with a report;
+  - C{admin_token()}: the token state-changing calls need, or None (see
+    L{admin_token}).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 
 from twisted.internet.defer import maybeDeferred, succeed
@@ -48,6 +53,28 @@ class LocalSources:
 
     def tune(self, changes, pool=None):
         return maybeDeferred(lambda: {"workers": [tuning.apply(self.proxy, changes, pool)]})
+
+    def admin_token(self):
+        return admin_token(self.proxy.config.global_)
+
+
+def admin_token(global_config):
+    """
+    The token of C{global_config} (a GlobalConfig) that state-changing HTTP
+    calls need: C{admin_token}, else the content of C{admin_token_file} (read
+    at each call, so a rotated file applies at once; surrounding whitespace
+    dropped), else None: those calls are off.  Raises OSError when the file
+    cannot be read.
+    """
+    if global_config.admin_token:
+        return global_config.admin_token
+    if global_config.admin_token_file:
+        with open(global_config.admin_token_file, "rb") as f:
+            token = f.read().strip().decode("utf-8", "replace")
+        if not token:
+            raise OSError("%s is empty" % (global_config.admin_token_file,))
+        return token
+    return None
 
 
 # -- the twemproxy stats port ------------------------------------------------
@@ -90,6 +117,16 @@ class StatsPortFactory(Factory):
 # -- HTTP --------------------------------------------------------------------
 
 
+class HTTPRefused(Exception):
+    """A request refused before any work: C{code}, a plain-text C{text}, extra C{headers}."""
+
+    def __init__(self, code: int, text: str, headers=()):
+        Exception.__init__(self, text)
+        self.code = code
+        self.text = text
+        self.headers = headers
+
+
 class _Deferred(resource.Resource):
     """A leaf that answers from a Deferred: C{produce(request)} fires with (content type, body)."""
 
@@ -122,6 +159,11 @@ class _Deferred(resource.Resource):
         def error(failure):
             if failure.check(tuning.TuningError):
                 return write(("application/json", _json({"error": str(failure.value)}), 400))
+            if failure.check(HTTPRefused):
+                for name, value in failure.value.headers:
+                    request.setHeader(name, value)
+                return write(("text/plain; charset=utf-8", failure.value.text.encode("utf-8") + b"\n",
+                              failure.value.code))
             log.failure("stats HTTP: {uri}", failure, uri=request.uri)
             if not finished:
                 request.setResponseCode(500)
@@ -201,7 +243,23 @@ class StatsSite:
             lambda entries: ("application/json", _json(entries[:limit] if limit is not None else entries))
         )
 
+    def _authorize(self, request) -> None:
+        """Let a state-changing call through only with the configured token; raise L{HTTPRefused} if not."""
+        try:
+            token = self.sources.admin_token()
+        except OSError as e:
+            log.warn("stats HTTP: {uri} refused: cannot read admin_token_file: {error}", uri=request.uri, error=e)
+            raise HTTPRefused(403, "refused: the admin_token_file cannot be read (see the proxy's log)")
+        if token is None:
+            raise HTTPRefused(403, "refused: state-changing HTTP calls are off; set global: admin_token"
+                                   " (or admin_token_file) and send Authorization: Bearer TOKEN")
+        scheme, _, given = (request.getHeader(b"authorization") or b"").strip().partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), token.encode("utf-8")):
+            raise HTTPRefused(401, "unauthorized: send Authorization: Bearer TOKEN (global: admin_token)",
+                              [(b"www-authenticate", b'Bearer realm="twistedproxy"')])
+
     def _tune(self, request):
+        self._authorize(request)
         content_type = request.getHeader(b"content-type") or b""
         if content_type.startswith(b"application/json"):
             try:

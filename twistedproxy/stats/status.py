@@ -108,6 +108,42 @@ def latency_chart(rows, width=640) -> str:
     return "".join(parts)
 
 
+def _duration(seconds: float) -> str:
+    """C{seconds} as people read an uptime: 45s, 12m 5s, 3h 20m, 2d 4h."""
+    seconds = int(max(seconds, 0))
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if seconds >= size:
+            return "%d%s %d%s" % (seconds // size, unit, seconds % size // sub_size, sub)
+    return "%ds" % (seconds,)
+
+
+def workers_table(merged: dict, now: float) -> str:
+    """
+    The workers: slot, pid, state, uptime, restarts and how the slot's last
+    worker ended, from the master's status (C{merged["master"]}); a single
+    process (no master) is one row.
+    """
+    out = ['<h2>Workers</h2><table id="workers"><tr><th>slot</th><th>pid</th><th class="name">state</th>'
+           '<th>uptime</th><th>restarts</th><th class="name">last exit</th></tr>']
+    master = merged.get("master")
+    if master is None:
+        pids = merged.get("pids") or ["?"]
+        started = merged.get("started") or now
+        rows = [("&ndash;", pid, "single process", now - started, "&ndash;", "") for pid in pids]
+    else:
+        rows = []
+        for worker in master.get("workers", []) + master.get("retiring", []):
+            last = worker.get("last_exit")
+            rows.append((worker["slot"], worker["pid"], worker["state"], worker["uptime"], worker.get("restarts", 0),
+                         escape("pid %s %s" % (last["pid"], last["reason"])) if last else ""))
+    for slot, pid, state, uptime, restarts, last in rows:
+        out.append('<tr class="worker"><td>%s</td><td>%s</td><td class="name">%s</td><td>%s</td><td>%s</td>'
+                   '<td class="name">%s</td></tr>'
+                   % (slot, escape(str(pid)), escape(state), _duration(uptime), restarts, last))
+    out.append("</table>")
+    return "\n".join(out)
+
+
 def render(merged: dict, previous=None, now=None) -> str:
     """The status page for a merged snapshot (C{previous}: the one before, for rates)."""
     now = time.time() if now is None else now
@@ -132,6 +168,7 @@ def render(merged: dict, previous=None, now=None) -> str:
                    " &middot; log level %s</p>"
                    % (_fmt_ms(settings.get("slowlog_threshold", 0) * 1000.0), settings.get("slowlog_max_len", 0),
                       merged.get("slowlog_seen", 0), escape(str(settings.get("log_level")))))
+    out.append(workers_table(merged, now))
     out.append('<h2>Pools</h2><table id="pools"><tr><th class="name">pool</th><th>clients</th><th>req/s</th>'
                "<th>requests</th><th>forward errors</th><th>servers up</th>"
                + "".join("<th>%s ms</th>" % n for n in ("avg",) + PERCENTILE_NAMES + ("max",)) + "</tr>")

@@ -134,6 +134,7 @@ class WorkerSources:
             # Uptime is the master's: workers come and go.
             result["started"] = master.started_at or result["started"]
             result["time"] = master.reactor.seconds()
+            result["master"] = master.status()  # the worker table of /status and /metrics
             return result
 
         return collect(master).addCallback(merged)
@@ -171,3 +172,8 @@ class WorkerSources:
             return out
 
         return d.addCallback(report)
+
+    def admin_token(self):
+        from twistedproxy.stats.server import admin_token
+
+        return admin_token(self.master.config.global_)
