@@ -601,7 +601,8 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             " replaces the address in consistent hashing.", required=True),
     KeySpec("client_connections", _Integer(0),
             "Client connections allowed at once; 0 is unlimited (twemproxy 0.5.0 reads but"
-            " ignores it)."),
+            " ignores it). Under a master it holds for the whole proxy, split evenly over the"
+            " workers (limit // workers each, the remainder to the first ones)."),
     KeySpec("max_request_bytes", _Integer(1),
             "twistedproxy: a larger request is refused as a protocol error."),
     KeySpec("client_max_pending", _Integer(1),
