@@ -696,3 +696,15 @@ def test_one_timer_per_connection_when_timeouts_release_held_requests():
     assert t.value().count(b"timeout") == window + 5
     backend.answer()  # late replies: all dropped
     assert t.value().count(b"\r\n") == window + 5
+
+
+def test_probe_requests_are_what_each_protocol_frames_as_ping_or_version():
+    from twistedproxy.protocols import memcache, memcache_binary, memcache_text, redis
+
+    for codec, command in ((redis.codec, b"ping"), (memcache_text.codec, b"version"),
+                           (memcache_binary.codec, b"version"), (memcache.codec, b"version")):
+        probe = codec.probe_request()
+        parsed = codec.request_parser(config_from_dict({"a": {"listen": "127.0.0.1:1", "servers": ["127.0.0.1:2:1"]}}
+                                                        ).pools[0]).feed(probe.frame)
+        assert [r.command for r in parsed] == [command], codec
+        assert probe.command == command and probe.client is None and probe.server is None

@@ -147,7 +147,10 @@ class Server:
                 pool.health.failed(self)
             elif self.failures >= config.server_failure_limit:
                 self.eject()
-                return
+            # No backoff: the next request tries a new connection, as twemproxy
+            # does; failing requests fast meanwhile would only add errors, and
+            # the ejection bounds the retries.
+            return
         backoff = min(BACKOFF_FIRST * (2 ** (self.failures - 1)), BACKOFF_MAX)
         self.retry_at = pool.reactor.seconds() + backoff
 
