@@ -102,7 +102,10 @@ class ProxyService(service.Service):
         service.Service.startService(self)
         from twistedproxy.api import Proxy
 
+        from twistedproxy.process.limits import RefusalLog
+
         self.proxy = Proxy(self.config, self.reactor)
+        RefusalLog(self.reactor).start()
         self.proxy.start()
         self._serve_stats()
         if self.handle_signals:
@@ -243,6 +246,9 @@ def _make_service(options, reactor=None):
     logs.set_level(logs.level_for_verbosity(options["verbose"]))
     if options["output"]:
         logs.add_observer(options["output"])
+    from twistedproxy.process.limits import raise_open_files
+
+    raise_open_files(config)  # before any worker starts: they inherit it
     if config.global_.worker_processes > 0:
         from twistedproxy.process.master import MasterService
 

@@ -636,6 +636,11 @@ GLOBAL_KEYS: Tuple[KeySpec, ...] = (
     KeySpec("slowlog_max_len", _Integer(0),
             "Slow requests kept per process (the most recent, at most 100000); 0 keeps none."),
     KeySpec("slowlog_log", _Boolean(), "Also write every slow request to the log."),
+    KeySpec("worker_rlimit_nofile", _Integer(1),
+            "Open files limit (RLIMIT_NOFILE) of every process, as nginx's key; absent, the soft"
+            " limit is raised to what client_connections and server connections need (up to"
+            " the hard limit; the hard limit if clients are unlimited). Logged at start; at the"
+            " limit new clients are refused, with one log line a second."),
 )
 
 

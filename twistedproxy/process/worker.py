@@ -35,6 +35,7 @@ from twistedproxy import logs
 from twistedproxy.config import ConfigError, parse_config
 from twistedproxy.process import channel, ejection
 from twistedproxy.process.accept_mutex import AcceptMutex
+from twistedproxy.process.limits import RefusalLog
 from twistedproxy.process.listeners import adopt_port
 from twistedproxy.stats import commands as stats_commands, workers as stats_workers
 
@@ -359,6 +360,7 @@ def main(argv=None) -> int:
     output = layout.get("output")
     globalLogBeginner.beginLoggingTo([logs.filtered_observer(output)], redirectStandardIO=False)
     channel.quiet_amp_logs()
+    RefusalLog(reactor).start()
     worker = Worker(reactor, layout)
 
     def on_signal(handler):
