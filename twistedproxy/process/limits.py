@@ -28,6 +28,7 @@ _REFUSED = "EMFILE recovery: Closed socket from {address}"
 _QUIET = frozenset((
     "EMFILE encountered; releasing reserved file descriptor.",
     "Re-reserving EMFILE recovery file descriptor.",
+    "Could not re-reserve EMFILE recovery file descriptor.",
     _REFUSED,
 ))
 _OUT_OF_FILES = ("EMFILE", "ENFILE")
