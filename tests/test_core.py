@@ -81,6 +81,8 @@ class Backend:
         name = args[0].lower()
         if name in (b"auth", b"select"):
             return b"+OK\r\n"
+        if name == b"ping":
+            return b"+PONG\r\n"
         if name == b"set":
             self.data[args[1]] = args[2]
             return b"+OK\r\n"
@@ -350,12 +352,42 @@ def test_ejection_after_failure_limit_and_readmission():
     c.dataReceived(cmd("GET", a))
     h.accept()[new_port].answer()
     assert t.value() == b"$-1\r\n"
-    h.reactor.advance(0.6)  # 1.1 s after the ejection
+    h.reactor.advance(0.6)  # 1.1 s after the ejection: a probe first, no traffic yet
+    assert h.pool.server_for(a).spec.port == new_port
+    probe = h.accept()[7001]
+    assert probe.answer() == [[b"PING"]]
     assert h.pool.server_for(a).spec.port == 7001
     t.clear()
     c.dataReceived(cmd("GET", a))
-    h.accept()[7001].answer()
+    assert h.attempts() == []  # the probe's connection carries the traffic
+    probe.answer()
     assert t.value() == b"$-1\r\n"
+
+
+def test_a_failed_probe_keeps_the_server_ejected_without_failing_requests():
+    h = Harness(timeout=100, auto_eject_hosts=True, server_failure_limit=1, server_retry_timeout=1000)
+    c, t = h.client()
+    a = h.key_on(7001)
+    c.dataReceived(cmd("GET", a))
+    h.refuse()
+    server = h.pool.servers[0]
+    assert server.ejected and h.pool.stats.server_ejects == 1
+    t.clear()
+    h.reactor.advance(1.0)
+    h.refuse()  # the probe cannot connect
+    assert server.ejected
+    h.reactor.advance(1.0)
+    h.accept()  # the next probe connects, but the backend does not answer
+    h.reactor.advance(0.1)
+    assert server.ejected and server.probing is None
+    c.dataReceived(cmd("GET", a))
+    h.accept()[h.pool.server_for(a).spec.port].answer()
+    # No client saw any of it, and it was never counted as a new ejection or timeout.
+    assert t.value() == b"$-1\r\n"
+    assert h.pool.stats.server_ejects == 1 and server.stats.server_timedout == 0
+    h.reactor.advance(1.0)
+    h.accept()[7001].answer()
+    assert not server.ejected
 
 
 def test_the_placement_cache_is_bounded_and_agrees_with_the_hash(monkeypatch):
@@ -693,11 +725,12 @@ def test_closing_connections_on_ejection_is_not_a_new_failure():
     assert server.ejected
     h.backends[7001].protocol.connectionLost(Failure(ConnectionLost()))  # the close we asked for
     h.reactor.advance(1)
+    h.accept()[7001].answer()  # the probe
     assert not server.ejected
     # One more failure after readmission is not enough to eject it again.
     c.dataReceived(cmd("GET", a))
-    h.refuse()
-    assert not server.ejected
+    h.backends[7001].protocol.connectionLost(Failure(ConnectionLost()))
+    assert not server.ejected and server.failures == 1
 
 
 def test_a_connection_closed_while_connecting_is_dropped_once_connected():
@@ -744,3 +777,15 @@ def test_one_timer_per_connection_when_timeouts_release_held_requests():
     assert t.value().count(b"-ERR Connection timed out") == window + 5
     backend.answer()  # late replies: all dropped
     assert t.value().count(b"\r\n") == window + 5
+
+
+def test_probe_requests_are_what_each_protocol_frames_as_ping_or_version():
+    from twistedproxy.protocols import memcache, memcache_binary, memcache_text, redis
+
+    for codec, command in ((redis.codec, b"ping"), (memcache_text.codec, b"version"),
+                           (memcache_binary.codec, b"version"), (memcache.codec, b"version")):
+        probe = codec.probe_request()
+        parsed = codec.request_parser(config_from_dict({"a": {"listen": "127.0.0.1:1", "servers": ["127.0.0.1:2:1"]}}
+                                                        ).pools[0]).feed(probe.frame)
+        assert [r.command for r in parsed] == [command], codec
+        assert probe.command == command and probe.client is None and probe.server is None

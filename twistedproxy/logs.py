@@ -63,7 +63,9 @@ def filtered_observer(output=None):
         stream = _LogFile(output)
     else:
         stream = output
-    return FilteringLogObserver(textFileLogObserver(stream), [level_filter])
+    from twistedproxy.process.limits import quiet_refusals
+
+    return FilteringLogObserver(textFileLogObserver(stream), [quiet_refusals, level_filter])
 
 
 class _LogFile:

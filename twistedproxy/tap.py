@@ -127,11 +127,14 @@ class ProxyService(service.Service):
         service.Service.startService(self)
         from twistedproxy.api import Proxy
 
+        from twistedproxy.process.limits import RefusalLog
+
         if self.pid_file:
             command.write_pid_file(self.pid_file)
         if self.handle_signals:
             self._install_signals()  # before listening: a client may signal as soon as it can connect
         self.proxy = Proxy(self.config, self.reactor)
+        RefusalLog(self.reactor).start()
         self.proxy.start()
         self._serve_stats()
         command.daemon_started()
@@ -295,6 +298,9 @@ def _make_service(options, reactor=None):
     logs.set_level(logs.level_for_verbosity(options["verbose"]))
     if options["output"]:
         logs.add_observer(options["output"])
+    from twistedproxy.process.limits import raise_open_files
+
+    raise_open_files(config)  # before any worker starts: they inherit it
     if config.global_.worker_processes > 0:
         from twistedproxy.process.master import MasterService
 

@@ -601,7 +601,8 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             " replaces the address in consistent hashing.", required=True),
     KeySpec("client_connections", _Integer(0),
             "Client connections allowed at once; 0 is unlimited (twemproxy 0.5.0 reads but"
-            " ignores it)."),
+            " ignores it). Under a master it holds for the whole proxy, split evenly over the"
+            " workers (limit // workers each, the remainder to the first ones)."),
     KeySpec("max_request_bytes", _Integer(1),
             "twistedproxy: a larger request is refused as a protocol error."),
     KeySpec("client_max_pending", _Integer(1),
@@ -640,6 +641,11 @@ GLOBAL_KEYS: Tuple[KeySpec, ...] = (
     KeySpec("slowlog_max_len", _Integer(0),
             "Slow requests kept per process (the most recent, at most 100000); 0 keeps none."),
     KeySpec("slowlog_log", _Boolean(), "Also write every slow request to the log."),
+    KeySpec("worker_rlimit_nofile", _Integer(1),
+            "Open files limit (RLIMIT_NOFILE) of every process, as nginx's key; absent, the soft"
+            " limit is raised to what client_connections and server connections need (up to"
+            " the hard limit; the hard limit if clients are unlimited). Logged at start; at the"
+            " limit new clients are refused, with one log line a second."),
 )
 
 

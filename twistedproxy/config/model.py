@@ -125,6 +125,7 @@ class GlobalConfig:
     slowlog_threshold: float = 0.010  # seconds; requests at least this slow are kept
     slowlog_max_len: int = 128  # slow requests kept per process; 0 keeps none
     slowlog_log: bool = False  # also write each slow request to the log
+    worker_rlimit_nofile: Optional[int] = None  # soft nofile limit; None: what the connections need
     extra: Tuple[Tuple[str, object], ...] = field(default=())  # keys for later features
 
 

@@ -224,7 +224,9 @@ class ProxyFactory(ServerFactory):
     Accepts clients for one L{twistedproxy.core.pool.ServerPool}.
 
     Enforces the pool's C{client_connections} limit (0 = unlimited) by closing
-    connections over the limit, as twemproxy does.
+    connections over the limit, as twemproxy does.  Under a master, C{share} is
+    C{(slot, workers)}: the limit is split evenly over the workers, the
+    remainder going to the first slots, so it holds for the whole proxy.
     """
 
     noisy = False
@@ -232,11 +234,22 @@ class ProxyFactory(ServerFactory):
     def __init__(self, pool):
         self.pool = pool
         self.codec = pool.codec
+        self.share = None
+
+    def client_limit(self):
+        """The connections this process may hold for the pool: None when unlimited."""
+        limit = self.pool.config.client_connections
+        if not limit:
+            return None
+        if self.share is not None:
+            slot, workers = self.share
+            limit = limit // workers + (1 if slot < limit % workers else 0)
+        return limit
 
     def buildProtocol(self, addr):
         pool = self.pool
-        limit = pool.config.client_connections
-        if limit and len(pool.clients) >= limit:
+        limit = self.client_limit()
+        if limit is not None and len(pool.clients) >= limit:
             log.warn("pool {pool}: client_connections limit {limit} reached", pool=pool.name, limit=limit)
             return None
         client = ClientConnection(pool, self.codec.request_parser(pool.config))

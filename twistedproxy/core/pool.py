@@ -71,6 +71,8 @@ class Server:
         self.retry_at = 0.0  # no new connection before this time (backoff)
         self.ejected = False
         self.retry_call = None
+        self.probing = None  # the probe connection of an ejected server, while one runs
+        self.probe_waiters = []  # called with True/False when the running probe ends
         self.stats = pool.stats.server(self.label)
 
     def connection(self, codec):
@@ -88,9 +90,9 @@ class Server:
         self.next_connection += 1
         return conns[self.next_connection % count]
 
-    def _connect(self, codec):
+    def _connect(self, codec, probe=False):
         pool = self.pool
-        conn = ServerConnection(self, codec, pool.reactor)
+        conn = ServerConnection(self, codec, pool.reactor, probe)
         factory = _ConnectorFactory(conn)
         timeout = pool.timeout if pool.timeout is not None else 30
         spec = self.spec
@@ -114,6 +116,9 @@ class Server:
         if conns is not None and conn in conns:
             conns.remove(conn)
         self.stats.connection_lost(reason)
+        if conn is self.probing:
+            self._probe_finished(False)
+            return
         if self.pool.closing or self.ejected:
             return  # a close we asked for (ejection, stop), not a new failure
         self.record_failure()
@@ -121,22 +126,52 @@ class Server:
             self.pool.reactor.callLater(max(self.retry_at - self.pool.reactor.seconds(), 0.0), self.preconnect)
 
     def timed_out(self, conn) -> None:
+        if conn is self.probing:
+            self._probe_finished(False)
+            conn.close()
+            return
         self.stats.server_timedout += 1
         self.record_failure()
 
     def record_failure(self) -> None:
-        """Count a failure; eject the server or back off reconnecting."""
+        """
+        Count a failure; eject the server or back off reconnecting.  Under a
+        master (C{pool.health} set) the master counts across workers and says
+        when to eject; this process only backs off.
+        """
+        if self.ejected:
+            return  # late failures of requests sent before the ejection
         pool = self.pool
         self.failures += 1
         config = pool.config
-        if config.auto_eject_hosts and self.failures >= config.server_failure_limit:
-            self.eject()
+        if config.auto_eject_hosts:
+            if pool.health is not None:
+                pool.health.failed(self)
+            elif self.failures >= config.server_failure_limit:
+                self.eject()
+            # No backoff: the next request tries a new connection, as twemproxy
+            # does; failing requests fast meanwhile would only add errors, and
+            # the ejection bounds the retries.
             return
         backoff = min(BACKOFF_FIRST * (2 ** (self.failures - 1)), BACKOFF_MAX)
         self.retry_at = pool.reactor.seconds() + backoff
 
+    def succeeded(self) -> None:
+        """A reply after failures were counted: the count starts over."""
+        self.failures = 0
+        if self.pool.health is not None and not self.ejected:
+            self.pool.health.recovered(self)
+
+    def suspect(self) -> None:
+        """The master counts failures of this server: report the next reply (L{succeeded})."""
+        if not self.failures:
+            self.failures = 1
+
     def eject(self) -> None:
-        """Take the server out of the placement for C{server_retry_timeout}."""
+        """
+        Take the server out of the placement: for C{server_retry_timeout}, then
+        until a probe answers (L{probe}).  Under a master, until it readmits it.
+        """
         if self.ejected:
             return
         pool = self.pool
@@ -150,11 +185,61 @@ class Server:
             server=self.label,
             seconds=pool.config.server_retry_timeout / 1000.0,
         )
-        self.retry_call = pool.reactor.callLater(pool.config.server_retry_timeout / 1000.0, self.readmit)
+        if pool.health is None:
+            self._retry_later()
         pool.rebuild()
         self.close_connections()
 
+    def _retry_later(self) -> None:
+        self.retry_call = self.pool.reactor.callLater(self.pool.config.server_retry_timeout / 1000.0, self._retry)
+
+    def _retry(self) -> None:
+        self.retry_call = None
+        self.probe(self._probed)
+
+    def _probed(self, ok: bool) -> None:
+        if not self.ejected or self.pool.closing:
+            return
+        if ok:
+            self.readmit()
+            return
+        log.info(
+            "pool {pool}: server {server} did not answer the probe; ejected for {seconds}s more",
+            pool=self.pool.name,
+            server=self.label,
+            seconds=self.pool.config.server_retry_timeout / 1000.0,
+        )
+        self._retry_later()
+
+    def probe(self, done) -> None:
+        """
+        Check that the server answers before it gets traffic again: connect, and
+        send the handshake and the codec's probe request; C{done(ok)} follows.
+        No client request is involved, and a probe that fails counts as nothing.
+        """
+        self.probe_waiters.append(done)
+        if self.probing is None:
+            self.probing = self._connect(self.pool.codecs[0], probe=True)
+
+    def probe_answered(self, conn, ok: bool) -> None:
+        """The probe connection C{conn} got its probe reply; on success it stays as a connection."""
+        if conn is not self.probing:
+            return
+        if ok:
+            self.connections.setdefault(conn.codec, []).append(conn)
+        else:
+            conn.close()
+        self._probe_finished(ok)
+
+    def _probe_finished(self, ok: bool) -> None:
+        self.probing = None
+        waiters, self.probe_waiters = self.probe_waiters, []
+        for done in waiters:
+            done(ok)
+
     def readmit(self) -> None:
+        if self.retry_call is not None and self.retry_call.active():
+            self.retry_call.cancel()
         self.retry_call = None
         self.ejected = False
         self.retry_at = 0.0
@@ -181,6 +266,8 @@ class Server:
         if self.retry_call is not None and self.retry_call.active():
             self.retry_call.cancel()
         self.retry_call = None
+        if self.probing is not None:
+            self.probing.close()
         self.close_connections()
 
 
@@ -202,6 +289,9 @@ class ServerPool:
         self.codecs = tuple(codecs) if codecs else (codec,)
         self.timeout = config.timeout / 1000.0 if config.timeout is not None else None
         self.closing = False
+        # Who decides ejections: None counts failures here; a worker sets an
+        # object with failed(server) and recovered(server) that asks the master.
+        self.health = None
         self.clients = set()  # ClientConnections currently open
         self.flusher = TurnFlusher(reactor)  # backend writes: one per connection per reactor turn
         self.servers = [Server(self, spec, i) for i, spec in enumerate(config.servers)]
@@ -344,6 +434,8 @@ class ServerPool:
         for server in self.servers:
             if server.retry_call is not None and server.retry_call.active():
                 server.retry_call.cancel()
+            if server.probing is not None:
+                server.probing.close()
             for conns in server.connections.values():
                 for conn in conns:
                     conn.close_when_idle()

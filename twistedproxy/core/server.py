@@ -34,7 +34,7 @@ class ServerConnection(Protocol):
     wait in C{outbuf} until C{connectionMade}.
     """
 
-    def __init__(self, server, codec, reactor):
+    def __init__(self, server, codec, reactor, probe=False):
         self.server = server
         self.codec = codec
         self.reactor = reactor
@@ -48,7 +48,12 @@ class ServerConnection(Protocol):
         self.timer = None
         self.timeout = server.pool.timeout  # seconds or None
         now = reactor.seconds()
-        for request in codec.handshake(server.pool.config):
+        requests = codec.handshake(server.pool.config)
+        # A probe of an ejected server (L{Server.probe}): internal, like the handshake.
+        self.probe = codec.probe_request() if probe else None
+        if probe:
+            requests.append(self.probe)
+        for request in requests:
             # Timed like any request queued before the connection is up (a zero
             # sent_at would make it expire at the first flush).
             request.sent_at = now
@@ -120,8 +125,8 @@ class ServerConnection(Protocol):
                         request.parent.replied_at = now
                 if request.expired:
                     self.n_expired -= 1
-                elif request.server is None:  # a handshake request (never enqueued)
-                    self._handshake_reply(raw)
+                elif request.server is None:  # a handshake or probe request (never enqueued)
+                    self._handshake_reply(request, raw)
                 else:
                     complete(request, raw, codec, dirty)
             else:
@@ -139,14 +144,18 @@ class ServerConnection(Protocol):
             self.transport.abortConnection()
             return
         if self.server.failures:
-            self.server.failures = 0
+            self.server.succeeded()
         # Replies for a client from several backends in one turn leave in one write.
         self.server.pool.flusher.add(dirty)
         if self.closing_when_idle and not inflight:
             self.close()
 
-    def _handshake_reply(self, raw: bytes) -> None:
+    def _handshake_reply(self, request, raw: bytes) -> None:
         error = self.codec.handshake_error(raw)
+        if request is self.probe and request is not None:
+            self.server.probe_answered(self, error is None)
+            if error is None:
+                return
         if error is not None:
             log.error("backend {server} refused the handshake: {error}", server=self.server.label, error=error)
 

@@ -2,8 +2,10 @@
 The AMP commands spoken between the master and each worker, over a socketpair
 the master passes to the worker as a descriptor.
 
-Worker -> master: L{Hello} (answered with the configuration), L{Ready}.
-Master -> worker: L{Reconfigure}, L{Stats}, L{Ping}, L{Stop}, L{SetLogLevel}.
+Worker -> master: L{Hello} (answered with the configuration), L{Ready},
+L{ServerFailed}, L{ServerRecovered}.
+Master -> worker: L{Reconfigure}, L{Stats}, L{Ping}, L{Stop}, L{SetLogLevel},
+L{WorkerCount}, L{ServerHealth}, L{ProbeServer}.
 Old master -> new master, during an upgrade: L{InheritTotals}.
 """
 
@@ -107,3 +109,48 @@ class InheritTotals(amp.Command):
 
     arguments = [(b"stats", BigUnicode())]
     response = []
+
+
+class WorkerCount(amp.Command):
+    """The master now runs C{count} workers (per-worker shares of C{client_connections})."""
+
+    arguments = [(b"count", amp.Integer())]
+    response = []
+
+
+# Ejection with workers: each worker reports a failure of a backend, and its
+# first success after the master said the server has failures counted; the
+# master counts across workers and tells every worker to eject or readmit it.
+# Never one message per request.
+
+
+class ServerFailed(amp.Command):
+    """A request to (or a connection with) C{server} of C{pool} failed in this worker."""
+
+    arguments = [(b"pool", amp.Unicode()), (b"server", amp.Unicode())]
+    requiresAnswer = False
+
+
+class ServerRecovered(amp.Command):
+    """C{server} answered this worker after failures were counted: the count starts over."""
+
+    arguments = [(b"pool", amp.Unicode()), (b"server", amp.Unicode())]
+    requiresAnswer = False
+
+
+class ServerHealth(amp.Command):
+    """
+    The master's verdict on C{server}: C{state} is C{suspect} (failures are
+    counted: report the next success), C{ejected} (out of the placement until
+    told otherwise) or C{readmitted}.
+    """
+
+    arguments = [(b"pool", amp.Unicode()), (b"server", amp.Unicode()), (b"state", amp.Unicode())]
+    requiresAnswer = False
+
+
+class ProbeServer(amp.Command):
+    """Probe the ejected C{server} (connect and the codec's probe request); C{ok} if it answered."""
+
+    arguments = [(b"pool", amp.Unicode()), (b"server", amp.Unicode())]
+    response = [(b"ok", amp.Boolean())]

@@ -39,7 +39,7 @@ from twisted.protocols import amp
 
 from twistedproxy import logs, signals
 from twistedproxy.config import ConfigError, load_config_text
-from twistedproxy.process import accept_mutex, channel, command
+from twistedproxy.process import accept_mutex, channel, command, ejection
 from twistedproxy.process.channel import quiet_factory
 from twistedproxy.process.listeners import (
     INHERIT_ENV,
@@ -210,6 +210,16 @@ class MasterChannel(amp.AMP):
         self.worker.master.worker_ready(self.worker)
         return {}
 
+    @channel.ServerFailed.responder
+    def server_failed(self, pool, server):
+        self.worker.master.ejections.failed(pool, server)
+        return {}
+
+    @channel.ServerRecovered.responder
+    def server_recovered(self, pool, server):
+        self.worker.master.ejections.recovered(pool, server)
+        return {}
+
 
 class _UpgradeProtocol(ProcessProtocol):
     """The new master of an upgrade, seen from the old one."""
@@ -297,6 +307,7 @@ class MasterService(service.Service):
         self._privileged = False
         # nutcracker's -p: this master's pid, at PATH.oldbin while an upgrade replaces it.
         self.pid_file = os.path.abspath(options["pid-file"]) if options.get("pid-file") else None
+        self.ejections = ejection.Ejections(self)  # backend failures counted across workers
 
     @property
     def reactor(self):
@@ -509,7 +520,7 @@ class MasterService(service.Service):
         worker = WorkerProcess(self, slot, self.generation)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_fds = {1: 1, 2: 2, 3: child.fileno()}
-        layout = {"master": os.getpid(), "slot": slot, "channel": 3, "listen": {},
+        layout = {"master": os.getpid(), "slot": slot, "workers": self.worker_count, "channel": 3, "listen": {},
                   "mutex": None, "level": logs.current_level().name, "output": self.options.get("output")}
         next_fd = 4
         for name, fd in self._fds_for(self.config, slot).items():
@@ -542,6 +553,7 @@ class MasterService(service.Service):
         if worker.state == "starting":
             worker.state = "ready"
         log.debug("worker {pid} ready", pid=worker.pid)
+        self.ejections.welcome(worker)
         self._check_generation_ready()
 
     def _check_generation_ready(self) -> None:
@@ -645,6 +657,7 @@ class MasterService(service.Service):
         except (ConfigError, OSError) as e:
             return defer.succeed(self._refused(str(e)))
         old = self.config
+        self.ejections.configure(config)
         rollover = _listen_layout(old) != _listen_layout(config) or any(
             getattr(old.global_, key) != getattr(config.global_, key) for key in _ROLLOVER_KEYS)
         if rollover:
@@ -682,6 +695,8 @@ class MasterService(service.Service):
     def _reconfigured(self, answer, worker):
         if not answer["ok"]:
             log.error("worker {pid} refused the configuration: {error}", pid=worker.pid, error=answer["error"])
+        else:
+            self.ejections.welcome(worker)  # its new pools start with every server in
 
     def _not_reconfigured(self, failure, worker):
         if worker.state not in ("gone", "stopping") and not self.stopping:  # else a stop cut it short
@@ -737,6 +752,9 @@ class MasterService(service.Service):
                     self.retiring.add(worker)
                     worker.stop(graceful=True, timeout=self.config.global_.worker_shutdown_timeout)
             self._prune_sockets()
+        for worker in self.live_workers():
+            # Their shares of client_connections follow the new count.
+            worker.channel.callRemote(channel.WorkerCount, count=count).addErrback(lambda _: None)
         log.info("worker count {old} -> {new}", old=old, new=count)
 
     # -- upgrade ------------------------------------------------------------------
@@ -898,6 +916,7 @@ class MasterService(service.Service):
                     worker.stop(graceful=False, timeout=0)
             return
         self.stopping = True
+        self.ejections.stop()
         log.info("master {pid}: {how} stop", pid=os.getpid(), how="graceful" if graceful else "fast")
         for call in self.respawn_calls.values():
             call.cancel()

@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger, LogLevel
@@ -33,8 +34,9 @@ from twisted.protocols import amp
 
 from twistedproxy import logs
 from twistedproxy.config import ConfigError, parse_config
-from twistedproxy.process import channel, command
+from twistedproxy.process import channel, command, ejection
 from twistedproxy.process.accept_mutex import AcceptMutex
+from twistedproxy.process.limits import RefusalLog
 from twistedproxy.process.listeners import adopt_port
 from twistedproxy.stats import commands as stats_commands, workers as stats_workers
 
@@ -177,6 +179,27 @@ class WorkerChannel(amp.AMP):
         logs.set_level(LogLevel.levelWithName(level))
         return {}
 
+    @channel.WorkerCount.responder
+    def worker_count(self, count):
+        self.worker.set_worker_count(count)
+        return {}
+
+    @channel.ServerHealth.responder
+    def server_health(self, pool, server, state):
+        found = ejection.find_server(self.worker.proxy, pool, server)
+        if found is not None:
+            ejection.apply_verdict(found, state)
+        return {}
+
+    @channel.ProbeServer.responder
+    def probe_server(self, pool, server):
+        found = ejection.find_server(self.worker.proxy, pool, server)
+        if found is None:
+            return {"ok": True}  # not ours any more: nothing keeps it out
+        d = Deferred()
+        found.probe(lambda ok: d.callback({"ok": ok}))
+        return d
+
 
 class Worker:
     """One worker's state: its proxy, adopted ports, accept mutex and channel."""
@@ -185,6 +208,7 @@ class Worker:
         self.reactor = reactor
         self.layout = layout
         self.slot = layout["slot"]
+        self.worker_count = layout.get("workers", 1)
         self.proxy = None
         self.ports = []
         self.mutex = None
@@ -217,6 +241,7 @@ class Worker:
             set_affinity(glob.worker_cpu_affinity[self.slot % len(glob.worker_cpu_affinity)])
         self.quickack = glob.tcp_quickack
         self.proxy = Proxy(config, self.reactor)
+        self._share_out()
         for pool in self.proxy.pools.values():
             pool.start()
         mutex_fd = self.layout.get("mutex")
@@ -230,6 +255,23 @@ class Worker:
 
     def reconfigure(self, config) -> None:
         self.proxy.reconfigure(config)
+        self._share_out()
+
+    def set_worker_count(self, count: int) -> None:
+        self.worker_count = count
+        self._share_out()
+
+    def _share_out(self) -> None:
+        """
+        This worker's part of what holds for the whole proxy: its share of each
+        pool's C{client_connections}, and the master's say on ejections.
+        """
+        health = ejection.WorkerHealth(self.channel)
+        for name, factory in self.proxy.factories.items():
+            factory.share = (self.slot, max(self.worker_count, 1))
+        for pool in self.proxy.pools.values():
+            if pool.health is None:
+                pool.health = health
 
     def connections(self) -> int:
         """Open client connections, over every pool."""
@@ -321,6 +363,7 @@ def main() -> int:
     output = layout.get("output")
     globalLogBeginner.beginLoggingTo([logs.filtered_observer(output)], redirectStandardIO=False)
     channel.quiet_amp_logs()
+    RefusalLog(reactor).start()
     worker = Worker(reactor, layout)
 
     def on_signal(handler):

@@ -113,3 +113,11 @@ class ICodec(Interface):
 
     def handshake_error(raw: bytes) -> str | None:
         """An error message if a handshake reply reports failure, else None."""
+
+    def probe_request():
+        """
+        A request that checks an ejected server answers (Redis PING, memcached
+        version), sent after the handshake on a new connection before the server
+        gets traffic again; its reply goes through L{handshake_error} and never
+        reaches a client.
+        """

@@ -79,6 +79,9 @@ class MemcacheCodec(object):
     def handshake(self, pool_config):
         return []
 
+    def probe_request(self):
+        return text_codec.probe_request()
+
     def handshake_error(self, raw):
         return None
 

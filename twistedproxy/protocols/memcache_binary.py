@@ -365,7 +365,11 @@ class BinaryCodec(object):
         return []
 
     def handshake_error(self, raw):
-        return None
+        status = _status(raw)
+        return None if status == STATUS_OK else "status 0x%04x" % (status,)
+
+    def probe_request(self):
+        return Request(_REQUEST_HEADER.pack(REQUEST_MAGIC, VERSION_OPCODE, 0, 0, 0) + bytes(12), b"version")
 
 
 codec = BinaryCodec()

@@ -754,7 +754,12 @@ class TextCodec(object):
         return []
 
     def handshake_error(self, raw):
+        if raw.startswith((b"ERROR", b"SERVER_ERROR", b"CLIENT_ERROR")):
+            return raw.rstrip(b"\r\n").decode("utf-8", "replace")
         return None
+
+    def probe_request(self):
+        return Request(b"version\r\n", b"version")
 
 
 def _merge_values(keys: list, fragments: list) -> bytes:

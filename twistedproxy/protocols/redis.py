@@ -742,5 +742,8 @@ class RedisCodec:
             return raw[1:].rstrip(b"\r\n").decode("utf-8", "replace")
         return None
 
+    def probe_request(self):
+        return Request(multibulk((b"PING",)), b"ping")
+
 
 codec = RedisCodec()
