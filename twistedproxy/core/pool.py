@@ -117,7 +117,8 @@ class Server:
         conns = self.connections.get(conn.codec)
         if conns is not None and conn in conns:
             conns.remove(conn)
-        self.stats.connection_lost(reason)
+        if not conn.closed:  # a close the proxy asked for is neither server_eof nor server_err
+            self.stats.connection_lost(reason)
         if self.pool.closing or self.ejected:
             return  # a close we asked for (ejection, stop), not a new failure
         self.record_failure()
@@ -371,6 +372,24 @@ class ServerPool:
             server.connection(codec).enqueue(request, now, touched)
 
     # -- life cycle -----------------------------------------------------------
+
+    def use_config(self, config) -> None:
+        """
+        Take C{config}, which may differ from the pool's own only in the
+        settings a live pool can change (C{timeout}, C{client_max_pending},
+        C{max_request_bytes}): open clients and connections follow at once
+        (C{max_request_bytes} applies to clients connecting from now on).
+        """
+        self.config = config
+        self.timeout = timeout = config.timeout / 1000.0 if config.timeout is not None else None
+        for client in self.clients:
+            client.max_pending = config.client_max_pending
+        for server in self.servers:
+            for conns in server.connections.values():
+                for conn in conns:
+                    conn.timeout = timeout
+                    if timeout is None:
+                        conn._cancel_timer()
 
     def start(self) -> None:
         """Open backend connections now if the pool asks for C{preconnect}."""
