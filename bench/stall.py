@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import signal
@@ -42,6 +41,7 @@ except ImportError:  # a bare python3: go on under the CPython venv, which has i
 
 sys.path.insert(0, ROOT)
 from tests.support import processes  # noqa: E402
+from tests.test_stats import read_stats_port  # noqa: E402
 
 HOST = processes.HOST
 BACKENDS = 3
@@ -199,14 +199,7 @@ def percentile(values, q):
 
 def stats(port: int) -> dict:
     """Ejections, timeouts and forward errors summed over the target's pools."""
-    with socket.create_connection((HOST, port), timeout=10) as sock:
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    doc = json.loads(data)
+    doc = read_stats_port(port, timeout=10)
     out = {"server_ejects": 0, "server_timedout": 0, "forward_error": 0}
     for pool in doc.values():
         if not isinstance(pool, dict) or "server_ejects" not in pool:

@@ -10,7 +10,6 @@ memcached processes behind the proxy with the README's example settings.
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -21,6 +20,7 @@ import redis
 from tests.support import processes
 from tests.support.resp import cmd
 from tests.test_core import Harness, bulk
+from tests.test_stats import read_stats_port
 from twistedproxy.core import pool as pool_module
 
 SLICE = pool_module.SLICE_KEYS
@@ -174,15 +174,7 @@ def value(i: int) -> bytes:
 
 
 def stats_of(proc) -> dict:
-    port = int(proc.argv[proc.argv.index("-s") + 1])
-    with socket.create_connection((processes.HOST, port), timeout=10) as sock:
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
+    return read_stats_port(int(proc.argv[proc.argv.index("-s") + 1]), timeout=10)
 
 
 def failures(doc: dict) -> tuple:

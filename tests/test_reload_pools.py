@@ -15,6 +15,7 @@ import redis
 
 from tests.support import processes
 from tests.support.workers import Master, master_config, poll, set_get
+from tests.test_stats import read_stats_port
 from twistedproxy.stats import commands as stats_commands
 
 pytestmark = pytest.mark.integration
@@ -22,15 +23,7 @@ pytestmark = pytest.mark.integration
 
 def stats_of(master) -> dict:
     argv = master.process.argv
-    port = int(argv[argv.index("-s") + 1])
-    with socket.create_connection((processes.HOST, port), timeout=10) as sock:
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
+    return read_stats_port(int(argv[argv.index("-s") + 1]), timeout=10)
 
 
 def server_stats(doc: dict, pool: str) -> dict:
