@@ -78,24 +78,33 @@ class Proxy:
         """
         Switch to C{config} between requests, keeping client connections.
 
-        Every pool is rebuilt from the new configuration; clients of a pool that
-        still exists move to its new version at once (their next request is
-        routed by it), while requests already in flight finish on the old pool,
-        whose backend connections close once idle.  Pools that disappeared stop
-        listening and their clients are closed; new pools start listening (when
-        this proxy listens itself, i.e. L{start} was used).
+        A pool the new configuration leaves as it was stays as it is: its
+        clients, backend connections and server health (failures, ejections)
+        carry on, and only settings changed at run time (L{twistedproxy.stats.tuning})
+        go back to the configuration's values.  Every other pool is rebuilt:
+        clients of a pool that still exists move to its new version at once
+        (their next request is routed by it), while requests already in flight
+        finish on the old pool, whose backend connections close once idle.
+        Pools that disappeared stop listening and their clients are closed; new
+        pools start listening (when this proxy listens itself, i.e. L{start}
+        was used).
         """
         listening = bool(self._port_by_pool)
         old_pools = self.pools
+        old_configs = {pool_config.name: pool_config for pool_config in self.config.pools}
         self.config = config
         self.pools = {}
         self.stats.configure(config.global_)
         self.stats.prune(config)
         for pool_config in config.pools:
             name = pool_config.name
+            old = old_pools.get(name)
+            if old is not None and old_configs.get(name) == pool_config:
+                old.use_config(pool_config)
+                self.pools[name] = old
+                continue
             pool = build_pool(pool_config, self.reactor, self.stats.pool(name))
             self.pools[name] = pool
-            old = old_pools.get(name)
             factory = self.factories.get(name)
             if factory is None:
                 factory = self.factories[name] = ProxyFactory(pool)

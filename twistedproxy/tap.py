@@ -178,18 +178,17 @@ class ProxyService(service.Service):
 
     def reload(self) -> bool:
         """
-        Apply the configuration file again if it changed (between requests,
-        keeping client connections); an invalid file changes nothing.  Returns
-        whether the running configuration is now the file's.
+        Apply the configuration file again (between requests, keeping client
+        connections, and the backend connections of pools it leaves as they
+        were); an invalid file changes nothing.  Settings changed at run time
+        go back to the file's values, as under a master.  Returns whether the
+        running configuration is now the file's.
         """
         try:
             text, config = load_config_text(self.config_path)
         except ConfigError as e:
             log.error("reload refused; the running configuration stays:\n{error}", error=str(e))
             return False
-        if text == self.config_text:
-            log.info("configuration {path} unchanged; nothing to reload", path=self.config_path)
-            return True
         if config.global_.worker_processes != self.config.global_.worker_processes:
             log.warn("worker_processes changes take a restart; the pools are applied now")
         old_stats_http = self.config.global_.stats_http

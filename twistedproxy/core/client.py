@@ -18,6 +18,11 @@ and none are sent while the client's write buffer is full.
 Half-close: a client that shuts down its sending side (C{shutdown(SHUT_WR)},
 C{nc -q1}) still gets the reply to every request it sent; the connection closes
 once the last one is written, as with memcached, Redis and nutcracker.
+
+A request with very many keys is sent in slices, one per reactor turn (see
+L{twistedproxy.core.pool.ServerPool.dispatch}), so it cannot stall the other
+clients of the process; the client's later requests wait behind it in the held
+queue until its last slice is out, so none overtakes it.
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ class ClientConnection(Protocol):
         self.paused_for_writes = False
         self.held = deque()  # parsed requests waiting for room in the dispatch window
         self.outstanding = 0  # requests dispatched and not yet written to the client
+        self.slicing = None  # the request being sent in slices (heads the held queue meanwhile)
+        self.slice_call = None
 
     # -- connection events ---------------------------------------------------
 
@@ -100,7 +107,8 @@ class ClientConnection(Protocol):
                     self.held.append(request)
                 else:
                     self.outstanding += 1
-                    pool.dispatch(request, codec, now, touched, dirty)
+                    if pool.dispatch(request, codec, now, touched, dirty):
+                        self._slice(request)
             if request.close_after:
                 self.quitting = self.quit = True
                 break
@@ -153,6 +161,8 @@ class ClientConnection(Protocol):
 
     def _dispatch_held(self):
         """Send held requests while the dispatch window has room."""
+        if self.slicing is not None:
+            return  # they wait behind the request being sent in slices
         held = self.held
         pool = self.pool
         codec = self.parser.codec
@@ -161,7 +171,10 @@ class ClientConnection(Protocol):
         dirty = []
         while held and self.outstanding < DISPATCH_WINDOW:
             self.outstanding += 1
-            pool.dispatch(held.popleft(), codec, now, touched, dirty)
+            request = held.popleft()
+            if pool.dispatch(request, codec, now, touched, dirty):
+                self._slice(request)
+                break
         pool.flusher.add(touched)
         flush_clients(dirty)
 
@@ -178,6 +191,28 @@ class ClientConnection(Protocol):
 
     def writeConnectionLost(self):
         pass  # the proxy never half-closes its own side
+    def _slice(self, request):
+        """Send the rest of C{request} a slice per reactor turn; later requests are held meanwhile."""
+        self.slicing = request
+        self.held.appendleft(request)  # non-empty held queue: the next requests queue behind
+        self.slice_call = self.pool.reactor.callLater(0, self._next_slice)
+
+    def _next_slice(self):
+        self.slice_call = None
+        request = self.slicing
+        pool = self.pool  # a reload may have moved this client to the pool's new version
+        touched = []
+        dirty = []
+        done = pool.dispatch_slice(request, self.parser.codec, pool.reactor.seconds(), touched, dirty)
+        pool.flusher.add(touched)
+        if done:
+            self.slicing = None
+            self.held.popleft()
+        else:
+            self.slice_call = pool.reactor.callLater(0, self._next_slice)
+        flush_clients(dirty)
+        if done and self.held and not self.paused_for_writes and not self.closed:
+            self._dispatch_held()
 
     def connectionLost(self, reason):
         self.closed = True
@@ -187,6 +222,10 @@ class ClientConnection(Protocol):
             request.client = None
         self.queue.clear()
         self.held.clear()
+        if self.slice_call is not None:
+            self.slice_call.cancel()  # the slices already sent are answered and dropped
+            self.slice_call = None
+        self.slicing = None
         # A client that quits often closes before reading the +OK, and the reset
         # that meets it is no error of its connection.
         self.pool.stats.client_closed(_QUIT_CLOSE if self.quit else reason)

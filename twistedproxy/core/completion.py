@@ -4,7 +4,11 @@ How a request gets its reply: from a backend (L{complete}) or from a failure
 client is queued for one flush at the end of the current I/O batch.
 
 Fragments of a split or broadcast request report to their parent, which gets its
-merged reply (or one error reply) once the last fragment is in.
+merged reply (or one error reply) once the last fragment is in.  A request with
+very many keys is sent in slices (L{twistedproxy.core.pool}): each slice is a
+multi-key request of its own whose fragments report to it, and the slices report
+to the client's request, which joins their replies (C{codec.join}) once the
+last slice is in and the dispatcher has let go of it (L{release}).
 
 A failure's reply says what nutcracker 0.5.0 says for the same failure (its
 C{strerror(errno)}, or "unknown" where it has no errno), so clients and scripts
@@ -17,6 +21,8 @@ from __future__ import annotations
 import os
 
 from twisted.internet import error as _error
+
+from twistedproxy.core.request import ROUTE_KEYS
 
 # nutcracker's texts, by failure.
 REFUSED = "Connection refused"  # also when no server is left in the placement (nutcracker's ECONNREFUSED)
@@ -79,18 +85,38 @@ def fail(request, error: str, where: str, codec, dirty: list) -> None:
         _finish_parent(parent, codec, dirty)
 
 
+def release(request, codec, dirty: list) -> None:
+    """The dispatcher of a sliced request has sent its last slice (it held one count of C{pending})."""
+    request.pending -= 1
+    if request.pending == 0:
+        _finish_parent(request, codec, dirty)
+
+
 def _finish_parent(parent, codec, dirty: list) -> None:
-    for fragment in parent.fragments:
+    fragments = parent.fragments
+    for fragment in fragments:
         if fragment.failed is not None:
             parent.failed = fragment.failed
             parent.reply = fragment.reply
             break
     else:
-        merged = codec.merge(parent, parent.fragments)
+        if fragments[0].route == ROUTE_KEYS:  # slices: each reply is already merged
+            merged = codec.join(parent, [part.reply for part in fragments])
+        else:
+            merged = codec.merge(parent, fragments)
         parent.reply = codec.filter_reply(parent, merged) if parent.filter else merged
     parent.done = True
     parent.fragments = None  # the fragments' replies are no longer needed
-    _mark(parent.client, dirty)
+    whole = parent.parent
+    if whole is None:
+        _mark(parent.client, dirty)
+        return
+    # A slice of a sliced request: report to it as a fragment reports to a slice.
+    if parent.replied_at > whole.replied_at:
+        whole.replied_at = parent.replied_at
+    whole.pending -= 1
+    if whole.pending == 0:
+        _finish_parent(whole, codec, dirty)
 
 
 def _mark(client, dirty: list) -> None:

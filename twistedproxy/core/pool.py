@@ -15,7 +15,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 
 from twistedproxy.core.batching import TurnFlusher
-from twistedproxy.core.completion import REFUSED, fail
+from twistedproxy.core.completion import REFUSED, fail, release
 from twistedproxy.core.request import ROUTE_ALL, ROUTE_ANY, ROUTE_KEY, ROUTE_KEYS, Request
 from twistedproxy.core.server import ServerConnection
 from twistedproxy.hashing import hash_function, hash_tag_key, make_distribution
@@ -39,6 +39,12 @@ BACKOFF_MAX = 2.0
 PLACEMENT_CACHE_SIZE = 1 << 16
 PLACEMENT_CACHE_KEY_BYTES = 100
 PLACEMENT_CACHE_ENABLED = sys.implementation.name == "cpython"
+
+# Keys of one multi-key request placed and sent per reactor turn.  A request
+# with more keys is sent in slices of this many, one slice per turn, so that
+# hashing 150,000 keys (a third of a second on CPython) does not stall every
+# other client of the process; a slice costs a few milliseconds at most.
+SLICE_KEYS = 512
 
 
 class _ConnectorFactory(ClientFactory):
@@ -115,7 +121,8 @@ class Server:
         conns = self.connections.get(conn.codec)
         if conns is not None and conn in conns:
             conns.remove(conn)
-        self.stats.connection_lost(reason)
+        if not conn.closed:  # a close the proxy asked for is neither server_eof nor server_err
+            self.stats.connection_lost(reason)
         if conn is self.probing:
             self._probe_finished(False)
             return
@@ -339,10 +346,15 @@ class ServerPool:
 
     # -- dispatch -------------------------------------------------------------
 
-    def dispatch(self, request, codec, now: float, touched: list, dirty: list) -> None:
+    def dispatch(self, request, codec, now: float, touched: list, dirty: list) -> bool:
         """
         Send C{request} (and its fragments, for split or broadcast requests) to
         the right server connections.  Requests that cannot be sent fail at once.
+
+        Returns True for a request with more than L{SLICE_KEYS} keys, of which
+        only the first slice was sent: the caller sends the others with
+        L{dispatch_slice}, one per reactor turn, and sends nothing else of that
+        client meanwhile (later requests must not overtake it).
         """
         route = request.route
         if route == ROUTE_KEY:
@@ -352,6 +364,12 @@ class ServerPool:
             else:
                 self._send(server, request, codec, now, touched, dirty)
         elif route == ROUTE_KEYS:
+            if len(request.keys) > SLICE_KEYS:
+                # The dispatcher holds one count of pending until its last slice is out.
+                request.fragments = []
+                request.pending = 1
+                request.sent_at = now
+                return not self.dispatch_slice(request, codec, now, touched, dirty)
             self._dispatch_keys(request, codec, now, touched, dirty)
         elif route == ROUTE_ALL:
             servers = self.live
@@ -370,22 +388,54 @@ class ServerPool:
             raise ValueError("unknown route %r" % (route,))
 
     def _dispatch_keys(self, request, codec, now, touched, dirty) -> None:
-        by_server = {}
-        order = []
-        server_for = self.server_for
-        for i, key in enumerate(request.keys):
-            server = server_for(key)
-            group = by_server.get(server)
-            if group is None:
-                group = by_server[server] = []
-                order.append(server)
-            group.append(i)
-        groups = [by_server[s] for s in order]
+        order, groups = self._place(request.keys, 0, len(request.keys))
         frames = codec.split(request, groups)
         request.fragments = [
             (server, self._fragment(request, frame, group)) for server, frame, group in zip(order, frames, groups)
         ]
         self._send_fragments(request, codec, now, touched, dirty)
+
+    def dispatch_slice(self, request, codec, now: float, touched: list, dirty: list) -> bool:
+        """
+        Send the next L{SLICE_KEYS} keys of a request L{dispatch} began to send
+        in slices, as a multi-key request of their own (split per server, its
+        fragments merged when in); return True once no slice is left to send.
+        """
+        keys = request.keys
+        start = len(request.fragments) * SLICE_KEYS
+        stop = min(start + SLICE_KEYS, len(keys))
+        order, groups = self._place(keys, start, stop)
+        frames = codec.split(request, groups)  # the request's codec data (MSET values ...) stay its own
+        part = Request(b"", request.command, route=ROUTE_KEYS, keys=keys[start:stop])
+        part.parent = request
+        part.received_at = request.received_at
+        part.fragments = [
+            (server, self._fragment(part, frame, [i - start for i in group]))
+            for server, frame, group in zip(order, frames, groups)
+        ]
+        request.fragments.append(part)
+        request.pending += 1
+        self._send_fragments(part, codec, now, touched, dirty)
+        if stop < len(keys) and part.failed is None:
+            return False
+        # The last slice, or one failed at once (no server): the request's reply
+        # is an error either way, so the rest is not sent.
+        release(request, codec, dirty)
+        return True
+
+    def _place(self, keys, start: int, stop: int):
+        """The servers of C{keys[start:stop]} in first-seen order, and the indices of the keys each holds."""
+        by_server = {}
+        order = []
+        server_for = self.server_for
+        for i in range(start, stop):
+            server = server_for(keys[i])
+            group = by_server.get(server)
+            if group is None:
+                group = by_server[server] = []
+                order.append(server)
+            group.append(i)
+        return order, [by_server[s] for s in order]
 
     @staticmethod
     def _fragment(parent, frame, key_indices):
@@ -415,6 +465,24 @@ class ServerPool:
             server.connection(codec).enqueue(request, now, touched)
 
     # -- life cycle -----------------------------------------------------------
+
+    def use_config(self, config) -> None:
+        """
+        Take C{config}, which may differ from the pool's own only in the
+        settings a live pool can change (C{timeout}, C{client_max_pending},
+        C{max_request_bytes}): open clients and connections follow at once
+        (C{max_request_bytes} applies to clients connecting from now on).
+        """
+        self.config = config
+        self.timeout = timeout = config.timeout / 1000.0 if config.timeout is not None else None
+        for client in self.clients:
+            client.max_pending = config.client_max_pending
+        for server in self.servers:
+            for conns in server.connections.values():
+                for conn in conns:
+                    conn.timeout = timeout
+                    if timeout is None:
+                        conn._cancel_timer()
 
     def start(self) -> None:
         """Open backend connections now if the pool asks for C{preconnect}."""

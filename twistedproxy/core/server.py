@@ -10,6 +10,11 @@ points at the oldest request still waiting.  A request that times out gets its
 error reply at once and stays in the queue, marked expired, until the backend's
 late reply arrives and is thrown away: the pipeline stays aligned and the other
 requests on the connection are not touched.
+
+A timer can fire late, after a long reactor turn, when the replies it waits
+for are already in the socket: the reactor runs due timers before it reads.  So
+a timer first reads what the backend has sent, and only requests still
+unanswered then time out.
 """
 
 from __future__ import annotations
@@ -239,8 +244,27 @@ class ServerConnection(Protocol):
                 self.timer.cancel()
             self.timer = None
 
+    def _read_waiting(self) -> None:
+        """Read what the backend has already sent, without waiting for the reactor's turn."""
+        transport = self.transport
+        sock = getattr(transport, "socket", None)
+        if sock is None:
+            return
+        size = getattr(transport, "bufferSize", 65536)
+        while self.connected and self.inflight:
+            try:
+                data = sock.recv(size)
+            except OSError:
+                return  # nothing waiting (EAGAIN); an error: the reactor's next read ends the connection
+            if not data:
+                return  # the end of the stream: the reactor's read sees it too and closes
+            self.dataReceived(data)
+            if len(data) < size:
+                return
+
     def _timer_fired(self) -> None:
         self.timer = None
+        self._read_waiting()
         now = self.reactor.seconds()
         deadline = now - self.timeout
         inflight = self.inflight

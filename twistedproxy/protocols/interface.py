@@ -10,7 +10,8 @@ L{twistedproxy.core.request.Request} objects (raw frame, command, key(s), route)
 The core picks servers, writes frames, and for each frame written expects exactly
 one reply frame, which a per-server-connection L{IReplyParser} cuts out of the
 backend's bytes.  Requests with several keys are split with L{ICodec.split} and
-their fragment replies joined with L{ICodec.merge}.  Failures become
+their fragment replies joined with L{ICodec.merge} (and, for requests sent in
+slices, the slices' replies with L{ICodec.join}).  Failures become
 L{ICodec.error_reply}.  All methods are synchronous and called on the hot path:
 parse with C{bytes.find} and slices, never decode and re-encode payloads.
 """
@@ -91,6 +92,16 @@ class ICodec(Interface):
         into the one reply the client expects.  Each fragment has C{.reply} (the raw
         backend reply) and C{.key_indices} (the indices of C{request.keys} it
         carried; None for a broadcast).  Only called when every fragment succeeded.
+        """
+
+    def join(request, replies: list) -> bytes:
+        """
+        Join the replies of consecutive slices of a ROUTE_KEYS request into the
+        one reply the client expects.  The core sends a request with very many
+        keys in slices of its keys, in order; each slice's reply is what
+        L{merge} gave for that slice's keys (or its only fragment's reply), so
+        C{replies} hold every key's answer in client order.  Must not cost
+        more than a pass over the slices (no parsing of every key's value).
         """
 
     def filter_reply(request, raw: bytes) -> bytes:

@@ -70,6 +70,9 @@ class MemcacheCodec(object):
     def merge(self, request, fragments):
         return _codec_of(request).merge(request, fragments)
 
+    def join(self, request, replies):
+        return _codec_of(request).join(request, replies)
+
     def filter_reply(self, request, raw):
         return _codec_of(request).filter_reply(request, raw)
 

@@ -343,6 +343,9 @@ class BinaryCodec(object):
     def split(self, request, groups):
         raise NotImplementedError("binary requests carry one key; nothing is split")
 
+    def join(self, request, replies):
+        raise NotImplementedError("binary requests carry one key; nothing is sliced")
+
     def merge(self, request, fragments):
         # A broadcast (flush): success from all, else the first failure.
         for fragment in fragments:

@@ -737,6 +737,18 @@ class TextCodec(object):
                 return fragment.reply
         return _OK
 
+    def join(self, request, replies):
+        # Each slice's reply is its VALUE blocks then END, or an error line.
+        out = []
+        for reply in replies:
+            if reply == _END:
+                continue
+            if not reply.startswith(b"VALUE ") or not reply.endswith(_END):
+                return reply
+            out.append(reply[: -len(_END)])
+        out.append(_END)
+        return b"".join(out)
+
     def filter_reply(self, request, raw):
         codes = request.data
         if codes is None:  # classic noreply: the client reads nothing

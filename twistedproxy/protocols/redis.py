@@ -678,7 +678,7 @@ class RedisCodec:
         return RedisReplyParser()
 
     def split(self, request, groups: list) -> list:
-        if len(groups) == 1:
+        if len(groups) == 1 and len(groups[0]) == len(request.keys):
             return [request.frame]  # one group holds every key, in client order
         keys = request.keys
         values = request.data  # MSET's values, else None
@@ -715,6 +715,29 @@ class RedisCodec:
         total = 0  # del, unlink, touch, exists: how many keys each server counted
         for fragment in fragments:
             count = _integer(fragment.reply)
+            if count is None:
+                return _BAD_BACKEND_REPLY
+            total += count
+        return b":%d\r\n" % total
+
+    def join(self, request, replies: list) -> bytes:
+        for reply in replies:
+            if reply[:1] == b"-":
+                return reply
+        command = request.command
+        if command == b"mget":
+            bodies = []
+            for reply in replies:
+                nl = reply.find(b"\r\n")
+                if reply[:1] != b"*" or nl < 0:
+                    return _BAD_BACKEND_REPLY
+                bodies.append(reply[nl + 2 :])
+            return b"*%d\r\n" % len(request.keys) + b"".join(bodies)
+        if command == b"mset":
+            return _OK
+        total = 0
+        for reply in replies:
+            count = _integer(reply)
             if count is None:
                 return _BAD_BACKEND_REPLY
             total += count

@@ -17,7 +17,9 @@ Settings (names as in C{cacheproxyctl set NAME VALUE}):
     their next request on.
 
 Every value is bounded, so no setting can make memory grow without limit.  A
-pool-level setting may be limited to one pool (C{pool=NAME}).
+pool-level setting may be limited to one pool (C{pool=NAME}).  A reload applies
+the configuration file again: the file's values (or the defaults) replace these,
+all but log_level, which comes from C{-v}.
 """
 
 from __future__ import annotations
@@ -122,23 +124,11 @@ def apply(proxy, changes: dict, pool=None) -> dict:
 
 def _apply_to_pool(pool, changes: dict) -> None:
     # The pool's config is what new clients and connections read; live ones
-    # are updated here as well where they keep their own copy.
+    # follow it (ServerPool.use_config).
     replace = dict(changes)
     if "timeout" in replace:
         replace["timeout"] = replace["timeout"] or None
-    pool.config = dataclasses.replace(pool.config, **replace)
-    if "client_max_pending" in changes:
-        for client in pool.clients:
-            client.max_pending = changes["client_max_pending"]
-    if "timeout" in changes:
-        timeout = changes["timeout"] / 1000.0 if changes["timeout"] else None
-        pool.timeout = timeout
-        for server in pool.servers:
-            for conns in server.connections.values():
-                for conn in conns:
-                    conn.timeout = timeout
-                    if timeout is None:
-                        conn._cancel_timer()
+    pool.use_config(dataclasses.replace(pool.config, **replace))
 
 
 def current(proxy) -> dict:
