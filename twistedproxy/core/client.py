@@ -18,6 +18,7 @@ and none are sent while the client's write buffer is full.
 
 from __future__ import annotations
 
+import base64
 from collections import deque
 
 from twisted.internet.interfaces import IPushProducer
@@ -53,6 +54,8 @@ class ClientConnection(Protocol):
         self.paused_for_writes = False
         self.held = deque()  # parsed requests waiting for room in the dispatch window
         self.outstanding = 0  # requests dispatched and not yet written to the client
+        self.frozen = False  # a stopping worker reads no more: see freeze()
+        self.handed = False  # another worker took the socket: close without a FIN or a count
 
     # -- connection events ---------------------------------------------------
 
@@ -136,7 +139,7 @@ class ClientConnection(Protocol):
             return
         if self.paused_for_queue and len(queue) <= self.max_pending // 2:
             self.paused_for_queue = False
-            if not self.paused_for_writes:
+            if not self.paused_for_writes and not self.frozen:
                 self.transport.resumeProducing()
         if self.held and not self.paused_for_writes:
             self._dispatch_held()
@@ -163,7 +166,8 @@ class ClientConnection(Protocol):
             request.client = None
         self.queue.clear()
         self.held.clear()
-        self.pool.stats.client_closed(reason)
+        if not self.handed:
+            self.pool.stats.client_closed(reason)
         self.pool.client_gone(self)
 
     # -- IPushProducer: the transport tells us when its write buffer is full --
@@ -177,13 +181,62 @@ class ClientConnection(Protocol):
     def resumeProducing(self):
         if self.paused_for_writes:
             self.paused_for_writes = False
-            if not self.paused_for_queue and not self.closed:
+            if not self.paused_for_queue and not self.closed and not self.frozen:
                 self.transport.resumeProducing()
             if self.held and not self.closed:
                 self._dispatch_held()
 
     def stopProducing(self):
         pass
+
+    # -- hand-off to another worker (a reload or an upgrade replaces this one) --
+
+    def freeze(self) -> None:
+        """Read nothing more from the client; what was read is still answered."""
+        if not self.frozen:
+            self.frozen = True
+            if not self.closed:
+                self.transport.pauseProducing()
+
+    def drained(self) -> bool:
+        """Frozen, every request read is answered and its reply is in the kernel's hands."""
+        transport = self.transport
+        return (
+            self.frozen
+            and not self.queue
+            and not self.closed
+            and not self.quitting
+            and not getattr(transport, "_tempDataLen", 0)
+            and getattr(transport, "offset", 0) == len(getattr(transport, "dataBuffer", b""))
+        )
+
+    def export_state(self) -> dict:
+        """
+        What another worker needs to go on with this connection (JSON-safe): the
+        parser's own state and the bytes read but not framed yet (base64).
+        """
+        parser = self.parser
+        return {
+            "codec": self.pool.codec.name,
+            "parser": parser.state(),
+            "unparsed": base64.b64encode(parser.unparsed()).decode("ascii"),
+        }
+
+    def import_state(self, state: dict) -> None:
+        """Take on a connection exported by L{export_state}; call once connected."""
+        self.parser.restore(state["parser"])
+        unparsed = base64.b64decode(state["unparsed"])
+        if unparsed:
+            self.dataReceived(unparsed)
+
+    def handed_off(self) -> None:
+        """
+        Another process holds the socket now: close ours without shutdown() (which
+        would end the connection for it too) and without counting a client close.
+        """
+        self.handed = True
+        self.transport._shouldShutdown = False
+        self.transport.loseConnection()
 
     def _peer(self) -> str:
         try:
@@ -216,6 +269,16 @@ class ProxyFactory(ServerFactory):
         client = ClientConnection(pool, self.codec.request_parser(pool.config))
         pool.clients.add(client)
         pool.stats.clients_accepted += 1
+        return client
+
+    def adopt(self):
+        """
+        A client handed over by another worker: no limit check (it is connected
+        already) and not counted as accepted again (its first worker did).
+        """
+        pool = self.pool
+        client = ClientConnection(pool, self.codec.request_parser(pool.config))
+        pool.clients.add(client)
         return client
 
     def switch_pool(self, pool) -> None:
