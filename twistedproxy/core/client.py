@@ -27,6 +27,7 @@ queue until its last slice is out, so none overtakes it.
 
 from __future__ import annotations
 
+import base64
 from collections import deque
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
@@ -70,6 +71,8 @@ class ClientConnection(Protocol):
         self.outstanding = 0  # requests dispatched and not yet written to the client
         self.slicing = None  # the request being sent in slices (heads the held queue meanwhile)
         self.slice_call = None
+        self.frozen = False  # a stopping worker reads no more: see freeze()
+        self.handed = False  # another worker took the socket: close without a FIN or a count
 
     # -- connection events ---------------------------------------------------
 
@@ -154,7 +157,7 @@ class ClientConnection(Protocol):
             return
         if self.paused_for_queue and len(queue) <= self.max_pending // 2:
             self.paused_for_queue = False
-            if not self.paused_for_writes and not self.read_closed:
+            if not self.paused_for_writes and not self.read_closed and not self.frozen:
                 self.transport.resumeProducing()
         if self.held and not self.paused_for_writes:
             self._dispatch_held()
@@ -228,7 +231,8 @@ class ClientConnection(Protocol):
         self.slicing = None
         # A client that quits often closes before reading the +OK, and the reset
         # that meets it is no error of its connection.
-        self.pool.stats.client_closed(_QUIT_CLOSE if self.quit else reason)
+        if not self.handed:
+            self.pool.stats.client_closed(_QUIT_CLOSE if self.quit else reason)
         self.pool.client_gone(self)
 
     # -- IPushProducer: the transport tells us when its write buffer is full --
@@ -242,13 +246,62 @@ class ClientConnection(Protocol):
     def resumeProducing(self):
         if self.paused_for_writes:
             self.paused_for_writes = False
-            if not self.paused_for_queue and not self.closed and not self.read_closed:
+            if not self.paused_for_queue and not self.closed and not self.read_closed and not self.frozen:
                 self.transport.resumeProducing()
             if self.held and not self.closed:
                 self._dispatch_held()
 
     def stopProducing(self):
         pass
+
+    # -- hand-off to another worker (a reload or an upgrade replaces this one) --
+
+    def freeze(self) -> None:
+        """Read nothing more from the client; what was read is still answered."""
+        if not self.frozen:
+            self.frozen = True
+            if not self.closed:
+                self.transport.pauseProducing()
+
+    def drained(self) -> bool:
+        """Frozen, every request read is answered and its reply is in the kernel's hands."""
+        transport = self.transport
+        return (
+            self.frozen
+            and not self.queue
+            and not self.closed
+            and not self.quitting
+            and not getattr(transport, "_tempDataLen", 0)
+            and getattr(transport, "offset", 0) == len(getattr(transport, "dataBuffer", b""))
+        )
+
+    def export_state(self) -> dict:
+        """
+        What another worker needs to go on with this connection (JSON-safe): the
+        parser's own state and the bytes read but not framed yet (base64).
+        """
+        parser = self.parser
+        return {
+            "codec": self.pool.codec.name,
+            "parser": parser.state(),
+            "unparsed": base64.b64encode(parser.unparsed()).decode("ascii"),
+        }
+
+    def import_state(self, state: dict) -> None:
+        """Take on a connection exported by L{export_state}; call once connected."""
+        self.parser.restore(state["parser"])
+        unparsed = base64.b64decode(state["unparsed"])
+        if unparsed:
+            self.dataReceived(unparsed)
+
+    def handed_off(self) -> None:
+        """
+        Another process holds the socket now: close ours without shutdown() (which
+        would end the connection for it too) and without counting a client close.
+        """
+        self.handed = True
+        self.transport._shouldShutdown = False
+        self.transport.loseConnection()
 
     def _peer(self) -> str:
         try:
@@ -294,6 +347,16 @@ class ProxyFactory(ServerFactory):
         client = ClientConnection(pool, self.codec.request_parser(pool.config))
         pool.clients.add(client)
         pool.stats.clients_accepted += 1
+        return client
+
+    def adopt(self):
+        """
+        A client handed over by another worker: no limit check (it is connected
+        already) and not counted as accepted again (its first worker did).
+        """
+        pool = self.pool
+        client = ClientConnection(pool, self.codec.request_parser(pool.config))
+        pool.clients.add(client)
         return client
 
     def switch_pool(self, pool) -> None:

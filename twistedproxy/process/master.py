@@ -39,7 +39,7 @@ from twisted.protocols import amp
 
 from twistedproxy import logs, signals
 from twistedproxy.config import ConfigError, load_config_text
-from twistedproxy.process import accept_mutex, channel, command, ejection
+from twistedproxy.process import accept_mutex, channel, command, ejection, handoff
 from twistedproxy.process.channel import quiet_factory
 from twistedproxy.process.listeners import (
     INHERIT_ENV,
@@ -220,6 +220,10 @@ class MasterChannel(amp.AMP):
         self.worker.master.ejections.recovered(pool, server)
         return {}
 
+    @handoff.HandOff.responder
+    def hand_off(self, fd, family, listen, pool, state):
+        return handoff.relay(self.worker.master, self.worker, fd, family, listen, pool, state)
+
 
 class _UpgradeProtocol(ProcessProtocol):
     """The new master of an upgrade, seen from the old one."""
@@ -252,6 +256,11 @@ class _Inheritance(amp.AMP):
     def inherit(self, stats):
         self.master.inherited_totals(json.loads(stats))
         return {}
+
+    @handoff.HandOff.responder
+    def hand_off(self, fd, family, listen, pool, state):
+        # A client of the old master's draining workers: to one of ours.
+        return handoff.relay(self.master, None, fd, family, listen, pool, state)
 
     def connectionLost(self, reason):
         amp.AMP.connectionLost(self, reason)
@@ -288,6 +297,7 @@ class MasterService(service.Service):
         self.exits = {}  # slot -> how the slot's last worker ended (exit_reason), with its pid
         self.respawn_calls = {}  # slot -> pending delayed respawn
         self.rollover_pending = None  # the generation whose readiness retires the previous one
+        self.handoff_turn = -1  # the last worker (index) a handed-over client went to
         self.started_at = 0.0
         self.stopping = False
         self.upgrade = None

@@ -34,7 +34,7 @@ from twisted.protocols import amp
 
 from twistedproxy import logs
 from twistedproxy.config import ConfigError, parse_config
-from twistedproxy.process import channel, command, ejection
+from twistedproxy.process import channel, command, ejection, handoff
 from twistedproxy.process.accept_mutex import AcceptMutex
 from twistedproxy.process.limits import RefusalLog
 from twistedproxy.process.listeners import adopt_port
@@ -44,8 +44,6 @@ log = Logger()
 
 # The environment variable that carries the worker's layout (kept off its command line).
 LAYOUT_ENV = "TWISTEDPROXY_WORKER_LAYOUT"
-# How often a gracefully stopping worker looks for idle clients to close (s).
-DRAIN_INTERVAL = 0.1
 _PR_SET_PDEATHSIG = 1
 
 
@@ -133,6 +131,16 @@ class _PoolFactory(ServerFactory):
             client.dataReceived = _quickack_reader(client)
         return client
 
+    def adopt(self, fd: int, family: int, state: str) -> dict:
+        """A client another worker hands over (L{handoff.adopt}), prepared as an accepted one."""
+
+        def prepare(client):
+            if self.worker.quickack and family != socket.AF_UNIX:
+                client.dataReceived = _quickack_reader(client)
+
+        factory = self.worker.proxy.factories[self.name]
+        return handoff.adopt(self.worker.reactor, factory, fd, family, state, prepare)
+
 
 class WorkerChannel(amp.AMP):
     """The worker's end of the AMP channel to the master."""
@@ -164,6 +172,13 @@ class WorkerChannel(amp.AMP):
     @stats_commands.Tune.responder
     def tune(self, changes, pool=None):
         return stats_workers.worker_tune(self.worker.proxy, changes, pool)
+
+    @handoff.HandOff.responder
+    def hand_off(self, fd, family, listen, pool, state):
+        try:
+            return self.worker.adopt(fd, family, pool, state)
+        finally:
+            os.close(fd)  # adopted connections hold their own duplicate
 
     @channel.Ping.responder
     def ping(self):
@@ -273,6 +288,18 @@ class Worker:
             if pool.health is None:
                 pool.health = health
 
+    def adopt(self, fd: int, family: int, pool: str, state: str) -> dict:
+        """Serve a client handed over by a stopping worker (L{handoff.HandOff}); the answer."""
+        if self.stopping or self.proxy is None:
+            return {"ok": False, "why": "the receiving worker stops"}
+        if pool not in self.proxy.factories:
+            return {"ok": False, "why": "no pool %s" % (pool,)}
+        try:
+            return _PoolFactory(self, pool).adopt(fd, family, state)
+        except Exception as e:
+            log.failure("cannot adopt a handed-over client")
+            return {"ok": False, "why": str(e)}
+
     def connections(self) -> int:
         """Open client connections, over every pool."""
         if self.proxy is None:
@@ -309,26 +336,10 @@ class Worker:
             self.finish()
             return
         timeout = self.proxy.config.global_.worker_shutdown_timeout
-        self._deadline = self.reactor.seconds() + timeout
-        self._idle = set()
-        self._drain()
-
-    def _drain(self) -> None:
-        # Close a client once idle at two looks in a row, so one caught between
-        # two requests of a burst is not cut off; leave when none remain.
-        clients = [c for pool in self.proxy.pools.values() for c in pool.clients]
-        if not clients or self.reactor.seconds() >= self._deadline:
-            self.finish()
-            return
-        idle = set()
-        for client in clients:
-            if not client.queue:
-                if client in self._idle:
-                    client.transport.loseConnection()
-                else:
-                    idle.add(client)
-        self._idle = idle
-        self.reactor.callLater(DRAIN_INTERVAL, self._drain)
+        clients = lambda: [c for pool in self.proxy.pools.values() for c in pool.clients]
+        # Each client is handed to a serving worker (or closed) once its replies are out.
+        self._drain = handoff.Drain(self.reactor, clients, self.channel, self.reactor.seconds() + timeout, self.finish)
+        self._drain.start()
 
     def finish(self, code: int = 0) -> None:
         """Close everything and leave the reactor."""

@@ -44,6 +44,20 @@ class IRequestParser(Interface):
         """
 
 
+    def state() -> dict:
+        """
+        The connection's own state (e.g. Redis AUTH done, memcached text or
+        binary), JSON-safe, for L{restore} by a parser of another worker when a
+        reload or an upgrade hands the client over.  Not the buffered bytes.
+        """
+
+    def restore(state: dict) -> None:
+        """Go on from a L{state} taken in another process (names it does not know are ignored)."""
+
+    def unparsed() -> bytes:
+        """The bytes received and not framed yet, from the start of their frame."""
+
+
 class IReplyParser(Interface):
     """Frames one backend connection's byte stream into replies."""
 

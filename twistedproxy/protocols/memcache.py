@@ -31,15 +31,34 @@ class SniffingRequestParser(object):
     def __init__(self, pool_config):
         self.codec = text_codec
         self._pool_config = pool_config
+        self._parser = None  # the text or binary parser, once chosen
 
     def feed(self, data: bytes) -> list:
         if not data:
             return []
         chosen = binary_codec if data[0] == memcache_binary.REQUEST_MAGIC else text_codec
-        parser = chosen.request_parser(self._pool_config)
+        self._choose(chosen)
+        return self._parser.feed(data)
+
+    def _choose(self, chosen) -> None:
+        self._parser = chosen.request_parser(self._pool_config)
         self.codec = chosen
-        self.feed = parser.feed  # later reads go straight to the chosen parser
-        return parser.feed(data)
+        self.feed = self._parser.feed  # later reads go straight to the chosen parser
+
+    def state(self) -> dict:
+        """The protocol sniffed (None before the first byte) and the chosen parser's state."""
+        if self._parser is None:
+            return {"binary": None}
+        return {"binary": self.codec is binary_codec, "parser": self._parser.state()}
+
+    def restore(self, state: dict) -> None:
+        """Go on from L{state} taken in another worker."""
+        if state.get("binary") is not None:
+            self._choose(binary_codec if state["binary"] else text_codec)
+            self._parser.restore(state.get("parser", {}))
+
+    def unparsed(self) -> bytes:
+        return b"" if self._parser is None else self._parser.unparsed()
 
 
 def _codec_of(request):

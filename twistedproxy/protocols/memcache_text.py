@@ -243,6 +243,17 @@ class ClientStreamParser(StreamBuffer):
         self._max_request = pool_config.max_request_bytes
         self._closed = False
 
+    def state(self) -> dict:
+        """This connection's state for another worker: only its bytes (L{unparsed})."""
+        return {}
+
+    def restore(self, state: dict) -> None:
+        """Go on from L{state} taken in another worker."""
+
+    def unparsed(self) -> bytes:
+        """The bytes received and not framed yet (they start a frame)."""
+        return b"".join(self._chunks)
+
     def _take(self, data: bytes):
         """The buffered bytes to frame now, or None (closed, or not enough yet)."""
         if self._closed:

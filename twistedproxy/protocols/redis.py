@@ -215,6 +215,27 @@ class RedisRequestParser:
             self._size = self._need = 0
         return out
 
+    # The connection's own state that a hand-off to another worker carries
+    # (attribute names; the values are JSON-safe).
+    _CARRIED = ("_locked",)
+
+    def state(self) -> dict:
+        """This connection's state, for L{restore} in another worker."""
+        return {name: getattr(self, name) for name in self._CARRIED}
+
+    def restore(self, state: dict) -> None:
+        """Go on from L{state} taken in another worker (unknown names are ignored)."""
+        for name in self._CARRIED:
+            if name in state:
+                setattr(self, name, state[name])
+        if self._password is None:
+            self._locked = False  # the new configuration has no password
+
+    def unparsed(self) -> bytes:
+        """The bytes received and not framed yet, from the start of their frame."""
+        scanned = self._partial[5] if self._partial is not None else None
+        return b"".join((scanned or []) + self._chunks)
+
     def _parse(self, buf: bytes, out: list) -> int:
         """
         Append the complete requests in C{buf} to C{out}; return the offset of
