@@ -150,7 +150,7 @@ class ServerConnection(Protocol):
 
     def _handshake_reply(self, request, raw: bytes) -> None:
         error = self.codec.handshake_error(raw)
-        if request is self.probe and request is not None:
+        if request is self.probe:
             self.server.probe_answered(self, error is None)
             if error is None:
                 return
