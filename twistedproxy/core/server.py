@@ -221,8 +221,8 @@ class ServerConnection(Protocol):
             if not data:
                 return  # the end of the stream: the reactor's read sees it too and closes
             self.dataReceived(data)
-            if len(data) < size:
-                return
+            if len(data) < size or transport.disconnecting or getattr(transport, "_aborting", False):
+                return  # all read, or the backend's bytes were refused (bad data): stop reading them
 
     def _timer_fired(self) -> None:
         self.timer = None
