@@ -206,12 +206,12 @@ class RedisRequestParser:
         return out
 
     # The connection's own state that a hand-off to another worker carries
-    # (attribute names; the values are JSON-safe).
-    _CARRIED = ("_locked",)
+    # (attribute names; the values are JSON-safe): AUTH done, inside a refused MULTI.
+    _CARRIED = ("_locked", "_refusing")
 
     def state(self) -> dict:
         """This connection's state, for L{restore} in another worker."""
-        return {name: getattr(self, name) for name in self._CARRIED}
+        return {name: getattr(self, name) for name in self._CARRIED if hasattr(self, name)}
 
     def restore(self, state: dict) -> None:
         """Go on from L{state} taken in another worker (unknown names are ignored)."""
