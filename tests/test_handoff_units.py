@@ -10,6 +10,7 @@ import json
 import pytest
 
 from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from tests.support.resp import cmd
@@ -41,8 +42,6 @@ def test_state_and_unparsed_bytes_carry_over_to_an_adopted_connection():
     state = json.loads(json.dumps(client.export_state()))  # JSON-safe
     accepted = h.pool.stats.clients_accepted
     adopted = h.factory.adopt()
-    from twisted.internet.testing import StringTransport
-
     second = StringTransport()
     adopted.makeConnection(second)
     adopted.import_state(state)
@@ -62,8 +61,6 @@ def test_an_unauthenticated_connection_stays_locked_after_adoption():
     h = Harness(redis_auth="secret")
     client, _ = h.client()
     adopted = h.factory.adopt()
-    from twisted.internet.testing import StringTransport
-
     transport = StringTransport()
     adopted.makeConnection(transport)
     adopted.import_state(client.export_state())
@@ -95,8 +92,6 @@ def test_a_refused_transaction_stays_refused_after_adoption():
     client.dataReceived(cmd(b"MULTI"))
     assert transport.value().startswith(b"-ERR")
     adopted = h.factory.adopt()
-    from twisted.internet.testing import StringTransport
-
     second = StringTransport()
     adopted.makeConnection(second)
     adopted.import_state(json.loads(json.dumps(client.export_state())))
