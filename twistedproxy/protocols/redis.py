@@ -251,8 +251,9 @@ class RedisRequestParser:
                         return pos
                     count = buf[pos + 1 : nl]
                     # Strict digits: a frame is forwarded as is and must not make the
-                    # backend (shared by many clients) see a protocol error.
-                    if not count.isdigit() or (count[0] == 48 and nl - pos > 2):
+                    # backend (shared by many clients) see a protocol error.  Over 10
+                    # digits is past Redis's limit (and int() has one of its own).
+                    if not count.isdigit() or (count[0] == 48 and nl - pos > 2) or nl - pos > 11:
                         if count[:1] == b"-" and count[1:].isdigit():
                             pos = nl + 2  # an empty multibulk: Redis skips it
                             continue
@@ -302,7 +303,8 @@ class RedisRequestParser:
                         need = blen - p + 1
                         break
                     length = buf[p + 1 : nl]
-                    if not length.isdigit() or (length[0] == 48 and nl - p > 2):
+                    # Over 19 digits is past a long long, as Redis's string2ll sees it.
+                    if not length.isdigit() or (length[0] == 48 and nl - p > 2) or nl - p > 20:
                         raise _protocol_error(b"invalid bulk length", out)
                     value_start = nl + 2
                     end = value_start + int(length)
@@ -412,6 +414,8 @@ class RedisRequestParser:
                 if numkeys[:1] == b"-" and numkeys[1:].isdigit():
                     return local(name, _NEGATIVE_KEYS)
                 return local(name, _NOT_AN_INTEGER)
+            if len(numkeys) > 19:  # past a long long (int() would also refuse thousands of digits)
+                return local(name, _NOT_AN_INTEGER)
             numkeys = int(numkeys)
             if numkeys > nargs - 3:
                 return local(name, _TOO_MANY_KEYS)
@@ -432,7 +436,7 @@ class RedisRequestParser:
         """
         if len(args) > 1:
             version = args[1]
-            if not version.isdigit():
+            if not version.isdigit() or len(version) > 19:  # past a long long, as in Redis
                 return _BAD_PROTOVER
             if int(version) != 2:
                 return _NOPROTO
