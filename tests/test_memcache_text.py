@@ -379,6 +379,32 @@ def test_data_block_over_the_limit_loses_framing():
     assert request.key == b"foo"
 
 
+@pytest.mark.parametrize(
+    "line, reply",
+    [
+        (b"incr k " + b"9" * 5000, b"CLIENT_ERROR invalid numeric delta argument\r\n"),
+        (b"incr k " + b"0" * 5000 + b"1", None),  # leading zeros count for nothing, as in memcached
+        (b"touch k " + b"9" * 5000, b"CLIENT_ERROR invalid exptime argument\r\n"),
+        (b"touch k -" + b"9" * 5000, b"CLIENT_ERROR invalid exptime argument\r\n"),
+        (b"gat " + b"9" * 5000 + b" k", b"CLIENT_ERROR invalid exptime argument\r\n"),
+        (b"set k " + b"9" * 5000 + b" 0 1", b"CLIENT_ERROR bad command line format\r\n"),
+        (b"verbosity " + b"9" * 5000, b"CLIENT_ERROR bad command line format\r\n"),
+    ],
+)
+def test_numbers_of_thousands_of_digits_are_judged_not_raised(line, reply):
+    requests = parse(line + b"\r\n" + (b"x\r\n" if line.startswith(b"set") else b""))
+    assert requests[0].reply == reply
+
+
+@pytest.mark.parametrize("line", [b"set k 0 0 " + b"9" * 5000, b"set k 0 0 " + b"9" * 20, b"ms k " + b"9" * 5000])
+def test_data_length_of_thousands_of_digits_is_too_large(line):
+    for data in (line + b"\r\n", line + b" noreply\r\n"):
+        with pytest.raises(ProtocolError) as caught:
+            codec.request_parser(pool_config()).feed(data)
+        assert caught.value.reply == b"SERVER_ERROR object too large for cache\r\n"
+    assert parse_one(b"set k 0 0 " + b"0" * 5000 + b"1\r\nx\r\n").key == b"k"
+
+
 def test_line_without_newline_over_the_limit_loses_framing():
     parser = codec.request_parser(pool_config())
     assert len(parser.feed(b"get a\r\n")) == 1
@@ -629,7 +655,14 @@ def test_reply_parser_hit_whose_end_comes_later():
 
 
 def test_reply_parser_rejects_garbage():
-    for data in (b"VALUE a 0 x\r\n", b"VALUE a 0\r\n", b"VALUE a 0 1\r\nxyz\r\n", b"S" * 70000):
+    for data in (
+        b"VALUE a 0 x\r\n",
+        b"VALUE a 0\r\n",
+        b"VALUE a 0 1\r\nxyz\r\n",
+        b"S" * 70000,
+        b"VALUE a 0 " + b"9" * 5000 + b"\r\n",  # a ProtocolError, not int()'s ValueError
+        b"VA " + b"9" * 5000 + b"\r\n",
+    ):
         parser = codec.reply_parser()
         parser.feed(data)
         with pytest.raises(ProtocolError):
