@@ -247,6 +247,31 @@ def test_framing_errors(data, message):
     assert [r.frame for r in error.requests] == before
 
 
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"GET " + b"k" * (64 * 1024 - 5) + b"\r\n", None),  # at the limit, with its CR
+        (b"GET " + b"k" * (64 * 1024 - 4) + b"\r\n", b"too big inline request"),
+        (b"*" + b"1" * (64 * 1024 - 2) + b"\r\n", b"invalid multibulk length"),
+        (b"*" + b"1" * 64 * 1024 + b"\r\n", b"too big mbulk count string"),
+        (b"*-" + b"1" * 64 * 1024 + b"\r\n", b"too big mbulk count string"),
+        (b"*1\r\n$" + b"1" * 64 * 1024 + b"\r\n", b"too big bulk count string"),
+    ],
+)
+def test_long_lines_are_refused_alike_whole_or_in_reads(data, message):
+    """A line past the 64 KB limit gets the same answer however the reads cut it."""
+    outcomes = set()
+    for cut in (None, len(data) - 3, len(data) - 2, len(data) - 1):
+        parser = codec.request_parser(pool())
+        try:
+            for read in [data] if cut is None else [data[:cut], data[cut:]]:
+                parser.feed(read)
+            outcomes.add(None)
+        except ProtocolError as e:
+            outcomes.add(e.reply)
+    assert outcomes == {None if message is None else b"-ERR Protocol error: " + message + b"\r\n"}
+
+
 def test_framing_error_split_across_reads():
     parser = codec.request_parser(pool())
     assert [r.key for r in parser.feed(cmd("GET", "a") + b"*2\r\n$3\r\nGE")] == [b"a"]

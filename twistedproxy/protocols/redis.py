@@ -230,6 +230,8 @@ class RedisRequestParser:
                             raise _protocol_error(b"too big inline request", out)
                         self._need = blen - pos + 1
                         return pos
+                    if nl - pos > INLINE_MAX_BYTES:  # refused the same when it arrives whole
+                        raise _protocol_error(b"too big inline request", out)
                     request = self._inline(buf[pos:nl], out)
                     pos = nl + 1
                     if request is not None:
@@ -254,6 +256,8 @@ class RedisRequestParser:
                     # backend (shared by many clients) see a protocol error.  Over 10
                     # digits is past Redis's limit (and int() has one of its own).
                     if not count.isdigit() or (count[0] == 48 and nl - pos > 2) or nl - pos > 11:
+                        if nl - pos >= INLINE_MAX_BYTES:  # as when it arrives in several reads
+                            raise _protocol_error(b"too big mbulk count string", out)
                         if count[:1] == b"-" and count[1:].isdigit():
                             pos = nl + 2  # an empty multibulk: Redis skips it
                             continue
@@ -305,6 +309,8 @@ class RedisRequestParser:
                     length = buf[p + 1 : nl]
                     # Over 19 digits is past a long long, as Redis's string2ll sees it.
                     if not length.isdigit() or (length[0] == 48 and nl - p > 2) or nl - p > 20:
+                        if nl - p >= INLINE_MAX_BYTES:  # as when it arrives in several reads
+                            raise _protocol_error(b"too big bulk count string", out)
                         raise _protocol_error(b"invalid bulk length", out)
                     value_start = nl + 2
                     end = value_start + int(length)
