@@ -417,6 +417,29 @@ def test_line_without_newline_over_the_limit_loses_framing():
     assert [r.key for r in caught.value.requests] == [b"a"]
 
 
+@pytest.mark.parametrize(
+    "line, refused",
+    [
+        (b"delete" + b" " * (MAX_LINE_LENGTH - 8) + b"k\r", False),  # at the limit, with its CR
+        (b"delete" + b" " * (MAX_LINE_LENGTH - 7) + b"k\r", True),
+        (b"set k 0 0 1" + b" " * MAX_LINE_LENGTH, True),
+        (b"get " + b"k " * 5000, False),  # a multi-get may run up to max_request_bytes
+    ],
+)
+def test_long_lines_are_refused_alike_whole_or_in_reads(line, refused):
+    """A complete line past the limit is refused as when its newline comes in a later read."""
+    data = line + b"\n" + (b"x\r\n" if line.startswith(b"set") else b"")
+    for reads in ([data], [line, data[len(line) :]]):
+        parser = codec.request_parser(pool_config(max_request_bytes=20000))
+        try:
+            for read in reads:
+                parser.feed(read)
+        except ProtocolError as e:
+            assert refused and e.reply == b"CLIENT_ERROR line too long\r\n"
+        else:
+            assert not refused
+
+
 def test_large_data_block_is_not_rejoined_on_every_read():
     parser = codec.request_parser(pool_config())
     value = b"v" * 200000

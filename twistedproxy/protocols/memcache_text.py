@@ -281,9 +281,11 @@ class TextRequestParser(ClientStreamParser):
         while pos < end:
             eol = buf.find(b"\n", pos)
             if eol < 0:
-                self._check_partial_line(buf, pos, requests)
+                self._check_line(buf, pos, end - pos, requests)
                 self._keep(buf, pos, end - pos + 1)
                 return requests
+            if eol - pos > MAX_LINE_LENGTH:  # refused the same when it arrives whole
+                self._check_line(buf, pos, eol - pos, requests)
             after = eol + 1
             line = buf[pos : eol - 1] if eol > pos and buf[eol - 1] == 13 else buf[pos:eol]
             tokens = line.split()
@@ -354,8 +356,8 @@ class TextRequestParser(ClientStreamParser):
             pos = after
         return requests
 
-    def _check_partial_line(self, buf: bytes, pos: int, requests: list) -> None:
-        size = len(buf) - pos
+    def _check_line(self, buf: bytes, pos: int, size: int, requests: list) -> None:
+        """Refuse the command line at C{pos} if its first C{size} bytes are already too long."""
         if size <= MAX_LINE_LENGTH:
             return
         if buf.startswith(b"get", pos) or buf.startswith(b"gat", pos):
