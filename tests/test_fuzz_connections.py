@@ -12,7 +12,8 @@ finish any partial frame and a probe request, either the probe is answered or
 the connection was closed (after its error reply).
 
 Backend side: whatever a backend sends, every request in flight ends with a
-reply (its own, or an error) and nothing raises out of C{dataReceived}.
+reply (its own, or an error) by the pool's timeout at the latest, and nothing
+raises out of C{dataReceived}.
 
 Profiles and seeds as in L{tests.test_fuzz_codecs}.
 """
@@ -278,10 +279,13 @@ def check_backend_garbage(kind: str, data) -> None:
                 break
             protocol.dataReceived(read)  # nothing may raise
             proxy.reactor.advance(0)
+    proxy.reactor.advance(1.001)  # past the pool's timeout: a reply still missing is an error
+    proxy.refuse()  # connections the proxy replaced: refused
+    assert proxy.answered()
     for protocol, transport in backends:  # then every backend closes (or was closed)
         protocol.connectionLost(Failure(ConnectionLost()))
         proxy.reactor.advance(0)
-    proxy.refuse()  # requests held for the dispatch window: their servers refuse now
+    proxy.refuse()
     assert proxy.answered()
 
 
