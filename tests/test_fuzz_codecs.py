@@ -254,7 +254,9 @@ _RESP_LEAVES = st.one_of(
     st.one_of(st.binary(max_size=20), st.binary(min_size=100, max_size=400)).map(
         lambda v: b"$%d\r\n%s\r\n" % (len(v), v)
     ),
-    st.sampled_from([b"$-1\r\n", b"*-1\r\n", b"*0\r\n", b"_\r\n", b",3.14\r\n", b"#t\r\n", b"(12345678901234567890\r\n"]),
+    st.sampled_from(
+        [b"$-1\r\n", b"*-1\r\n", b"*0\r\n", b"_\r\n", b",3.14\r\n", b"#t\r\n", b"(12345678901234567890\r\n"]
+    ),
     st.binary(max_size=20).map(lambda v: b"=%d\r\ntxt:%s\r\n" % (len(v) + 4, v)),
     st.binary(max_size=20).map(lambda v: b"!%d\r\n%s\r\n" % (len(v), v)),
 )
