@@ -226,6 +226,8 @@ def redis_item(draw):
     args = draw(REDIS_COMMANDS)
     if kind <= 3:
         words = [a if a and all(c in _INLINE_SAFE for c in a) else _quote(a) for a in args]
+        if words[0][:1] == b"*":  # would start a multibulk frame
+            words[0] = b'"' + words[0] + b'"'
         return b" ".join(words) + draw(st.sampled_from([b"\r\n", b"\n"])), 1
     return redis.multibulk(args), 1
 
