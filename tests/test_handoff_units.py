@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from tests.support.resp import cmd
@@ -39,8 +42,6 @@ def test_state_and_unparsed_bytes_carry_over_to_an_adopted_connection():
     state = json.loads(json.dumps(client.export_state()))  # JSON-safe
     accepted = h.pool.stats.clients_accepted
     adopted = h.factory.adopt()
-    from twisted.internet.testing import StringTransport
-
     second = StringTransport()
     adopted.makeConnection(second)
     adopted.import_state(state)
@@ -60,8 +61,6 @@ def test_an_unauthenticated_connection_stays_locked_after_adoption():
     h = Harness(redis_auth="secret")
     client, _ = h.client()
     adopted = h.factory.adopt()
-    from twisted.internet.testing import StringTransport
-
     transport = StringTransport()
     adopted.makeConnection(transport)
     adopted.import_state(client.export_state())
@@ -78,3 +77,24 @@ def test_the_sniffed_memcached_protocol_carries_over():
     assert fresh.codec is memcache.binary_codec
     assert parser.unparsed() == b"\x80\x0a\x00\x00"
     assert len(fresh.feed(parser.unparsed() + b"\x00" * 20)) == 1
+
+
+def _refusing_supported() -> bool:
+    h = Harness()
+    client, _ = h.client()
+    return hasattr(client.parser, "_refusing")
+
+
+@pytest.mark.skipif(not _refusing_supported(), reason="this Redis codec keeps no refused-transaction state")
+def test_a_refused_transaction_stays_refused_after_adoption():
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(cmd(b"MULTI"))
+    assert transport.value().startswith(b"-ERR")
+    adopted = h.factory.adopt()
+    second = StringTransport()
+    adopted.makeConnection(second)
+    adopted.import_state(json.loads(json.dumps(client.export_state())))
+    adopted.dataReceived(cmd(b"SET", b"k", b"1") + cmd(b"EXEC"))
+    assert h.attempts() == [] and not h.backends  # nothing reached a backend
+    assert second.value().endswith(b"-EXECABORT Transaction discarded because of previous errors.\r\n")

@@ -379,6 +379,32 @@ def test_data_block_over_the_limit_loses_framing():
     assert request.key == b"foo"
 
 
+@pytest.mark.parametrize(
+    "line, reply",
+    [
+        (b"incr k " + b"9" * 5000, b"CLIENT_ERROR invalid numeric delta argument\r\n"),
+        (b"incr k " + b"0" * 5000 + b"1", None),  # leading zeros count for nothing, as in memcached
+        (b"touch k " + b"9" * 5000, b"CLIENT_ERROR invalid exptime argument\r\n"),
+        (b"touch k -" + b"9" * 5000, b"CLIENT_ERROR invalid exptime argument\r\n"),
+        (b"gat " + b"9" * 5000 + b" k", b"CLIENT_ERROR invalid exptime argument\r\n"),
+        (b"set k " + b"9" * 5000 + b" 0 1", b"CLIENT_ERROR bad command line format\r\n"),
+        (b"verbosity " + b"9" * 5000, b"CLIENT_ERROR bad command line format\r\n"),
+    ],
+)
+def test_numbers_of_thousands_of_digits_are_judged_not_raised(line, reply):
+    requests = parse(line + b"\r\n" + (b"x\r\n" if line.startswith(b"set") else b""))
+    assert requests[0].reply == reply
+
+
+@pytest.mark.parametrize("line", [b"set k 0 0 " + b"9" * 5000, b"set k 0 0 " + b"9" * 20, b"ms k " + b"9" * 5000])
+def test_data_length_of_thousands_of_digits_is_too_large(line):
+    for data in (line + b"\r\n", line + b" noreply\r\n"):
+        with pytest.raises(ProtocolError) as caught:
+            codec.request_parser(pool_config()).feed(data)
+        assert caught.value.reply == b"SERVER_ERROR object too large for cache\r\n"
+    assert parse_one(b"set k 0 0 " + b"0" * 5000 + b"1\r\nx\r\n").key == b"k"
+
+
 def test_line_without_newline_over_the_limit_loses_framing():
     parser = codec.request_parser(pool_config())
     assert len(parser.feed(b"get a\r\n")) == 1
@@ -389,6 +415,29 @@ def test_line_without_newline_over_the_limit_loses_framing():
     with pytest.raises(ProtocolError) as caught:
         parser.feed(b"get a\r\n" + b"y" * (MAX_LINE_LENGTH + 1))
     assert [r.key for r in caught.value.requests] == [b"a"]
+
+
+@pytest.mark.parametrize(
+    "line, refused",
+    [
+        (b"delete" + b" " * (MAX_LINE_LENGTH - 8) + b"k\r", False),  # at the limit, with its CR
+        (b"delete" + b" " * (MAX_LINE_LENGTH - 7) + b"k\r", True),
+        (b"set k 0 0 1" + b" " * MAX_LINE_LENGTH, True),
+        (b"get " + b"k " * 5000, False),  # a multi-get may run up to max_request_bytes
+    ],
+)
+def test_long_lines_are_refused_alike_whole_or_in_reads(line, refused):
+    """A complete line past the limit is refused as when its newline comes in a later read."""
+    data = line + b"\n" + (b"x\r\n" if line.startswith(b"set") else b"")
+    for reads in ([data], [line, data[len(line) :]]):
+        parser = codec.request_parser(pool_config(max_request_bytes=20000))
+        try:
+            for read in reads:
+                parser.feed(read)
+        except ProtocolError as e:
+            assert refused and e.reply == b"CLIENT_ERROR line too long\r\n"
+        else:
+            assert not refused
 
 
 def test_large_data_block_is_not_rejoined_on_every_read():
@@ -629,7 +678,14 @@ def test_reply_parser_hit_whose_end_comes_later():
 
 
 def test_reply_parser_rejects_garbage():
-    for data in (b"VALUE a 0 x\r\n", b"VALUE a 0\r\n", b"VALUE a 0 1\r\nxyz\r\n", b"S" * 70000):
+    for data in (
+        b"VALUE a 0 x\r\n",
+        b"VALUE a 0\r\n",
+        b"VALUE a 0 1\r\nxyz\r\n",
+        b"S" * 70000,
+        b"VALUE a 0 " + b"9" * 5000 + b"\r\n",  # a ProtocolError, not int()'s ValueError
+        b"VA " + b"9" * 5000 + b"\r\n",
+    ):
         parser = codec.reply_parser()
         parser.feed(data)
         with pytest.raises(ProtocolError):

@@ -45,7 +45,6 @@ def _send_and_wait(pid, signum, log_text, after: str) -> str:
     os.kill(pid, signum)
     poll(lambda: len(_signal_lines(log_text())) > before, 20, message="the line of signal %d" % signum)
     line = _signal_lines(log_text())[before]
-    rest = log_text().split(line, 1)[1]
     if after:
         poll(lambda: after in log_text().split(line, 1)[1], 20, message="%r after %r" % (after, line))
     return line

@@ -117,3 +117,66 @@ def test_client_connections_holds_for_the_whole_proxy(spawn, memcached_backends)
     for sock in served:
         sock.close()
     assert master.process.alive()
+
+
+class _Channel:
+    """The master's end of one worker's channel, as far as ejections use it: what was sent."""
+
+    def __init__(self, probe_ok=True):
+        self.sent = []
+        self.probe_ok = probe_ok
+
+    def callRemote(self, command, **kwargs):
+        from twisted.internet.defer import succeed
+
+        self.sent.append((command.__name__, kwargs.get("state")))
+        return succeed({"ok": self.probe_ok}) if command.__name__ == "ProbeServer" else None
+
+
+class _Worker:
+    state = "ready"
+
+    def __init__(self):
+        self.channel = _Channel()
+
+
+class _Master:
+    def __init__(self, limit):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from twistedproxy.config import config_from_dict
+
+        self.reactor = MemoryReactorClock()
+        self.config = config_from_dict({"mc": {
+            "listen": "127.0.0.1:1", "servers": ["127.0.0.1:2:1"], "auto_eject_hosts": True,
+            "server_failure_limit": limit, "server_retry_timeout": 1000}})
+        self.workers = [_Worker(), _Worker()]
+
+    def live_workers(self):
+        return self.workers
+
+
+def test_the_master_counts_failures_across_workers_and_any_reply_resets_the_count():
+    from twistedproxy.process.ejection import Ejections
+
+    master = _Master(limit=3)
+    ejections = Ejections(master)
+    verdicts = lambda: [[s for c, s in w.channel.sent if c == "ServerHealth"] for w in master.workers]
+    ejections.failed("mc", "127.0.0.1:2")
+    assert verdicts() == [["suspect"], ["suspect"]]  # report your next reply
+    ejections.failed("mc", "127.0.0.1:2")
+    ejections.recovered("mc", "127.0.0.1:2")  # one worker got a reply: the count starts over
+    ejections.failed("mc", "127.0.0.1:2")
+    ejections.failed("mc", "127.0.0.1:2")
+    assert verdicts() == [["suspect", "suspect"]] * 2
+    ejections.failed("mc", "127.0.0.1:2")
+    assert verdicts() == [["suspect", "suspect", "ejected"]] * 2
+    ejections.failed("mc", "127.0.0.1:2")  # late failures change nothing
+    master.workers[0].channel.probe_ok = False
+    master.reactor.advance(1.0)  # one worker probes; it fails: still out
+    assert [c for c, _ in master.workers[0].channel.sent].count("ProbeServer") == 1
+    assert verdicts() == [["suspect", "suspect", "ejected"]] * 2
+    master.workers[0].channel.probe_ok = True
+    master.reactor.advance(1.0)
+    assert verdicts() == [["suspect", "suspect", "ejected", "readmitted"]] * 2
+    assert ejections.entries == {}

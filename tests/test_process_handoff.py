@@ -8,16 +8,26 @@ closed once its replies are out.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 
 import pytest
 
 from tests.support import processes
-from tests.support.workers import Master, connect, kill_pid, master_config, pid_alive, poll, read_reply, served_by
+from tests.support.workers import (
+    Master,
+    connect,
+    kill_pid,
+    master_config,
+    pid_alive,
+    poll,
+    read_reply,
+    served_by,
+    set_get,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -160,7 +170,7 @@ def test_redis_auth_and_a_half_sent_request_survive_the_handoff(spawn, redis_bac
     config["global"]["tcp_quickack"] = True
     master.write_config(config)
     master.signal(signal.SIGHUP)
-    poll(lambda: all(not pid_alive(pid) for pid in old), 30, 0.05, "the old workers to exit")
+    poll(lambda: all(not pid_alive(pid) for pid in old), 60, 0.05, "the old workers to exit")
     authed.sendall(b"\r\nk\r\n")
     assert read_reply(authed, b"v\r\n") == b"$1\r\nv\r\n"
     anonymous.sendall(b"GET k\r\n")
@@ -186,13 +196,35 @@ def test_a_removed_listen_address_closes_its_clients_after_their_replies(spawn, 
         del config["gone"]
         master.write_config(config)
         master.signal(signal.SIGHUP)
-        master.wait_ready(2, generation=2)
+        master.wait_ready(2, timeout=60, generation=2)
         time.sleep(0.5)
     finally:
         slow_backend.thaw()
     assert read_reply(leaving, b"\r\n") == b"STORED\r\n"
     assert leaving.recv(100) == b""  # then closed
-    poll(lambda: all(not pid_alive(pid) for pid in old), 30, 0.05, "the old workers to exit")
-    assert served_by(staying) not in (staying_pid,)
+    poll(lambda: all(not pid_alive(pid) for pid in old), 60, 0.05, "the old workers to exit")
+    assert served_by(staying) != staying_pid  # handed over, not closed
     staying.close()
     leaving.close()
+
+
+def test_a_unix_socket_client_is_handed_over_too(spawn, memcached_backends):
+    backend = memcached_backends(1)
+    port = processes.free_port()
+    path = tempfile.mktemp(prefix="tp-handoff-", suffix=".sock")
+    unix_pool = dict(pool(port, backend), listen=path)
+    config = master_config({"mc": pool(port, backend), "local": unix_pool}, tcp_quickack=False)
+    master = Master(spawn, config, port)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    set_get(sock, b"u", b"1")
+    before = served_by(sock)
+    old = master.worker_pids()
+    config["global"]["tcp_quickack"] = True
+    master.write_config(config)
+    master.signal(signal.SIGHUP)
+    poll(lambda: all(not pid_alive(pid) for pid in old), 60, 0.05, "the old workers to exit")
+    set_get(sock, b"u", b"2")
+    assert before in old and served_by(sock) in master.worker_pids()
+    sock.close()

@@ -220,6 +220,7 @@ def test_many_small_arguments_hit_the_limit():
         (b"*01\r\n", b"invalid multibulk length"),
         (b"*1_0\r\n", b"invalid multibulk length"),
         (b"*9999999999\r\n", b"invalid multibulk length"),
+        (b"*" + b"9" * 5000 + b"\r\n", b"invalid multibulk length"),
         (b"*2\r\nfoo\r\n", b"expected '$', got 'f'"),
         (b"*2\r\n$3\r\nget\r\n:1\r\n", b"expected '$', got ':'"),
         (b"*1\r\n$x\r\nget\r\n", b"invalid bulk length"),
@@ -227,6 +228,8 @@ def test_many_small_arguments_hit_the_limit():
         (b"*1\r\n$\r\n", b"invalid bulk length"),
         (b"*1\r\n$03\r\nget\r\n", b"invalid bulk length"),
         (b"*1\r\n$ 3\r\nget\r\n", b"invalid bulk length"),
+        (b"*1\r\n$" + b"9" * 20 + b"\r\n", b"invalid bulk length"),
+        (b"*1\r\n$" + b"9" * 5000 + b"\r\n", b"invalid bulk length"),
         (b"*1\r\n$3\r\ngetXY", b"expected CRLF after bulk data"),
         (b"*1\r\n$4\r\nping\n\r", b"expected CRLF after bulk data"),
         (b"*1\r\n$123\r\n" + b"x" * 123 + b"\r\r", b"expected CRLF after bulk data"),
@@ -242,6 +245,31 @@ def test_framing_errors(data, message):
     error = protocol_error(b"".join(before) + data)
     assert error.reply == b"-ERR Protocol error: " + message + b"\r\n"
     assert [r.frame for r in error.requests] == before
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"GET " + b"k" * (64 * 1024 - 5) + b"\r\n", None),  # at the limit, with its CR
+        (b"GET " + b"k" * (64 * 1024 - 4) + b"\r\n", b"too big inline request"),
+        (b"*" + b"1" * (64 * 1024 - 2) + b"\r\n", b"invalid multibulk length"),
+        (b"*" + b"1" * 64 * 1024 + b"\r\n", b"too big mbulk count string"),
+        (b"*-" + b"1" * 64 * 1024 + b"\r\n", b"too big mbulk count string"),
+        (b"*1\r\n$" + b"1" * 64 * 1024 + b"\r\n", b"too big bulk count string"),
+    ],
+)
+def test_long_lines_are_refused_alike_whole_or_in_reads(data, message):
+    """A line past the 64 KB limit gets the same answer however the reads cut it."""
+    outcomes = set()
+    for cut in (None, len(data) - 3, len(data) - 2, len(data) - 1):
+        parser = codec.request_parser(pool())
+        try:
+            for read in [data] if cut is None else [data[:cut], data[cut:]]:
+                parser.feed(read)
+            outcomes.add(None)
+        except ProtocolError as e:
+            outcomes.add(e.reply)
+    assert outcomes == {None if message is None else b"-ERR Protocol error: " + message + b"\r\n"}
 
 
 def test_framing_error_split_across_reads():
@@ -524,6 +552,8 @@ def test_unsupported_and_arity_errors_before_auth():
         (b"x", b"-ERR value is not an integer or out of range\r\n"),
         (b"", b"-ERR value is not an integer or out of range\r\n"),
         (b"3", b"-ERR Number of keys can't be greater than number of args\r\n"),
+        (b"9" * 20, b"-ERR value is not an integer or out of range\r\n"),
+        (b"9" * 5000, b"-ERR value is not an integer or out of range\r\n"),
     ],
 )
 def test_eval_numkeys(numkeys, reply):
@@ -772,5 +802,6 @@ def test_hello_2_is_answered_locally_and_3_refused():
     assert b":2\r\n" in _hello_reply(b"2")
     assert _hello_reply(b"3").startswith(b"-NOPROTO ")
     assert _hello_reply(b"x").startswith(b"-ERR Protocol version")
+    assert _hello_reply(b"2" * 5000).startswith(b"-ERR Protocol version")  # no ValueError out of int()
     assert _hello_reply(b"2", b"AUTH", b"default", b"bad") == b"-ERR invalid password\r\n"
     assert _hello_reply(b"2", b"AUTH", b"default", b"pw").startswith(b"*14\r\n")

@@ -12,11 +12,15 @@ import socket
 
 import pytest
 import redis
+from twisted.internet.testing import MemoryReactorClock
 
 from tests.support import processes
 from tests.support.workers import Master, master_config, poll, set_get
 from tests.test_stats import read_stats_port
+from twistedproxy import Proxy
+from twistedproxy.config import config_from_dict
 from twistedproxy.stats import commands as stats_commands
+from twistedproxy.stats import tuning
 
 pytestmark = pytest.mark.integration
 
@@ -107,3 +111,17 @@ def test_a_reload_keeps_the_connections_of_unchanged_pools(spawn, redis_backends
     msock.close()
     client.close()
     direct.close()
+
+
+def test_reconfigure_keeps_an_unchanged_pool_and_gives_it_the_files_settings_again():
+    data = {
+        "a": {"listen": "127.0.0.1:22121", "redis": True, "timeout": 400, "servers": ["127.0.0.1:7001:1"]},
+        "b": {"listen": "127.0.0.1:22122", "timeout": 400, "servers": ["127.0.0.1:7002:1"]},
+    }
+    proxy = Proxy(config_from_dict(data), MemoryReactorClock())
+    a, b = proxy.pools["a"], proxy.pools["b"]
+    tuning.apply(proxy, {"timeout": 250, "client_max_pending": 10})
+    proxy.reconfigure(config_from_dict(dict(data, b=dict(data["b"], timeout=500))))
+    assert proxy.pools["a"] is a and proxy.pools["b"] is not b
+    assert (a.config.timeout, a.timeout, a.config.client_max_pending) == (400, 0.4, 4096)
+    assert b.closing and proxy.pools["b"].config.timeout == 500

@@ -30,8 +30,8 @@ from __future__ import annotations
 import base64
 from collections import deque
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure

@@ -142,9 +142,9 @@ class Server:
 
     def record_failure(self) -> None:
         """
-        Count a failure; eject the server or back off reconnecting.  Under a
-        master (C{pool.health} set) the master counts across workers and says
-        when to eject; this process only backs off.
+        Count a failure: with C{auto_eject_hosts}, towards an ejection (under a
+        master, C{pool.health} set, the master counts across workers and says
+        when); without, back off reconnecting.
         """
         if self.ejected:
             return  # late failures of requests sent before the ejection

@@ -157,7 +157,7 @@ class ServerConnection(Protocol):
 
     def _handshake_reply(self, request, raw: bytes) -> None:
         error = self.codec.handshake_error(raw)
-        if request is self.probe and request is not None:
+        if request is self.probe:
             self.server.probe_answered(self, error is None)
             if error is None:
                 return
@@ -259,8 +259,8 @@ class ServerConnection(Protocol):
             if not data:
                 return  # the end of the stream: the reactor's read sees it too and closes
             self.dataReceived(data)
-            if len(data) < size:
-                return
+            if len(data) < size or transport.disconnecting or getattr(transport, "_aborting", False):
+                return  # all read, or the backend's bytes were refused (bad data): stop reading them
 
     def _timer_fired(self) -> None:
         self.timer = None

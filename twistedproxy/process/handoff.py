@@ -82,7 +82,9 @@ class Drain:
     def _tick(self) -> None:
         self.call = None
         clients = self.clients()
-        if not clients or self.reactor.seconds() >= self.deadline:
+        # Past the deadline the rest is closed, but never a client being handed
+        # over: the receiver may hold it already.
+        if not clients or (self.reactor.seconds() >= self.deadline and not self.sending):
             if self.handed or self.closed:
                 log.info("handed {handed} client(s) over to another worker, closed {closed}",
                          handed=self.handed, closed=self.closed)

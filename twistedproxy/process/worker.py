@@ -282,7 +282,7 @@ class Worker:
         pool's C{client_connections}, and the master's say on ejections.
         """
         health = ejection.WorkerHealth(self.channel)
-        for name, factory in self.proxy.factories.items():
+        for factory in self.proxy.factories.values():
             factory.share = (self.slot, max(self.worker_count, 1))
         for pool in self.proxy.pools.values():
             if pool.health is None:

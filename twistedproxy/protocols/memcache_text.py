@@ -98,12 +98,26 @@ def stats_lines() -> list:
 
 
 def _is_uint(token: bytes, maximum: int) -> bool:
-    return token.isdigit() and (len(token) < 10 or int(token) <= maximum)
+    return token.isdigit() and (len(token) < 10 or _in_range(token, 0, maximum))
 
 
 def _is_int32(token: bytes) -> bool:
     digits = token[1:] if token[:1] == b"-" else token
-    return digits.isdigit() and (len(digits) < 10 or MIN_INT32 <= int(token) <= MAX_INT32)
+    return digits.isdigit() and (len(digits) < 10 or _in_range(token, MIN_INT32, MAX_INT32))
+
+
+def _in_range(token: bytes, low: int, high: int) -> bool:
+    """
+    Whether a token of digits (maybe after a minus) too long to judge by its
+    length lies in [low, high].  Leading zeros count for nothing, as with
+    memcached's strtoull; int() alone would refuse thousands of digits.
+    """
+    sign = token[:1] == b"-"
+    digits = token[sign:].lstrip(b"0") or b"0"
+    if len(digits) > 20:
+        return False
+    value = int(digits)
+    return low <= (-value if sign else value) <= high
 
 
 # Meta commands: the reply codes their q flag hides (memcached 1.6).
@@ -278,9 +292,11 @@ class TextRequestParser(ClientStreamParser):
         while pos < end:
             eol = buf.find(b"\n", pos)
             if eol < 0:
-                self._check_partial_line(buf, pos, requests)
+                self._check_line(buf, pos, end - pos, requests)
                 self._keep(buf, pos, end - pos + 1)
                 return requests
+            if eol - pos > MAX_LINE_LENGTH:  # refused the same when it arrives whole
+                self._check_line(buf, pos, eol - pos, requests)
             after = eol + 1
             line = buf[pos : eol - 1] if eol > pos and buf[eol - 1] == 13 else buf[pos:eol]
             tokens = line.split()
@@ -320,6 +336,7 @@ class TextRequestParser(ClientStreamParser):
                     and len(exptime) < 10
                     and exptime.isdigit()
                     and length.isdigit()
+                    and len(length) < 20
                     and line.decode("latin-1").isprintable()
                 ):
                     size = int(length)
@@ -350,8 +367,8 @@ class TextRequestParser(ClientStreamParser):
             pos = after
         return requests
 
-    def _check_partial_line(self, buf: bytes, pos: int, requests: list) -> None:
-        size = len(buf) - pos
+    def _check_line(self, buf: bytes, pos: int, size: int, requests: list) -> None:
+        """Refuse the command line at C{pos} if its first C{size} bytes are already too long."""
         if size <= MAX_LINE_LENGTH:
             return
         if buf.startswith(b"get", pos) or buf.startswith(b"gat", pos):
@@ -390,7 +407,9 @@ class TextRequestParser(ClientStreamParser):
 
     def _data_length(self, token: bytes, requests: list) -> int:
         """The length of a data block; one over max_request_bytes loses framing."""
-        length = int(token)
+        if len(token) > 19:  # leading zeros count for nothing; int() refuses thousands of digits
+            token = token.lstrip(b"0") or b"0"
+        length = int(token) if len(token) <= 19 else self._max_request + 1
         if length > self._max_request:
             raise ProtocolError(b"SERVER_ERROR object too large for cache\r\n", requests)
         return length
@@ -703,7 +722,7 @@ class TextReplyParser(ReplyBuffer):
                 end = eol + 1
                 break
             parts = buf[cur:eol].split()
-            if len(parts) <= length_index or not parts[length_index].isdigit():
+            if len(parts) <= length_index or not parts[length_index].isdigit() or len(parts[length_index]) > 20:
                 raise ProtocolError(b"", [], "bad value line from backend: %r" % (buf[cur:eol][:80],))
             end = eol + 3 + int(parts[length_index])  # the line's LF, the block, its CRLF
             if end > len(buf):

@@ -216,12 +216,12 @@ class RedisRequestParser:
         return out
 
     # The connection's own state that a hand-off to another worker carries
-    # (attribute names; the values are JSON-safe).
-    _CARRIED = ("_locked",)
+    # (attribute names; the values are JSON-safe): AUTH done, inside a refused MULTI.
+    _CARRIED = ("_locked", "_refusing")
 
     def state(self) -> dict:
         """This connection's state, for L{restore} in another worker."""
-        return {name: getattr(self, name) for name in self._CARRIED}
+        return {name: getattr(self, name) for name in self._CARRIED if hasattr(self, name)}
 
     def restore(self, state: dict) -> None:
         """Go on from L{state} taken in another worker (unknown names are ignored)."""
@@ -261,6 +261,8 @@ class RedisRequestParser:
                             raise _protocol_error(b"too big inline request", out)
                         self._need = blen - pos + 1
                         return pos
+                    if nl - pos > INLINE_MAX_BYTES:  # refused the same when it arrives whole
+                        raise _protocol_error(b"too big inline request", out)
                     request = self._inline(buf[pos:nl], out)
                     pos = nl + 1
                     if request is not None:
@@ -282,8 +284,11 @@ class RedisRequestParser:
                         return pos
                     count = buf[pos + 1 : nl]
                     # Strict digits: a frame is forwarded as is and must not make the
-                    # backend (shared by many clients) see a protocol error.
-                    if not count.isdigit() or (count[0] == 48 and nl - pos > 2):
+                    # backend (shared by many clients) see a protocol error.  Over 10
+                    # digits is past Redis's limit (and int() has one of its own).
+                    if not count.isdigit() or (count[0] == 48 and nl - pos > 2) or nl - pos > 11:
+                        if nl - pos >= INLINE_MAX_BYTES:  # as when it arrives in several reads
+                            raise _protocol_error(b"too big mbulk count string", out)
                         if count[:1] == b"-" and count[1:].isdigit():
                             pos = nl + 2  # an empty multibulk: Redis skips it
                             continue
@@ -333,7 +338,10 @@ class RedisRequestParser:
                         need = blen - p + 1
                         break
                     length = buf[p + 1 : nl]
-                    if not length.isdigit() or (length[0] == 48 and nl - p > 2):
+                    # Over 19 digits is past a long long, as Redis's string2ll sees it.
+                    if not length.isdigit() or (length[0] == 48 and nl - p > 2) or nl - p > 20:
+                        if nl - p >= INLINE_MAX_BYTES:  # as when it arrives in several reads
+                            raise _protocol_error(b"too big bulk count string", out)
                         raise _protocol_error(b"invalid bulk length", out)
                     value_start = nl + 2
                     end = value_start + int(length)
@@ -447,6 +455,8 @@ class RedisRequestParser:
                 if numkeys[:1] == b"-" and numkeys[1:].isdigit():
                     return local(name, _NEGATIVE_KEYS)
                 return local(name, _NOT_AN_INTEGER)
+            if len(numkeys) > 19:  # past a long long (int() would also refuse thousands of digits)
+                return local(name, _NOT_AN_INTEGER)
             numkeys = int(numkeys)
             if numkeys > nargs - 3:
                 return local(name, _TOO_MANY_KEYS)
@@ -477,7 +487,7 @@ class RedisRequestParser:
         """
         if len(args) > 1:
             version = args[1]
-            if not version.isdigit():
+            if not version.isdigit() or len(version) > 19:  # past a long long, as in Redis
                 return _BAD_PROTOVER
             if int(version) != 2:
                 return _NOPROTO
