@@ -152,7 +152,7 @@ def test_a_reply_waiting_in_the_socket_when_the_timer_fires_is_the_reply():
         t.clear()
         c.dataReceived(cmd("GET", a))
         h.reactor.advance(0.1)
-        assert t.value() == b"-ERR timeout on 127.0.0.1:7001\r\n"
+        assert t.value() == b"-ERR Connection timed out\r\n"
     finally:
         ours.close()
         theirs.close()

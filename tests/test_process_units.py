@@ -175,3 +175,47 @@ def test_slot_keys_and_the_reuseport_migration_setting(tmp_path):
     sysctl.write_text("1\n")
     assert reuseport_migration(str(sysctl)) is True
     assert reuseport_migration(str(tmp_path / "absent")) is None
+
+
+class _Channel:
+    """A worker's end of the master channel that answers every push with C{answer}."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def callRemote(self, command, **kwargs):
+        from twisted.internet import defer
+
+        if isinstance(self.answer, Exception):
+            return defer.fail(self.answer)
+        return defer.succeed(self.answer)
+
+
+class _Worker:
+    hello = True
+    state = "ready"
+
+    def __init__(self, pid, answer):
+        self.pid = pid
+        self.channel = _Channel(answer)
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ({"ok": False, "error": "no such pool"}, "worker 102 refused the configuration: no such pool"),
+    (ConnectionError("channel lost"), "worker 102 could not apply the configuration: channel lost"),
+])
+def test_a_reload_that_a_worker_did_not_apply_is_a_failed_reload(tmp_path, answer, expected):
+    """Scripts rely on it (cacheproxyctl reload exits 1): one worker's failure fails the reload."""
+    from twistedproxy.process.master import MasterService
+
+    path = tmp_path / "conf.yml"
+    path.write_text("global:\n  worker_processes: 2\nmc:\n  listen: 127.0.0.1:1\n  servers:\n   - 127.0.0.1:2:1\n")
+    master = MasterService(None, {"conf-file": str(path)}, reactor=MemoryReactorClock())
+    master.workers = {0: _Worker(101, {"ok": True, "error": ""}), 1: _Worker(102, answer)}
+    results = []
+    master.reload().addCallback(results.append)
+    assert results == [(False, expected)]
+    assert master.last_reload["ok"] is False and master.last_reload["error"] == expected
+    master.workers[1].channel.answer = {"ok": True, "error": ""}
+    master.reload().addCallback(results.append)
+    assert results[-1] == (True, "")

@@ -40,7 +40,7 @@ _COMMANDS = {
               "Print every live worker's counters and histograms as JSON, keyed by worker pid."),
     "reload": ("re-read the configuration file (like SIGHUP)",
                "Re-read the configuration file, like SIGHUP: an invalid file changes nothing and exits 1"
-               " with the reasons."),
+               " with the reasons; a worker that does not apply it also makes the command exit 1."),
     "upgrade": ("start a new master on the same sockets (like SIGUSR2)",
                 "Start a new master from the installed code on the same sockets, like SIGUSR2; the old one"
                 " drains and exits once the new one serves."),

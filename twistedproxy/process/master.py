@@ -689,7 +689,14 @@ class MasterService(service.Service):
         if old.global_.stats_http != config.global_.stats_http:
             self._move_stats(config)
 
-        def done(_):
+        def done(outcomes):
+            failed = [error for _, error in outcomes or () if error]
+            if failed:
+                # The master and the other workers run the new file: the reload is
+                # reported as failed so that scripts (cacheproxyctl's exit 1) notice.
+                error = "; ".join(failed)
+                self._record_reload(False, error)
+                return False, error
             log.info("reloaded {path} ({how})", path=path, how="workers rolled over" if rollover else "applied live")
             self._record_reload(True, "")
             return True, ""
@@ -703,14 +710,19 @@ class MasterService(service.Service):
         return False, error
 
     def _reconfigured(self, answer, worker):
+        """A worker's answer to a pushed configuration: "" if applied, else what went wrong."""
         if not answer["ok"]:
             log.error("worker {pid} refused the configuration: {error}", pid=worker.pid, error=answer["error"])
-        else:
-            self.ejections.welcome(worker)  # its new pools start with every server in
+            return "worker %s refused the configuration: %s" % (worker.pid, answer["error"])
+        self.ejections.welcome(worker)  # its new pools start with every server in
+        return ""
 
     def _not_reconfigured(self, failure, worker):
-        if worker.state not in ("gone", "stopping") and not self.stopping:  # else a stop cut it short
-            log.failure("worker {pid} could not apply the configuration", failure, pid=worker.pid)
+        """A push that got no answer: a failure unless a stop cut it short."""
+        if worker.state in ("gone", "stopping") or self.stopping:
+            return ""
+        log.failure("worker {pid} could not apply the configuration", failure, pid=worker.pid)
+        return "worker %s could not apply the configuration: %s" % (worker.pid, failure.getErrorMessage())
 
     def _record_reload(self, ok, error):
         self.last_reload = {"ok": ok, "error": error, "time": self.reactor.seconds() - self.started_at}
