@@ -41,19 +41,13 @@ except ImportError:  # a bare python3: go on under the CPython venv, which has i
 
 sys.path.insert(0, ROOT)
 from tests.support import processes  # noqa: E402
+from tests.test_huge_requests import README_SETTINGS, key, value  # noqa: E402
 from tests.test_stats import read_stats_port  # noqa: E402
 
 HOST = processes.HOST
 BACKENDS = 3
-SETTINGS = {"timeout": 400, "auto_eject_hosts": True, "server_failure_limit": 1, "server_retry_timeout": 2000}
-
-
-def key(i: int) -> bytes:
-    return b"k:%07d" % i
-
-
-def value(i: int) -> bytes:
-    return b"v%d" % i
+# The README's example settings, with which one huge request used to eject every server.
+SETTINGS = README_SETTINGS
 
 
 # -- wire helpers (blocking) ---------------------------------------------------------
