@@ -34,19 +34,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 try:
+    import redis  # noqa: F401  (tests.test_stats needs it)
     import yaml  # noqa: F401  (tests.support.processes needs it)
-except ImportError:  # a bare python3: go on under the CPython venv, which has it
+except ImportError:  # a bare python3: go on under the CPython venv, which has them
     _venv = os.path.join(ROOT, ".venv-cpython", "bin", "python")
     os.execv(_venv, [_venv] + sys.argv)
 
 sys.path.insert(0, ROOT)
 from tests.support import processes  # noqa: E402
-from tests.test_huge_requests import README_SETTINGS, key, value  # noqa: E402
+from tests.support.huge import README_SETTINGS, key, value  # noqa: E402
 from tests.test_stats import read_stats_port  # noqa: E402
 
 HOST = processes.HOST
 BACKENDS = 3
-# The README's example settings, with which one huge request used to eject every server.
 SETTINGS = README_SETTINGS
 
 

@@ -18,6 +18,7 @@ import pymemcache.client.base
 import redis
 
 from tests.support import processes
+from tests.support.huge import README_SETTINGS, key, value
 from tests.support.resp import cmd
 from tests.test_core import Harness, bulk
 from tests.test_stats import read_stats_port
@@ -162,15 +163,6 @@ def test_a_reply_waiting_in_the_socket_when_the_timer_fires_is_the_reply():
 
 KEYS = 150000
 OTHERS = 20
-README_SETTINGS = {"timeout": 400, "auto_eject_hosts": True, "server_failure_limit": 1, "server_retry_timeout": 2000}
-
-
-def key(i: int) -> bytes:
-    return b"k:%07d" % i
-
-
-def value(i: int) -> bytes:
-    return b"v%d" % i
 
 
 def stats_of(proc) -> dict:
