@@ -174,10 +174,12 @@ class Server:
         if not self.failures:
             self.failures = 1
 
-    def eject(self) -> None:
+    def eject(self, counted: bool = True) -> None:
         """
         Take the server out of the placement: for C{server_retry_timeout}, then
-        until a probe answers (L{probe}).  Under a master, until it readmits it.
+        until a probe answers (L{probe}).  Under a master, until it readmits it;
+        the master has one worker count the ejection (C{counted}), since the
+        stats port sums the workers' counters.
         """
         if self.ejected:
             return
@@ -185,7 +187,8 @@ class Server:
         self.failures = 0
         self.ejected = True
         self.stats.server_ejected_at = int(pool.reactor.seconds() * 1000000)
-        pool.stats.server_ejects += 1
+        if counted:
+            pool.stats.server_ejects += 1
         log.warn(
             "pool {pool}: ejecting server {server} for {seconds}s",
             pool=pool.name,

@@ -142,7 +142,8 @@ class ServerHealth(amp.Command):
     """
     The master's verdict on C{server}: C{state} is C{suspect} (failures are
     counted: report the next success), C{ejected} (out of the placement until
-    told otherwise) or C{readmitted}.
+    told otherwise), C{ejected-uncounted} (the same, counted in C{server_ejects}
+    by another worker) or C{readmitted}.
     """
 
     arguments = [(b"pool", amp.Unicode()), (b"server", amp.Unicode()), (b"state", amp.Unicode())]

@@ -19,6 +19,10 @@ from twistedproxy.process import channel
 log = Logger()
 
 
+# A verdict: ejected, but another worker counts the ejection in server_ejects.
+EJECTED_UNCOUNTED = "ejected-uncounted"
+
+
 class _Entry:
     """What the master knows of one server with failures: the count, or its ejection."""
 
@@ -59,7 +63,7 @@ class Ejections:
             log.warn("pool {pool}: server {server} failed {n} times across workers; ejecting it in every worker",
                      pool=pool_name, server=server, n=entry.failures)
             entry.ejected = True
-            self._broadcast(key, "ejected")
+            self._broadcast(key, "ejected", counted_once=True)
             self._retry_later(key, pool)
         elif entry.failures == 1:
             self._broadcast(key, "suspect")
@@ -111,9 +115,14 @@ class Ejections:
         log.info("pool {pool}: server {server} answered; readmitted in every worker", pool=key[0], server=key[1])
         self._broadcast(key, "readmitted")
 
-    def _broadcast(self, key, state: str) -> None:
-        for worker in self.master.live_workers():
-            self._tell(worker, key, state)
+    def _broadcast(self, key, state: str, counted_once: bool = False) -> None:
+        """
+        Tell every live worker; with C{counted_once}, only the first counts the
+        ejection in its stats (the others get L{EJECTED_UNCOUNTED}), so the
+        summed C{server_ejects} counts it once, as nutcracker's one process does.
+        """
+        for i, worker in enumerate(self.master.live_workers()):
+            self._tell(worker, key, EJECTED_UNCOUNTED if counted_once and i else state)
 
     @staticmethod
     def _tell(worker, key, state: str) -> None:
@@ -126,7 +135,7 @@ class Ejections:
         """A worker (new, or with new pools after a reload) learns which servers are ejected."""
         for key, entry in self.entries.items():
             if entry.ejected:
-                self._tell(worker, key, "ejected")
+                self._tell(worker, key, EJECTED_UNCOUNTED)  # counted when it happened
 
     def configure(self, config) -> None:
         """A new configuration: forget the servers it no longer has (they are readmitted by it)."""
@@ -179,5 +188,7 @@ def apply_verdict(server, state: str) -> None:
         server.suspect()
     elif state == "ejected":
         server.eject()
+    elif state == EJECTED_UNCOUNTED:
+        server.eject(counted=False)
     elif state == "readmitted" and server.ejected:
         server.readmit()
