@@ -163,24 +163,13 @@ def bench_protocol(running, protocol, args, pythons, gen_binary, rows):
             name = label(target, workers)
             proc = None
             try:
-                cold = {}
-                for rate in args.rates if args.cold else ():
-                    if target != DIRECT:
-                        if proc is not None:
-                            running.stop(proc)
-                        # A fresh start, then traffic as soon as the port accepts a connection:
-                        # what a client sees from the first second (no readiness probe, no warm-up).
-                        proc, port = run.start_target(running, target, pool, pythons.get(target), workers)
-                    else:
-                        port = backend.port
-                    result = gen.open(port, rate, args.seconds, 1)
-                    check(result, "%s cold at %d/s" % (name, rate))
-                    cold[rate] = result["overall"]
-                    print("==> %s %-12s cold %6d/s: %s" % (protocol, name, rate, brief(result["overall"])), flush=True)
+                cold, proc = cold_rounds(running, gen, protocol, target, workers, pool, pythons, backend.port, args)
                 if target == DIRECT:
                     port = backend.port
                 elif proc is None:
                     proc, port = run.start_target(running, target, pool, pythons.get(target), workers)
+                else:
+                    port = proc.port
                 run.wait_ready(port, protocol)
                 warm = gen.closed(port, args.warmup * max(1, workers))
                 check(warm, "%s warm-up" % (name,))
@@ -189,7 +178,7 @@ def bench_protocol(running, protocol, args, pythons, gen_binary, rows):
                     protocol, name, warm["requests"], maximum, os.getloadavg()[0]), flush=True)
                 rates = [(rate, None) for rate in args.rates]
                 if target != DIRECT:
-                    rates += [(int(round(maximum * f, -2)), f) for f in args.fractions]
+                    rates += [(max(100, int(round(maximum * f, -2))), f) for f in args.fractions]
                     direct_rates.update(rate for rate, _ in rates)
                 else:
                     direct_rates.update(args.rates)
@@ -213,6 +202,33 @@ def bench_protocol(running, protocol, args, pythons, gen_binary, rows):
     finally:
         running.stop(backend)
     return direct_rates
+
+
+def cold_rounds(running, gen, protocol, target, workers, pool, pythons, backend_port, args):
+    """
+    ({rate: stats}, the target's process or None): per fixed rate, a fresh start
+    of the target, then one round at that rate as soon as its port accepts a
+    connection (no readiness probe, no warm-up): what a client sees from the
+    first second.  The last start is left running.
+    """
+    cold, proc = {}, None
+    try:
+        for rate in args.rates if args.cold else ():
+            port = backend_port
+            if target != DIRECT:
+                if proc is not None:
+                    running.stop(proc)
+                proc, port = run.start_target(running, target, pool, pythons.get(target), workers)
+            result = gen.open(port, rate, args.seconds, 1)
+            check(result, "%s cold at %d/s" % (label(target, workers), rate))
+            cold[rate] = result["overall"]
+            print("==> %s %-12s cold %6d/s: %s" % (protocol, label(target, workers), rate, brief(result["overall"])),
+                  flush=True)
+    except BaseException:
+        if proc is not None:
+            running.stop(proc)
+        raise
+    return cold, proc
 
 
 def measure(gen, port, protocol, target, workers, rate, fraction, maximum, cold, args):
