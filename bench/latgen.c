@@ -6,7 +6,7 @@
  * its reply (no coordinated omission).  Requests go round-robin over C
  * long-lived connections; a request due while its connection still waits for
  * an earlier reply is pipelined behind it.  One thread, epoll, non-blocking
- * sockets, a periodic timerfd and CLOCK_MONOTONIC; every latency is kept and
+ * sockets, a timerfd set to each due time and CLOCK_MONOTONIC; every latency is kept and
  * the percentiles are exact (sorted after the run, never during it).
  *
  *   latgen open   HOST PORT PROTO CONNS KEYS RATE SECONDS ROUNDS
@@ -39,7 +39,6 @@
 #include <unistd.h>
 
 #define DRAIN_NS 5000000000ULL /* replies still missing this long after the last due time are lost */
-#define MIN_TICK_NS 20000ULL   /* the timer's shortest period; faster rates send several per tick */
 #define MAX_QUEUE (1u << 20)   /* outstanding requests per connection before we give up */
 
 enum { REDIS, MEMCACHE };
@@ -366,6 +365,17 @@ static uint64_t mark_lost(uint64_t total, uint64_t end) {
     return lost;
 }
 
+/*
+ * One shot at the next due time, absolute: a periodic timer's whole-nanosecond
+ * interval would drift from a schedule whose period has a fraction, and fire
+ * just before each due time, making every request a tick late.
+ */
+static void arm(int tfd, uint64_t at) {
+    struct itimerspec its = {{0, 0}, {(time_t)(at / 1000000000ULL), (long)(at % 1000000000ULL)}};
+    if (timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL) < 0)
+        die("timerfd_settime");
+}
+
 static int run_open(const char *host, int port, double rate, double seconds, int rounds) {
     uint64_t per_round = (uint64_t)(rate * seconds + 0.5);
     uint64_t total = per_round * (uint64_t)rounds;
@@ -381,15 +391,11 @@ static int run_open(const char *host, int port, double rate, double seconds, int
     open_conns(host, port);
 
     double period = 1e9 / rate;
-    uint64_t tick = period < MIN_TICK_NS ? MIN_TICK_NS : (uint64_t)period;
     uint64_t t0 = now_ns() + 20000000ULL; /* connections settle first */
     int tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
     if (tfd < 0)
         die("timerfd_create");
-    struct itimerspec its = {{(time_t)(tick / 1000000000ULL), (long)(tick % 1000000000ULL)},
-                             {(time_t)(t0 / 1000000000ULL), (long)(t0 % 1000000000ULL)}};
-    if (timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL) < 0)
-        die("timerfd_settime");
+    arm(tfd, t0);
     struct epoll_event tev = {0};
     tev.events = EPOLLIN;
     tev.data.ptr = NULL;
@@ -447,10 +453,8 @@ static int run_open(const char *host, int port, double rate, double seconds, int
                 dirty[k] = 0;
                 flush(&conns[k]);
             }
-        if (next == total) {
-            struct itimerspec off = {{0, 0}, {0, 0}};
-            timerfd_settime(tfd, 0, &off, NULL);
-        }
+        if (next < total)
+            arm(tfd, t0 + (uint64_t)((double)next * period));
     }
     uint64_t end = now_ns();
     uint64_t lost = mark_lost(total, end);
