@@ -234,9 +234,10 @@ def cold_rounds(running, gen, protocol, target, workers, pool, pythons, backend_
 def measure(gen, port, protocol, target, workers, rate, fraction, maximum, cold, args):
     result = gen.open(port, rate, args.seconds, args.rounds)
     check(result, "%s at %d/s" % (label(target, workers), rate))
-    print("==> %s %-12s %6d/s%s: %s | rounds p99 %s" % (
+    print("==> %s %-12s %6d/s%s: %s | rounds p99 %s, max %s" % (
         protocol, label(target, workers), rate, " (%d%% max)" % (fraction * 100) if fraction else "",
-        brief(result["overall"]), " ".join("%.0f" % r["p99"] for r in result["rounds"])), flush=True)
+        brief(result["overall"]), " ".join("%.0f" % r["p99"] for r in result["rounds"]),
+        " ".join("%.0f" % r["max"] for r in result["rounds"])), flush=True)
     return {"protocol": protocol, "target": target, "workers": workers, "rate": rate, "fraction": fraction,
             "max_rps": maximum, "overall": result["overall"], "rounds": result["rounds"], "cold": cold,
             "elapsed_s": result["elapsed_s"], "loadavg": os.getloadavg()[0]}
