@@ -29,12 +29,17 @@ def main(argv=None) -> int:
     if options["test-conf"]:
         return 0 if tap.check_config(options["conf-file"]) else 1
 
-    from twisted.internet import reactor
     from twisted.logger import Logger, globalLogBeginner
 
     from twistedproxy import logs
     from twistedproxy.process.master import READY_ENV
+    from twistedproxy.reactor import install as install_reactor
 
+    try:
+        reactor = install_reactor()
+    except ValueError as e:
+        sys.stderr.write("cacheproxy: %s\n" % (e,))
+        return 1
     try:
         proxy_service = tap.makeService(options, reactor)
     except usage.UsageError as e:
