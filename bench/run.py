@@ -292,40 +292,42 @@ class Load:
     def measure(self, port, pid):
         """
         [(pipeline, test, result)] for the pipelined and the unpipelined run; each
-        result also has the target's CPU time per request (L{cpu_seconds} of C{pid}'s
+        result also has the target's CPU time per request (L{cpu_times} of C{pid}'s
         process tree over the run, divided by the run's requests), which other load
         on the machine disturbs much less than requests/s; None when C{pid} is None
         (no target process: the direct baseline).
         """
         rows = []
         for pipeline in (PIPELINE, 1):
-            before = cpu_seconds(pid) if pid is not None else None
+            before = cpu_times(pid) if pid is not None else None
             machine_before = machine_cpu()
             results = self.run(port, pipeline, self.requests)
             busy, elapsed = (after - start for after, start in zip(machine_cpu(), machine_before))
             count = self.requests * len(results)
-            cpu_us = None
+            cpu = {"cpu_us_per_req": None, "cpu_system_share": None}
             if pid is not None:
-                cpu_us = round((cpu_seconds(pid) - before) * 1e6 / count, 3)
+                user, system = (after - start for after, start in zip(cpu_times(pid), before))
+                cpu["cpu_us_per_req"] = round((user + system) * 1e6 / count, 3)
+                cpu["cpu_system_share"] = round(system / (user + system), 3) if user + system else None
             machine = {"machine_us_per_req": round(busy * 1e6 / count, 2),
                        "machine_busy": round(busy / elapsed, 3) if elapsed else None}
             for test, result in results.items():
-                rows.append((pipeline, test, dict(result, cpu_us_per_req=cpu_us, **machine)))
+                rows.append((pipeline, test, dict(result, **cpu, **machine)))
         return rows
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid) -> float:
+def cpu_times(pid) -> tuple:
     """
-    The CPU per request's numerator: user + system CPU seconds of process C{pid}
-    and of every live descendant of it (utime + stime of /proc/PID/stat), plus
-    what their exited and waited-for children used (cutime + cstime): for a
-    proxy, its master and all its workers, a worker that exited included; for
-    nutcracker, its one process.
+    The CPU per request's numerator, as (user, system) CPU seconds: those of
+    process C{pid} and of every live descendant of it (utime, stime of
+    /proc/PID/stat), plus what their exited and waited-for children used
+    (cutime, cstime): for a proxy, its master and all its workers, a worker
+    that exited included; for nutcracker, its one process.
     """
-    procs = {}  # pid -> (ppid, own ticks, waited-for children's ticks)
+    procs = {}  # pid -> (ppid, (user, system) ticks, own and waited-for children's)
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -336,17 +338,18 @@ def cpu_seconds(pid) -> float:
             continue  # gone meanwhile
         # After "pid (comm) ": state, ppid, ...; utime, stime, cutime, cstime are the 12th to 15th.
         fields = stat[stat.rindex(b")") + 2:].split()
-        procs[int(name)] = (int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]))
+        procs[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[13]), int(fields[12]) + int(fields[14])))
     children = {}
-    for child, (ppid, _, _) in procs.items():
+    for child, (ppid, _) in procs.items():
         children.setdefault(ppid, []).append(child)
-    total = 0
+    user = system = 0
     todo = [pid] if pid in procs else []
     while todo:
         current = todo.pop()
-        total += procs[current][1] + procs[current][2]
+        user += procs[current][1][0]
+        system += procs[current][1][1]
         todo.extend(children.get(current, ()))
-    return total / _TICK
+    return user / _TICK, system / _TICK
 
 
 def machine_cpu():
@@ -465,9 +468,9 @@ def bench_protocol(running, protocol, args, pythons, results):
                 for pipeline, test, result in rows or ():
                     result = dict(result, loadavg=os.getloadavg()[0])
                     samples.setdefault((target, workers, pipeline, test), []).append(result)
-                    print("    P=%-2d %-8s %10.0f req/s  p50 %s  p99 %s  cpu %s us/req" % (
+                    print("    P=%-2d %-8s %10.0f req/s  p50 %s  p99 %s  cpu %s us/req (%s system)" % (
                         pipeline, test, result["rps"], _ms(result["p50_ms"]), _ms(result["p99_ms"]),
-                        _cpu(result["cpu_us_per_req"])), flush=True)
+                        _cpu(result["cpu_us_per_req"]), _share(result["cpu_system_share"])), flush=True)
     finally:
         for entry in live:
             if entry[3] is not None:
@@ -552,6 +555,10 @@ def _ms(value):
 
 def _cpu(value):
     return "-" if value is None else "%.2f" % value
+
+
+def _share(value):
+    return "-" if value is None else "%.0f%%" % (100 * value)
 
 
 def _pass(r, key):
