@@ -317,3 +317,39 @@ def test_an_unknown_choice_is_refused(monkeypatch, tmp_path):
     os.unlink(config)
     assert out.returncode == 1
     assert "TWISTEDPROXY_REACTOR=nosuch: expected one of fast, twisted" in out.stdout
+
+
+def test_call_after_events_runs_once_the_polls_events_are_handled(logged):
+    """The proxy's reactor only: what callLater(0) from an event handler does, without a timer."""
+    threadable.registerAsIOThread()
+    reactor = fast.EPollReactor()
+    calls = []
+
+    class Noting(Protocol):
+        def dataReceived(self, data):
+            calls.append(("data", data))
+            reactor.callAfterEvents(lambda: calls.append(("after", data)))
+            if data == b"bad":
+                reactor.callAfterEvents(lambda: 1 / 0)
+
+    factory, port = listen(reactor, Noting)
+    first, second = connect(port), connect(port)
+    spin(reactor, lambda: len(factory.made) == 2)
+    first.sendall(b"one")
+    second.sendall(b"bad")
+    time.sleep(0.2)  # both reads wait in the same poll
+    spin(reactor, lambda: len(calls) == 4)
+    assert sorted(calls[:2]) == [("data", b"bad"), ("data", b"one")]
+    assert sorted(calls[2:]) == [("after", b"bad"), ("after", b"one")]
+    # One that failed is logged; the others ran.
+    assert [e["log_failure"].type for e in logged if e.get("log_failure") is not None] == [ZeroDivisionError]
+    # Outside event handling it waits for the next turn, as callLater(0) does.
+    reactor.callAfterEvents(lambda: calls.append("later"))
+    assert calls[-1] != "later"
+    reactor.iterate(0)
+    assert calls[-1] == "later"
+    for sock in (first, second):
+        sock.close()
+    for p in reactor.test_ports:
+        p.stopListening()
+    reactor.iterate(0)

@@ -40,6 +40,7 @@ except ImportError:  # no epoll (not Linux): Twisted's default reactor only
 
 # The environment variable that chooses the reactor: "fast" (the default) or "twisted".
 REACTOR_ENV = "TWISTEDPROXY_REACTOR"
+_log = Logger()
 CHOICES = ("fast", "twisted")
 
 
@@ -52,6 +53,18 @@ if epollreactor is not None:
             super().__init__()
             # The descriptor whose event is being handled, for the log's "system" (L{_ServedSystem}).
             self.serving = None
+            self._after_events = []
+
+        def callAfterEvents(self, f) -> None:
+            """
+            Call C{f()} once every event of the current poll is handled, before
+            the reactor waits again (outside event handling: C{callLater(0)}).
+            What C{callLater(0)} does from an event handler, without a timer.
+            """
+            if self.serving is None:
+                self.callLater(0, f)
+            else:
+                self._after_events.append(f)
 
         def doPoll(self, timeout):
             """Wait up to C{timeout} seconds (None: for ever) for events and handle them."""
@@ -81,6 +94,13 @@ if epollreactor is not None:
                     # under the descriptor's prefix and go on with the others.
                     log.err()
             self.serving = None
+            if self._after_events:
+                calls, self._after_events = self._after_events, []
+                for f in calls:
+                    try:
+                        f()
+                    except Exception:
+                        _log.failure("while calling {f} after the poll's events", f=f)
 
         doIteration = doPoll
 
@@ -149,5 +169,5 @@ def install(environ=None):
         context.setDefault(log.ILogContext, _ServedSystem(reactor, context.get(log.ILogContext) or {"system": "-"}))
     from twisted.internet import reactor
 
-    Logger().debug("reactor: {name}", name=reflect.qual(type(reactor)))
+    _log.debug("reactor: {name}", name=reflect.qual(type(reactor)))
     return reactor
