@@ -695,7 +695,8 @@ def main(argv=None) -> int:
     print("\nspread = (max - min) / median of the %d measured rounds; ~ = read off memaslap's log2 histogram;"
           % (args.repeat,))
     print("cpu us/req = user + system CPU of the target's processes (/proc/PID/stat of it and its workers)")
-    print("             over the run, divided by the run's requests (set and get together); cpu x nut = / nutcracker's;")
+    print("             over the run, divided by the run's requests (set and get together);")
+    print("cpu x nut = the CPU per request / nutcracker's;")
     if not args.no_direct:
         print("direct = the same load straight against one backend, no proxy: the ceiling no proxy can beat here.")
     print("Results: %s" % (os.path.relpath(path),))

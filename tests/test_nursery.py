@@ -64,8 +64,8 @@ def test_reexec_runs_the_command_again_in_place():
             "print(os.getpid(), flush=True)\n"
             "nursery.reexec([sys.executable, '-c', \"import os; print(os.getpid(), os.environ.get(%r))\"])\n"
             "print('not run again')\n" % (nursery.ENV,))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, timeout=60).stdout
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, timeout=60).stdout
     lines = out.split("\n")
     assert len(lines) > 1, out
     if PYPY:

@@ -8,8 +8,9 @@ C{log.callWithLogger}: for each event it asks the descriptor for its log
 prefix, copies the log context dict, pushes the copy on a per-thread context
 stack and pops it afterwards, only so that a legacy C{twisted.python.log}
 message logged meanwhile (an unhandled exception in C{dataReceived}, a failed
-C{accept}) names that descriptor as its "system".  That was about 12% of the
-proxy's CPU per request unpipelined (bench/README.md).
+C{accept}) names that descriptor as its "system".  Issue #10 measured that at
+about 12% of the proxy's CPU per request unpipelined (bench/README.md has the
+figures before and after).
 
 L{EPollReactor} dispatches each event through Twisted's own
 C{_doReadOrWrite}, so read errors, disconnections, half-close, writes,
@@ -17,7 +18,10 @@ producers and an exception in C{dataReceived} (logged, connection dropped) are
 Twisted's.  It only replaces the bookkeeping: it notes which descriptor it is
 serving, and while it is the installed reactor the default log context
 computes "system" from that descriptor when, and only when, something is
-logged.  Log lines read as they do under Twisted's reactor.
+logged.  Log lines read as they do under Twisted's reactor.  It also offers
+C{callAfterEvents(f)}: what C{callLater(0, f)} does from an event handler (run
+once the poll's events are handled, before the next wait) without a timer,
+which the core's turn flusher uses (L{twistedproxy.core.batching}).
 
 C{TWISTEDPROXY_REACTOR=twisted} in the environment keeps Twisted's default
 reactor instead (to compare); workers inherit the choice from the master.
@@ -40,8 +44,8 @@ except ImportError:  # no epoll (not Linux): Twisted's default reactor only
 
 # The environment variable that chooses the reactor: "fast" (the default) or "twisted".
 REACTOR_ENV = "TWISTEDPROXY_REACTOR"
-_log = Logger()
 CHOICES = ("fast", "twisted")
+_log = Logger()
 
 
 if epollreactor is not None:
