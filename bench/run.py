@@ -52,6 +52,8 @@ QUICK_REQUESTS = 40000
 
 # Minimum ratio of a proxy's requests/s to nutcracker's: (pipelined, unpipelined).
 TARGETS = {"pypy": (1.5, 0.8), "cpython": (0.7, 0.5)}
+# Most CPU per request a proxy may spend, as a ratio to nutcracker's (both pipelinings).
+CPU_TARGETS = {"pypy": 1.0}
 # The baseline with no proxy at all: the load tool straight against one backend.
 # No proxy can beat it (a proxy only adds work on the same cores), so its ratio
 # to nutcracker is the highest ratio any proxy can reach on this machine.
@@ -287,36 +289,45 @@ class Load:
         self.run(port, PIPELINE, self.warm[1] * scale)
         self.run(port, 1, self.warm[0] * scale)
 
-    def measure(self, port, pgid):
+    def measure(self, port, pid):
         """
         [(pipeline, test, result)] for the pipelined and the unpipelined run; each
-        result also has the target's CPU time per request (its whole process group),
-        which other load on the machine disturbs much less than requests/s; None
-        when C{pgid} is None (no target process: the direct baseline).
+        result also has the target's CPU time per request (L{cpu_times} of C{pid}'s
+        process tree over the run, divided by the run's requests), which other load
+        on the machine disturbs much less than requests/s; None when C{pid} is None
+        (no target process: the direct baseline).
         """
         rows = []
         for pipeline in (PIPELINE, 1):
-            before = cpu_seconds(pgid) if pgid is not None else None
+            before = cpu_times(pid) if pid is not None else None
             machine_before = machine_cpu()
             results = self.run(port, pipeline, self.requests)
             busy, elapsed = (after - start for after, start in zip(machine_cpu(), machine_before))
             count = self.requests * len(results)
-            cpu_us = None
-            if pgid is not None:
-                cpu_us = round((cpu_seconds(pgid) - before) * 1e6 / count, 2)
+            cpu = {"cpu_us_per_req": None, "cpu_system_share": None}
+            if pid is not None:
+                user, system = (after - start for after, start in zip(cpu_times(pid), before))
+                cpu["cpu_us_per_req"] = round((user + system) * 1e6 / count, 3)
+                cpu["cpu_system_share"] = round(system / (user + system), 3) if user + system else None
             machine = {"machine_us_per_req": round(busy * 1e6 / count, 2),
                        "machine_busy": round(busy / elapsed, 3) if elapsed else None}
             for test, result in results.items():
-                rows.append((pipeline, test, dict(result, cpu_us_per_req=cpu_us, **machine)))
+                rows.append((pipeline, test, dict(result, **cpu, **machine)))
         return rows
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pgid) -> float:
-    """User + system CPU seconds of the live processes of process group C{pgid} (Linux /proc)."""
-    total = 0
+def cpu_times(pid) -> tuple:
+    """
+    The CPU per request's numerator, as (user, system) CPU seconds: those of
+    process C{pid} and of every live descendant of it (utime, stime of
+    /proc/PID/stat), plus what their exited and waited-for children used
+    (cutime, cstime): for a proxy, its master and all its workers, a worker
+    that exited included; for nutcracker, its one process.
+    """
+    procs = {}  # pid -> (ppid, (user, system) ticks, own and waited-for children's)
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -325,10 +336,20 @@ def cpu_seconds(pgid) -> float:
                 stat = f.read()
         except OSError:
             continue  # gone meanwhile
+        # After "pid (comm) ": state, ppid, ...; utime, stime, cutime, cstime are the 12th to 15th.
         fields = stat[stat.rindex(b")") + 2:].split()
-        if int(fields[2]) == pgid:  # state, ppid, pgrp, ...; utime and stime are 11 and 12
-            total += int(fields[11]) + int(fields[12])
-    return total / _TICK
+        procs[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[13]), int(fields[12]) + int(fields[14])))
+    children = {}
+    for child, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(child)
+    user = system = 0
+    todo = [pid] if pid in procs else []
+    while todo:
+        current = todo.pop()
+        user += procs[current][1][0]
+        system += procs[current][1][1]
+        todo.extend(children.get(current, ()))
+    return user / _TICK, system / _TICK
 
 
 def machine_cpu():
@@ -389,7 +410,8 @@ def bench_protocol(running, protocol, args, pythons, results):
     is measured), plus, unless C{args.no_direct}, the "direct" baseline: the same
     load against the first backend with no proxy.  After each one's warm-up, the
     measured runs go round-robin, C{args.repeat} rounds, so that load from
-    elsewhere on the machine spreads over all targets.  Each row keeps the median run (by requests/s) and all samples.
+    elsewhere on the machine spreads over all targets.  Each row keeps the median run (by requests/s)
+    and all samples, with the median CPU per request of its own.
     A target that fails (does not start, does not answer, a load errors or hangs)
     is stopped and reported as failed; the others go on.
     """
@@ -446,9 +468,9 @@ def bench_protocol(running, protocol, args, pythons, results):
                 for pipeline, test, result in rows or ():
                     result = dict(result, loadavg=os.getloadavg()[0])
                     samples.setdefault((target, workers, pipeline, test), []).append(result)
-                    print("    P=%-2d %-8s %10.0f req/s  p50 %s  p99 %s  cpu %s us/req" % (
+                    print("    P=%-2d %-8s %10.0f req/s  p50 %s  p99 %s  cpu %s us/req (%s system)" % (
                         pipeline, test, result["rps"], _ms(result["p50_ms"]), _ms(result["p99_ms"]),
-                        _cpu(result["cpu_us_per_req"])), flush=True)
+                        _cpu(result["cpu_us_per_req"]), _share(result["cpu_system_share"])), flush=True)
     finally:
         for entry in live:
             if entry[3] is not None:
@@ -459,8 +481,12 @@ def bench_protocol(running, protocol, args, pythons, results):
         if (target, workers) in failed:
             continue  # a target that failed midway has no comparable median
         median = sorted(runs_, key=lambda r: r["rps"])[len(runs_) // 2]
+        # CPU per request is a median of its own: the run with the median rate need not have it.
+        cpus = sorted(r["cpu_us_per_req"] for r in runs_ if r["cpu_us_per_req"] is not None)
         results.append(dict(median, protocol=protocol, target=target, workers=workers, pipeline=pipeline,
-                            test=test, samples=[r["rps"] for r in runs_]))
+                            test=test, samples=[r["rps"] for r in runs_],
+                            cpu_us_per_req=cpus[len(cpus) // 2] if cpus else None,
+                            cpu_samples=[r["cpu_us_per_req"] for r in runs_]))
     for (target, workers), error in failed.items():
         results.append({"protocol": protocol, "target": target, "workers": workers, "pipeline": None,
                         "test": "-", "rps": None, "p50_ms": None, "p99_ms": None, "error": error})
@@ -471,15 +497,25 @@ def _raise(error):
 
 
 def add_ratios(results):
-    """Each proxy (and direct) row gets its ratio to nutcracker's row of the same load; a proxy row its goal."""
-    base = {(r["protocol"], r["test"], r["pipeline"]): r["rps"] for r in results
+    """
+    Each proxy (and direct) row gets its ratio of requests/s to nutcracker's row of
+    the same load, and a proxy row its CPU per request as a ratio to nutcracker's;
+    a proxy row its goals.
+    """
+    base = {(r["protocol"], r["test"], r["pipeline"]): r for r in results
             if r["target"] == "nutcracker" and r["rps"]}
     for r in results:
         nut = base.get((r["protocol"], r["test"], r["pipeline"]))
-        r["ratio"] = round(r["rps"] / nut, 3) if nut and r["rps"] else None
+        r["ratio"] = round(r["rps"] / nut["rps"], 3) if nut and r["rps"] else None
         if r["target"] in TARGETS and r["ratio"] is not None:
             r["goal"] = TARGETS[r["target"]][0 if r["pipeline"] > 1 else 1]
             r["pass"] = r["ratio"] >= r["goal"]
+        nut_cpu = nut.get("cpu_us_per_req") if nut else None
+        cpu = r.get("cpu_us_per_req")
+        r["cpu_ratio"] = round(cpu / nut_cpu, 3) if cpu is not None and nut_cpu else None
+        if r["target"] in CPU_TARGETS and r["cpu_ratio"] is not None:
+            r["cpu_goal"] = CPU_TARGETS[r["target"]]
+            r["cpu_pass"] = r["cpu_ratio"] <= r["cpu_goal"]
 
 
 def ceilings(results):
@@ -518,13 +554,21 @@ def _ms(value):
 
 
 def _cpu(value):
-    return "-" if value is None else "%.1f" % value
+    return "-" if value is None else "%.2f" % value
+
+
+def _share(value):
+    return "-" if value is None else "%.0f%%" % (100 * value)
+
+
+def _pass(r, key):
+    return ("PASS" if r[key] else "FAIL") if key in r else ""
 
 
 def table(results) -> str:
     """The results as a text table; failed targets are listed under it, then the ceilings goals exceed."""
     head = ("protocol", "test", "pipe", "target", "w", "req/s", "spread", "p50 ms", "p99 ms",
-            "cpu us/req", "x nutcracker", "goal", "")
+            "x nutcracker", "goal", "", "cpu us/req", "cpu x nut", "goal", "")
     lines = []
     errors = []
     for r in results:
@@ -535,19 +579,20 @@ def table(results) -> str:
         samples = r.get("samples") or [r["rps"]]
         spread = "" if len(samples) < 2 else "%.0f%%" % (100.0 * (max(samples) - min(samples)) / r["rps"])
         if r["target"] == "nutcracker":
-            ratio = "-"
+            ratio = cpu_ratio = "-"
         else:
             ratio = "n/a" if r["ratio"] is None else "%.2f" % r["ratio"]
+            cpu_ratio = "-" if r.get("cpu_ratio") is None else "%.2f" % r["cpu_ratio"]
         lines.append((
             r["protocol"], r["test"], "P%d" % r["pipeline"], r["target"],
             "-" if r["target"] in ("nutcracker", DIRECT) else str(r["workers"]),
             "%.0f" % r["rps"], spread, approx + _ms(r["p50_ms"]), approx + _ms(r["p99_ms"]),
-            _cpu(r.get("cpu_us_per_req")), ratio,
-            ">=%.1f" % r["goal"] if "goal" in r else "",
-            ("PASS" if r["pass"] else "FAIL") if "pass" in r else "",
+            ratio, ">=%.1f" % r["goal"] if "goal" in r else "", _pass(r, "pass"),
+            _cpu(r.get("cpu_us_per_req")), cpu_ratio, "<=%.1f" % r["cpu_goal"] if "cpu_goal" in r else "",
+            _pass(r, "cpu_pass"),
         ))
     widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
-    right = {5, 6, 7, 8, 9, 10}
+    right = {5, 6, 7, 8, 9, 12, 13}
 
     def fmt(row):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -649,7 +694,9 @@ def main(argv=None) -> int:
     print(table(results))
     print("\nspread = (max - min) / median of the %d measured rounds; ~ = read off memaslap's log2 histogram;"
           % (args.repeat,))
-    print("cpu us/req = the target's CPU time (all its processes) per request in that run (set+get together);")
+    print("cpu us/req = user + system CPU of the target's processes (/proc/PID/stat of it and its workers)")
+    print("             over the run, divided by the run's requests (set and get together);")
+    print("cpu x nut = the CPU per request / nutcracker's;")
     if not args.no_direct:
         print("direct = the same load straight against one backend, no proxy: the ceiling no proxy can beat here.")
     print("Results: %s" % (os.path.relpath(path),))

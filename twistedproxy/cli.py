@@ -14,10 +14,11 @@ import sys
 from twisted.python import usage
 
 from twistedproxy import tap
-from twistedproxy.process import command
+from twistedproxy.process import command, nursery
 
 
 def main(argv=None) -> int:
+    main_process = argv is None  # the command itself, not a call from a program or a test
     argv = sys.argv[1:] if argv is None else argv
     argv = ["-h" if arg == "-?" else arg for arg in argv]  # nutcracker's other name for -h
     options = tap.Options()
@@ -28,13 +29,20 @@ def main(argv=None) -> int:
         return 2
     if options["test-conf"]:
         return 0 if tap.check_config(options["conf-file"]) else 1
+    if main_process:
+        nursery.reexec(command.launch_argv())
 
-    from twisted.internet import reactor
     from twisted.logger import Logger, globalLogBeginner
 
     from twistedproxy import logs
     from twistedproxy.process.master import READY_ENV
+    from twistedproxy.reactor import install as install_reactor
 
+    try:
+        reactor = install_reactor()
+    except ValueError as e:
+        sys.stderr.write("cacheproxy: %s\n" % (e,))
+        return 1
     try:
         proxy_service = tap.makeService(options, reactor)
     except usage.UsageError as e:

@@ -270,6 +270,15 @@ def makeService(options, reactor=None):
     twistd = _twistd_options(options)
     if twistd is not None and options["daemonize"] and twistd["nodaemon"]:
         raise usage.UsageError("-d/--daemonize: twistd daemonizes by itself; drop twistd's -n/--nodaemon")
+    if twistd is not None and reactor is None:
+        # twistd asks for the service before it installs its default reactor
+        # (unless -r named one, which then stays): ours goes in first.
+        from twistedproxy.reactor import install as install_reactor
+
+        try:
+            reactor = install_reactor()
+        except ValueError as e:
+            raise usage.UsageError(str(e))
     made = _make_service(options, reactor)
     if twistd is None:
         return made

@@ -9,7 +9,9 @@ or client) that have bytes to write during the turn and flushes each once when
 the turn's events are all handled: a
 C{callLater(0)} runs right after the current poll's callbacks, before the
 reactor waits again, so this adds no waiting, and it costs one timer per turn,
-not one per request.
+not one per request.  On the proxy's own reactor
+(L{twistedproxy.reactor.EPollReactor}) its C{callAfterEvents} does the same
+without making a timer at all.
 """
 
 from __future__ import annotations
@@ -21,18 +23,20 @@ class TurnFlusher:
     def __init__(self, reactor):
         self.reactor = reactor
         self.pending = []
-        self.call = None
+        self.scheduled = False
+        self._schedule = getattr(reactor, "callAfterEvents", None) or (lambda f: reactor.callLater(0, f))
 
     def add(self, connections: list) -> None:
         """Flush C{connections} at the end of this turn (each must be added once per turn)."""
         if not connections:
             return
         self.pending.extend(connections)
-        if self.call is None:
-            self.call = self.reactor.callLater(0, self.run)
+        if not self.scheduled:
+            self.scheduled = True
+            self._schedule(self.run)
 
     def run(self) -> None:
-        self.call = None
+        self.scheduled = False
         pending = self.pending
         self.pending = []
         for conn in pending:

@@ -39,7 +39,7 @@ from twisted.protocols import amp
 
 from twistedproxy import logs, signals
 from twistedproxy.config import ConfigError, load_config_text
-from twistedproxy.process import accept_mutex, channel, command, ejection, handoff
+from twistedproxy.process import accept_mutex, channel, command, ejection, handoff, nursery
 from twistedproxy.process.channel import quiet_factory
 from twistedproxy.process.listeners import (
     INHERIT_ENV,
@@ -544,6 +544,7 @@ class MasterService(service.Service):
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
         env[LAYOUT_ENV] = json.dumps(layout)  # not on the command line: ps shows the worker's title
+        nursery.child_environ(env)  # a master under twistd did not run itself again with it
         argv = [sys.executable, "-m", "twistedproxy.process.worker"]
         try:
             self.reactor.spawnProcess(worker, sys.executable, argv, env=env, path=os.getcwd(), childFDs=child_fds)

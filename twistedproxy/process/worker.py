@@ -367,8 +367,11 @@ def main() -> int:
     for signum in (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGPIPE):
         signal.signal(signum, signal.SIG_IGN)
 
-    from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
+
+    from twistedproxy.reactor import install as install_reactor
+
+    reactor = install_reactor()
 
     logs.set_level(LogLevel.levelWithName(layout.get("level", "info")))
     output = layout.get("output")
