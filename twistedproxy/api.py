@@ -16,6 +16,7 @@ from __future__ import annotations
 from twisted.internet.defer import DeferredList, maybeDeferred
 
 from twistedproxy.config import ProxyConfig, config_from_dict, load_config
+from twistedproxy.core import warmup
 from twistedproxy.core.client import ProxyFactory
 from twistedproxy.core.pool import ServerPool
 from twistedproxy.process.listeners import listen
@@ -59,6 +60,18 @@ class Proxy:
     def from_dict(cls, data: dict, reactor) -> "Proxy":
         """A proxy for a configuration given as a dict (the YAML's structure)."""
         return cls(config_from_dict(data), reactor)
+
+    def warm_up(self):
+        """
+        Warm the request path up before serving, as C{global: warmup} says: run
+        sample traffic through throwaway copies of the pools, in memory
+        (L{twistedproxy.core.warmup}; nothing reaches a backend or this
+        proxy's statistics).  Returns the L{warmup.WarmupReport}, or None when off.
+        """
+        seconds = warmup.seconds_for(self.config.global_.warmup)
+        if not seconds:
+            return None
+        return warmup.warm_up(self.config.pools, build_pool, seconds)
 
     def start(self) -> list:
         """Connect preconnect pools and listen on every pool's address; returns the ports."""

@@ -135,6 +135,11 @@ class ProxyService(service.Service):
             self._install_signals()  # before listening: a client may signal as soon as it can connect
         self.proxy = Proxy(self.config, self.reactor)
         RefusalLog(self.reactor).start()
+        # Listening only once warm: the first clients must not wait for the JIT.
+        report = self.proxy.warm_up()
+        log.info("{warm}; listening on {addresses}",
+                 warm="warmed up in %.2f s" % (report.seconds,) if report is not None else "no warm-up",
+                 addresses=", ".join(str(pool.config.listen) for pool in self.proxy.pools.values()))
         self.proxy.start()
         self._serve_stats()
         command.daemon_started()

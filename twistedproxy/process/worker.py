@@ -9,8 +9,9 @@ place; the environment variable L{LAYOUT_ENV} holds a JSON object naming them::
      "mutex": fd or null, "level": "info", "output": path or null}
 
 The worker asks the master for its configuration over the AMP channel
-(L{channel.Hello}), builds the pools, serves the listening sockets it was given
-(it never binds one itself), and says L{channel.Ready}.  It exits when the
+(L{channel.Hello}), builds the pools, warms the request path up
+(L{twistedproxy.core.warmup}), then serves the listening sockets it was given
+(it never binds one itself) and says L{channel.Ready}.  It exits when the
 channel closes (the master is gone) and, as a second guard, when its parent
 dies (PR_SET_PDEATHSIG).
 
@@ -259,6 +260,11 @@ class Worker:
         self._share_out()
         for pool in self.proxy.pools.values():
             pool.start()
+        # Ready means warm: the sockets are served, and Ready said, only after it.
+        report = self.proxy.warm_up()
+        if report is not None:
+            log.info("worker {pid} (slot {slot}) warmed up in {seconds:.2f} s",
+                     pid=os.getpid(), slot=self.slot, seconds=report.seconds)
         mutex_fd = self.layout.get("mutex")
         for name, fd in sorted(self.layout["listen"].items()):
             self.ports.append(adopt_port(self.reactor, fd, _PoolFactory(self, name), one_accept=mutex_fd is not None))
