@@ -12,7 +12,9 @@ import json
 import socket
 
 import pytest
+import pytest_twisted
 import redis
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 
 from tests.support import processes
@@ -101,7 +103,7 @@ def test_memcache_text_and_binary_samples_are_answered_in_full():
     assert len([label for label, codec in served if codec == "memcache_binary"]) >= 2
 
 
-def test_warm_up_stops_at_its_time_limit_or_round_count():
+def test_in_memory_rounds_stop_at_their_time_limit_or_round_count():
     config = pools()
     now = [0.0]
 
@@ -109,9 +111,9 @@ def test_warm_up_stops_at_its_time_limit_or_round_count():
         now[0] += 0.3
         return now[0]
 
-    report = warmup.warm_up(config.pools, build_pool, seconds=1.0, rounds=1000, timer=timer)
+    report = warmup.warm_up_in_memory(config.pools, build_pool, seconds=1.0, rounds=1000, timer=timer)
     assert report.rounds == 4  # 0.3 .. 1.2: the round that ends past the limit is the last
-    report = warmup.warm_up(config.pools, build_pool, seconds=100.0, rounds=3)
+    report = warmup.warm_up_in_memory(config.pools, build_pool, seconds=100.0, rounds=3)
     assert report.rounds == 3 and report.requests > 0
 
 
@@ -128,14 +130,10 @@ def test_setting():
             pools(warmup=bad)
 
 
-def test_warm_up_reaches_no_backend_and_no_statistics():
-    clock = MemoryReactorClock()
-    proxy = Proxy(pools(warmup=5), clock)
-    report = proxy.warm_up()
-    assert report.rounds == warmup.ROUNDS or report.seconds >= 5
-    assert report.requests > 0
-    # No connection attempt on the proxy's own reactor: nothing was sent anywhere.
-    assert clock.tcpClients == [] and clock.unixClients == [] and clock.getDelayedCalls() == []
+def untouched(proxy, clock=None):
+    """Nothing of a warm-up shows in C{proxy}'s statistics, pools or (memory) reactor."""
+    if clock is not None:
+        assert clock.tcpClients == [] and clock.unixClients == [] and clock.tcpServers == []
     for pool in proxy.pools.values():
         stats = pool.stats
         assert (stats.clients_accepted, stats.client_eof, stats.client_err, stats.forward_error,
@@ -148,27 +146,54 @@ def test_warm_up_reaches_no_backend_and_no_statistics():
     assert proxy.stats.slowlog.seen == 0 and not proxy.stats.slowlog.entries
 
 
+def test_in_memory_rounds_reach_no_backend_and_no_statistics():
+    clock = MemoryReactorClock()
+    proxy = Proxy(pools(), clock)
+    report = warmup.warm_up_in_memory(proxy.config.pools, build_pool, seconds=5)
+    assert report.rounds == warmup.ROUNDS or report.seconds >= 5
+    assert report.requests > 0
+    untouched(proxy, clock)
+
+
+@pytest_twisted.inlineCallbacks
+def test_warm_up_over_loopback_reaches_no_backend_and_no_statistics():
+    from twisted.internet import reactor
+
+    # The configured servers (ports 7101..7103) are never connected to: nothing listens there.
+    proxy = Proxy(pools(warmup=1.0), reactor)
+    report = yield proxy.warm_up()
+    assert report.rounds > 0 and report.live_rounds > 0 and report.seconds < 10
+    untouched(proxy)
+
+
 def test_warm_up_off():
-    assert Proxy(pools(warmup="off"), MemoryReactorClock()).warm_up() is None
+    assert Proxy(pools(warmup="off"), MemoryReactorClock()).warm_up().result is None
 
 
 def test_single_process_listens_only_after_warm_up(monkeypatch):
     clock = MemoryReactorClock()
-    seen = []
-    real = Proxy.warm_up
-
-    def warm_up(proxy):
-        seen.append(len(clock.tcpServers))
-        return real(proxy)
-
-    monkeypatch.setattr(Proxy, "warm_up", warm_up)
-    service = ProxyService(pools(warmup=0.05), clock)
+    warm = Deferred()
+    monkeypatch.setattr(Proxy, "warm_up", lambda proxy: warm)
+    service = ProxyService(pools(), clock)
     service.startService()
     try:
-        assert seen == [0]
+        assert clock.tcpServers == []
+        warm.callback(warmup.WarmupReport(0.5, 10, 100, 10))
         assert sorted(port for port, *_ in clock.tcpServers) == [7001, 7002]
+        assert service.serving.called
     finally:
         service.stopService()
+
+
+def test_single_process_stopped_while_warming_up_never_listens(monkeypatch):
+    clock = MemoryReactorClock()
+    warm = Deferred()
+    monkeypatch.setattr(Proxy, "warm_up", lambda proxy: warm)
+    service = ProxyService(pools(), clock)
+    service.startService()
+    service.stopService()
+    warm.callback(None)
+    assert clock.tcpServers == []
 
 
 # -- real processes --------------------------------------------------------------------------------

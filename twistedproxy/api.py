@@ -13,7 +13,7 @@ configuration, inside any Twisted program.
 
 from __future__ import annotations
 
-from twisted.internet.defer import DeferredList, maybeDeferred
+from twisted.internet.defer import DeferredList, maybeDeferred, succeed
 
 from twistedproxy.config import ProxyConfig, config_from_dict, load_config
 from twistedproxy.core import warmup
@@ -64,14 +64,15 @@ class Proxy:
     def warm_up(self):
         """
         Warm the request path up before serving, as C{global: warmup} says: run
-        sample traffic through throwaway copies of the pools, in memory
-        (L{twistedproxy.core.warmup}; nothing reaches a backend or this
-        proxy's statistics).  Returns the L{warmup.WarmupReport}, or None when off.
+        sample traffic through throwaway copies of the pools, in memory and
+        then over loopback sockets (L{twistedproxy.core.warmup}; nothing reaches
+        a backend or this proxy's statistics).  A Deferred fires with the
+        L{warmup.WarmupReport}, or None when off.
         """
         seconds = warmup.seconds_for(self.config.global_.warmup)
         if not seconds:
-            return None
-        return warmup.warm_up(self.config.pools, build_pool, seconds)
+            return succeed(None)
+        return warmup.warm_up(self.reactor, self.config.pools, build_pool, seconds)
 
     def start(self) -> list:
         """Connect preconnect pools and listen on every pool's address; returns the ports."""

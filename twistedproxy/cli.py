@@ -55,9 +55,16 @@ def main(argv=None) -> int:
         try:
             proxy_service.startService()
         except Exception:
-            Logger().failure("cacheproxy cannot start")
-            failed.append(True)
-            reactor.stop()
+            cannot_start(None)
+            return
+        serving = getattr(proxy_service, "serving", None)  # a single process listens once warm
+        if serving is not None:
+            serving.addErrback(cannot_start)
+
+    def cannot_start(failure):
+        Logger().failure("cacheproxy cannot start", failure)
+        failed.append(True)
+        reactor.stop()
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", proxy_service.stopService)

@@ -114,6 +114,7 @@ class ProxyService(service.Service):
         self.config_text = config_text
         self.handle_signals = handle_signals
         self.pid_file = pid_file  # nutcracker's -p: written at start, removed at stop
+        self.serving = None  # fires once listening (after the warm-up); fails if it cannot
 
     @property
     def reactor(self):
@@ -136,7 +137,13 @@ class ProxyService(service.Service):
         self.proxy = Proxy(self.config, self.reactor)
         RefusalLog(self.reactor).start()
         # Listening only once warm: the first clients must not wait for the JIT.
-        report = self.proxy.warm_up()
+        self.serving = self.proxy.warm_up()
+        self.serving.addCallback(self._serve)
+
+    def _serve(self, report) -> None:
+        """Listen (after the warm-up C{report}, None when off); raises if a port cannot be opened."""
+        if not self.running:
+            return  # stopped while warming up
         log.info("{warm}; listening on {addresses}",
                  warm="warmed up in %.2f s" % (report.seconds,) if report is not None else "no warm-up",
                  addresses=", ".join(str(pool.config.listen) for pool in self.proxy.pools.values()))

@@ -26,12 +26,20 @@ import gc
 import sys
 import time
 
+from dataclasses import replace
+
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twistedproxy.config.model import ServerSpec
 from twistedproxy.core.client import ProxyFactory
 from twistedproxy.stats.recorder import PoolStats
+
+log = Logger()
 
 PYPY = sys.implementation.name == "pypy"
 
@@ -42,6 +50,16 @@ PYPY = sys.implementation.name == "pypy"
 # first-call costs (lazy imports, caches, allocator arenas) off the first clients.
 ROUNDS = 2000 if PYPY else 50
 
+# Rounds over loopback sockets through the reactor, after the in-memory ones:
+# enough for PyPy to compile the reactor loop and Twisted's reads and writes
+# (loops after 1039 iterations) with the proxy's code inside.
+LIVE_ROUNDS = 1500 if PYPY else 20
+
+# The in-memory rounds take at most this share of the time; the loopback ones the rest.
+MEMORY_SHARE = 0.5
+
+LOOPBACK = "127.0.0.1"
+
 # The most seconds C{warmup: auto} spends: a worker that replaces a crashed one
 # keeps the connections queued on its socket waiting meanwhile.
 AUTO_SECONDS = 0.75
@@ -50,15 +68,20 @@ _DONE = Failure(ConnectionDone("warm-up over"))
 
 
 class WarmupReport:
-    """What a warm-up did: C{seconds} spent, C{rounds} run, C{requests} (frames) the fake backends answered."""
+    """
+    What a warm-up did: C{seconds} spent, C{rounds} run in memory, C{requests}
+    (frames) the in-memory backends answered, C{live_rounds} run over loopback.
+    """
 
-    def __init__(self, seconds: float = 0.0, rounds: int = 0, requests: int = 0):
+    def __init__(self, seconds: float = 0.0, rounds: int = 0, requests: int = 0, live_rounds: int = 0):
         self.seconds = seconds
         self.rounds = rounds
         self.requests = requests
+        self.live_rounds = live_rounds
 
     def __repr__(self) -> str:
-        return "<WarmupReport %.3fs, %d rounds, %d requests>" % (self.seconds, self.rounds, self.requests)
+        return "<WarmupReport %.3fs, %d rounds, %d requests, %d live rounds>" % (
+            self.seconds, self.rounds, self.requests, self.live_rounds)
 
 
 class _Backend(StringTransport):
@@ -132,13 +155,14 @@ def seconds_for(setting) -> float:
     return AUTO_SECONDS if setting == "auto" else float(setting)
 
 
-def warm_up(pool_configs, build_pool, seconds: float = AUTO_SECONDS, rounds: int = ROUNDS,
-            timer=time.monotonic) -> WarmupReport:
+def warm_up_in_memory(pool_configs, build_pool, seconds: float = AUTO_SECONDS, rounds: int = ROUNDS,
+                      timer=time.monotonic) -> WarmupReport:
     """
     Run the sample traffic of every pool in C{pool_configs} through throwaway
-    copies of them, C{rounds} times or for C{seconds}, whichever ends first
-    (pools take turns, so each gets its share of a cut-short warm-up).
-    C{build_pool(pool_config, reactor, stats)} builds a pool as the proxy does.
+    in-memory copies of them, C{rounds} times or for C{seconds}, whichever
+    ends first (pools take turns, so each gets its share of a cut-short
+    warm-up).  C{build_pool(pool_config, reactor, stats)} builds a pool as the
+    proxy does.
     """
     started = timer()
     deadline = started + seconds
@@ -156,6 +180,204 @@ def warm_up(pool_configs, build_pool, seconds: float = AUTO_SECONDS, rounds: int
         for rig in rigs:
             rig.close()
             requests += sum(stats.requests for stats in rig.pool.stats.servers.values())
-        rigs = None
-        gc.collect()  # the warm-up's garbage goes now, not in the first seconds of serving
     return WarmupReport(timer() - started, done, requests)
+
+
+def warm_up(reactor, pool_configs, build_pool, seconds: float = AUTO_SECONDS, timer=time.monotonic) -> Deferred:
+    """
+    Warm the request path of C{pool_configs} up, for at most C{seconds}: the
+    in-memory rounds (L{warm_up_in_memory}, at most L{MEMORY_SHARE} of the
+    time), then L{LIVE_ROUNDS} rounds through C{reactor} over loopback
+    sockets (the rest of the time), which also compile the reactor's and
+    Twisted's own part of the walk.  A Deferred fires with the
+    L{WarmupReport} once done; a failure of the loopback rounds is logged
+    and ends the warm-up, never the process.
+    """
+    started = timer()
+    report = warm_up_in_memory(pool_configs, build_pool, seconds * MEMORY_SHARE, ROUNDS, timer)
+    remaining = seconds - (timer() - started)
+    result = Deferred()
+    lives = []
+    left = [len(pool_configs)]
+
+    def finish():
+        if result.called:
+            return
+        if timeout.active():
+            timeout.cancel()
+        rounds = [live.close() for live in lives]
+        report.live_rounds = min(rounds) if rounds else 0
+        gc.collect()  # the warm-up's garbage goes now, not in the first seconds of serving
+        report.seconds = timer() - started
+        result.callback(report)
+
+    def pool_done():
+        left[0] -= 1
+        if not left[0]:
+            finish()
+
+    timeout = reactor.callLater(max(remaining, 0.0), finish)
+    if remaining <= 0 or not pool_configs:
+        finish()
+        return result
+    try:
+        for pool_config in pool_configs:
+            lives.append(_Live(reactor, pool_config, build_pool, LIVE_ROUNDS, pool_done))
+    except Exception:
+        log.failure("warm-up over loopback sockets failed; serving anyway")
+        finish()
+    return result
+
+
+# -- the same traffic through the reactor and loopback sockets -------------------------------------
+
+
+class _FakeBackend(Protocol):
+    """
+    A throwaway backend on a loopback socket: answers each frame the warm-up
+    pool's connection wrote, once all its bytes are in.  It finds the frames
+    in that connection's in-flight queue (same process), so it parses nothing.
+    """
+
+    def __init__(self, live):
+        self.live = live
+        self.conn = None  # the pool's ServerConnection at the other end
+        self.last = None  # the last request answered
+        self.buffered = 0
+
+    def dataReceived(self, data):
+        self.buffered += len(data)
+        conn = self.conn
+        if conn is None:
+            conn = self.conn = self.live.connection_to(self.transport.getPeer().port)
+        inflight = conn.inflight
+        start = 0
+        last = self.last
+        if last is not None:
+            # Answered requests leave the queue in order: those after the last answered wait.
+            for index, request in enumerate(inflight):
+                if request is last:
+                    start = index + 1
+                    break
+        answer = self.live.answers[conn.codec]
+        out = []
+        for index in range(start, len(inflight)):
+            request = inflight[index]
+            size = len(request.frame)
+            if size > self.buffered:
+                break
+            self.buffered -= size
+            out.append(answer(request.frame))
+            self.last = request
+        if out:
+            self.transport.write(b"".join(out))
+
+
+class _FakeClient(Protocol):
+    """A throwaway client: sends its conversation's reads, again once all their replies are in."""
+
+    def __init__(self, live, reads, size):
+        self.live = live
+        self.reads = reads
+        self.size = size  # bytes of replies to one round of the reads
+        self.received = 0
+        self.rounds = 0
+
+    def connectionMade(self):
+        self.transport.setTcpNoDelay(True)
+        self._send()
+
+    def _send(self):
+        for data in self.reads:
+            self.transport.write(data)
+
+    def dataReceived(self, data):
+        self.received += len(data)
+        if self.received >= self.size:
+            self.received -= self.size
+            self.rounds += 1
+            self.live.answered()
+            if self.rounds < self.live.rounds and not self.live.finished:
+                self._send()
+
+
+class _Factory(ClientFactory):
+    """Builds with C{build()}; its ports log as "warm-up starting on PORT"."""
+
+    noisy = False
+
+    def __init__(self, build):
+        self.build = build
+
+    def buildProtocol(self, addr):
+        return self.build()
+
+    def logPrefix(self):
+        return "warm-up"
+
+
+class _Live:
+    """One pool's throwaway copy served over loopback sockets by the real reactor."""
+
+    def __init__(self, reactor, pool_config, build_pool, rounds, done):
+        self.reactor = reactor
+        self.rounds = rounds
+        self.done = done
+        self.finished = False
+        # One in-memory round: which codec each conversation speaks, and how many reply bytes it gets.
+        rig = _Rig(pool_config, build_pool)
+        rig.round()
+        self.answers = dict(rig.answers)
+        sizes = [len(client.transport.value()) for client, _, _ in rig.conversations]
+        samples = [(reads, size) for (_, reads, _), size in zip(rig.conversations, sizes)]
+        rig.close()
+        self.clients = len(samples)
+        self.pending = self.clients * rounds
+        self.ports = []
+        specs = []
+        for spec in pool_config.servers:
+            port = reactor.listenTCP(0, _Factory(lambda: _FakeBackend(self)), interface=LOOPBACK)
+            self.ports.append(port)
+            # The same placement: servers keep their names on the ketama ring.
+            specs.append(ServerSpec(LOOPBACK, port.getHost().port, spec.weight, spec.ketama_name))
+        # One connection per server, no timeout (a compilation may take longer), no ejection.
+        config = replace(pool_config, servers=tuple(specs), server_connections=1, preconnect=False,
+                         timeout=None, auto_eject_hosts=False, client_connections=0)
+        self.pool = build_pool(config, reactor, PoolStats(pool_config.name))
+        accept = ProxyFactory(self.pool).buildProtocol
+        listener = reactor.listenTCP(0, _Factory(lambda: accept(None)), interface=LOOPBACK)
+        self.ports.append(listener)
+        self.connections = []
+        for reads, size in samples:
+            factory = _Factory(lambda reads=reads, size=size: self._client(reads, size))
+            reactor.connectTCP(LOOPBACK, listener.getHost().port, factory)
+
+    def _client(self, reads, size):
+        client = _FakeClient(self, reads, size)
+        self.connections.append(client)
+        return client
+
+    def connection_to(self, port: int):
+        """The pool's backend connection whose local port is C{port}."""
+        for server in self.pool.servers:
+            for conns in server.connections.values():
+                for conn in conns:
+                    if conn.transport is not None and conn.transport.getHost().port == port:
+                        return conn
+        raise LookupError("no warm-up connection from port %d" % (port,))
+
+    def answered(self) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            self.done()
+
+    def close(self) -> int:
+        """Close everything; the rounds the clients completed."""
+        self.finished = True
+        for client in self.connections:
+            client.transport.loseConnection()
+        for port in self.ports:
+            port.stopListening()
+        # Backend connections close once answered: a cut-short round fails nothing (and logs nothing).
+        self.pool.retire()
+        return sum(client.rounds for client in self.connections) // max(self.clients, 1)

@@ -241,15 +241,19 @@ class Worker:
         os.close(fd)
         d = self.channel.callRemote(channel.Hello, pid=os.getpid(), slot=self.slot)
         d.addCallback(lambda answer: self.configure(parse_config(answer["config"], answer["source"])))
-        d.addCallback(lambda _: self.channel.callRemote(channel.Ready))
+        d.addCallback(lambda serving: self.channel.callRemote(channel.Ready) if serving else None)
         d.addErrback(self._failed)
 
     def _failed(self, failure) -> None:
         log.failure("worker {pid} could not start", failure, pid=os.getpid())
         self.finish(1)
 
-    def configure(self, config) -> None:
-        """Build the pools for C{config} and serve the listening sockets handed over."""
+    def configure(self, config):
+        """
+        Build the pools for C{config}, warm up, then serve the listening sockets
+        handed over; a Deferred fires with whether this worker serves (not if
+        it was stopped while warming up).
+        """
         from twistedproxy.api import Proxy
 
         glob = config.global_
@@ -261,10 +265,15 @@ class Worker:
         for pool in self.proxy.pools.values():
             pool.start()
         # Ready means warm: the sockets are served, and Ready said, only after it.
-        report = self.proxy.warm_up()
+        return self.proxy.warm_up().addCallback(self._serve)
+
+    def _serve(self, report) -> bool:
         if report is not None:
             log.info("worker {pid} (slot {slot}) warmed up in {seconds:.2f} s",
                      pid=os.getpid(), slot=self.slot, seconds=report.seconds)
+        if self.stopping:
+            return False
+        glob = self.proxy.config.global_
         mutex_fd = self.layout.get("mutex")
         for name, fd in sorted(self.layout["listen"].items()):
             self.ports.append(adopt_port(self.reactor, fd, _PoolFactory(self, name), one_accept=mutex_fd is not None))
@@ -273,6 +282,7 @@ class Worker:
         if mutex_fd is not None:
             self.mutex = AcceptMutex(self.reactor, mutex_fd, self.slot, lambda: self.ports, self.connections)
             self.mutex.start()
+        return True
 
     def reconfigure(self, config) -> None:
         self.proxy.reconfigure(config)
