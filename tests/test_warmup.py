@@ -9,12 +9,14 @@ after it; real backends (their own counters) see none of it.
 from __future__ import annotations
 
 import json
+import os
 import socket
+from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
 import redis
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 
 from tests.support import processes
@@ -23,6 +25,7 @@ from tests.support.workers import Master, master_config, poll
 from twistedproxy.api import Proxy, build_pool
 from twistedproxy.config import ConfigError, config_from_dict
 from twistedproxy.core import warmup
+from twistedproxy.process.handoff import relay
 from twistedproxy.protocols import WARMUP_KEYS, memcache_binary as binary
 from twistedproxy.tap import ProxyService
 
@@ -292,3 +295,36 @@ def test_workers_say_ready_after_their_warm_up_and_backends_see_nothing(spawn, r
         assert 0 <= warmed < ready, log
     check_backends_untouched(backend, cache, stats_port)
     serve_one_of_each(red_port, mem_port, backend, cache, stats_port)
+
+
+class _Channel:
+    def __init__(self):
+        self.handed = 0
+
+    def callRemote(self, command, **arguments):
+        self.handed += 1
+        return succeed({"ok": True, "why": ""})
+
+
+class _Worker:
+    def __init__(self, state):
+        self.state = state  # "starting" until it said Ready, which it says once warm
+        self.hello = True
+        self.channel = _Channel()
+
+
+def test_handed_over_clients_go_to_ready_workers_only():
+    warming, ready = _Worker("starting"), _Worker("ready")
+    master = SimpleNamespace(heir=None, stopping=False, config=pools(), handoff_turn=-1,
+                             workers={0: warming, 1: ready})
+    answers = []
+    for _ in range(3):
+        read, write = os.pipe()
+        os.close(write)
+        relay(master, None, read, socket.AF_INET, "127.0.0.1:7001", "red", "{}").addCallback(answers.append)
+    assert (warming.channel.handed, ready.channel.handed) == (0, 3)
+    master.workers = {0: warming}
+    read, write = os.pipe()
+    os.close(write)
+    relay(master, None, read, socket.AF_INET, "127.0.0.1:7001", "red", "{}").addCallback(answers.append)
+    assert answers[-1] == {"ok": False, "why": "no worker ready to take it"} and warming.channel.handed == 0

@@ -61,15 +61,17 @@ class Proxy:
         """A proxy for a configuration given as a dict (the YAML's structure)."""
         return cls(config_from_dict(data), reactor)
 
-    def warm_up(self):
+    def warm_up(self, seconds=None):
         """
-        Warm the request path up before serving, as C{global: warmup} says: run
-        sample traffic through throwaway copies of the pools, in memory and
-        then over loopback sockets (L{twistedproxy.core.warmup}; nothing reaches
-        a backend or this proxy's statistics).  A Deferred fires with the
+        Warm the request path up before serving, for at most C{seconds} (by
+        default as C{global: warmup} says): run sample traffic through
+        throwaway copies of the pools, in memory and then over loopback
+        sockets (L{twistedproxy.core.warmup}; nothing reaches a backend or this
+        proxy's statistics).  A Deferred fires with the
         L{warmup.WarmupReport}, or None when off.
         """
-        seconds = warmup.seconds_for(self.config.global_.warmup)
+        if seconds is None:
+            seconds = warmup.seconds_for(self.config.global_.warmup)
         if not seconds:
             return succeed(None)
         return warmup.warm_up(self.reactor, self.config.pools, build_pool, seconds)

@@ -662,11 +662,12 @@ GLOBAL_KEYS: Tuple[KeySpec, ...] = (
             " the hard limit; the hard limit if clients are unlimited). Logged at start; at the"
             " limit new clients are refused, with one log line a second."),
     KeySpec("warmup", _Warmup(),
-            "Run sample traffic through throwaway copies of the pools (in memory, never to a"
-            " backend) before a process serves, so PyPy's JIT has compiled the request path:"
-            " a worker says ready, a single process listens, only after it. auto: until"
-            " compiled, at most 0.75 s (a short warm-up on CPython); a number: at most that"
-            " many seconds; off (or 0): none."),
+            "Before a process serves, run sample traffic through throwaway copies of the pools"
+            " (in memory, then over loopback sockets; never to a backend) so PyPy's JIT has"
+            " compiled the request path: a worker says ready, a single process listens, only"
+            " after it. auto: until compiled, at most 2 s (0.2 s in a worker replacing a crashed"
+            " one; a short warm-up on CPython); a number: at most that many seconds; off (or 0):"
+            " none."),
 )
 
 

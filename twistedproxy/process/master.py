@@ -525,13 +525,14 @@ class MasterService(service.Service):
 
     # -- workers ----------------------------------------------------------------
 
-    def _spawn(self, slot: int) -> WorkerProcess:
+    def _spawn(self, slot: int, replacing: bool = False) -> WorkerProcess:
         self.respawn_calls.pop(slot, None)
         worker = WorkerProcess(self, slot, self.generation)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_fds = {1: 1, 2: 2, 3: child.fileno()}
         layout = {"master": os.getpid(), "slot": slot, "workers": self.worker_count, "channel": 3, "listen": {},
-                  "mutex": None, "level": logs.current_level().name, "output": self.options.get("output")}
+                  "mutex": None, "level": logs.current_level().name, "output": self.options.get("output"),
+                  "replacing": replacing}
         next_fd = 4
         for name, fd in self._fds_for(self.config, slot).items():
             child_fds[next_fd] = fd
@@ -641,7 +642,8 @@ class MasterService(service.Service):
     def _respawn(self, slot) -> None:
         self.respawn_calls.pop(slot, None)
         if not self.stopping and slot not in self.workers and slot < self.worker_count:
-            self._spawn(slot)
+            # Connections queued on the crashed worker's socket wait for this one's warm-up.
+            self._spawn(slot, replacing=True)
 
     def _all_workers(self) -> list:
         return list(self.workers.values()) + list(self.retiring)

@@ -6,7 +6,8 @@ Started by the master (L{twistedproxy.process.master}) with its descriptors in
 place; the environment variable L{LAYOUT_ENV} holds a JSON object naming them::
 
     {"master": pid, "slot": n, "channel": fd, "listen": {"pool": fd, ...},
-     "mutex": fd or null, "level": "info", "output": path or null}
+     "mutex": fd or null, "level": "info", "output": path or null,
+     "replacing": true when it replaces a crashed worker (a shorter warm-up)}
 
 The worker asks the master for its configuration over the AMP channel
 (L{channel.Hello}), builds the pools, warms the request path up
@@ -35,6 +36,7 @@ from twisted.protocols import amp
 
 from twistedproxy import logs
 from twistedproxy.config import ConfigError, parse_config
+from twistedproxy.core import warmup
 from twistedproxy.process import channel, command, ejection, handoff
 from twistedproxy.process.accept_mutex import AcceptMutex
 from twistedproxy.process.limits import RefusalLog
@@ -265,7 +267,8 @@ class Worker:
         for pool in self.proxy.pools.values():
             pool.start()
         # Ready means warm: the sockets are served, and Ready said, only after it.
-        return self.proxy.warm_up().addCallback(self._serve)
+        seconds = warmup.seconds_for(glob.warmup, replacing=self.layout.get("replacing", False))
+        return self.proxy.warm_up(seconds).addCallback(self._serve)
 
     def _serve(self, report) -> bool:
         if report is not None:
