@@ -8,7 +8,6 @@ after it; real backends (their own counters) see none of it.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from types import SimpleNamespace
@@ -22,6 +21,7 @@ from twisted.internet.testing import MemoryReactorClock
 from tests.support import processes
 from tests.support.processes import HOST, free_port
 from tests.support.workers import Master, master_config, poll
+from tests.test_stats import read_stats_port
 from twistedproxy.api import Proxy, build_pool
 from twistedproxy.config import ConfigError, config_from_dict
 from twistedproxy.core import warmup
@@ -173,12 +173,18 @@ def test_warm_up_off():
     assert Proxy(pools(warmup="off"), MemoryReactorClock()).warm_up().result is None
 
 
-def test_single_process_listens_only_after_warm_up(monkeypatch):
+def warming_service(monkeypatch):
+    """A single-process service started on a memory reactor, its warm-up held: (service, reactor, warm-up)."""
     clock = MemoryReactorClock()
     warm = Deferred()
     monkeypatch.setattr(Proxy, "warm_up", lambda proxy: warm)
     service = ProxyService(pools(), clock)
     service.startService()
+    return service, clock, warm
+
+
+def test_single_process_listens_only_after_warm_up(monkeypatch):
+    service, clock, warm = warming_service(monkeypatch)
     try:
         assert clock.tcpServers == []
         warm.callback(warmup.WarmupReport(0.5, 10, 100, 10))
@@ -189,11 +195,7 @@ def test_single_process_listens_only_after_warm_up(monkeypatch):
 
 
 def test_single_process_stopped_while_warming_up_never_listens(monkeypatch):
-    clock = MemoryReactorClock()
-    warm = Deferred()
-    monkeypatch.setattr(Proxy, "warm_up", lambda proxy: warm)
-    service = ProxyService(pools(), clock)
-    service.startService()
+    service, clock, warm = warming_service(monkeypatch)
     service.stopService()
     warm.callback(None)
     assert clock.tcpServers == []
@@ -219,17 +221,6 @@ def memcached_stats(port) -> dict:
     return {line.split()[1]: line.split()[2] for line in data.decode().splitlines() if line.startswith("STAT ")}
 
 
-def stats_doc(port) -> dict:
-    with socket.create_connection((HOST, port), timeout=5) as sock:
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
-
-
 def pool_requests(doc, pool) -> int:
     return sum(v["requests"] for v in doc[pool].values() if isinstance(v, dict))
 
@@ -247,7 +238,7 @@ def check_backends_untouched(backend, cache, stats_port):
     assert set(calls) <= {"cmdstat_info", "cmdstat_command", "cmdstat_ping"}, calls
     mc = memcached_stats(cache.port)
     assert (mc["cmd_get"], mc["cmd_set"], mc["get_hits"], mc["get_misses"]) == ("0", "0", "0", "0"), mc
-    doc = stats_doc(stats_port)
+    doc = read_stats_port(stats_port)
     assert pool_requests(doc, "red") == 0 and pool_requests(doc, "mem") == 0
 
 
@@ -261,7 +252,7 @@ def serve_one_of_each(red_port, mem_port, backend, cache, stats_port):
         assert sock.recv(100) == b"END\r\n"
     assert commandstats(backend.port).get("cmdstat_get") == 1
     assert memcached_stats(cache.port)["cmd_get"] == "1"
-    poll(lambda: [pool_requests(stats_doc(stats_port), pool) for pool in ("red", "mem")] == [1, 1],
+    poll(lambda: [pool_requests(read_stats_port(stats_port), pool) for pool in ("red", "mem")] == [1, 1],
          10, 0.05, "the stats port to count both requests")
 
 
