@@ -145,7 +145,7 @@ class ProxyService(service.Service):
         if not self.running:
             return  # stopped while warming up
         log.info("{warm}; listening on {addresses}",
-                 warm="warmed up in %.2f s" % (report.seconds,) if report is not None else "no warm-up",
+                 warm=report.describe() if report is not None else "no warm-up",
                  addresses=", ".join(str(pool.config.listen) for pool in self.proxy.pools.values()))
         self.proxy.start()
         self._serve_stats()

@@ -272,8 +272,7 @@ class Worker:
 
     def _serve(self, report) -> bool:
         if report is not None:
-            log.info("worker {pid} (slot {slot}) warmed up in {seconds:.2f} s",
-                     pid=os.getpid(), slot=self.slot, seconds=report.seconds)
+            log.info("worker {pid} (slot {slot}) {warm}", pid=os.getpid(), slot=self.slot, warm=report.describe())
         if self.stopping:
             return False
         glob = self.proxy.config.global_
