@@ -319,3 +319,15 @@ def test_handed_over_clients_go_to_ready_workers_only():
     os.close(write)
     relay(master, None, read, socket.AF_INET, "127.0.0.1:7001", "red", "{}").addCallback(answers.append)
     assert answers[-1] == {"ok": False, "why": "no worker ready to take it"} and warming.channel.handed == 0
+
+
+@pytest.mark.integration
+def test_single_process_that_cannot_listen_after_its_warm_up_exits_1(spawn):
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = spawn(processes.proxy, {"red": processes.pool_config([free_port()], port)}, port, wait_port=False)
+        poll(lambda: not proc.alive(), 30, 0.05, "the proxy to exit")
+    assert proc.proc.returncode == 1
+    assert "cacheproxy cannot start" in proc.output() and "Address already in use" in proc.output()

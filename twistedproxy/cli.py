@@ -55,21 +55,15 @@ def main(argv=None) -> int:
         try:
             proxy_service.startService()
         except Exception:
-            cannot_start(None)
-            return
-        serving = getattr(proxy_service, "serving", None)  # a single process listens once warm
-        if serving is not None:
-            serving.addErrback(cannot_start)
-
-    def cannot_start(failure):
-        Logger().failure("cacheproxy cannot start", failure)
-        failed.append(True)
-        reactor.stop()
+            Logger().failure("cacheproxy cannot start")
+            failed.append(True)
+            reactor.stop()
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", proxy_service.stopService)
     reactor.run()
-    return 1 if failed else 0
+    # A single process listens once warm (ProxyService.serving): it too may fail to.
+    return 1 if failed or getattr(proxy_service, "failed", False) else 0
 
 
 if __name__ == "__main__":

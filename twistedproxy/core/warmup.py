@@ -70,7 +70,7 @@ AUTO_SECONDS = 2.0
 # ... and in a worker that replaces a crashed one: connections queued on its
 # socket wait for it, and the wait (process start, imports, configuration and
 # this) must stay under a second (bench/warmup.py crash measures it).
-REPLACING_SECONDS = 0.2
+REPLACING_SECONDS = 0.1
 
 _DONE = Failure(ConnectionDone("warm-up over"))
 
