@@ -63,6 +63,7 @@ SINGLE_CLIENTS = 8
 MEMORY_SHARE = 0.5
 
 LOOPBACK = "127.0.0.1"
+LINGER = 1.0  # seconds the loopback listeners stay open after the warm-up
 
 # The most seconds C{warmup: auto} spends at start, in a reload's new workers
 # and in an upgrade's (the old ones serve meanwhile) ...
@@ -270,6 +271,9 @@ class _FakeBackend(Protocol):
         conn = self.conn
         if conn is None:
             conn = self.conn = self.live.connection_to(self.transport.getPeer().port)
+            if conn is None:  # closed already: the warm-up is over
+                self.transport.loseConnection()
+                return
         inflight = conn.inflight
         start = 0
         last = self.last
@@ -363,8 +367,8 @@ class _Live:
         for spec in pool_config.servers:
             port = reactor.listenTCP(0, _Factory(lambda: _FakeBackend(self)), interface=LOOPBACK)
             self.ports.append(port)
-            # The same placement: servers keep their names on the ketama ring.
-            specs.append(ServerSpec(LOOPBACK, port.getHost().port, spec.weight, spec.ketama_name))
+            # Named so that a log line of theirs, should there be one, says what they are.
+            specs.append(ServerSpec(LOOPBACK, port.getHost().port, spec.weight, "warm-up " + spec.label))
         # One connection per server, no timeout (a compilation may take longer), no ejection.
         config = replace(pool_config, servers=tuple(specs), server_connections=1, preconnect=False,
                          timeout=None, auto_eject_hosts=False, client_connections=0)
@@ -383,13 +387,13 @@ class _Live:
         return client
 
     def connection_to(self, port: int):
-        """The pool's backend connection whose local port is C{port}."""
+        """The pool's backend connection whose local port is C{port} (None if there is none)."""
         for server in self.pool.servers:
             for conns in server.connections.values():
                 for conn in conns:
                     if conn.transport is not None and conn.transport.getHost().port == port:
                         return conn
-        raise LookupError("no warm-up connection from port %d" % (port,))
+        return None
 
     def answered(self) -> None:
         self.pending -= 1
@@ -401,8 +405,9 @@ class _Live:
         self.finished = True
         for client in self.connections:
             client.transport.loseConnection()
-        for port in self.ports:
-            port.stopListening()
-        # Backend connections close once answered: a cut-short round fails nothing (and logs nothing).
+        # Backend connections close once answered: a cut-short round fails nothing (and logs
+        # nothing); the fake backends listen a while longer for connections still being made.
         self.pool.retire()
+        for port in self.ports:
+            self.reactor.callLater(LINGER, port.stopListening)
         return sum(client.rounds for client in self.connections) // max(self.clients, 1)

@@ -264,9 +264,8 @@ class Worker:
         self.quickack = glob.tcp_quickack
         self.proxy = Proxy(config, self.reactor)
         self._share_out()
-        for pool in self.proxy.pools.values():
-            pool.start()
-        # Ready means warm: the sockets are served, and Ready said, only after it.
+        # Ready means warm: backend connections are made, the sockets served and Ready
+        # said only after it (a connection made before could time out meanwhile).
         seconds = warmup.seconds_for(glob.warmup, replacing=self.layout.get("replacing", False))
         return self.proxy.warm_up(seconds).addCallback(self._serve)
 
@@ -275,6 +274,8 @@ class Worker:
             log.info("worker {pid} (slot {slot}) {warm}", pid=os.getpid(), slot=self.slot, warm=report.describe())
         if self.stopping:
             return False
+        for pool in self.proxy.pools.values():
+            pool.start()
         glob = self.proxy.config.global_
         mutex_fd = self.layout.get("mutex")
         for name, fd in sorted(self.layout["listen"].items()):
