@@ -15,7 +15,10 @@ whole walk runs, client C{dataReceived} -> request parser -> placement ->
 backend connection write -> reply parser -> completion -> client write,
 including statistics recording, without a byte reaching a real backend or
 client: the throwaway pools record into statistics of their own, never into
-the counters, histograms or slow log users read.
+the counters, histograms or slow log users read.  Then the same traffic runs
+through the real reactor over loopback sockets (throwaway clients and fake
+backends listening on 127.0.0.1, port 0), so that Twisted's reads and writes
+and the reactor loop compile with the proxy's code inside.
 
 Nothing here runs per request once the process serves.
 """
@@ -25,7 +28,6 @@ from __future__ import annotations
 import gc
 import sys
 import time
-
 from dataclasses import replace
 
 from twisted.internet.defer import Deferred
@@ -44,7 +46,7 @@ log = Logger()
 PYPY = sys.implementation.name == "pypy"
 
 # Rounds of the sample traffic (every conversation's reads once, per pool).  On
-# PyPy, measured on the sample traffic (bench/README.md, "Warm-up"): after this
+# PyPy, measured on the sample traffic (bench/README.md, "Ready means warm"): after this
 # many the JIT compiles next to nothing new.  On CPython the specialising
 # interpreter settles after a few executions; a few dozen rounds also take the
 # first-call costs (lazy imports, caches, allocator arenas) off the first clients.
@@ -126,7 +128,6 @@ class _Rig:
         self.conversations = []
         self.backends = []
         self.connecting = 0  # connection attempts seen in the clock so far
-        self.requests = 0
         for reads, answer in pool.codec.warmup_samples(pool_config):
             if first_reads_only:
                 reads = reads[:1]
