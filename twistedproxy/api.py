@@ -13,9 +13,10 @@ configuration, inside any Twisted program.
 
 from __future__ import annotations
 
-from twisted.internet.defer import DeferredList, maybeDeferred
+from twisted.internet.defer import DeferredList, maybeDeferred, succeed
 
 from twistedproxy.config import ProxyConfig, config_from_dict, load_config
+from twistedproxy.core import warmup
 from twistedproxy.core.client import ProxyFactory
 from twistedproxy.core.pool import ServerPool
 from twistedproxy.process.listeners import listen
@@ -59,6 +60,21 @@ class Proxy:
     def from_dict(cls, data: dict, reactor) -> "Proxy":
         """A proxy for a configuration given as a dict (the YAML's structure)."""
         return cls(config_from_dict(data), reactor)
+
+    def warm_up(self, seconds=None):
+        """
+        Warm the request path up before serving, for at most C{seconds} (by
+        default as C{global: warmup} says): run sample traffic through
+        throwaway copies of the pools, in memory and then over loopback
+        sockets (L{twistedproxy.core.warmup}; nothing reaches a backend or this
+        proxy's statistics).  A Deferred fires with the
+        L{warmup.WarmupReport}, or None when off.
+        """
+        if seconds is None:
+            seconds = warmup.seconds_for(self.config.global_.warmup)
+        if not seconds:
+            return succeed(None)
+        return warmup.warm_up(self.reactor, self.config.pools, build_pool, seconds)
 
     def start(self) -> list:
         """Connect preconnect pools and listen on every pool's address; returns the ports."""

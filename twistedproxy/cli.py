@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", proxy_service.stopService)
     reactor.run()
-    return 1 if failed else 0
+    # A single process listens once warm (ProxyService.serving): it too may fail to.
+    return 1 if failed or getattr(proxy_service, "failed", False) else 0
 
 
 if __name__ == "__main__":

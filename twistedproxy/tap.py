@@ -114,6 +114,8 @@ class ProxyService(service.Service):
         self.config_text = config_text
         self.handle_signals = handle_signals
         self.pid_file = pid_file  # nutcracker's -p: written at start, removed at stop
+        self.serving = None  # fires once listening (after the warm-up); fails if it cannot
+        self.failed = False  # could not listen after the warm-up
 
     @property
     def reactor(self):
@@ -135,9 +137,27 @@ class ProxyService(service.Service):
             self._install_signals()  # before listening: a client may signal as soon as it can connect
         self.proxy = Proxy(self.config, self.reactor)
         RefusalLog(self.reactor).start()
+        # Listening only once warm: the first clients must not wait for the JIT.
+        self.serving = self.proxy.warm_up()
+        self.serving.addCallback(self._serve)
+        self.serving.addErrback(self._cannot_serve)
+
+    def _serve(self, report) -> None:
+        """Listen (after the warm-up C{report}, None when off); raises if a port cannot be opened."""
+        if not self.running:
+            return  # stopped while warming up
+        log.info("{warm}; listening on {addresses}",
+                 warm=report.describe() if report is not None else "no warm-up",
+                 addresses=", ".join(str(pool.config.listen) for pool in self.proxy.pools.values()))
         self.proxy.start()
         self._serve_stats()
         command.daemon_started()
+
+    def _cannot_serve(self, failure) -> None:
+        # As a start that raises: logged, and the process ends (exit status 1 from cacheproxy).
+        log.failure("cacheproxy cannot start", failure)
+        self.failed = True
+        self.reactor.stop()
 
     def _serve_stats(self) -> None:
         from twistedproxy.stats import server as stats_server

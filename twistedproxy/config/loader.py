@@ -464,6 +464,21 @@ class _Seconds(_ValueType):
         return value
 
 
+class _Warmup(_Seconds):
+    name = "auto | off | number >= 0 (seconds)"
+
+    def parse(self, node: ConfigNode, report: Report) -> Any:
+        text = _scalar_text(node)
+        if text in ("auto", "off"):
+            return text if text == "auto" else 0.0
+        if node.kind == SCALAR and node.plain_text is None and node.value is False:
+            return 0.0  # YAML's bare off
+        try:
+            return _Seconds.parse(self, node, report)
+        except _Invalid:
+            raise _Invalid("expected auto, off or a number of seconds, got %s" % (_describe(node),))
+
+
 _AUTO = "auto"
 
 
@@ -646,6 +661,13 @@ GLOBAL_KEYS: Tuple[KeySpec, ...] = (
             " limit is raised to what client_connections and server connections need (up to"
             " the hard limit; the hard limit if clients are unlimited). Logged at start; at the"
             " limit new clients are refused, with one log line a second."),
+    KeySpec("warmup", _Warmup(),
+            "Before a process serves, run sample traffic through throwaway copies of the pools"
+            " (in memory, then over loopback sockets; never to a backend) so PyPy's JIT has"
+            " compiled the request path: a worker says ready, a single process listens, only"
+            " after it. auto: until compiled, at most 2 s (0.1 s in a worker replacing a crashed"
+            " one; a short warm-up on CPython); a number: at most that many seconds; off (or 0):"
+            " none."),
 )
 
 

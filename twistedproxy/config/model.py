@@ -10,7 +10,7 @@ kept in milliseconds as in the YAML; C{timeout=None} means "wait forever"
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,7 @@ class GlobalConfig:
     slowlog_max_len: int = 128  # slow requests kept per process; 0 keeps none
     slowlog_log: bool = False  # also write each slow request to the log
     worker_rlimit_nofile: Optional[int] = None  # soft nofile limit; None: what the connections need
+    warmup: Union[str, float] = "auto"  # "auto", or at most this many seconds (0: no warm-up)
     extra: Tuple[Tuple[str, object], ...] = field(default=())  # keys for later features
 
 

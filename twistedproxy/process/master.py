@@ -62,7 +62,7 @@ INHERIT_WAIT = 3.0  # seconds a new master waits for the old one's counters befo
 HAND_ON_TIMEOUT = 5.0  # seconds an old master waits for the new one to take its last counters
 UPGRADE_TIMEOUT = 30.0  # seconds the old master waits for the new one
 KILL_GRACE = 3.0  # seconds past a stop's deadline before SIGKILL
-YOUNG = 2.0  # a worker dying younger than this (s) counts towards a crash loop
+YOUNG = 2.0  # a worker dying within this many seconds of its Ready counts towards a crash loop
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 
@@ -151,6 +151,7 @@ class WorkerProcess(ProcessProtocol):
         self.channel = None
         self.hello = False
         self.served = False  # said Ready (the state is "gone" once it ended)
+        self.ready_at = None  # when it said Ready (after its warm-up)
         self.kill_call = None
 
     def processEnded(self, reason):
@@ -525,13 +526,14 @@ class MasterService(service.Service):
 
     # -- workers ----------------------------------------------------------------
 
-    def _spawn(self, slot: int) -> WorkerProcess:
+    def _spawn(self, slot: int, replacing: bool = False) -> WorkerProcess:
         self.respawn_calls.pop(slot, None)
         worker = WorkerProcess(self, slot, self.generation)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_fds = {1: 1, 2: 2, 3: child.fileno()}
         layout = {"master": os.getpid(), "slot": slot, "workers": self.worker_count, "channel": 3, "listen": {},
-                  "mutex": None, "level": logs.current_level().name, "output": self.options.get("output")}
+                  "mutex": None, "level": logs.current_level().name, "output": self.options.get("output"),
+                  "replacing": replacing}
         next_fd = 4
         for name, fd in self._fds_for(self.config, slot).items():
             child_fds[next_fd] = fd
@@ -561,6 +563,7 @@ class MasterService(service.Service):
 
     def worker_ready(self, worker: WorkerProcess) -> None:
         worker.served = True
+        worker.ready_at = self.reactor.seconds()
         if worker.state == "starting":
             worker.state = "ready"
         log.debug("worker {pid} ready", pid=worker.pid)
@@ -627,7 +630,8 @@ class MasterService(service.Service):
         slot = worker.slot
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
-        young = not worker.served or self.reactor.seconds() - worker.started_at < YOUNG
+        # Young: it never served, or served briefly (its warm-up does not count).
+        young = not worker.served or self.reactor.seconds() - worker.ready_at < YOUNG
         failures = self.failures.get(slot, 0) + 1 if young else 0
         self.failures[slot] = failures
         self.restarts[slot] = self.restarts.get(slot, 0) + 1
@@ -642,7 +646,8 @@ class MasterService(service.Service):
     def _respawn(self, slot) -> None:
         self.respawn_calls.pop(slot, None)
         if not self.stopping and slot not in self.workers and slot < self.worker_count:
-            self._spawn(slot)
+            # Connections queued on the crashed worker's socket wait for this one's warm-up.
+            self._spawn(slot, replacing=True)
 
     def _all_workers(self) -> list:
         return list(self.workers.values()) + list(self.retiring)

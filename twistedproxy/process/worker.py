@@ -6,11 +6,13 @@ Started by the master (L{twistedproxy.process.master}) with its descriptors in
 place; the environment variable L{LAYOUT_ENV} holds a JSON object naming them::
 
     {"master": pid, "slot": n, "channel": fd, "listen": {"pool": fd, ...},
-     "mutex": fd or null, "level": "info", "output": path or null}
+     "mutex": fd or null, "level": "info", "output": path or null,
+     "replacing": true when it replaces a crashed worker (a shorter warm-up)}
 
 The worker asks the master for its configuration over the AMP channel
-(L{channel.Hello}), builds the pools, serves the listening sockets it was given
-(it never binds one itself), and says L{channel.Ready}.  It exits when the
+(L{channel.Hello}), builds the pools, warms the request path up
+(L{twistedproxy.core.warmup}), then serves the listening sockets it was given
+(it never binds one itself) and says L{channel.Ready}.  It exits when the
 channel closes (the master is gone) and, as a second guard, when its parent
 dies (PR_SET_PDEATHSIG).
 
@@ -34,6 +36,7 @@ from twisted.protocols import amp
 
 from twistedproxy import logs
 from twistedproxy.config import ConfigError, parse_config
+from twistedproxy.core import warmup
 from twistedproxy.process import channel, command, ejection, handoff
 from twistedproxy.process.accept_mutex import AcceptMutex
 from twistedproxy.process.limits import RefusalLog
@@ -240,15 +243,19 @@ class Worker:
         os.close(fd)
         d = self.channel.callRemote(channel.Hello, pid=os.getpid(), slot=self.slot)
         d.addCallback(lambda answer: self.configure(parse_config(answer["config"], answer["source"])))
-        d.addCallback(lambda _: self.channel.callRemote(channel.Ready))
+        d.addCallback(lambda serving: self.channel.callRemote(channel.Ready) if serving else None)
         d.addErrback(self._failed)
 
     def _failed(self, failure) -> None:
         log.failure("worker {pid} could not start", failure, pid=os.getpid())
         self.finish(1)
 
-    def configure(self, config) -> None:
-        """Build the pools for C{config} and serve the listening sockets handed over."""
+    def configure(self, config):
+        """
+        Build the pools for C{config}, warm up, then serve the listening sockets
+        handed over; a Deferred fires with whether this worker serves (not if
+        it was stopped while warming up).
+        """
         from twistedproxy.api import Proxy
 
         glob = config.global_
@@ -257,8 +264,19 @@ class Worker:
         self.quickack = glob.tcp_quickack
         self.proxy = Proxy(config, self.reactor)
         self._share_out()
+        # Ready means warm: backend connections are made, the sockets served and Ready
+        # said only after it (a connection made before could time out meanwhile).
+        seconds = warmup.seconds_for(glob.warmup, replacing=self.layout.get("replacing", False))
+        return self.proxy.warm_up(seconds).addCallback(self._serve)
+
+    def _serve(self, report) -> bool:
+        if report is not None:
+            log.info("worker {pid} (slot {slot}) {warm}", pid=os.getpid(), slot=self.slot, warm=report.describe())
+        if self.stopping:
+            return False
         for pool in self.proxy.pools.values():
             pool.start()
+        glob = self.proxy.config.global_
         mutex_fd = self.layout.get("mutex")
         for name, fd in sorted(self.layout["listen"].items()):
             self.ports.append(adopt_port(self.reactor, fd, _PoolFactory(self, name), one_accept=mutex_fd is not None))
@@ -267,6 +285,7 @@ class Worker:
         if mutex_fd is not None:
             self.mutex = AcceptMutex(self.reactor, mutex_fd, self.slot, lambda: self.ports, self.connections)
             self.mutex.start()
+        return True
 
     def reconfigure(self, config) -> None:
         self.proxy.reconfigure(config)

@@ -8,12 +8,17 @@ line to L{PROTOCOL_MODULES}.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 
 PROTOCOL_MODULES = {
     "redis": "twistedproxy.protocols.redis",
     "memcache": "twistedproxy.protocols.memcache",
 }
+
+# Keys of the codecs' warm-up samples (ICodec.warmup_samples): unlike keys that
+# differ in one character, any hash function spreads them over a pool's servers.
+WARMUP_KEYS = [b"warmup:" + hashlib.md5(b"%d" % i).hexdigest()[:10].encode("ascii") for i in range(12)]
 
 
 def codec_for(protocol: str):

@@ -146,3 +146,17 @@ class ICodec(Interface):
         gets traffic again; its reply goes through L{handshake_error} and never
         reaches a client.
         """
+
+    def warmup_samples(pool_config) -> list:
+        """
+        Sample traffic that warms the hot path before a process serves
+        (L{twistedproxy.core.warmup}), for a pool configured by C{pool_config}:
+        a list of conversations, each a pair C{(reads, answer)}.  C{reads} are
+        the byte strings one client of the pool sends, one read each, and
+        again every round (one or more complete requests: the common commands,
+        single and pipelined, multi-key ones too; an AUTH where the pool asks
+        for one); C{answer(frame)} is the reply a backend sends to one frame
+        the proxy writes to it (a request's frame, a fragment of a split one,
+        a rewrite, a handshake request).  A codec that sniffs its clients'
+        protocol gives one conversation per protocol it may choose.
+        """

@@ -107,5 +107,8 @@ class MemcacheCodec(object):
     def handshake_error(self, raw):
         return None
 
+    def warmup_samples(self, pool_config):
+        return text_codec.warmup_samples(pool_config) + binary_codec.warmup_samples(pool_config)
+
 
 codec = MemcacheCodec()

@@ -32,6 +32,7 @@ import struct
 from zope.interface import implementer
 
 from twistedproxy.core.request import ROUTE_ALL, ProtocolError, Request, local
+from twistedproxy.protocols import WARMUP_KEYS
 from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
 from twistedproxy.protocols.memcache_text import MAX_KEY_LENGTH, VERSION, ClientStreamParser, ReplyBuffer, stats_lines
 
@@ -373,6 +374,42 @@ class BinaryCodec(object):
 
     def probe_request(self):
         return Request(_REQUEST_HEADER.pack(REQUEST_MAGIC, VERSION_OPCODE, 0, 0, 0) + bytes(12), b"version")
+
+    def warmup_samples(self, pool_config):
+        return [(_WARMUP_READS, _warmup_answer)]
+
+
+def _packet(opcode: int, key: bytes, extras: bytes = b"", value: bytes = b"") -> bytes:
+    """A request packet (opaque and CAS zero)."""
+    header = _REQUEST_HEADER.pack(REQUEST_MAGIC, opcode, len(key), len(extras), len(extras) + len(key) + len(value))
+    return header + bytes(12) + extras + key + value
+
+
+# Warm-up traffic (ICodec.warmup_samples): gets and sets one at a time,
+# pipelined, and quiet ones.
+_WARMUP_VALUE = b"v" * 32
+_WARMUP_STORE = bytes(8)  # flags and expiry
+_WARMUP_READS = [
+    _packet(GET, WARMUP_KEYS[0]),
+    _packet(SET, WARMUP_KEYS[1], _WARMUP_STORE, _WARMUP_VALUE),
+    b"".join([_packet(GET, key) for key in WARMUP_KEYS[:8]]
+             + [_packet(SET, key, _WARMUP_STORE, _WARMUP_VALUE) for key in WARMUP_KEYS[:8]]),
+    b"".join([_packet(GETKQ, key) for key in WARMUP_KEYS[:8]]) + _packet(NOOP, b""),
+    _packet(SETQ, WARMUP_KEYS[2], _WARMUP_STORE, _WARMUP_VALUE) + _packet(NOOP, b""),
+    _packet(DELETE, WARMUP_KEYS[3]),
+]
+
+
+def _warmup_answer(frame: bytes) -> bytes:
+    """What memcached answers to a forwarded warm-up packet (a hit for every get)."""
+    opcode = frame[1]
+    opaque = frame[12:16]
+    if opcode in (GET, GETK):
+        key = frame[HEADER_LENGTH : HEADER_LENGTH + _REQUEST_HEADER.unpack_from(frame)[2]] if opcode == GETK else b""
+        body = 4 + len(key) + len(_WARMUP_VALUE)  # flags, key, value
+        header = _RESPONSE_HEADER.pack(RESPONSE_MAGIC, opcode, len(key), 4, 0, STATUS_OK, body)
+        return header + opaque + _ZERO_CAS + bytes(4) + key + _WARMUP_VALUE
+    return response(opcode, opaque)
 
 
 codec = BinaryCodec()

@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from twistedproxy._version import __version__
 from twistedproxy.core.request import ROUTE_ALL, ROUTE_KEYS, ProtocolError, Request, local
+from twistedproxy.protocols import WARMUP_KEYS
 from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
 
 # What `version` answers.  Clients parse "major.minor.micro" (libmemcached
@@ -802,6 +803,46 @@ class TextCodec(object):
 
     def probe_request(self):
         return Request(b"version\r\n", b"version")
+
+    def warmup_samples(self, pool_config):
+        return [(_WARMUP_READS, _warmup_answer)]
+
+
+# Warm-up traffic (ICodec.warmup_samples): classic and meta commands one at a
+# time, pipelined, and a multi-key get split over servers.
+_WARMUP_VALUE = b"v" * 32
+_WARMUP_SET = b"set %s 0 0 32\r\n" + _WARMUP_VALUE + _CRLF
+_WARMUP_READS = [
+    b"get %s\r\n" % WARMUP_KEYS[0],
+    _WARMUP_SET % WARMUP_KEYS[1],
+    b"".join([b"get %s\r\n" % key for key in WARMUP_KEYS[:8]]
+             + [_WARMUP_SET % key for key in WARMUP_KEYS[:8]]),
+    b"get " + b" ".join(WARMUP_KEYS) + _CRLF,
+    b"mg %s v f\r\n" % WARMUP_KEYS[2],
+    b"ms %s 32\r\n" % WARMUP_KEYS[3] + _WARMUP_VALUE + _CRLF,
+    b"delete %s\r\n" % WARMUP_KEYS[4],
+    b"incr %s 1\r\n" % WARMUP_KEYS[5],
+]
+_WARMUP_BLOCK = b" 0 32\r\n" + _WARMUP_VALUE + _CRLF
+
+
+def _warmup_answer(frame: bytes) -> bytes:
+    """What memcached answers to a forwarded warm-up frame."""
+    tokens = frame[: frame.find(_CRLF)].split()
+    name = tokens[0]
+    if name == b"get":
+        return b"".join([b"VALUE " + key + _WARMUP_BLOCK for key in tokens[1:]]) + _END
+    if name == b"mg":
+        return b"VA 32 f0\r\n" + _WARMUP_VALUE + _CRLF
+    if name in (b"ms", b"md"):
+        return b"HD\r\n"
+    if name == b"delete":
+        return b"DELETED\r\n"
+    if name in (b"incr", b"decr"):
+        return b"1\r\n"
+    if name == b"version":
+        return b"VERSION " + VERSION + _CRLF
+    return b"STORED\r\n"
 
 
 def _merge_values(keys: list, fragments: list) -> bytes:

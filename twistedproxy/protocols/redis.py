@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from twistedproxy._version import __version__
 from twistedproxy.core.request import ROUTE_ANY, ROUTE_KEYS, ProtocolError, Request, local
-from twistedproxy.protocols import redis_commands as commands
+from twistedproxy.protocols import WARMUP_KEYS, redis_commands as commands
 from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
 
 # Redis's own limit for an inline command and for the length line of a
@@ -798,6 +798,49 @@ class RedisCodec:
 
     def probe_request(self):
         return Request(multibulk((b"PING",)), b"ping")
+
+    def warmup_samples(self, pool_config) -> list:
+        if not pool_config.redis_auth:
+            return [(_WARMUP_READS, _warmup_answer)]
+        # Clients of a pool with a password AUTH first (the proxy answers it).
+        auth = multibulk((b"AUTH", pool_config.redis_auth.encode("utf-8")))
+        return [([auth + _WARMUP_READS[0]] + _WARMUP_READS[1:], _warmup_answer)]
+
+
+# Warm-up traffic (ICodec.warmup_samples): the common commands one at a time,
+# pipelined, and split over servers.
+_WARMUP_VALUE = b"v" * 32
+_WARMUP_READS = [
+    multibulk((b"GET", WARMUP_KEYS[0])),
+    multibulk((b"SET", WARMUP_KEYS[1], _WARMUP_VALUE)),
+    b"".join([multibulk((b"GET", key)) for key in WARMUP_KEYS[:8]]
+             + [multibulk((b"SET", key, _WARMUP_VALUE)) for key in WARMUP_KEYS[:8]]),
+    multibulk([b"MGET"] + WARMUP_KEYS),
+    multibulk((b"DEL", WARMUP_KEYS[2], WARMUP_KEYS[3])),
+    multibulk((b"INCR", WARMUP_KEYS[4])),
+    multibulk((b"EXPIRE", WARMUP_KEYS[5], b"60")),
+]
+_WARMUP_KEY_COUNTS = frozenset((b"DEL", b"UNLINK", b"EXISTS", b"TOUCH"))  # answered with how many keys
+
+
+def _warmup_answer(frame: bytes) -> bytes:
+    """What a Redis server answers to a forwarded warm-up frame (a multibulk)."""
+    nl = frame.find(b"\r\n")
+    args = int(frame[1:nl])
+    size_end = frame.find(b"\r\n", nl + 2)
+    start = size_end + 2
+    name = frame[start : start + int(frame[nl + 3 : size_end])].upper()
+    if name == b"GET":
+        return _bulk(_WARMUP_VALUE)
+    if name == b"MGET":
+        return b"*%d\r\n" % (args - 1) + _bulk(_WARMUP_VALUE) * (args - 1)
+    if name in _WARMUP_KEY_COUNTS:
+        return b":%d\r\n" % (args - 1)
+    if name in (b"INCR", b"EXPIRE"):
+        return b":1\r\n"
+    if name == b"PING":
+        return _PONG
+    return _OK
 
 
 codec = RedisCodec()

@@ -1,0 +1,414 @@
+"""
+Warming the request path up before a process serves.
+
+PyPy compiles a code path only once it has run it often (a loop after 1039
+iterations, a function after 1619 calls, a side exit after 200), and each
+compilation takes milliseconds: a process that serves cold makes its first
+clients wait for the JIT, at the worst percentiles for seconds.  L{warm_up}
+runs the request path of every pool of a configuration first: throwaway pools
+built from the same pool configurations (so the same hash function,
+distribution, servers and codecs), clients and backend connections on
+in-memory transports (C{twisted.internet.testing}) and a clock that never
+moves, and a fake backend that answers every frame with the codec's sample
+answer (L{twistedproxy.protocols.interface.ICodec.warmup_samples}).  So the
+whole walk runs, client C{dataReceived} -> request parser -> placement ->
+backend connection write -> reply parser -> completion -> client write,
+including statistics recording, without a byte reaching a real backend or
+client: the throwaway pools record into statistics of their own, never into
+the counters, histograms or slow log users read.  Then the same traffic runs
+through the real reactor over loopback sockets (throwaway clients and fake
+backends listening on 127.0.0.1, port 0), so that Twisted's reads and writes
+and the reactor loop compile with the proxy's code inside.
+
+Nothing here runs per request once the process serves.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from dataclasses import replace
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twistedproxy.config.model import ServerSpec
+from twistedproxy.core.client import ProxyFactory
+from twistedproxy.stats.recorder import PoolStats
+
+log = Logger()
+
+PYPY = sys.implementation.name == "pypy"
+
+# Rounds of the sample traffic (every conversation's reads once, per pool).  On
+# PyPy, measured on the sample traffic (bench/README.md, "Ready means warm"): after this
+# many the JIT compiles next to nothing new.  On CPython the specialising
+# interpreter settles after a few executions; a few dozen rounds also take the
+# first-call costs (lazy imports, caches, allocator arenas) off the first clients.
+ROUNDS = 2000 if PYPY else 50
+
+# Rounds over loopback sockets through the reactor, after the in-memory ones:
+# enough for PyPy to compile the reactor loop and Twisted's reads and writes
+# (loops after 1039 iterations) with the proxy's code inside.
+LIVE_ROUNDS = 1500 if PYPY else 20
+
+# Clients that send one request at a time, per conversation, in the loopback
+# rounds: a reactor turn then reads several sockets, as under real traffic.
+SINGLE_CLIENTS = 8
+
+# The in-memory rounds take at most this share of the time; the loopback ones the rest.
+MEMORY_SHARE = 0.5
+
+LOOPBACK = "127.0.0.1"
+LINGER = 1.0  # seconds the loopback listeners stay open after the warm-up
+
+# The most seconds C{warmup: auto} spends at start, in a reload's new workers
+# and in an upgrade's (the old ones serve meanwhile) ...
+AUTO_SECONDS = 2.0
+# ... and in a worker that replaces a crashed one: connections queued on its
+# socket wait for it, and the wait (process start, imports, configuration and
+# this) must stay under a second (bench/warmup.py crash measures it).
+REPLACING_SECONDS = 0.1
+
+_DONE = Failure(ConnectionDone("warm-up over"))
+
+
+class WarmupReport:
+    """
+    What a warm-up did: C{seconds} spent, C{rounds} run in memory, C{requests}
+    (frames) the in-memory backends answered, C{live_rounds} run over loopback.
+    """
+
+    def __init__(self, seconds: float = 0.0, rounds: int = 0, requests: int = 0, live_rounds: int = 0):
+        self.seconds = seconds
+        self.rounds = rounds
+        self.requests = requests
+        self.live_rounds = live_rounds
+
+    def describe(self) -> str:
+        """What the log says: C{warmed up in 1.40 s (2000 rounds in memory, 1500 over loopback)}."""
+        return "warmed up in %.2f s (%d rounds in memory, %d over loopback)" % (
+            self.seconds, self.rounds, self.live_rounds)
+
+    def __repr__(self) -> str:
+        return "<WarmupReport %.3fs, %d rounds, %d requests, %d live rounds>" % (
+            self.seconds, self.rounds, self.requests, self.live_rounds)
+
+
+class _Backend(StringTransport):
+    """The in-memory transport of one throwaway backend connection."""
+
+    def __init__(self, connection, answers: dict):
+        StringTransport.__init__(self)
+        self.connection = connection
+        self.answers = answers  # codec -> answer(frame)
+
+    def answer(self) -> None:
+        """Answer every request written and not answered yet, in one read."""
+        self.clear()
+        conn = self.connection
+        if conn.inflight:
+            answer = self.answers[conn.codec]
+            conn.dataReceived(b"".join([answer(request.frame) for request in conn.inflight]))
+
+
+class _Rig:
+    """One pool's throwaway copy: its pool, clients and backends, on a frozen clock."""
+
+    def __init__(self, pool_config, build_pool, first_reads_only: bool = False):
+        self.clock = clock = MemoryReactorClock()
+        self.pool = pool = build_pool(pool_config, clock, PoolStats(pool_config.name))
+        factory = ProxyFactory(pool)
+        self.answers = {}  # codec -> answer(frame), learnt as each client's parser picks its codec
+        self.conversations = []
+        self.backends = []
+        self.connecting = 0  # connection attempts seen in the clock so far
+        for reads, answer in pool.codec.warmup_samples(pool_config):
+            if first_reads_only:
+                reads = reads[:1]
+            client = factory.buildProtocol(None)
+            client.makeConnection(StringTransport())
+            self.conversations.append((client, reads, answer))
+
+    def round(self) -> None:
+        """Every conversation's reads once, with the backends' answers."""
+        clock = self.clock
+        for client, reads, answer in self.conversations:
+            client.transport.clear()  # the last round's replies
+            for data in reads:
+                client.dataReceived(data)
+            self.answers[client.parser.codec] = answer
+        self._connect()
+        clock.advance(0)  # the end of the reactor turn: backend writes
+        for backend in self.backends:
+            backend.answer()
+        clock.advance(0)  # client writes
+
+    def _connect(self) -> None:
+        """Connect the backend connections the pool asked for since the last round."""
+        clock = self.clock
+        attempts = clock.tcpClients + clock.unixClients
+        for attempt in attempts[self.connecting:]:
+            factory = attempt[2]
+            conn = factory.buildProtocol(None)
+            backend = _Backend(conn, self.answers)
+            conn.makeConnection(backend)
+            self.backends.append(backend)
+        self.connecting = len(attempts)
+
+    def close(self) -> None:
+        for client, _, _ in self.conversations:
+            client.connectionLost(_DONE)
+        self.pool.stop()
+
+
+def seconds_for(setting, replacing: bool = False) -> float:
+    """
+    The most seconds a warm-up may take for C{global: warmup} (C{"auto"} or
+    seconds; 0: none); C{replacing}: for a worker that replaces a crashed one.
+    """
+    if setting != "auto":
+        return float(setting)
+    return REPLACING_SECONDS if replacing else AUTO_SECONDS
+
+
+def warm_up_in_memory(pool_configs, build_pool, seconds: float = AUTO_SECONDS, rounds: int = ROUNDS,
+                      timer=time.monotonic) -> WarmupReport:
+    """
+    Run the sample traffic of every pool in C{pool_configs} through throwaway
+    in-memory copies of them, C{rounds} times or for C{seconds}, whichever
+    ends first (pools take turns, so each gets its share of a cut-short
+    warm-up).  C{build_pool(pool_config, reactor, stats)} builds a pool as the
+    proxy does.
+    """
+    started = timer()
+    deadline = started + seconds
+    rigs = [_Rig(pool_config, build_pool) for pool_config in pool_configs]
+    done = 0
+    try:
+        while done < rounds and rigs:
+            for rig in rigs:
+                rig.round()
+            done += 1
+            if timer() >= deadline:
+                break
+    finally:
+        requests = 0
+        for rig in rigs:
+            rig.close()
+            requests += sum(stats.requests for stats in rig.pool.stats.servers.values())
+    return WarmupReport(timer() - started, done, requests)
+
+
+def warm_up(reactor, pool_configs, build_pool, seconds: float = AUTO_SECONDS, timer=time.monotonic) -> Deferred:
+    """
+    Warm the request path of C{pool_configs} up, for at most C{seconds}: the
+    in-memory rounds (L{warm_up_in_memory}, at most L{MEMORY_SHARE} of the
+    time), then L{LIVE_ROUNDS} rounds through C{reactor} over loopback
+    sockets (the rest of the time), which also compile the reactor's and
+    Twisted's own part of the walk.  A Deferred fires with the
+    L{WarmupReport} once done; a failure of the loopback rounds is logged
+    and ends the warm-up, never the process.
+    """
+    started = timer()
+    report = warm_up_in_memory(pool_configs, build_pool, seconds * MEMORY_SHARE, ROUNDS, timer)
+    remaining = seconds - (timer() - started)
+    result = Deferred()
+    lives = []
+    left = [len(pool_configs)]
+
+    def finish():
+        if result.called:
+            return
+        if timeout.active():
+            timeout.cancel()
+        rounds = [live.close() for live in lives]
+        report.live_rounds = min(rounds) if rounds else 0
+        gc.collect()  # the warm-up's garbage goes now, not in the first seconds of serving
+        report.seconds = timer() - started
+        result.callback(report)
+
+    def pool_done():
+        left[0] -= 1
+        if not left[0]:
+            finish()
+
+    timeout = reactor.callLater(max(remaining, 0.0), finish)
+    if remaining <= 0 or not pool_configs:
+        finish()
+        return result
+    try:
+        for pool_config in pool_configs:
+            lives.append(_Live(reactor, pool_config, build_pool, LIVE_ROUNDS, pool_done))
+    except Exception:
+        log.failure("warm-up over loopback sockets failed; serving anyway")
+        finish()
+    return result
+
+
+# -- the same traffic through the reactor and loopback sockets -------------------------------------
+
+
+class _FakeBackend(Protocol):
+    """
+    A throwaway backend on a loopback socket: answers each frame the warm-up
+    pool's connection wrote, once all its bytes are in.  It finds the frames
+    in that connection's in-flight queue (same process), so it parses nothing.
+    """
+
+    def __init__(self, live):
+        self.live = live
+        self.conn = None  # the pool's ServerConnection at the other end
+        self.last = None  # the last request answered
+        self.buffered = 0
+
+    def dataReceived(self, data):
+        self.buffered += len(data)
+        conn = self.conn
+        if conn is None:
+            conn = self.conn = self.live.connection_to(self.transport.getPeer().port)
+            if conn is None:  # closed already: the warm-up is over
+                self.transport.loseConnection()
+                return
+        inflight = conn.inflight
+        start = 0
+        last = self.last
+        if last is not None:
+            # Answered requests leave the queue in order: those after the last answered wait.
+            for index, request in enumerate(inflight):
+                if request is last:
+                    start = index + 1
+                    break
+        answer = self.live.answers[conn.codec]
+        out = []
+        for index in range(start, len(inflight)):
+            request = inflight[index]
+            size = len(request.frame)
+            if size > self.buffered:
+                break
+            self.buffered -= size
+            out.append(answer(request.frame))
+            self.last = request
+        if out:
+            self.transport.write(b"".join(out))
+
+
+class _FakeClient(Protocol):
+    """A throwaway client: sends its conversation's reads, again once all their replies are in."""
+
+    def __init__(self, live, reads, size):
+        self.live = live
+        self.reads = reads
+        self.size = size  # bytes of replies to one round of the reads
+        self.received = 0
+        self.rounds = 0
+
+    def connectionMade(self):
+        self.transport.setTcpNoDelay(True)
+        self._send()
+
+    def _send(self):
+        for data in self.reads:
+            self.transport.write(data)
+
+    def dataReceived(self, data):
+        self.received += len(data)
+        if self.received >= self.size:
+            self.received -= self.size
+            self.rounds += 1
+            self.live.answered()
+            if self.rounds < self.live.rounds and not self.live.finished:
+                self._send()
+
+
+class _Factory(ClientFactory):
+    """Builds with C{build()}; its ports log as "warm-up starting on PORT"."""
+
+    noisy = False
+
+    def __init__(self, build):
+        self.build = build
+
+    def buildProtocol(self, addr):
+        return self.build()
+
+    def logPrefix(self):
+        return "warm-up"
+
+
+class _Live:
+    """One pool's throwaway copy served over loopback sockets by the real reactor."""
+
+    def __init__(self, reactor, pool_config, build_pool, rounds, done):
+        self.reactor = reactor
+        self.rounds = rounds
+        self.done = done
+        self.finished = False
+        # One in-memory round: which codec each conversation speaks, and how many reply
+        # bytes it gets; the same for the conversations' first reads alone (one request:
+        # that is what most clients send), which L{SINGLE_CLIENTS} clients each repeat.
+        self.answers = {}
+        samples = []
+        for first_only, copies in ((False, 1), (True, SINGLE_CLIENTS)):
+            rig = _Rig(pool_config, build_pool, first_only)
+            rig.round()
+            self.answers.update(rig.answers)
+            for client, reads, _ in rig.conversations:
+                samples.extend([(reads, len(client.transport.value()))] * copies)
+            rig.close()
+        self.clients = len(samples)
+        self.pending = self.clients * rounds
+        self.ports = []
+        specs = []
+        for spec in pool_config.servers:
+            port = reactor.listenTCP(0, _Factory(lambda: _FakeBackend(self)), interface=LOOPBACK)
+            self.ports.append(port)
+            # Named so that a log line of theirs, should there be one, says what they are.
+            specs.append(ServerSpec(LOOPBACK, port.getHost().port, spec.weight, "warm-up " + spec.label))
+        # One connection per server, no timeout (a compilation may take longer), no ejection.
+        config = replace(pool_config, servers=tuple(specs), server_connections=1, preconnect=False,
+                         timeout=None, auto_eject_hosts=False, client_connections=0)
+        self.pool = build_pool(config, reactor, PoolStats(pool_config.name))
+        accept = ProxyFactory(self.pool).buildProtocol
+        listener = reactor.listenTCP(0, _Factory(lambda: accept(None)), interface=LOOPBACK)
+        self.ports.append(listener)
+        self.connections = []
+        for reads, size in samples:
+            factory = _Factory(lambda reads=reads, size=size: self._client(reads, size))
+            reactor.connectTCP(LOOPBACK, listener.getHost().port, factory)
+
+    def _client(self, reads, size):
+        client = _FakeClient(self, reads, size)
+        self.connections.append(client)
+        return client
+
+    def connection_to(self, port: int):
+        """The pool's backend connection whose local port is C{port} (None if there is none)."""
+        for server in self.pool.servers:
+            for conns in server.connections.values():
+                for conn in conns:
+                    if conn.transport is not None and conn.transport.getHost().port == port:
+                        return conn
+        return None
+
+    def answered(self) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            self.done()
+
+    def close(self) -> int:
+        """Close everything; the rounds the clients completed."""
+        self.finished = True
+        for client in self.connections:
+            client.transport.loseConnection()
+        # Backend connections close once answered: a cut-short round fails nothing (and logs
+        # nothing); the fake backends listen a while longer for connections still being made.
+        self.pool.retire()
+        for port in self.ports:
+            self.reactor.callLater(LINGER, port.stopListening)
+        return sum(client.rounds for client in self.connections) // max(self.clients, 1)
