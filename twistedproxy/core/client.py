@@ -39,6 +39,7 @@ from zope.interface import implementer
 
 from twistedproxy.core.completion import flush_clients
 from twistedproxy.core.request import ROUTE_LOCAL, ProtocolError, local
+from twistedproxy.core.reads import fast_reads
 from twistedproxy.core.writes import immediate_writer
 
 log = Logger()
@@ -85,6 +86,7 @@ class ClientConnection(Protocol):
                 pass  # a UNIX socket
         transport.registerProducer(self, True)
         self.write = immediate_writer(transport)
+        fast_reads(transport)
 
     def dataReceived(self, data):
         if self.quitting:

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from twistedproxy.core.completion import BAD_REPLY, CLOSED, TIMED_OUT, complete, fail, failure_text, flush_clients
 from twistedproxy.core.request import ProtocolError
+from twistedproxy.core.reads import fast_reads
 from twistedproxy.core.writes import immediate_writer
 
 log = Logger()
@@ -96,6 +97,7 @@ class ServerConnection(Protocol):
         self.connected = True
         transport = self.transport
         self.write = immediate_writer(transport)
+        fast_reads(transport)
         if self.closed:
             # Closed while connecting (its server was ejected or stopped): do not
             # keep it; requests queued on it fail when the connection is lost.
