@@ -1,0 +1,122 @@
+"""
+Run the proxy (C{cacheproxy}'s arguments) with timestamps around every reactor
+iteration and the runtime's own events, to find where a pause comes from.
+
+    PYTHONPATH=. .venv-pypy/bin/python bench/pauses.py -c conf.yml [-s PORT ...]
+
+At exit (SIGINT/SIGTERM) it writes to C{$PAUSES_OUT} (default
+C{pauses.txt}), all times in C{time.monotonic()} seconds (CLOCK_MONOTONIC, the
+clock a load generator can stamp its slow requests with):
+
+  - C{iters N busy S}: reactor iterations and the seconds spent handling
+    events and timers (everything but the wait in epoll);
+  - C{LONG t ms nev=k}: an iteration that took longer than C{$PAUSES_MS}
+    (default 0.7) after its poll returned C{k} events at C{t};
+  - C{EV t minor n seconds heap_bytes}, C{EV t step n seconds old new} and
+    C{EV t major ...}: PyPy's GC hooks (minor collections, incremental
+    major-collection steps with the GC states they moved between: 0 scanning,
+    1 marking, 2 sweeping, 3 finalizing; completed major collections);
+  - C{EV t jit loop|bridge|entry bridge N}: PyPy compiled a loop or a bridge;
+    C{EV t jitabort key reason}: it gave up tracing;
+  - C{EV t cpy-start|cpy-stop generation ...}: CPython's cyclic collections.
+
+The hooks cost some time themselves: compare runs made the same way.  See
+README.md, "Where the pauses came from", for what they showed.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+
+from twisted.internet import epollreactor
+
+epollreactor.install()
+from twisted.internet import reactor  # noqa: E402
+
+mono = time.monotonic
+OUT = os.environ.get("PAUSES_OUT", "pauses.txt")
+THRESHOLD = float(os.environ.get("PAUSES_MS", "0.7")) / 1000.0
+events = []
+long_iterations = []
+state = {"returned": None, "events": 0, "iterations": 0, "busy": 0.0}
+
+
+class TimedPoller:
+    """The reactor's epoll object, with the time between two polls recorded."""
+
+    def __init__(self, poller):
+        self.poller = poller
+
+    def __getattr__(self, name):
+        return getattr(self.poller, name)
+
+    def poll(self, timeout=-1, maxevents=-1):
+        start = mono()
+        returned = state["returned"]
+        if returned is not None:
+            busy = start - returned
+            state["busy"] += busy
+            state["iterations"] += 1
+            if busy > THRESHOLD:
+                long_iterations.append((returned, busy, state["events"]))
+        result = self.poller.poll(timeout, maxevents)
+        state["returned"] = mono()
+        state["events"] = len(result)
+        return result
+
+
+reactor._poller = TimedPoller(reactor._poller)
+
+if hasattr(gc, "hooks"):  # PyPy
+    def on_minor(stats):
+        events.append((mono(), "minor", stats.count, stats.duration, stats.total_memory_used))
+
+    def on_step(stats):
+        events.append((mono(), "step", stats.count, stats.duration, stats.oldstate, stats.newstate))
+
+    def on_collect(stats):
+        events.append((mono(), "major", stats.count, stats.num_major_collects, stats.arenas_count_before,
+                       stats.arenas_count_after, stats.rawmalloc_bytes_before, stats.rawmalloc_bytes_after))
+
+    gc.hooks.on_gc_minor = on_minor
+    gc.hooks.on_gc_collect_step = on_step
+    gc.hooks.on_gc_collect = on_collect
+else:
+    def on_cpython_gc(phase, info):
+        events.append((mono(), "cpy-" + phase, info.get("generation"), info.get("collected", 0)))
+
+    gc.callbacks.append(on_cpython_gc)
+
+try:
+    import pypyjit
+except ImportError:
+    pass
+else:
+    def on_compile(info):
+        events.append((mono(), "jit", info.type.replace(" ", "-"), getattr(info, "loop_no", "?")))
+
+    def on_abort(driver, greenkey, reason, operations=None):
+        events.append((mono(), "jitabort", repr(greenkey)[:160].replace(" ", "_"), reason))
+
+    pypyjit.set_compile_hook(on_compile, operations=False)
+    pypyjit.set_abort_hook(on_abort)
+
+
+def dump():
+    with open(OUT, "w") as f:
+        f.write("iters %d busy %.3f\n" % (state["iterations"], state["busy"]))
+        for returned, busy, nev in long_iterations:
+            f.write("LONG %.6f %.3fms nev=%d\n" % (returned, busy * 1000.0, nev))
+        for event in events:
+            f.write("EV %.6f %s\n" % (event[0], " ".join(str(x) for x in event[1:])))
+
+
+reactor.addSystemEventTrigger("after", "shutdown", dump)
+
+if __name__ == "__main__":
+    from twistedproxy.cli import main
+
+    sys.exit(main())
