@@ -120,8 +120,11 @@ def test_in_memory_rounds_stop_at_their_time_limit_or_round_count():
     assert report.rounds == 3 and report.requests > 0
 
 
-def test_setting():
+def test_setting(monkeypatch):
+    monkeypatch.delenv(warmup.AUTO_ENV, raising=False)
     assert warmup.seconds_for("auto") == warmup.AUTO_SECONDS
+    monkeypatch.setenv(warmup.AUTO_ENV, "0.25")  # what the suite's proxies use
+    assert warmup.seconds_for("auto") == 0.25 and warmup.seconds_for("auto", replacing=True) == warmup.REPLACING_SECONDS
     assert warmup.seconds_for(0.0) == 0.0
     assert pools().global_.warmup == "auto"
     assert pools(warmup="off").global_.warmup == 0.0

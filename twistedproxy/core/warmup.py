@@ -26,6 +26,7 @@ Nothing here runs per request once the process serves.
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import time
 from dataclasses import replace
@@ -70,6 +71,7 @@ LINGER = 1.0  # seconds the loopback listeners stay open after the warm-up
 # The most seconds C{warmup: auto} spends at start, in a reload's new workers
 # and in an upgrade's (the old ones serve meanwhile) ...
 AUTO_SECONDS = 2.0
+AUTO_ENV = "TWISTEDPROXY_WARMUP_AUTO"  # seconds that "auto" means instead, if set
 # ... and in a worker that replaces a crashed one: connections queued on its
 # socket wait for it, and the wait (process start, imports, configuration and
 # this) must stay under a second (bench/warmup.py crash measures it).
@@ -174,7 +176,11 @@ def seconds_for(setting, replacing: bool = False) -> float:
     """
     if setting != "auto":
         return float(setting)
-    return REPLACING_SECONDS if replacing else AUTO_SECONDS
+    if replacing:
+        return REPLACING_SECONDS
+    # The environment may say what "auto" means: the test suite shortens it,
+    # since it starts hundreds of proxies and warms none of them up for speed.
+    return float(os.environ.get(AUTO_ENV) or AUTO_SECONDS)
 
 
 def warm_up_in_memory(pool_configs, build_pool, seconds: float = AUTO_SECONDS, rounds: int = ROUNDS,
