@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.support import processes
+
+# Every proxy the suite starts inherits these; none is timed, and hundreds start.
+# A short warm-up (tests/test_warmup.py sets its own where it matters), and PyPy's
+# nursery size given up front, so the command does not run itself again to set it
+# (tests/test_nursery.py removes it where that is what it checks).
+os.environ.setdefault("TWISTEDPROXY_WARMUP_AUTO", "0.2")
+os.environ.setdefault("PYPY_GC_NURSERY", "8MB")
 
 
 @pytest.fixture

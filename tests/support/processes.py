@@ -189,9 +189,6 @@ def proxy_env() -> dict:
     """The environment for a proxy child: the checkout first on PYTHONPATH."""
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    # A short warm-up: hundreds of proxies start here, and none is timed
-    # (tests/test_warmup.py sets its own where it matters).
-    env.setdefault("TWISTEDPROXY_WARMUP_AUTO", "0.2")
     return env
 
 
