@@ -167,9 +167,16 @@ def test_warm_up_over_loopback_reaches_no_backend_and_no_statistics():
 
     # The configured servers (ports 7101..7103) are never connected to: nothing listens there.
     proxy = Proxy(pools(warmup=1.0), reactor)
+    from twisted.internet import tcp
+
+    listening = lambda: {r for r in reactor.getReaders() if isinstance(r, tcp.Port)}
+    before = listening()
     report = yield proxy.warm_up()
     assert report.rounds > 0 and report.live_rounds > 0 and report.seconds < 10
     untouched(proxy)
+    # Its listeners (on free ports, which a configured server that is down may share) are
+    # closed before the process serves: real pools never reach a fake backend.
+    assert listening() == before
 
 
 def test_warm_up_off():

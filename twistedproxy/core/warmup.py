@@ -66,7 +66,6 @@ SINGLE_CLIENTS = 8
 MEMORY_SHARE = 0.5
 
 LOOPBACK = "127.0.0.1"
-LINGER = 1.0  # seconds the loopback listeners stay open after the warm-up
 
 # The most seconds C{warmup: auto} spends at start, in a reload's new workers
 # and in an upgrade's (the old ones serve meanwhile) ...
@@ -413,8 +412,10 @@ class _Live:
         for client in self.connections:
             client.transport.loseConnection()
         # Backend connections close once answered: a cut-short round fails nothing (and logs
-        # nothing); the fake backends listen a while longer for connections still being made.
+        # nothing).  The listeners close now, before the process serves: their ports were
+        # free ones, so a configured server that is down may have the same number, and
+        # the real pools must never reach a fake backend there.
         self.pool.retire()
         for port in self.ports:
-            self.reactor.callLater(LINGER, port.stopListening)
+            port.stopListening()
         return sum(client.rounds for client in self.connections) // max(self.clients, 1)
