@@ -18,23 +18,26 @@ from twisted.internet.defer import DeferredList, maybeDeferred, succeed
 from twistedproxy.config import ProxyConfig, config_from_dict, load_config
 from twistedproxy.core import warmup
 from twistedproxy.core.client import ProxyFactory
-from twistedproxy.core.pool import ServerPool
+from twistedproxy.routes.hash import HashRoute
 from twistedproxy.process.listeners import listen
 from twistedproxy.protocols import codec_for, codecs_of
 from twistedproxy.stats.recorder import StatsRegistry
 
 
-def build_pool(pool_config, reactor, stats=None) -> ServerPool:
-    """A L{ServerPool} for one L{PoolConfig}, speaking the pool's protocol (C{stats}: its recorder)."""
+def build_pool(pool_config, reactor, stats=None) -> HashRoute:
+    """
+    The route of one L{PoolConfig}: twemproxy's pool, a L{HashRoute} over its
+    servers, speaking the pool's protocol (C{stats}: its recorder).
+    """
     codec = codec_for(pool_config.protocol)
-    return ServerPool(pool_config, codec, reactor, codecs=codecs_of(codec), stats=stats)
+    return HashRoute(pool_config, codec, reactor, codecs=codecs_of(codec), stats=stats)
 
 
 class Proxy:
     """
     Every pool of a configuration, with one L{ProxyFactory} per pool.
 
-    @ivar pools: pool name -> L{ServerPool}.
+    @ivar pools: pool name -> its route (L{HashRoute}).
     @ivar factories: pool name -> L{ProxyFactory} (a Twisted ServerFactory).
     @ivar stats: the L{StatsRegistry} every pool records into (kept across reloads).
     """
@@ -129,7 +132,7 @@ class Proxy:
             pool.start()
             if old is not None:
                 for client in list(old.clients):
-                    client.pool = pool
+                    client.route = pool
                     pool.clients.add(client)
                 old.clients.clear()
                 old.retire()
