@@ -82,6 +82,19 @@ class ServerConnection(Protocol):
         self.outbuf.append(frame)
         self.inflight.append(request)
 
+    def enqueue_internal(self, request, now: float, touched: list) -> None:
+        """
+        Queue a request the proxy issues itself (L{twistedproxy.core.request.Request.internal}:
+        ASKING, a migration command ...): uncounted, its reply or failure goes to
+        its C{resume} hook, never to a client.
+        """
+        if not self.outbuf:
+            touched.append(self)
+        request.internal = True
+        request.sent_at = now
+        self.outbuf.append(request.frame)
+        self.inflight.append(request)
+
     def flush(self) -> None:
         """Write every queued frame in one write (once connected)."""
         if not self.connected or not self.outbuf:

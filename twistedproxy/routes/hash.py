@@ -198,6 +198,7 @@ class HashRoute:
         part = Request(b"", request.command, route=ROUTE_KEYS, keys=keys[start:stop])
         part.parent = request
         part.received_at = request.received_at
+        part.resume = request.resume  # handed on to its fragments (never called for the slice itself)
         part.fragments = [
             (server, self._fragment(part, frame, [i - start for i in group]))
             for server, frame, group in zip(order, frames, groups)
@@ -232,6 +233,7 @@ class HashRoute:
         fragment.parent = parent
         fragment.key_indices = key_indices
         fragment.received_at = parent.received_at
+        fragment.resume = parent.resume  # a route that may resend the request may resend each part
         return fragment
 
     def _send_fragments(self, request, codec, now, touched, dirty) -> None:
