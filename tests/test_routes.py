@@ -211,38 +211,54 @@ def test_handshake_requests_never_reach_the_client_nor_its_counters():
     assert h.pool.servers[0].stats.responses == 1
 
 
-def test_an_internal_request_of_a_route_goes_to_its_hook_uncounted():
+def internal_ping_after_a_get():
+    """A client's GET on 7001, then a route's own PING queued on the same connection; what its hook got."""
     h = Harness(servers=(7001,))
     c, t = h.client()
     c.dataReceived(cmd("GET", "a"))
     backend = h.accept()[7001]
     got = []
-    asking = Request(cmd("PING"), b"ping")
-    asking.resume = lambda request, raw, error, codec, dirty: got.append((request, raw, error)) or True
+    ping = Request(cmd("PING"), b"ping")
+    ping.resume = lambda request, raw, error, codec, dirty: got.append((request, raw, error)) or True
     touched = []
-    h.pool.servers[0].connection(h.pool.codec).enqueue_internal(asking, h.reactor.seconds(), touched)
+    backend.protocol.enqueue_internal(ping, h.reactor.seconds(), touched)
     h.pool.flusher.add(touched)
     h.reactor.advance(0)
+    return h, t, backend, ping, got
+
+
+def test_an_internal_request_of_a_route_goes_to_its_hook_uncounted():
+    h, t, backend, ping, got = internal_ping_after_a_get()
     backend.answer()
-    assert got == [(asking, b"+PONG\r\n", None)]
+    assert got == [(ping, b"+PONG\r\n", None)]
     assert t.value() == b"$-1\r\n"
     assert h.pool.servers[0].stats.requests == 1
     assert sorted(h.pool.stats.commands) == [b"get"]
 
 
 def test_a_failed_internal_request_goes_to_its_hook_not_to_a_client():
-    h = Harness(servers=(7001,))
+    h, t, backend, ping, got = internal_ping_after_a_get()
+    backend.protocol.connectionLost(Failure(ConnectionDone()))
+    assert got == [(ping, None, "unknown")]
+    assert t.value() == b"-ERR unknown\r\n"  # the client's own request, failed as before
+
+
+def test_a_timed_out_internal_request_goes_to_its_hook_not_to_a_client():
+    h = Harness(servers=(7001,), timeout=100)
     c, t = h.client()
     c.dataReceived(cmd("GET", "a"))
     backend = h.accept()[7001]
     got = []
-    internal = Request(cmd("PING"), b"ping")
-    internal.resume = lambda request, raw, error, codec, dirty: got.append((raw, error)) or True
-    touched = []
-    backend.protocol.enqueue_internal(internal, h.reactor.seconds(), touched)
-    backend.protocol.connectionLost(Failure(ConnectionDone()))
-    assert got == [(None, "unknown")]
-    assert t.value() == b"-ERR unknown\r\n"  # the client's own request, failed as before
+    ping = Request(cmd("PING"), b"ping")
+    ping.resume = lambda request, raw, error, codec, dirty: got.append((raw, error)) or True
+    backend.protocol.enqueue_internal(ping, h.reactor.seconds(), [])
+    backend.protocol.flush()
+    h.reactor.advance(0.101)
+    assert got == [(None, "Connection timed out")]
+    assert t.value() == b"-ERR Connection timed out\r\n"
+    backend.answer()  # both late replies are swallowed
+    assert got == [(None, "Connection timed out")]
+    assert t.value() == b"-ERR Connection timed out\r\n"
 
 
 # -- reply classification -----------------------------------------------------------
