@@ -21,6 +21,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from twistedproxy.config.model import GlobalConfig, ListenSpec, PoolConfig, ProxyConfig, ServerSpec
+from twistedproxy.config.routes import RouteValue, TenantsValue, route_kinds, route_pools
 from twistedproxy.config.tree import MAPPING, SCALAR, SEQUENCE, ConfigNode, SourceError, from_python, from_yaml
 from twistedproxy.config.values import (
     DIGITS,
@@ -361,7 +362,8 @@ class KeySpec:
 POOL_KEYS: Tuple[KeySpec, ...] = (
     KeySpec("listen", _Listen(),
             "Address the pool listens on: host:port, or the path of a UNIX socket with"
-            " optional octal permissions.", required=True),
+            " optional octal permissions. In a file with routes, a pool they name may leave it out"
+            " (it is reached only through them).", required=True),
     KeySpec("hash", Choice(HASHES, "hash"), "Hash function applied to keys."),
     KeySpec("hash_tag", _HashTag(),
             "Two characters; only the part of a key between them is hashed, so related keys"
@@ -397,7 +399,21 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             "twistedproxy: a larger request is refused as a protocol error."),
     KeySpec("client_max_pending", Integer(1),
             "twistedproxy: requests in flight per client before the proxy stops reading from it."),
+    KeySpec("route", RouteValue(),
+            "twistedproxy: instead of servers, where the pool's requests go: another pool by name"
+            " (a pool with no listen of its own is reached only this way), or failover, replicate,"
+            " shadow, warmup and prefix routes over pools (see Routes and tenants)."),
+    KeySpec("tenants", TenantsValue(),
+            "twistedproxy: instead of servers, the tenants sharing this listener, each chosen by key"
+            " prefix (or as the default) or, in a Redis pool, by AUTH user, each with its route,"
+            " rate limit and counters (see Routes and tenants)."),
 )
+
+# Keys that describe a pool's own servers and placement: a front (route or tenants) has none,
+# its routes' pools do.
+SERVER_KEYS = ("servers", "hash", "hash_tag", "distribution", "timeout", "preconnect", "redis_auth",
+               "redis_db", "server_connections", "auto_eject_hosts", "server_retry_timeout",
+               "server_failure_limit", "tcpkeepalive")
 
 GLOBAL_KEYS: Tuple[KeySpec, ...] = (
     KeySpec("worker_processes", _WorkerProcesses(),
@@ -532,26 +548,39 @@ class _ParsedPool(NamedTuple):
     pool: Optional[PoolConfig]  # None when the pool was refused
     listen: Optional[ListenSpec]  # kept even then, to find listen addresses used twice
     listen_line: Optional[int]
+    has_listen: bool = True  # the key is there (valid or not)
 
 
-def _parse_pool(name: str, line: Optional[int], node: ConfigNode, problems: _Problems) -> _ParsedPool:
+def _parse_pool(name: str, line: Optional[int], node: ConfigNode, problems: _Problems,
+                routed_file: bool = False) -> _ParsedPool:
     """One pool; its problems are reported."""
     section = "pool %s" % (quote(name),)
     if node.kind != MAPPING:
         problems.add(line, "expected a mapping of pool keys, got %s" % (describe(node),), section)
-        return _ParsedPool(None, None, None)
+        return _ParsedPool(None, None, None, True)
     found_before = len(problems)
     parsed = _parse_section(node, POOL_KEYS, _POOL_DEFAULTS, section, problems)
-    for spec in POOL_KEYS:
-        if spec.required and spec.name not in parsed.lines:
-            problems.add(line, "is missing (every pool needs it)", section, spec.name)
+    front = [key for key in ("route", "tenants") if key in parsed.lines]
+    if len(front) == 2:
+        problems.add(parsed.lines["tenants"], "set route or tenants, not both", section, "tenants")
+    if front:
+        for key in SERVER_KEYS:
+            if key in parsed.lines:
+                problems.add(parsed.lines[key], "applies to pools with servers, not to one with %s"
+                             " (set it on the pools its routes name)" % (front[0],), section, key)
+    elif "servers" not in parsed.lines:
+        problems.add(line, "is missing (every pool needs it)", section, "servers")
+    if "listen" not in parsed.lines and not routed_file:
+        problems.add(line, "is missing (every pool needs it)", section, "listen")
+    # In a file with routes, a pool they reach may leave listen out: checked once every pool is read.
     if parsed.values.get("redis_auth") and not parsed.values.get("redis", _POOL_DEFAULTS["redis"]):
         problems.add(parsed.lines["redis_auth"], "is only valid in a redis pool (set redis: true)",
                      section, "redis_auth")
     listen, listen_line = parsed.values.get("listen"), parsed.lines.get("listen")
+    has_listen = "listen" in parsed.lines
     if len(problems) > found_before:
-        return _ParsedPool(None, listen, listen_line)
-    return _ParsedPool(PoolConfig(name=name, **parsed.values), listen, listen_line)
+        return _ParsedPool(None, listen, listen_line, has_listen)
+    return _ParsedPool(PoolConfig(name=name, **parsed.values), listen, listen_line, has_listen)
 
 
 def _parse_global(line: Optional[int], node: ConfigNode, problems: _Problems) -> Optional[GlobalConfig]:
@@ -577,6 +606,50 @@ def _parse_global(line: Optional[int], node: ConfigNode, problems: _Problems) ->
     return GlobalConfig(**values)
 
 
+def _check_routes(pools: Sequence[Tuple[str, _ParsedPool]], lines: Dict[str, Optional[int]],
+                  problems: _Problems) -> None:
+    """
+    What routes need from the pools they name: that each exists, has servers and speaks the
+    front's protocol; and that a pool without listen is named by some route.
+    """
+    by_name = {name: parsed.pool for name, parsed in pools if parsed.pool is not None}
+    named = set()
+    for name, parsed in pools:
+        front = parsed.pool
+        if front is None or not front.is_front:
+            continue
+        section = "pool %s" % (quote(name),)
+        key = "route" if front.route is not None else "tenants"
+        routes = [front.route] if front.route is not None else [tenant.route for tenant in front.tenants]
+        for route in routes:
+            for leaf in route_pools(route):
+                named.add(leaf.pool)
+                target = by_name.get(leaf.pool)
+                if leaf.pool not in lines:
+                    problems.add(leaf.line, "no pool named %s" % (quote(leaf.pool),), section, key)
+                elif target is None:
+                    continue  # refused itself: its own problems are reported
+                elif target.is_front:
+                    problems.add(leaf.line, "pool %s has no servers (a route names pools with servers)"
+                                 % (quote(leaf.pool),), section, key)
+                elif target.redis != front.redis:
+                    problems.add(leaf.line, "pool %s speaks %s, this pool %s" % (
+                        quote(leaf.pool), target.protocol, front.protocol), section, key)
+            if front.redis:
+                for kind in route_kinds(route):
+                    if kind in ("replicate", "warmup"):
+                        problems.add(lines.get(name), "%s routes are for memcached pools only (a Redis"
+                                     " command's effect cannot be copied safely)" % (kind,), section, key)
+        if front.tenants and not front.redis and any(tenant.users for tenant in front.tenants):
+            problems.add(lines.get(name), "tenants chosen by users need a Redis pool (AUTH)", section, key)
+    if any(parsed.pool is None for _, parsed in pools):
+        return  # a refused front's routes are unknown: which pools they name is too
+    for name, parsed in pools:
+        if not parsed.has_listen and name not in named:
+            problems.add(lines.get(name), "is missing (every pool needs it, unless a route names the pool)",
+                         "pool %s" % (quote(name),), "listen")
+
+
 def _check_unique_listen(pools: Sequence[Tuple[str, _ParsedPool]], problems: _Problems) -> None:
     owners: Dict[Tuple, Tuple[str, Optional[int]]] = {}
     for name, parsed in pools:
@@ -595,6 +668,7 @@ def _check_unique_listen(pools: Sequence[Tuple[str, _ParsedPool]], problems: _Pr
 
 def _build(root: Optional[ConfigNode], source: str) -> ProxyConfig:
     problems = _Problems(source)
+    routed_file = False  # some pool has route or tenants
     pools: List[Tuple[str, _ParsedPool]] = []
     global_config = GlobalConfig()
     if root is None:
@@ -604,6 +678,8 @@ def _build(root: Optional[ConfigNode], source: str) -> ProxyConfig:
                      % (describe(root),))
     else:
         first_lines: Dict[str, Optional[int]] = {}
+        routed_file = any(value.kind == MAPPING and any(key_name(k) in ("route", "tenants") for k, _ in value.value)
+                          for key, value in root.value if key_name(key) != GLOBAL_SECTION)
         for key_node, value_node in root.value:
             name = key_name(key_node)
             line = key_node.line
@@ -620,10 +696,12 @@ def _build(root: Optional[ConfigNode], source: str) -> ProxyConfig:
             if name == GLOBAL_SECTION:
                 global_config = _parse_global(line, value_node, problems) or global_config
                 continue
-            pools.append((name, _parse_pool(name, line, value_node, problems)))
+            pools.append((name, _parse_pool(name, line, value_node, problems, routed_file)))
         if not set(first_lines) - {GLOBAL_SECTION}:
             problems.add(root.line, "no pools defined")
     _check_unique_listen(pools, problems)
+    if root is not None and root.kind == MAPPING and routed_file:
+        _check_routes(pools, first_lines, problems)
     problems.raise_if_any()
     return ProxyConfig(pools=tuple(parsed.pool for _, parsed in pools if parsed.pool is not None),
                        global_=global_config, source=source)
