@@ -15,7 +15,6 @@ for the README's configuration reference.
 from __future__ import annotations
 
 import difflib
-import math
 import os
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -44,6 +43,7 @@ from twistedproxy.config.values import (
     describe,
     host_and_port,
     integer_value,
+    number_value,
     is_null,
     key_name,
     quote,
@@ -224,19 +224,9 @@ class _Seconds(ValueType):
     name = "number >= 0 (seconds)"
 
     def parse(self, node: ConfigNode, report: Report) -> Any:
-        text = scalar_text(node)
-        value: Optional[float] = None
-        if text is not None:
-            try:
-                value = float(text)
-            except ValueError:
-                pass
-        elif node.kind == SCALAR and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-            value = float(node.value)
-        if value is None or not math.isfinite(value):
-            raise Invalid("expected a number of seconds, got %s" % (describe(node),))
+        value = number_value(node, "a number of seconds")
         if value < 0:
-            raise Invalid("must not be negative (got %s)" % (text or value,))
+            raise Invalid("must not be negative (got %s)" % (scalar_text(node) or value,))
         return value
 
 

@@ -53,6 +53,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from twistedproxy.config.tree import MAPPING, SCALAR, SEQUENCE, ConfigNode
 from twistedproxy.config.values import (
     INT_MAX,
+    Boolean,
     Invalid,
     Report,
     ValueType,
@@ -60,6 +61,7 @@ from twistedproxy.config.values import (
     integer_value,
     is_int,
     key_name,
+    number_value,
     quote,
     scalar_text,
 )
@@ -224,27 +226,17 @@ def _only(entries: Dict[str, Tuple[ConfigNode, ConfigNode]], allowed: Tuple[str,
 
 
 def _bool(node: ConfigNode, key: str) -> bool:
-    if node.kind == SCALAR:
-        if node.plain_text is None and isinstance(node.value, bool):
-            return node.value
-        if scalar_text(node) in ("true", "false"):
-            return scalar_text(node) == "true"
-    raise Invalid("%s: expected true or false, got %s" % (key, describe(node)), node.line)
+    try:
+        return Boolean().parse(node, None)
+    except Invalid as e:
+        raise Invalid("%s: %s" % (key, e.message), node.line)
 
 
 def _number(node: ConfigNode, key: str) -> float:
-    text = scalar_text(node)
-    value: Optional[float] = None
-    if text is not None:
-        try:
-            value = float(text)
-        except ValueError:
-            pass
-    elif node.kind == SCALAR and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-        value = float(node.value)
-    if value is None or not math.isfinite(value):
-        raise Invalid("%s: expected a number, got %s" % (key, describe(node)), node.line)
-    return value
+    try:
+        return number_value(node, "a number")
+    except Invalid as e:
+        raise Invalid("%s: %s" % (key, e.message), node.line)
 
 
 def _count(node: ConfigNode, key: str, minimum: int) -> int:

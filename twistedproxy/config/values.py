@@ -11,6 +11,7 @@ the loader adds file, line, section and key to the message.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from typing import Any, Callable, Optional, Sequence, Tuple
 
@@ -121,6 +122,22 @@ def integer_value(node: ConfigNode, expected: str) -> int:
     elif node.kind == SCALAR and is_int(node.value):
         return node.value
     raise Invalid("expected %s, got %s" % (expected, describe(node)))
+
+
+def number_value(node: ConfigNode, expected: str) -> float:
+    """A finite number, written as text (C{0.5}, C{1e3}) or given as one by Python data."""
+    text = scalar_text(node)
+    value: Optional[float] = None
+    if text is not None:
+        try:
+            value = float(text)
+        except ValueError:
+            pass
+    elif node.kind == SCALAR and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        value = float(node.value)
+    if value is None or not math.isfinite(value):
+        raise Invalid("expected %s, got %s" % (expected, describe(node)))
+    return value
 
 
 def check_socket_path(path: str) -> None:
