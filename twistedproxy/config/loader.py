@@ -15,15 +15,40 @@ for the README's configuration reference.
 from __future__ import annotations
 
 import difflib
-import ipaddress
-import math
 import os
-import re
 from dataclasses import MISSING, dataclass, fields
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from twistedproxy.config.model import GlobalConfig, ListenSpec, PoolConfig, ProxyConfig, ServerSpec
+from twistedproxy.config.routes import RouteValue, TenantsValue, route_kinds, route_pools
 from twistedproxy.config.tree import MAPPING, SCALAR, SEQUENCE, ConfigNode, SourceError, from_python, from_yaml
+from twistedproxy.config.values import (
+    DIGITS,
+    INT_MAX,
+    OCTAL_PERMISSION,
+    TEXT,
+    BITMASK,
+    Boolean,
+    Choice,
+    ConfigError,
+    Integer,
+    Invalid,
+    Milliseconds,
+    Report,
+    SocketPath,
+    Text,
+    ValueType,
+    address_key,
+    check_socket_path,
+    describe,
+    host_and_port,
+    integer_value,
+    number_value,
+    is_null,
+    key_name,
+    quote,
+    scalar_text,
+)
 
 __all__ = [
     "CPU_SETSIZE",
@@ -52,37 +77,7 @@ LISTEN_MODES = ("reuseport", "shared")
 
 GLOBAL_SECTION = "global"  # the one top-level name that is not a pool
 
-INT_MAX = 2 ** 31 - 1  # twemproxy keeps every number in a C int
-UNIX_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path) on Linux, the NUL included
 CPU_SETSIZE = 1024  # glibc's cpu_set_t: CPU numbers are below this
-
-
-class ConfigError(Exception):
-    """
-    The configuration was refused.  C{errors} holds every problem found, each a
-    complete C{file:line: pool 'name': key 'key': message} line, in file order.
-    """
-
-    def __init__(self, errors: Sequence[str]) -> None:
-        self.errors = list(errors)
-        Exception.__init__(self, "\n".join(self.errors))
-
-    def __str__(self) -> str:
-        return "\n".join(self.errors)
-
-
-class _Invalid(Exception):
-    """One problem with one value; whoever catches it adds file, line, section and key."""
-
-    def __init__(self, message: str, line: Optional[int] = None) -> None:
-        Exception.__init__(self, message)
-        self.message = message
-        self.line = line
-
-
-# A value type calls this for each problem when it can find more than one
-# (one per bad server line), rather than stopping at the first.
-Report = Callable[[str, Optional[int]], None]
 
 
 class _Problems:
@@ -102,7 +97,7 @@ class _Problems:
         if section is not None:
             parts.append(section)
         if key is not None:
-            parts.append("key %s" % _quote(key))
+            parts.append("key %s" % quote(key))
         parts.append(message)
         self._found.append((line or 0, ": ".join(parts)))
 
@@ -115,296 +110,77 @@ class _Problems:
             raise self.error()
 
 
-# --------------------------------------------------------------------------
-# Reading scalars the way twemproxy does: as text
-
-
-_DECIMAL = re.compile(r"[+-]?[0-9]+\Z")
-_DIGITS = re.compile(r"[0-9]+\Z")
-_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
-_OCTAL_PERMISSION = re.compile(r"[0-7]{1,4}\Z")
-_BITMASK = re.compile(r"[01]+\Z")
-
-
-def _quote(text: str) -> str:
-    return "'%s'" % (text,)
-
-
-def _is_null(node: ConfigNode) -> bool:
-    return node.kind == SCALAR and node.value is None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _scalar_text(node: ConfigNode) -> Optional[str]:
-    """
-    A scalar as twemproxy reads it, the text as written; None for collections,
-    nulls and non-string data handed to L{config_from_dict}.
-    """
-    if node.kind != SCALAR or node.value is None:
-        return None
-    if node.plain_text is not None:
-        return node.plain_text
-    if isinstance(node.value, str):
-        return node.value
-    return None
-
-
-def _describe(node: ConfigNode) -> str:
-    """A value as an error message quotes it."""
-    if node.kind == MAPPING:
-        return "a mapping"
-    if node.kind == SEQUENCE:
-        return "a list"
-    if node.value is None:
-        return "an empty value"
-    text = _scalar_text(node)
-    if text is None:
-        value = node.value
-        text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
-    return _quote(text)
-
-
-def _key_name(node: ConfigNode) -> Optional[str]:
-    """A mapping key as text (YAML C{123:} names pool '123'); None when it is not a scalar."""
-    if node.kind != SCALAR:
-        return None
-    if node.plain_text is not None:
-        return node.plain_text
-    return node.value if isinstance(node.value, str) else None
-
-
-def _integer_value(node: ConfigNode, expected: str) -> int:
-    """
-    A whole number written in decimal, as twemproxy's C{nc_atoi} reads it
-    (so C{0400} is 400, not YAML 1.1's octal 256; C{0x10} is refused).
-    """
-    text = _scalar_text(node)
-    if text is not None:
-        if _DECIMAL.match(text.strip()):
-            return int(text.strip(), 10)
-    elif node.kind == SCALAR and _is_int(node.value):
-        return node.value
-    raise _Invalid("expected %s, got %s" % (expected, _describe(node)))
-
-
-def _check_socket_path(path: str) -> None:
-    if len(path.encode("utf-8")) >= UNIX_PATH_MAX:
-        raise _Invalid("UNIX socket path %s is too long (at most %d bytes)"
-                       % (_quote(path), UNIX_PATH_MAX - 1))
-
-
-def _host(text: str) -> str:
-    """A hostname or IP address; an IPv6 address loses its brackets."""
-    host = text
-    bracketed = host.startswith("[") and host.endswith("]")
-    if bracketed:
-        host = host[1:-1]
-    if bracketed or ":" in host:
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise _Invalid("invalid IPv6 address %s" % (_quote(text),))
-        return host
-    if not _HOSTNAME.match(host):
-        raise _Invalid("invalid host %s" % (_quote(text),))
-    return host
-
-
-def _port(text: str) -> int:
-    if not _DIGITS.match(text) or not 1 <= int(text) <= 65535:
-        raise _Invalid("invalid port %s (expected 1-65535)" % (_quote(text),))
-    return int(text)
-
-
-def _host_and_port(text: str, expected_format: str) -> Tuple[str, int]:
-    """C{host:port}, split at the last colon like twemproxy (so C{::1:6379} works)."""
-    host, colon, port = text.rpartition(":")
-    if not colon or not host:
-        raise _Invalid("expected %s, got %s" % (expected_format, _quote(text)))
-    return _host(host), _port(port)
-
-
-def _address_key(host: Optional[str], port: Optional[int], path: Optional[str]) -> Tuple:
-    """What makes two addresses the same, for duplicate checks (case, IPv6 spellings)."""
-    if path is not None:
-        return ("unix", path)
-    assert host is not None
-    if ":" in host:
-        host = ipaddress.ip_address(host).compressed
-    return ("inet", host.lower(), port)
-
-
-# --------------------------------------------------------------------------
-# Value types: each has the name shown in the reference and a parse() that
-# returns the model's value or raises _Invalid.
-
-
-class _ValueType:
-    name = ""
-
-    def parse(self, node: ConfigNode, report: Report) -> Any:
-        raise NotImplementedError
-
-
-class _Integer(_ValueType):
-    def __init__(self, minimum: int, name: Optional[str] = None) -> None:
-        self.minimum = minimum
-        self.name = name or "integer >= %d" % (minimum,)
-
-    def parse(self, node: ConfigNode, report: Report) -> Any:
-        value = _integer_value(node, "an integer >= %d" % (self.minimum,))
-        if value < self.minimum:
-            if self.minimum == 0:
-                raise _Invalid("must not be negative (got %d)" % (value,))
-            raise _Invalid("must be at least %d (got %d)" % (self.minimum, value))
-        if value > INT_MAX:
-            raise _Invalid("is too large (got %d, at most %d)" % (value, INT_MAX))
-        return value
-
-
-class _Milliseconds(_Integer):
-    """A timeout in ms where 0, like twemproxy's unset -1, means none: stored as None."""
-
-    def __init__(self) -> None:
-        _Integer.__init__(self, 0, "integer >= 0 (ms)")
-
-    def parse(self, node: ConfigNode, report: Report) -> Any:
-        return _Integer.parse(self, node, report) or None
-
-
-class _Boolean(_ValueType):
-    """twemproxy takes exactly C{true} or C{false} (YAML's C{True}, C{yes}, C{on} are refused)."""
-
-    name = "true | false"
-
-    def parse(self, node: ConfigNode, report: Report) -> Any:
-        if node.kind == SCALAR:
-            if node.plain_text is None and isinstance(node.value, bool):
-                return node.value
-            text = _scalar_text(node)
-            if text in ("true", "false"):
-                return text == "true"
-        raise _Invalid("expected true or false, got %s" % (_describe(node),))
-
-
-class _Choice(_ValueType):
-    def __init__(self, choices: Sequence[str], noun: str) -> None:
-        self.choices = tuple(choices)
-        self.noun = noun
-        self.name = " | ".join(self.choices)
-
-    def parse(self, node: ConfigNode, report: Report) -> Any:
-        text = _scalar_text(node)
-        if text in self.choices:
-            return text
-        expected = "expected one of: %s" % (", ".join(self.choices),)
-        if text is None:
-            raise _Invalid("%s, got %s" % (expected, _describe(node)))
-        raise _Invalid("unknown %s %s (%s)" % (self.noun, _quote(text), expected))
-
-
-class _Text(_ValueType):
-    """A string; a number is taken as its digits (YAML C{redis_auth: 1234})."""
-
-    name = "string"
-
-    def parse(self, node: ConfigNode, report: Report) -> Any:
-        text = _scalar_text(node)
-        if text is None and node.kind == SCALAR and _is_int(node.value):
-            text = str(node.value)
-        if text is None:
-            raise _Invalid("expected a string, got %s" % (_describe(node),))
-        if not text:
-            raise _Invalid("must not be empty")
-        return text
-
-
-_TEXT = _Text()
-
-
-class _SocketPath(_Text):
-    name = "path"
-
-    def parse(self, node: ConfigNode, report: Report) -> Any:
-        path = _Text.parse(self, node, report)
-        _check_socket_path(path)
-        return path
-
-
-class _HashTag(_ValueType):
+class _HashTag(ValueType):
     name = 'two characters, e.g. "{}"'
 
     def parse(self, node: ConfigNode, report: Report) -> Any:
-        text = _scalar_text(node)
+        text = scalar_text(node)
         if text is None:
             hint = ""
             if node.kind == MAPPING and not node.value:
                 hint = ' (quote it: hash_tag: "{}")'
-            raise _Invalid("expected a 2-character string, got %s%s" % (_describe(node), hint))
+            raise Invalid("expected a 2-character string, got %s%s" % (describe(node), hint))
         tag = text.encode("utf-8")
         if len(tag) != 2:
-            raise _Invalid('must be exactly 2 characters, like "{}" (got %s)' % (_quote(text),))
+            raise Invalid('must be exactly 2 characters, like "{}" (got %s)' % (quote(text),))
         return tag
 
 
-class _Listen(_ValueType):
+class _Listen(ValueType):
     name = "host:port | /path/to/socket [octal permissions]"
 
     def parse(self, node: ConfigNode, report: Report) -> Any:
-        text = _TEXT.parse(node, report).strip()
+        text = TEXT.parse(node, report).strip()
         if not text.startswith("/"):
-            host, port = _host_and_port(text, "'host:port' or '/path/to/socket [permissions]'")
+            host, port = host_and_port(text, "'host:port' or '/path/to/socket [permissions]'")
             return ListenSpec(host=host, port=port)
         # twemproxy splits "path permissions" at the last space.
         path, space, permission = text.rpartition(" ")
         if not space:
             path, permission = text, "0"
-        if not _OCTAL_PERMISSION.match(permission) or int(permission, 8) > 0o777:
-            raise _Invalid("invalid socket permissions %s (expected octal like 0666)"
-                           % (_quote(permission),))
+        if not OCTAL_PERMISSION.match(permission) or int(permission, 8) > 0o777:
+            raise Invalid("invalid socket permissions %s (expected octal like 0666)"
+                           % (quote(permission),))
         path = path.rstrip()
-        _check_socket_path(path)
+        check_socket_path(path)
         # twemproxy only chmods the socket when the permissions are not 0.
         return ListenSpec(path=path, perm=int(permission, 8) or None)
 
 
-class _Servers(_ValueType):
+class _Servers(ValueType):
     name = "list of host:port:weight [name] | /path/to/socket:weight [name]"
 
     _FORMAT = "'host:port:weight [name]' or '/path/to/socket:weight [name]'"
 
     def parse(self, node: ConfigNode, report: Report) -> Any:
         if node.kind != SEQUENCE:
-            raise _Invalid("expected a list of servers, got %s" % (_describe(node),))
+            raise Invalid("expected a list of servers, got %s" % (describe(node),))
         if not node.value:
-            raise _Invalid("is empty: a pool needs at least one server")
+            raise Invalid("is empty: a pool needs at least one server")
         servers = []
         first_by_address: Dict[Tuple, str] = {}
         first_by_name: Dict[str, str] = {}
         for number, entry in enumerate(node.value, 1):
             where = "line %d" % (entry.line,) if entry.line else "entry %d" % (number,)
-            text = _scalar_text(entry)
+            text = scalar_text(entry)
             try:
                 if text is None:
-                    raise _Invalid("expected a server string (%s), got %s"
-                                   % (self._FORMAT, _describe(entry)))
+                    raise Invalid("expected a server string (%s), got %s"
+                                   % (self._FORMAT, describe(entry)))
                 server = self._server(text.strip())
-            except _Invalid as e:
-                report("server %s: %s" % (_quote(text), e.message) if text else e.message, entry.line)
+            except Invalid as e:
+                report("server %s: %s" % (quote(text), e.message) if text else e.message, entry.line)
                 continue
             # twemproxy refuses two servers with one ketama name; an address
             # listed twice is refused too, as it is surely a mistake.
-            address = _address_key(server.host, server.port, server.path)
+            address = address_key(server.host, server.port, server.path)
             if address in first_by_address:
                 report("server %s: same address as the server on %s"
-                       % (_quote(text), first_by_address[address]), entry.line)
+                       % (quote(text), first_by_address[address]), entry.line)
                 continue
             if server.ketama_name in first_by_name:
                 report("server %s: name %s is already used by the server on %s"
-                       % (_quote(text), _quote(server.ketama_name), first_by_name[server.ketama_name]),
+                       % (quote(text), quote(server.ketama_name), first_by_name[server.ketama_name]),
                        entry.line)
                 continue
             first_by_address[address] = where
@@ -415,52 +191,42 @@ class _Servers(_ValueType):
     def _server(self, text: str) -> ServerSpec:
         words = text.split()
         if len(words) not in (1, 2):
-            raise _Invalid("expected %s" % (self._FORMAT,))
+            raise Invalid("expected %s" % (self._FORMAT,))
         address, name = words[0], (words[1] if len(words) == 2 else None)
         rest, colon, weight_text = address.rpartition(":")
         if not colon or not rest:
-            raise _Invalid("expected %s" % (self._FORMAT,))
-        if not _DIGITS.match(weight_text):
-            raise _Invalid("invalid weight %s (expected an integer >= 1)" % (_quote(weight_text),))
+            raise Invalid("expected %s" % (self._FORMAT,))
+        if not DIGITS.match(weight_text):
+            raise Invalid("invalid weight %s (expected an integer >= 1)" % (quote(weight_text),))
         weight = int(weight_text)
         if weight < 1:
-            raise _Invalid("weight must be at least 1 (got 0)")
+            raise Invalid("weight must be at least 1 (got 0)")
         if weight > INT_MAX:
-            raise _Invalid("weight is too large (got %d, at most %d)" % (weight, INT_MAX))
+            raise Invalid("weight is too large (got %d, at most %d)" % (weight, INT_MAX))
         if rest.startswith("/"):
-            _check_socket_path(rest)
+            check_socket_path(rest)
             return ServerSpec(host=None, port=None, weight=weight, name=name, path=rest)
-        host, port = _host_and_port(rest, self._FORMAT)
+        host, port = host_and_port(rest, self._FORMAT)
         return ServerSpec(host=host, port=port, weight=weight, name=name)
 
 
-class _WorkerProcesses(_Integer):
+class _WorkerProcesses(Integer):
     def __init__(self) -> None:
-        _Integer.__init__(self, 0, "auto | integer >= 0")
+        Integer.__init__(self, 0, "auto | integer >= 0")
 
     def parse(self, node: ConfigNode, report: Report) -> Any:
-        if _scalar_text(node) == "auto":
+        if scalar_text(node) == "auto":
             return os.cpu_count() or 1
-        return _Integer.parse(self, node, report)
+        return Integer.parse(self, node, report)
 
 
-class _Seconds(_ValueType):
+class _Seconds(ValueType):
     name = "number >= 0 (seconds)"
 
     def parse(self, node: ConfigNode, report: Report) -> Any:
-        text = _scalar_text(node)
-        value: Optional[float] = None
-        if text is not None:
-            try:
-                value = float(text)
-            except ValueError:
-                pass
-        elif node.kind == SCALAR and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-            value = float(node.value)
-        if value is None or not math.isfinite(value):
-            raise _Invalid("expected a number of seconds, got %s" % (_describe(node),))
+        value = number_value(node, "a number of seconds")
         if value < 0:
-            raise _Invalid("must not be negative (got %s)" % (text or value,))
+            raise Invalid("must not be negative (got %s)" % (scalar_text(node) or value,))
         return value
 
 
@@ -468,21 +234,21 @@ class _Warmup(_Seconds):
     name = "auto | off | number >= 0 (seconds)"
 
     def parse(self, node: ConfigNode, report: Report) -> Any:
-        text = _scalar_text(node)
+        text = scalar_text(node)
         if text in ("auto", "off"):
             return text if text == "auto" else 0.0
         if node.kind == SCALAR and node.plain_text is None and node.value is False:
             return 0.0  # YAML's bare off
         try:
             return _Seconds.parse(self, node, report)
-        except _Invalid:
-            raise _Invalid("expected auto, off or a number of seconds, got %s" % (_describe(node),))
+        except Invalid:
+            raise Invalid("expected auto, off or a number of seconds, got %s" % (describe(node),))
 
 
 _AUTO = "auto"
 
 
-class _CpuAffinity(_ValueType):
+class _CpuAffinity(ValueType):
     """
     C{auto}, C{off}, nginx's C{"0001 0010"} string of bitmasks, or a list with
     one entry per worker: a CPU number, a list of CPU numbers or a bitmask
@@ -498,32 +264,32 @@ class _CpuAffinity(_ValueType):
     def parse(self, node: ConfigNode, report: Report) -> Any:
         if node.kind == SEQUENCE:
             if not node.value:
-                raise _Invalid("is an empty list (%s)" % (self._EXPECTED,))
+                raise Invalid("is an empty list (%s)" % (self._EXPECTED,))
             cpu_sets = []
             for entry in node.value:
                 try:
                     cpu_sets.append(self._entry(entry))
-                except _Invalid as e:
+                except Invalid as e:
                     report(e.message, entry.line)
             return tuple(cpu_sets)
         if node.kind == SCALAR:
             if node.value is False:  # YAML 'off', 'false', 'no'
                 return None
-            text = _scalar_text(node)
+            text = scalar_text(node)
             if text == _AUTO:
                 return _AUTO
             if text is not None and text.lower() == "off":
                 return None
             if text is not None and node.value is not True:
                 return tuple(_bitmask_cpus(mask) for mask in text.split())
-        raise _Invalid("%s, got %s" % (self._EXPECTED, _describe(node)))
+        raise Invalid("%s, got %s" % (self._EXPECTED, describe(node)))
 
     def _entry(self, entry: ConfigNode) -> Tuple[int, ...]:
         if entry.kind == SEQUENCE:
             if not entry.value:
-                raise _Invalid("an empty list of CPUs")
+                raise Invalid("an empty list of CPUs")
             return tuple(sorted(set(_cpu_number(cpu) for cpu in entry.value)))
-        text = _scalar_text(entry)
+        text = scalar_text(entry)
         # Unquoted, "0101" would be YAML's octal 65: nobody means CPU 65 that way.
         if isinstance(entry.value, str) or (text is not None and len(text) > 1 and text.startswith("0")):
             return _bitmask_cpus(text or "")
@@ -531,16 +297,16 @@ class _CpuAffinity(_ValueType):
 
 
 def _bitmask_cpus(mask: str) -> Tuple[int, ...]:
-    if not _BITMASK.match(mask) or "1" not in mask or len(mask) > CPU_SETSIZE:
-        raise _Invalid("invalid CPU bitmask %s (expected 0s and 1s with at least one 1;"
-                       " the rightmost digit is CPU 0)" % (_quote(mask),))
+    if not BITMASK.match(mask) or "1" not in mask or len(mask) > CPU_SETSIZE:
+        raise Invalid("invalid CPU bitmask %s (expected 0s and 1s with at least one 1;"
+                       " the rightmost digit is CPU 0)" % (quote(mask),))
     return tuple(cpu for cpu, digit in enumerate(reversed(mask)) if digit == "1")
 
 
 def _cpu_number(node: ConfigNode) -> int:
-    cpu = _integer_value(node, "a CPU number")
+    cpu = integer_value(node, "a CPU number")
     if not 0 <= cpu < CPU_SETSIZE:
-        raise _Invalid("invalid CPU number %d (expected 0-%d)" % (cpu, CPU_SETSIZE - 1))
+        raise Invalid("invalid CPU number %d (expected 0-%d)" % (cpu, CPU_SETSIZE - 1))
     return cpu
 
 
@@ -574,7 +340,7 @@ class KeySpec:
     """One accepted key: its name, its value type and what it means."""
 
     name: str
-    value_type: _ValueType
+    value_type: ValueType
     meaning: str
     required: bool = False
 
@@ -586,43 +352,58 @@ class KeySpec:
 POOL_KEYS: Tuple[KeySpec, ...] = (
     KeySpec("listen", _Listen(),
             "Address the pool listens on: host:port, or the path of a UNIX socket with"
-            " optional octal permissions.", required=True),
-    KeySpec("hash", _Choice(HASHES, "hash"), "Hash function applied to keys."),
+            " optional octal permissions. In a file with routes, a pool they name may leave it out"
+            " (it is reached only through them).", required=True),
+    KeySpec("hash", Choice(HASHES, "hash"), "Hash function applied to keys."),
     KeySpec("hash_tag", _HashTag(),
             "Two characters; only the part of a key between them is hashed, so related keys"
             " land on one server."),
-    KeySpec("distribution", _Choice(DISTRIBUTIONS, "distribution"),
+    KeySpec("distribution", Choice(DISTRIBUTIONS, "distribution"),
             "How a key's hash picks a server: consistent hashing (ketama), hash modulo server"
             " count, or a random server."),
-    KeySpec("timeout", _Milliseconds(),
+    KeySpec("timeout", Milliseconds(),
             "Milliseconds to wait for a server to connect or reply; absent or 0 waits forever."),
-    KeySpec("backlog", _Integer(0), "Listen backlog of the pool's socket."),
-    KeySpec("preconnect", _Boolean(), "Connect to every server at start-up instead of on first use."),
-    KeySpec("redis", _Boolean(), "The pool speaks Redis (true) or memcached (false)."),
-    KeySpec("redis_auth", _Text(),
+    KeySpec("backlog", Integer(0), "Listen backlog of the pool's socket."),
+    KeySpec("preconnect", Boolean(), "Connect to every server at start-up instead of on first use."),
+    KeySpec("redis", Boolean(), "The pool speaks Redis (true) or memcached (false)."),
+    KeySpec("redis_auth", Text(),
             "Password sent with AUTH on every new server connection; Redis pools only."),
-    KeySpec("redis_db", _Integer(0), "Database selected with SELECT on every new server connection."),
-    KeySpec("server_connections", _Integer(1), "Connections opened to each server, at most."),
-    KeySpec("auto_eject_hosts", _Boolean(),
+    KeySpec("redis_db", Integer(0), "Database selected with SELECT on every new server connection."),
+    KeySpec("server_connections", Integer(1), "Connections opened to each server, at most."),
+    KeySpec("auto_eject_hosts", Boolean(),
             "Eject a server from the hash ring after server_failure_limit consecutive failures."),
-    KeySpec("server_retry_timeout", _Integer(0),
+    KeySpec("server_retry_timeout", Integer(0),
             "Milliseconds before an ejected server is tried again."),
-    KeySpec("server_failure_limit", _Integer(0),
+    KeySpec("server_failure_limit", Integer(0),
             "Consecutive failures that eject a server (with auto_eject_hosts)."),
-    KeySpec("tcpkeepalive", _Boolean(), "Enable TCP keepalive on server connections."),
-    KeySpec("reuseport", _Boolean(), "Set SO_REUSEPORT on the pool's listening socket."),
+    KeySpec("tcpkeepalive", Boolean(), "Enable TCP keepalive on server connections."),
+    KeySpec("reuseport", Boolean(), "Set SO_REUSEPORT on the pool's listening socket."),
     KeySpec("servers", _Servers(),
             "The backends: host:port:weight or /path:weight, each with an optional name that"
             " replaces the address in consistent hashing.", required=True),
-    KeySpec("client_connections", _Integer(0),
+    KeySpec("client_connections", Integer(0),
             "Client connections allowed at once; 0 is unlimited (twemproxy 0.5.0 reads but"
             " ignores it). Under a master it holds for the whole proxy, split evenly over the"
             " workers (limit // workers each, the remainder to the first ones)."),
-    KeySpec("max_request_bytes", _Integer(1),
+    KeySpec("max_request_bytes", Integer(1),
             "twistedproxy: a larger request is refused as a protocol error."),
-    KeySpec("client_max_pending", _Integer(1),
+    KeySpec("client_max_pending", Integer(1),
             "twistedproxy: requests in flight per client before the proxy stops reading from it."),
+    KeySpec("route", RouteValue(),
+            "twistedproxy: instead of servers, where the pool's requests go: another pool by name"
+            " (a pool with no listen of its own is reached only this way), or failover, replicate,"
+            " shadow, warmup and prefix routes over pools (see Routes and tenants)."),
+    KeySpec("tenants", TenantsValue(),
+            "twistedproxy: instead of servers, the tenants sharing this listener, each chosen by key"
+            " prefix (or as the default) or, in a Redis pool, by AUTH user, each with its route,"
+            " rate limit and counters (see Routes and tenants)."),
 )
+
+# Keys that describe a pool's own servers and placement: a front (route or tenants) has none,
+# its routes' pools do.
+SERVER_KEYS = ("servers", "hash", "hash_tag", "distribution", "timeout", "preconnect", "redis_auth",
+               "redis_db", "server_connections", "auto_eject_hosts", "server_retry_timeout",
+               "server_failure_limit", "tcpkeepalive")
 
 GLOBAL_KEYS: Tuple[KeySpec, ...] = (
     KeySpec("worker_processes", _WorkerProcesses(),
@@ -633,30 +414,30 @@ GLOBAL_KEYS: Tuple[KeySpec, ...] = (
             " each worker a CPU, a list of CPUs or a bitmask; off does not pin."),
     KeySpec("worker_shutdown_timeout", _Seconds(),
             "Seconds a stopping worker may spend finishing in-flight requests."),
-    KeySpec("listen_mode", _Choice(LISTEN_MODES, "listen mode"),
+    KeySpec("listen_mode", Choice(LISTEN_MODES, "listen mode"),
             "reuseport: each worker binds its own SO_REUSEPORT socket; shared: workers share"
             " the master's sockets."),
-    KeySpec("accept_mutex", _Boolean(),
+    KeySpec("accept_mutex", Boolean(),
             "In shared mode, workers take turns accepting (avoids the thundering herd)."),
-    KeySpec("tcp_quickack", _Boolean(),
+    KeySpec("tcp_quickack", Boolean(),
             "Set TCP_QUICKACK after reading, to avoid delayed-ACK stalls."),
-    KeySpec("control", _SocketPath(), "Path of the master's control socket; absent disables it."),
-    KeySpec("user", _Text(), "User the workers run as (the master must start as root)."),
-    KeySpec("group", _Text(), "Group the workers run as."),
+    KeySpec("control", SocketPath(), "Path of the master's control socket; absent disables it."),
+    KeySpec("user", Text(), "User the workers run as (the master must start as root)."),
+    KeySpec("group", Text(), "Group the workers run as."),
     KeySpec("stats_http", _Listen(),
             "Address of the HTTP endpoint serving /status, /metrics (Prometheus), /stats.json and"
             " /slowlog; absent disables it."),
-    KeySpec("admin_token", _Text(),
+    KeySpec("admin_token", Text(),
             "Token that state-changing HTTP calls (POST /tune) need as Authorization: Bearer"
             " TOKEN; absent (and no admin_token_file): they are refused."),
-    KeySpec("admin_token_file", _Text(),
+    KeySpec("admin_token_file", Text(),
             "File holding the admin_token (read at each call; surrounding whitespace ignored)."),
     KeySpec("slowlog_threshold", _Seconds(),
             "Requests taking at least this many seconds (e.g. 0.01) go to the slow log."),
-    KeySpec("slowlog_max_len", _Integer(0),
+    KeySpec("slowlog_max_len", Integer(0),
             "Slow requests kept per process (the most recent, at most 100000); 0 keeps none."),
-    KeySpec("slowlog_log", _Boolean(), "Also write every slow request to the log."),
-    KeySpec("worker_rlimit_nofile", _Integer(1),
+    KeySpec("slowlog_log", Boolean(), "Also write every slow request to the log."),
+    KeySpec("worker_rlimit_nofile", Integer(1),
             "Open files limit (RLIMIT_NOFILE) of every process, as nginx's key; absent, the soft"
             " limit is raised to what client_connections and server connections need (up to"
             " the hard limit; the hard limit if clients are unlimited). Logged at start; at the"
@@ -706,7 +487,7 @@ def _unknown_key_message(key: str, specs: Sequence[KeySpec]) -> str:
     names = [spec.name for spec in specs]
     close = difflib.get_close_matches(key, names, n=1)
     if close:
-        return "unknown key (did you mean %s?)" % (_quote(close[0]),)
+        return "unknown key (did you mean %s?)" % (quote(close[0]),)
     return "unknown key (expected one of: %s)" % (", ".join(names),)
 
 
@@ -722,10 +503,10 @@ def _parse_section(node: ConfigNode, specs: Sequence[KeySpec], defaults: Dict[st
     values: Dict[str, Any] = {}
     lines: Dict[str, Optional[int]] = {}
     for key_node, value_node in node.value:
-        key = _key_name(key_node)
+        key = key_name(key_node)
         line = key_node.line
         if key is None:
-            problems.add(line, "keys must be strings, got %s" % (_describe(key_node),), section)
+            problems.add(line, "keys must be strings, got %s" % (describe(key_node),), section)
             continue
         if key in lines:
             first = lines[key]
@@ -737,7 +518,7 @@ def _parse_section(node: ConfigNode, specs: Sequence[KeySpec], defaults: Dict[st
         if spec is None:
             problems.add(line, _unknown_key_message(key, specs), section, key)
             continue
-        if _is_null(value_node):
+        if is_null(value_node):
             if not spec.required and defaults.get(key, MISSING) is None:
                 continue  # an empty optional value is the same as leaving it out
             problems.add(line, "has no value", section, key)
@@ -748,7 +529,7 @@ def _parse_section(node: ConfigNode, specs: Sequence[KeySpec], defaults: Dict[st
 
         try:
             values[key] = spec.value_type.parse(value_node, report)
-        except _Invalid as e:
+        except Invalid as e:
             report(e.message, e.line)
     return _Section(values, lines)
 
@@ -757,35 +538,48 @@ class _ParsedPool(NamedTuple):
     pool: Optional[PoolConfig]  # None when the pool was refused
     listen: Optional[ListenSpec]  # kept even then, to find listen addresses used twice
     listen_line: Optional[int]
+    has_listen: bool = True  # the key is there (valid or not)
 
 
-def _parse_pool(name: str, line: Optional[int], node: ConfigNode, problems: _Problems) -> _ParsedPool:
+def _parse_pool(name: str, line: Optional[int], node: ConfigNode, problems: _Problems,
+                routed_file: bool = False) -> _ParsedPool:
     """One pool; its problems are reported."""
-    section = "pool %s" % (_quote(name),)
+    section = "pool %s" % (quote(name),)
     if node.kind != MAPPING:
-        problems.add(line, "expected a mapping of pool keys, got %s" % (_describe(node),), section)
-        return _ParsedPool(None, None, None)
+        problems.add(line, "expected a mapping of pool keys, got %s" % (describe(node),), section)
+        return _ParsedPool(None, None, None, True)
     found_before = len(problems)
     parsed = _parse_section(node, POOL_KEYS, _POOL_DEFAULTS, section, problems)
-    for spec in POOL_KEYS:
-        if spec.required and spec.name not in parsed.lines:
-            problems.add(line, "is missing (every pool needs it)", section, spec.name)
+    front = [key for key in ("route", "tenants") if key in parsed.lines]
+    if len(front) == 2:
+        problems.add(parsed.lines["tenants"], "set route or tenants, not both", section, "tenants")
+    if front:
+        for key in SERVER_KEYS:
+            if key in parsed.lines:
+                problems.add(parsed.lines[key], "applies to pools with servers, not to one with %s"
+                             " (set it on the pools its routes name)" % (front[0],), section, key)
+    elif "servers" not in parsed.lines:
+        problems.add(line, "is missing (every pool needs it)", section, "servers")
+    if "listen" not in parsed.lines and not routed_file:
+        problems.add(line, "is missing (every pool needs it)", section, "listen")
+    # In a file with routes, a pool they reach may leave listen out: checked once every pool is read.
     if parsed.values.get("redis_auth") and not parsed.values.get("redis", _POOL_DEFAULTS["redis"]):
         problems.add(parsed.lines["redis_auth"], "is only valid in a redis pool (set redis: true)",
                      section, "redis_auth")
     listen, listen_line = parsed.values.get("listen"), parsed.lines.get("listen")
+    has_listen = "listen" in parsed.lines
     if len(problems) > found_before:
-        return _ParsedPool(None, listen, listen_line)
-    return _ParsedPool(PoolConfig(name=name, **parsed.values), listen, listen_line)
+        return _ParsedPool(None, listen, listen_line, has_listen)
+    return _ParsedPool(PoolConfig(name=name, **parsed.values), listen, listen_line, has_listen)
 
 
 def _parse_global(line: Optional[int], node: ConfigNode, problems: _Problems) -> Optional[GlobalConfig]:
     """The global section, or None after reporting why not."""
-    section = "section %s" % (_quote(GLOBAL_SECTION),)
-    if _is_null(node):
+    section = "section %s" % (quote(GLOBAL_SECTION),)
+    if is_null(node):
         return GlobalConfig()
     if node.kind != MAPPING:
-        problems.add(line, "expected a mapping of global keys, got %s" % (_describe(node),), section)
+        problems.add(line, "expected a mapping of global keys, got %s" % (describe(node),), section)
         return None
     found_before = len(problems)
     parsed = _parse_section(node, GLOBAL_KEYS, _GLOBAL_DEFAULTS, section, problems)
@@ -802,53 +596,102 @@ def _parse_global(line: Optional[int], node: ConfigNode, problems: _Problems) ->
     return GlobalConfig(**values)
 
 
+def _check_routes(pools: Sequence[Tuple[str, _ParsedPool]], lines: Dict[str, Optional[int]],
+                  problems: _Problems) -> None:
+    """
+    What routes need from the pools they name: that each exists, has servers and speaks the
+    front's protocol; and that a pool without listen is named by some route.
+    """
+    by_name = {name: parsed.pool for name, parsed in pools if parsed.pool is not None}
+    named = set()
+    for name, parsed in pools:
+        front = parsed.pool
+        if front is None or not front.is_front:
+            continue
+        section = "pool %s" % (quote(name),)
+        key = "route" if front.route is not None else "tenants"
+        routes = [front.route] if front.route is not None else [tenant.route for tenant in front.tenants]
+        for route in routes:
+            for leaf in route_pools(route):
+                named.add(leaf.pool)
+                target = by_name.get(leaf.pool)
+                if leaf.pool not in lines:
+                    problems.add(leaf.line, "no pool named %s" % (quote(leaf.pool),), section, key)
+                elif target is None:
+                    continue  # refused itself: its own problems are reported
+                elif target.is_front:
+                    problems.add(leaf.line, "pool %s has no servers (a route names pools with servers)"
+                                 % (quote(leaf.pool),), section, key)
+                elif target.redis != front.redis:
+                    problems.add(leaf.line, "pool %s speaks %s, this pool %s" % (
+                        quote(leaf.pool), target.protocol, front.protocol), section, key)
+            if front.redis:
+                for kind in route_kinds(route):
+                    if kind in ("replicate", "warmup"):
+                        problems.add(lines.get(name), "%s routes are for memcached pools only (a Redis"
+                                     " command's effect cannot be copied safely)" % (kind,), section, key)
+        if front.tenants and not front.redis and any(tenant.users for tenant in front.tenants):
+            problems.add(lines.get(name), "tenants chosen by users need a Redis pool (AUTH)", section, key)
+    if any(parsed.pool is None for _, parsed in pools):
+        return  # a refused front's routes are unknown: which pools they name is too
+    for name, parsed in pools:
+        if not parsed.has_listen and name not in named:
+            problems.add(lines.get(name), "is missing (every pool needs it, unless a route names the pool)",
+                         "pool %s" % (quote(name),), "listen")
+
+
 def _check_unique_listen(pools: Sequence[Tuple[str, _ParsedPool]], problems: _Problems) -> None:
     owners: Dict[Tuple, Tuple[str, Optional[int]]] = {}
     for name, parsed in pools:
         listen = parsed.listen
         if listen is None:
             continue
-        address = _address_key(listen.host, listen.port, listen.path)
+        address = address_key(listen.host, listen.port, listen.path)
         if address in owners:
             owner, owner_line = owners[address]
             problems.add(parsed.listen_line, "address %s is already used by pool %s%s"
-                         % (listen, _quote(owner), " (line %d)" % owner_line if owner_line else ""),
-                         "pool %s" % (_quote(name),), "listen")
+                         % (listen, quote(owner), " (line %d)" % owner_line if owner_line else ""),
+                         "pool %s" % (quote(name),), "listen")
         else:
             owners[address] = (name, parsed.listen_line)
 
 
 def _build(root: Optional[ConfigNode], source: str) -> ProxyConfig:
     problems = _Problems(source)
+    routed_file = False  # some pool has route or tenants
     pools: List[Tuple[str, _ParsedPool]] = []
     global_config = GlobalConfig()
     if root is None:
         problems.add(None, "no pools defined (the file is empty)")
     elif root.kind != MAPPING:
         problems.add(root.line, "expected a mapping of pool names to pools at the top level, got %s"
-                     % (_describe(root),))
+                     % (describe(root),))
     else:
         first_lines: Dict[str, Optional[int]] = {}
+        routed_file = any(value.kind == MAPPING and any(key_name(k) in ("route", "tenants") for k, _ in value.value)
+                          for key, value in root.value if key_name(key) != GLOBAL_SECTION)
         for key_node, value_node in root.value:
-            name = _key_name(key_node)
+            name = key_name(key_node)
             line = key_node.line
             if name is None:
-                problems.add(line, "pool names must be strings, got %s" % (_describe(key_node),))
+                problems.add(line, "pool names must be strings, got %s" % (describe(key_node),))
                 continue
             if name in first_lines:
                 first = first_lines[name]
                 what = "section" if name == GLOBAL_SECTION else "pool"
-                problems.add(line, "duplicate %s %s%s" % (what, _quote(name),
+                problems.add(line, "duplicate %s %s%s" % (what, quote(name),
                              " (first defined on line %d)" % first if first else ""))
                 continue
             first_lines[name] = line
             if name == GLOBAL_SECTION:
                 global_config = _parse_global(line, value_node, problems) or global_config
                 continue
-            pools.append((name, _parse_pool(name, line, value_node, problems)))
+            pools.append((name, _parse_pool(name, line, value_node, problems, routed_file)))
         if not set(first_lines) - {GLOBAL_SECTION}:
             problems.add(root.line, "no pools defined")
     _check_unique_listen(pools, problems)
+    if root is not None and root.kind == MAPPING and routed_file:
+        _check_routes(pools, first_lines, problems)
     problems.raise_if_any()
     return ProxyConfig(pools=tuple(parsed.pool for _, parsed in pools if parsed.pool is not None),
                        global_=global_config, source=source)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
+from twistedproxy.config.routes import RouteSpec, TenantSpec
+
 
 @dataclass(frozen=True)
 class ListenSpec:
@@ -79,7 +81,7 @@ class PoolConfig:
     """One twemproxy server pool, with twemproxy 0.5.0's defaults."""
 
     name: str
-    listen: ListenSpec
+    listen: Optional[ListenSpec] = None  # None: a pool only routes reach (see config.routes)
     servers: Tuple[ServerSpec, ...] = ()
     hash: str = "fnv1a_64"
     hash_tag: Optional[bytes] = None  # exactly two bytes, e.g. b"{}"
@@ -100,10 +102,17 @@ class PoolConfig:
     # twistedproxy extensions (not in twemproxy; optional in the YAML)
     max_request_bytes: int = 512 * 1024 * 1024  # a larger frame is a protocol error
     client_max_pending: int = 4096  # requests in flight per client before reading pauses
+    route: Optional[RouteSpec] = None  # a front: where requests go instead of servers
+    tenants: Tuple[TenantSpec, ...] = ()  # a front shared by tenants: each with its route
 
     @property
     def protocol(self) -> str:
         return "redis" if self.redis else "memcache"
+
+    @property
+    def is_front(self) -> bool:
+        """Requests go through routes (C{route:} or C{tenants:}), not to servers of its own."""
+        return self.route is not None or bool(self.tenants)
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,11 @@ class ProxyConfig:
     pools: Tuple[PoolConfig, ...]
     global_: GlobalConfig = GlobalConfig()
     source: str = "<string>"
+
+    @property
+    def listening(self) -> Tuple[PoolConfig, ...]:
+        """The pools with a listen address (a pool only routes reach has none)."""
+        return tuple(pool for pool in self.pools if pool.listen is not None)
 
     def pool(self, name: str) -> PoolConfig:
         for pool in self.pools:
