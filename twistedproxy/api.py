@@ -16,8 +16,10 @@ from __future__ import annotations
 from twisted.internet.defer import DeferredList, maybeDeferred, succeed
 
 from twistedproxy.config import ProxyConfig, config_from_dict, load_config
+from twistedproxy.config.routes import route_pools
 from twistedproxy.core import warmup
 from twistedproxy.core.client import ProxyFactory
+from twistedproxy.routes.build import build_front
 from twistedproxy.routes.hash import HashRoute
 from twistedproxy.process.listeners import listen
 from twistedproxy.protocols import codec_for, codecs_of
@@ -49,10 +51,19 @@ class Proxy:
         self.factories = {}
         self.stats = StatsRegistry(reactor, config.global_)
         for pool_config in config.pools:
-            pool = build_pool(pool_config, reactor, self.stats.pool(pool_config.name))
-            self.pools[pool_config.name] = pool
-            self.factories[pool_config.name] = ProxyFactory(pool)
+            if not pool_config.is_front:
+                self.pools[pool_config.name] = build_pool(pool_config, reactor, self.stats.pool(pool_config.name))
+        for pool_config in config.pools:
+            if pool_config.is_front:
+                self.pools[pool_config.name] = self._build_front(pool_config)
+        for name, pool in self.pools.items():
+            if pool.config.listen is not None:
+                self.factories[name] = ProxyFactory(pool)
         self._port_by_pool = {}
+
+    def _build_front(self, pool_config):
+        """A front's served route over this proxy's pools (C{route:}: L{twistedproxy.routes.build})."""
+        return build_front(pool_config, self.pools, self.reactor, self.stats.pool(pool_config.name))
 
     @classmethod
     def from_file(cls, path: str, reactor) -> "Proxy":
@@ -77,15 +88,17 @@ class Proxy:
             seconds = warmup.seconds_for(self.config.global_.warmup)
         if not seconds:
             return succeed(None)
-        return warmup.warm_up(self.reactor, self.config.pools, build_pool, seconds)
+        pools = [pool_config for pool_config in self.config.pools if not pool_config.is_front]
+        return warmup.warm_up(self.reactor, pools, build_pool, seconds)
 
     def start(self) -> list:
         """Connect preconnect pools and listen on every pool's address; returns the ports."""
         for name, pool in self.pools.items():
             pool.start()
             cfg = pool.config
-            port = listen(self.reactor, cfg.listen, self.factories[name], cfg.backlog, cfg.reuseport)
-            self._port_by_pool[name] = port
+            if cfg.listen is not None:  # a pool only routes reach has none
+                port = listen(self.reactor, cfg.listen, self.factories[name], cfg.backlog, cfg.reuseport)
+                self._port_by_pool[name] = port
         return self.ports
 
     @property
@@ -115,17 +128,29 @@ class Proxy:
         self.pools = {}
         self.stats.configure(config.global_)
         self.stats.prune(config)
-        for pool_config in config.pools:
+        rebuilt = set()
+        # Pools first, then the fronts over them: a front is rebuilt when it
+        # changed or when a pool it reaches was.
+        for pool_config in sorted(config.pools, key=lambda p: p.is_front):
             name = pool_config.name
             old = old_pools.get(name)
-            if old is not None and old_configs.get(name) == pool_config:
+            if old is not None and old_configs.get(name) == pool_config and not (
+                pool_config.route is not None and rebuilt.intersection(r.pool for r in route_pools(pool_config.route))
+            ):
                 old.use_config(pool_config)
                 self.pools[name] = old
                 continue
-            pool = build_pool(pool_config, self.reactor, self.stats.pool(name))
+            rebuilt.add(name)
+            if pool_config.is_front:
+                pool = self._build_front(pool_config)
+            else:
+                pool = build_pool(pool_config, self.reactor, self.stats.pool(name))
             self.pools[name] = pool
             factory = self.factories.get(name)
-            if factory is None:
+            if pool_config.listen is None:
+                if factory is not None:
+                    del self.factories[name]
+            elif factory is None:
                 factory = self.factories[name] = ProxyFactory(pool)
             else:
                 factory.switch_pool(pool)
@@ -141,7 +166,7 @@ class Proxy:
         for name, old in old_pools.items():
             if name not in self.pools:
                 self._relisten(name, old)
-                del self.factories[name]
+                self.factories.pop(name, None)
                 for client in list(old.clients):
                     client.transport.loseConnection()
                 old.retire()
@@ -151,7 +176,7 @@ class Proxy:
         if old_pool is not None and name in self._port_by_pool:
             self._port_by_pool.pop(name).stopListening()
         pool = self.pools.get(name)
-        if pool is not None:
+        if pool is not None and pool.config.listen is not None:
             cfg = pool.config
             port = listen(self.reactor, cfg.listen, self.factories[name], cfg.backlog, cfg.reuseport)
             self._port_by_pool[name] = port

@@ -112,7 +112,10 @@ def _finish_parent(parent, codec, dirty: list) -> None:
             parent.reply = fragment.reply
             break
     else:
-        if fragments[0].route == ROUTE_KEYS:  # slices: each reply is already merged
+        first = fragments[0]
+        # Slices (each reply already merged) have no key indices; a fragment a
+        # route resent as a multi-key request of its own keeps its own.
+        if first.route == ROUTE_KEYS and first.key_indices is None:
             merged = codec.join(parent, [part.reply for part in fragments])
         else:
             merged = codec.merge(parent, fragments)

@@ -27,6 +27,16 @@ REPLY_FINAL = 0  # the reply goes to the client
 REPLY_REDIRECT = 1  # the key lives elsewhere (Redis Cluster MOVED/ASK): resend there
 REPLY_RETRY = 2  # the server cannot answer now (Redis TRYAGAIN ...): resend, here or elsewhere
 
+# How a replicate route sends a request (ICodec.replication; memcached only).
+REPLICA_READ = 0  # the first (authoritative) route only: gets, mg ...
+REPLICA_WRITE = 1  # every route at once; the client gets the first route's reply
+REPLICA_FIRST = 2  # the first route; on success a copy (ICodec.replica_copy) goes to the others
+
+# What a warm-up route does with a miss on its cold route (ICodec.warm_lookup; memcached only).
+WARM_NONE = 0  # nothing: not a lookup
+WARM_ANSWER = 1  # look the missed keys up in the warm route and answer with its values (text get)
+WARM_REREAD = 2  # look them up, fill the cold route, then read again there (CAS tokens are the cold server's)
+
 
 class ProtocolError(Exception):
     """
@@ -164,3 +174,14 @@ def stand_in(request) -> Request:
 def local(command: bytes, reply: bytes, close_after: bool = False) -> Request:
     """A request the proxy answers itself with C{reply}."""
     return Request(b"", command, route=ROUTE_LOCAL, reply=reply, close_after=close_after)
+
+
+def keys_of(request) -> list:
+    """The keys a request or a fragment of one carries, in client order."""
+    if request.route == ROUTE_KEYS:
+        return request.keys
+    parent = request.parent
+    if parent is not None and request.key_indices is not None:
+        keys = parent.keys
+        return [keys[i] for i in request.key_indices]
+    return [request.key] if request.key is not None else []

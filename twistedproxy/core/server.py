@@ -302,8 +302,9 @@ class ServerConnection(Protocol):
         # Fractions of a millisecond early count as due: timers fire at most that early.
         while len(inflight) > self.n_expired and inflight[self.n_expired].sent_at <= deadline + 1e-4:
             request = inflight[self.n_expired]
-            if request.resume is not None and not request.internal:
-                # A route may send it elsewhere: a stand-in swallows the late reply here.
+            if request.resume is not None:
+                # A route may send it elsewhere (its own internal requests too):
+                # a stand-in swallows the late reply here.
                 inflight[self.n_expired] = stand_in(request)
             else:
                 request.expired = True

@@ -141,6 +141,13 @@ class ICodec(Interface):
         a codec with nothing to resend returns REPLY_FINAL.
         """
 
+    def reply_failed(raw: bytes) -> bool:
+        """
+        Whether the backend reply C{raw} reports an error (memcached
+        SERVER_ERROR, a binary error status, a Redis error): how routes count
+        the failures of their own copies, whose replies no client reads.
+        """
+
     def handshake(pool_config) -> list:
         """
         Requests sent first on every new backend connection (Redis AUTH and SELECT);
@@ -170,4 +177,51 @@ class ICodec(Interface):
         the proxy writes to it (a request's frame, a fragment of a split one,
         a rewrite, a handshake request).  A codec that sniffs its clients'
         protocol gives one conversation per protocol it may choose.
+        """
+
+
+class IClusterCodec(Interface):
+    """
+    What memcached's replicate and warm-up routes ask of a protocol
+    (L{twistedproxy.routes.replicate}, L{twistedproxy.routes.warmup}); the
+    codecs of memcached's text and binary protocols provide it.  The
+    constants are L{twistedproxy.core.request}'s REPLICA_* and WARM_*.
+    """
+
+    warm_codec = Attribute(
+        "The codec of the warm-up route's own requests (memcached text: meta mg and ms, which carry the TTL)."
+    )
+
+    def replication(request) -> int:
+        """How a replicate route sends C{request}: REPLICA_READ, REPLICA_WRITE or REPLICA_FIRST."""
+
+    def replica_copy(request, raw: bytes) -> bytes | None:
+        """
+        For a REPLICA_FIRST request the first route answered C{raw}: the frame
+        the other routes get (a cas that succeeded becomes a set), or None (it
+        failed: nothing to copy).
+        """
+
+    def warm_lookup(request) -> int:
+        """What a warm-up route does with a miss of C{request}: WARM_NONE, WARM_ANSWER or WARM_REREAD."""
+
+    def warm_misses(request, raw: bytes) -> list:
+        """The keys of C{request} (or of a part of a split one) that its reply C{raw} missed."""
+
+    def warm_fetch(key: bytes):
+        """(warm_codec) The request that reads C{key}'s value, flags and remaining TTL."""
+
+    def warm_value(raw: bytes):
+        """(warm_codec) The reply to L{warm_fetch}: None for a miss, else C{(flags, ttl, data)} (ttl -1: none)."""
+
+    def warm_fill(key: bytes, value):
+        """(warm_codec) The request that adds C{key} with C{value} (never replaces), or None when it expires now."""
+
+    def warm_stored(raw: bytes) -> bool:
+        """(warm_codec) Whether the reply to L{warm_fill} says it was stored."""
+
+    def warm_reply(request, raw: bytes, found: dict) -> bytes:
+        """
+        For a WARM_ANSWER request: its reply C{raw} from the cold route with the
+        values C{found} in the warm route (key -> L{warm_value}) added.
         """

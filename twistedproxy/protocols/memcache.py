@@ -102,6 +102,9 @@ class MemcacheCodec(object):
     def classify_reply(self, request, raw):
         return REPLY_FINAL  # memcached has no redirects; failover routes act on failures
 
+    def reply_failed(self, raw):
+        return (binary_codec if raw[:1] == b"\x81" else text_codec).reply_failed(raw)
+
     def handshake(self, pool_config):
         return []
 

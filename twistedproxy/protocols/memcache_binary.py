@@ -31,9 +31,20 @@ import struct
 
 from zope.interface import implementer
 
-from twistedproxy.core.request import REPLY_FINAL, ROUTE_ALL, ProtocolError, Request, local
-from twistedproxy.protocols import WARMUP_KEYS
-from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
+from twistedproxy.core.request import (
+    REPLICA_FIRST,
+    REPLICA_READ,
+    REPLICA_WRITE,
+    REPLY_FINAL,
+    ROUTE_ALL,
+    WARM_NONE,
+    WARM_REREAD,
+    ProtocolError,
+    Request,
+    local,
+)
+from twistedproxy.protocols import WARMUP_KEYS, memcache_text
+from twistedproxy.protocols.interface import IClusterCodec, ICodec, IReplyParser, IRequestParser
 from twistedproxy.protocols.memcache_text import MAX_KEY_LENGTH, VERSION, ClientStreamParser, ReplyBuffer, stats_lines
 
 HEADER_LENGTH = 24
@@ -329,11 +340,28 @@ def _status(raw: bytes) -> int:
     return _STATUS.unpack_from(raw, 6)[0]
 
 
-@implementer(ICodec)
+# Replicate routes (IClusterCodec.replication), by the opcode sent (a quiet
+# opcode's replying form): reads go to the first route only; incr/decr, whose
+# counters are per server, too (then copied); writes with a CAS likewise.
+_REPLICATION = {
+    GET: REPLICA_READ,
+    GETK: REPLICA_READ,
+    GAT: REPLICA_READ,
+    GATK: REPLICA_READ,
+    INCREMENT: REPLICA_FIRST,
+    DECREMENT: REPLICA_FIRST,
+}
+_CAS_WRITES = frozenset([SET, ADD, REPLACE, APPEND, PREPEND, DELETE])
+# Statuses that are outcomes, not failures (a miss, a CAS mismatch, not stored).
+_OUTCOMES = frozenset([STATUS_OK, STATUS_KEY_NOT_FOUND, STATUS_KEY_EXISTS, STATUS_NOT_STORED])
+
+
+@implementer(ICodec, IClusterCodec)
 class BinaryCodec(object):
     """The memcached binary protocol."""
 
     name = "memcache_binary"
+    warm_codec = memcache_text.codec  # a warm-up route reads and fills with meta commands (they carry the TTL)
 
     def request_parser(self, pool_config):
         return BinaryRequestParser(self, pool_config)
@@ -367,6 +395,34 @@ class BinaryCodec(object):
 
     def classify_reply(self, request, raw):
         return REPLY_FINAL  # memcached has no redirects; failover routes act on failures
+
+    def reply_failed(self, raw):
+        return _status(raw) not in _OUTCOMES
+
+    # -- replicate and warm-up routes (IClusterCodec) ----------------------------
+
+    def replication(self, request):
+        opcode = request.frame[1]
+        policy = _REPLICATION.get(opcode)
+        if policy is not None:
+            return policy
+        if opcode in _CAS_WRITES and request.frame[16:24] != _ZERO_CAS:
+            return REPLICA_FIRST  # the CAS is the first route's: the others get the write without it
+        return REPLICA_WRITE
+
+    def replica_copy(self, request, raw):
+        if _status(raw) != STATUS_OK:
+            return None
+        frame = request.frame
+        if frame[1] in (INCREMENT, DECREMENT):
+            return frame
+        return frame[:16] + _ZERO_CAS + frame[24:]
+
+    def warm_lookup(self, request):
+        return WARM_REREAD if request.frame[1] in (GET, GETK) else WARM_NONE
+
+    def warm_misses(self, request, raw):
+        return [request.key] if _status(raw) == STATUS_KEY_NOT_FOUND else []
 
     def handshake(self, pool_config):
         return []

@@ -36,9 +36,23 @@ import time
 from zope.interface import implementer
 
 from twistedproxy._version import __version__
-from twistedproxy.core.request import REPLY_FINAL, ROUTE_ALL, ROUTE_KEYS, ProtocolError, Request, local
+from twistedproxy.core.request import (
+    REPLICA_FIRST,
+    REPLICA_READ,
+    REPLICA_WRITE,
+    REPLY_FINAL,
+    ROUTE_ALL,
+    ROUTE_KEYS,
+    WARM_ANSWER,
+    WARM_NONE,
+    WARM_REREAD,
+    ProtocolError,
+    Request,
+    keys_of,
+    local,
+)
 from twistedproxy.protocols import WARMUP_KEYS
-from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
+from twistedproxy.protocols.interface import IClusterCodec, ICodec, IReplyParser, IRequestParser
 
 # What `version` answers.  Clients parse "major.minor.micro" (libmemcached
 # rejects a major of 0, memccapable switches to 1.6 rules on it), so the string
@@ -742,7 +756,61 @@ class TextReplyParser(ReplyBuffer):
         return self._cut(end)
 
 
-@implementer(ICodec)
+# Replicate routes (IClusterCodec.replication), by command: reads go to the
+# first route only; cas, incr, decr and ma, whose CAS tokens and counters are
+# per server, too (then copied); other writes to every route.  ms and md with a
+# C (compare CAS) flag are decided per request.
+_REPLICATION = {
+    b"get": REPLICA_READ,
+    b"gets": REPLICA_READ,
+    b"gat": REPLICA_READ,
+    b"gats": REPLICA_READ,
+    b"mg": REPLICA_READ,
+    b"me": REPLICA_READ,
+    b"cas": REPLICA_FIRST,
+    b"incr": REPLICA_FIRST,
+    b"decr": REPLICA_FIRST,
+    b"ma": REPLICA_FIRST,
+}
+_META_WRITES = (b"ms", b"md")
+_ERROR_REPLIES = (b"SERVER_ERROR", b"CLIENT_ERROR", b"ERROR")
+# memcached reads an expiration time over 30 days as a Unix time.
+_RELATIVE_TTL_MAX = 60 * 60 * 24 * 30
+_KEY_UNSAFE = _CONTROL_BYTES + b" "
+
+
+def _command_line(frame: bytes):
+    """The tokens of a frame's command line and where the rest (a data block) starts."""
+    eol = frame.find(b"\n")
+    return frame[:eol].split(), eol + 1
+
+
+def _meta_flags_from(command: bytes) -> int:
+    """The index of a meta command's first flag token (ms has its data length first)."""
+    return 3 if command == b"ms" else 2
+
+
+def _meta_key(key: bytes):
+    """A key as a meta command writes it: itself, or base64 and the b flag (a binary protocol key)."""
+    if 0 < len(key) <= MAX_KEY_LENGTH and len(key.translate(None, _KEY_UNSAFE)) == len(key):
+        return key, b""
+    return binascii.b2a_base64(key, newline=False), b" b"
+
+
+def _value_blocks(reply: bytes):
+    """The VALUE blocks of a get-style reply as (key, block) pairs, and what follows them (END or an error)."""
+    blocks = []
+    pos = 0
+    while reply.startswith(b"VALUE ", pos):
+        eol = reply.find(b"\n", pos)
+        parts = reply[pos:eol].split()
+        end = eol + 1 + int(parts[3]) + 2
+        blocks.append((parts[1], reply[pos:end]))
+        pos = end
+    return blocks, reply[pos:]
+
+
+@implementer(ICodec, IClusterCodec)
 class TextCodec(object):
     """The memcached text protocol, classic and meta commands."""
 
@@ -796,11 +864,108 @@ class TextCodec(object):
     def classify_reply(self, request, raw):
         return REPLY_FINAL  # memcached has no redirects; failover routes act on failures
 
+    def reply_failed(self, raw):
+        return raw.startswith(_ERROR_REPLIES)
+
+    # -- replicate and warm-up routes (IClusterCodec) ----------------------------
+
+    @property
+    def warm_codec(self):
+        return self
+
+    def replication(self, request):
+        command = request.command
+        if command in _META_WRITES:
+            tokens, _ = _command_line(request.frame)
+            if any(flag[:1] == b"C" for flag in tokens[_meta_flags_from(command):]):
+                return REPLICA_FIRST  # a compare-and-set: the CAS is the first route's
+            return REPLICA_WRITE
+        return _REPLICATION.get(command, REPLICA_WRITE)
+
+    def replica_copy(self, request, raw):
+        command = request.command
+        frame = request.frame
+        if command == b"cas":
+            if raw != b"STORED\r\n":
+                return None
+            tokens, rest = _command_line(frame)
+            return b"set " + b" ".join(tokens[1:5]) + _CRLF + frame[rest:]  # the same item, without the CAS
+        if command in (b"incr", b"decr"):
+            return frame if raw[:1].isdigit() else None
+        if not raw.startswith((b"HD", b"VA")):  # ms, md, ma: not stored, not found, exists ...
+            return None
+        tokens, rest = _command_line(frame)
+        first = _meta_flags_from(command)
+        kept = tokens[:first] + [flag for flag in tokens[first:] if flag[:1] != b"C"]
+        return b" ".join(kept) + _CRLF + frame[rest:]
+
+    def warm_lookup(self, request):
+        command = request.command
+        if command == b"get":
+            return WARM_ANSWER
+        if command == b"gets" or command == b"mg":
+            return WARM_REREAD
+        return WARM_NONE
+
+    def warm_misses(self, request, raw):
+        if request.command == b"mg":
+            return [request.key] if raw.startswith(b"EN") else []
+        if raw == _END:
+            return keys_of(request)
+        if not raw.startswith(b"VALUE "):
+            return []  # an error
+        blocks, _ = _value_blocks(raw)
+        found = set(key for key, _ in blocks)
+        return [key for key in keys_of(request) if key not in found]
+
+    def warm_fetch(self, key):
+        token, b64 = _meta_key(key)
+        return Request(b"mg " + token + b" v f t" + b64 + _CRLF, b"mg", key)
+
+    def warm_value(self, raw):
+        if not raw.startswith(b"VA "):
+            return None
+        eol = raw.find(b"\n")
+        tokens = raw[:eol].split()
+        flags = b"0"
+        ttl = -1
+        for token in tokens[2:]:
+            if token[:1] == b"f":
+                flags = token[1:]
+            elif token[:1] == b"t":
+                ttl = int(token[1:])
+        return flags, ttl, raw[eol + 1 : eol + 1 + int(tokens[1])]
+
+    def warm_fill(self, key, value):
+        flags, ttl, data = value
+        if ttl == 0:
+            return None  # expires within the second
+        if ttl < 0:
+            expiry = b""
+        elif ttl <= _RELATIVE_TTL_MAX:
+            expiry = b" T%d" % (ttl,)
+        else:
+            expiry = b" T%d" % (int(time.time()) + ttl,)  # an absolute time, as memcached reads longer ones
+        token, b64 = _meta_key(key)
+        line = b"ms %s %d F%s%s ME%s\r\n" % (token, len(data), flags, expiry, b64)  # ME: add, never replace
+        return Request(line + data + _CRLF, b"ms", key)
+
+    def warm_stored(self, raw):
+        return raw.startswith(b"HD")
+
+    def warm_reply(self, request, raw, found):
+        blocks = [
+            b"VALUE %s %s %d\r\n%s\r\n" % (key, found[key][0], len(found[key][2]), found[key][2])
+            for key in keys_of(request)
+            if key in found
+        ]
+        return raw[: -len(_END)] + b"".join(blocks) + _END
+
     def handshake(self, pool_config):
         return []
 
     def handshake_error(self, raw):
-        if raw.startswith((b"ERROR", b"SERVER_ERROR", b"CLIENT_ERROR")):
+        if raw.startswith(_ERROR_REPLIES):
             return raw.rstrip(b"\r\n").decode("utf-8", "replace")
         return None
 
@@ -856,16 +1021,10 @@ def _merge_values(keys: list, fragments: list) -> bytes:
     """
     blocks = {}
     for fragment in fragments:
-        reply = fragment.reply
-        pos = 0
-        while reply.startswith(b"VALUE ", pos):
-            eol = reply.find(b"\n", pos)
-            parts = reply[pos:eol].split()
-            end = eol + 1 + int(parts[3]) + 2
-            blocks[parts[1]] = reply[pos:end]
-            pos = end
-        if reply[pos:] != _END:
-            return reply[pos:]
+        found, rest = _value_blocks(fragment.reply)
+        blocks.update(found)
+        if rest != _END:
+            return rest
     if not blocks:
         return _END
     out = [blocks[key] for key in keys if key in blocks]

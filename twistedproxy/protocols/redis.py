@@ -791,6 +791,9 @@ class RedisCodec:
             return REPLY_RETRY
         return REPLY_FINAL
 
+    def reply_failed(self, raw: bytes) -> bool:
+        return raw[:1] == b"-"
+
     def handshake(self, pool_config) -> list:
         requests = []
         if pool_config.redis_auth:

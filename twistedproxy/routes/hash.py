@@ -234,6 +234,7 @@ class HashRoute:
         fragment.key_indices = key_indices
         fragment.received_at = parent.received_at
         fragment.resume = parent.resume  # a route that may resend the request may resend each part
+        fragment.internal = parent.internal  # a route's own request (a copy) stays its own in parts
         return fragment
 
     def _send_fragments(self, request, codec, now, touched, dirty) -> None:
