@@ -78,6 +78,14 @@ class FrontRoute:
         self.dispatch = root.dispatch
         self.dispatch_slice = root.dispatch_slice
 
+    def route_counters(self) -> dict:
+        """The counters of its routes (failovers, shadow copies ...), summed per name over the tree."""
+        totals = {}
+        for route in compound_routes(self.root):
+            for name, value in route.counters().items():
+                totals[name] = totals.get(name, 0) + value
+        return totals
+
     def client_gone(self, client) -> None:
         self.clients.discard(client)
 

@@ -29,10 +29,10 @@ from zope.interface import implementer
 
 from twistedproxy.core.request import REPLY_FINAL, ROUTE_ALL, ROUTE_KEY, ROUTE_KEYS, keys_of
 from twistedproxy.routes.copies import decline, origin
-from twistedproxy.routes.interface import IRoute
+from twistedproxy.routes.interface import ICountedRoute
 
 
-@implementer(IRoute)
+@implementer(ICountedRoute)
 class FailoverRoute:
     """
     @ivar routes: the routes, in order of preference.
@@ -79,6 +79,9 @@ class FailoverRoute:
         self.routes[following].dispatch(request, codec, self.reactor.seconds(), touched, dirty)
         self.flusher.add(touched)
         return True
+
+    def counters(self) -> dict:
+        return {"failovers": self.failovers}
 
     def start(self) -> None:
         pass  # the pools it reaches are started where they are built (shared by every route)

@@ -77,6 +77,13 @@ class IRoute(Interface):
         """Close every backend connection now; requests in flight get error replies."""
 
 
+class ICountedRoute(IRoute):
+    """A route with counters of its own (failovers, shadow copies ...), shown with its front's in the stats."""
+
+    def counters() -> dict:
+        """Counter name -> value; the names are L{twistedproxy.stats.snapshots.ROUTE_FIELDS}'."""
+
+
 class IServedRoute(IRoute):
     """
     The route a listener serves: the one a client connection is tied to.  What

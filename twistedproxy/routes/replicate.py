@@ -40,7 +40,7 @@ from zope.interface import implementer
 
 from twistedproxy.core.request import REPLICA_FIRST, REPLICA_WRITE
 from twistedproxy.routes.copies import copy_of, decline
-from twistedproxy.routes.interface import IRoute
+from twistedproxy.routes.interface import ICountedRoute
 
 log = Logger()
 
@@ -48,7 +48,7 @@ log = Logger()
 LOG_INTERVAL = 1.0
 
 
-@implementer(IRoute)
+@implementer(ICountedRoute)
 class ReplicateRoute:
     """
     @ivar routes: the replicas' routes; the first is authoritative.
@@ -112,6 +112,9 @@ class ReplicateRoute:
             )
             self._unlogged = 0
             self._logged_at = now
+
+    def counters(self) -> dict:
+        return {"replica_copies": self.copies, "replica_failures": self.failures}
 
     def start(self) -> None:
         pass  # the pools it reaches are started where they are built (shared by every route)

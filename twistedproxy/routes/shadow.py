@@ -25,10 +25,10 @@ from zope.interface import implementer
 from twistedproxy.core.request import ROUTE_KEYS
 from twistedproxy.routes.copies import copy_of
 from twistedproxy.routes.hash import SLICE_KEYS
-from twistedproxy.routes.interface import IRoute
+from twistedproxy.routes.interface import ICountedRoute
 
 
-@implementer(IRoute)
+@implementer(ICountedRoute)
 class ShadowRoute:
     """
     @ivar waiting: copies sent and not answered yet (at most C{queue}).
@@ -73,6 +73,10 @@ class ShadowRoute:
         self.waiting -= 1
         if error is not None:
             self.failed += 1
+
+    def counters(self) -> dict:
+        return {"shadow_sent": self.sent, "shadow_dropped": self.dropped, "shadow_failed": self.failed,
+                "shadow_queue": self.waiting}
 
     def start(self) -> None:
         pass  # the pools it reaches are started where they are built (shared by every route)

@@ -38,10 +38,10 @@ from zope.interface import implementer
 from twistedproxy.core.completion import complete
 from twistedproxy.core.request import WARM_ANSWER, WARM_NONE
 from twistedproxy.routes.copies import copy_of, decline
-from twistedproxy.routes.interface import IRoute
+from twistedproxy.routes.interface import ICountedRoute
 
 
-@implementer(IRoute)
+@implementer(ICountedRoute)
 class WarmupRoute:
     """
     @ivar cold: the route that answers (being filled).
@@ -75,6 +75,10 @@ class WarmupRoute:
                 _Lookup(self, outer, request, raw, codec, missed).start(dirty)
                 return True
         return decline(outer, request, raw, error, codec, dirty)
+
+    def counters(self) -> dict:
+        return {"warmup_hits": self.hits, "warmup_misses": self.misses, "warmup_fills": self.fills,
+                "warmup_fill_failures": self.fill_failures}
 
     def start(self) -> None:
         pass  # the pools it reaches are started where they are built (shared by every route)

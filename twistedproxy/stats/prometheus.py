@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from twistedproxy._version import __version__
 
 from twistedproxy.stats.histogram import EMPTY, PERCENTILE_NAMES, PERCENTILES, cumulative_counts, summarize
+from twistedproxy.stats.snapshots import POOL_GAUGES, ROUTE_FIELDS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -123,6 +124,14 @@ class SnapshotCollector:
             for name, pool in pools.items():
                 family.add_metric([name], pool.get(field, 0))
             yield family
+        for field, doc in ROUTE_FIELDS:
+            fronts = [(name, pool[field]) for name, pool in pools.items() if field in pool]
+            if fronts:
+                family = (GaugeMetricFamily if field in POOL_GAUGES else CounterMetricFamily)(
+                    "cacheproxy_" + field, doc, labels=["pool"])
+                for name, value in fronts:
+                    family.add_metric([name], value)
+                yield family
         for family_class, fields in ((CounterMetricFamily, _SERVER_COUNTERS), (GaugeMetricFamily, _SERVER_GAUGES)):
             for field, doc in fields:
                 family = family_class("cacheproxy_server_" + field.replace("server_", ""), doc,

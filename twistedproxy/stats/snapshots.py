@@ -28,11 +28,26 @@ SERVER_FIELDS = (
     "requests", "request_bytes", "responses", "response_bytes",
     "in_queue", "in_queue_bytes", "out_queue", "out_queue_bytes",
 )
+# The counters of a front's routes (twistedproxy's, in a front pool's entry
+# only), and what they count.
+ROUTE_FIELDS = (
+    ("failovers", "Requests (or parts of one) a failover route sent on to its next route."),
+    ("replica_copies", "Copies a replicate route sent to its other replicas."),
+    ("replica_failures", "Copies to other replicas that failed (no reply, timeout, error reply)."),
+    ("shadow_sent", "Sampled copies a shadow route sent."),
+    ("shadow_dropped", "Sampled copies a shadow route dropped: its queue was full."),
+    ("shadow_failed", "Shadow copies that failed (no reply, timeout, error reply)."),
+    ("shadow_queue", "Shadow copies waiting for their reply now."),
+    ("warmup_hits", "Keys a warm-up route missed in its cold route and found in its warm one."),
+    ("warmup_misses", "Keys missed in both routes of a warm-up route."),
+    ("warmup_fills", "Values a warm-up route added to its cold route."),
+    ("warmup_fill_failures", "Values not added (a client wrote the key meanwhile, or an error)."),
+)
 # Summed across workers, except these (the latest one wins).
 _MAX_FIELDS = ("server_ejected_at",)
 # Gauges: what is now, not a count so far; an exited worker's are dropped (L{counters_only}).
 PROCESS_GAUGES = ("curr_connections",)
-POOL_GAUGES = ("client_connections",)
+POOL_GAUGES = ("client_connections", "shadow_queue")
 SERVER_GAUGES = ("server_connections", "in_queue", "in_queue_bytes", "out_queue", "out_queue_bytes", "ejected")
 
 
@@ -130,6 +145,9 @@ def snapshot(proxy, settings=True) -> dict:
             "commands": commands,
             "servers": servers,
         }
+        route_counters = getattr(pool, "route_counters", None)  # a front's routes
+        if route_counters is not None:
+            pools[name].update(route_counters())
     listening = len(proxy.ports)
     result = {
         "pids": [os.getpid()],
@@ -242,6 +260,7 @@ def twemproxy_document(merged: dict, now=None, source=None) -> dict:
     }
     for name, pool in merged["pools"].items():
         entry = {field: pool.get(field, 0) for field in POOL_FIELDS}
+        entry.update((field, pool[field]) for field, _ in ROUTE_FIELDS if field in pool)  # a front's routes
         for label, server in pool["servers"].items():
             entry[label] = {field: server.get(field, 0) for field in SERVER_FIELDS}
         doc[name] = entry
