@@ -12,6 +12,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from twistedproxy.api import Proxy
+from tests.test_core import memory_client
 
 BIN_GET = 0x00
 BIN_SET = 0x01
@@ -33,17 +34,7 @@ class Rig:
         self.conns = {}  # port -> [(protocol, transport)] in the order made
 
     def client(self, front="front"):
-        protocol = self.proxy.factories[front].buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        read = protocol.dataReceived
-
-        def data_received(data):
-            read(data)
-            self.reactor.advance(0)
-
-        protocol.dataReceived = data_received
-        return protocol, transport
+        return memory_client(self.proxy.factories[front], self.reactor)
 
     def accept(self):
         for host, port, factory in [c[:3] for c in self.reactor.tcpClients[self.handled:]]:
@@ -356,6 +347,9 @@ def test_shadow_copies_go_out_and_their_replies_are_dropped():
     route = rig.route()
     assert (route.sent, route.dropped, route.waiting) == (1, 0, 0)
     assert sum(s.total.count for s in rig.proxy.pools["front"].stats.commands.values()) == 1
+    # A copy is the route's own request: no server counter counts it.
+    assert rig.proxy.pools["a"].servers[0].stats.requests == 1
+    assert rig.proxy.pools["s"].servers[0].stats.requests == 0
 
 
 def test_a_full_shadow_queue_drops_and_counts_and_the_real_requests_go_on():
@@ -528,3 +522,21 @@ def test_warm_value_with_a_long_ttl_is_filled_as_an_absolute_time(monkeypatch):
     assert fill.frame == b"ms k 1 F0 T1003000000 ME\r\nv\r\n"
     assert memcache_text.codec.warm_fill(b"k", (b"0", 0, b"v")) is None
     assert memcache_text.codec.warm_fetch(b"a b").frame == b"mg YSBi v f t b\r\n"
+
+
+def test_route_counters_are_in_the_stats_outputs():
+    from twistedproxy.stats import prometheus, snapshots
+
+    rig = shadow_rig(queue=1)
+    c, t = rig.client()
+    c.dataReceived(b"get a\r\nget b\r\n")
+    snap = snapshots.merge([snapshots.snapshot(rig.proxy)])
+    front = snap["pools"]["front"]
+    assert (front["shadow_sent"], front["shadow_dropped"], front["shadow_queue"]) == (1, 1, 1)
+    assert "shadow_sent" not in snap["pools"]["a"]
+    doc = snapshots.twemproxy_document(snap)
+    assert doc["front"]["shadow_dropped"] == 1 and "shadow_dropped" not in doc["a"]
+    assert snapshots.counters_only(snap)["pools"]["front"].get("shadow_queue") is None  # a gauge
+    text = prometheus.render(snap, 0.0).decode()
+    assert 'cacheproxy_shadow_dropped_total{pool="front"} 1.0' in text
+    assert 'cacheproxy_shadow_queue{pool="front"} 1.0' in text

@@ -109,6 +109,24 @@ def _frame(args) -> bytes:
     return cmd(*args)
 
 
+def memory_client(factory, reactor):
+    """A client of C{factory} on a StringTransport: (protocol, transport), or (None, None) if refused."""
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    if protocol is None:
+        return None, None
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    read = protocol.dataReceived
+
+    def data_received(data):
+        # A real reactor ends the turn right after the read: backend writes go out then.
+        read(data)
+        reactor.advance(0)
+
+    protocol.dataReceived = data_received
+    return protocol, transport
+
+
 class Harness:
     """A pool on a fake reactor; clients and backend connections on StringTransports."""
 
@@ -123,20 +141,7 @@ class Harness:
         self.backends = {}  # port -> current Backend
 
     def client(self):
-        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
-        if protocol is None:
-            return None, None
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        read = protocol.dataReceived
-
-        def data_received(data):
-            # A real reactor ends the turn right after the read: backend writes go out then.
-            read(data)
-            self.reactor.advance(0)
-
-        protocol.dataReceived = data_received
-        return protocol, transport
+        return memory_client(self.factory, self.reactor)
 
     def attempts(self) -> list:
         """Connection attempts not handled yet: (host, port, factory)."""

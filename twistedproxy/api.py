@@ -63,7 +63,7 @@ class Proxy:
 
     def _build_front(self, pool_config):
         """A front's served route over this proxy's pools (C{route:}: L{twistedproxy.routes.build})."""
-        return build_front(pool_config, self.pools, self.reactor, self.stats.pool(pool_config.name))
+        return build_front(pool_config, self.pools, self.stats.pool(pool_config.name))
 
     @classmethod
     def from_file(cls, path: str, reactor) -> "Proxy":

@@ -76,9 +76,10 @@ class ServerConnection(Protocol):
         request.sent_at = now
         server = request.server = self.server
         frame = request.frame
-        stats = server.stats
-        stats.requests += 1
-        stats.request_bytes += len(frame)
+        if not request.internal:  # a route's own copy (replicate, shadow ...) is not counted
+            stats = server.stats
+            stats.requests += 1
+            stats.request_bytes += len(frame)
         self.outbuf.append(frame)
         self.inflight.append(request)
 

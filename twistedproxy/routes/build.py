@@ -13,8 +13,8 @@ from __future__ import annotations
 from zope.interface import implementer
 
 from twistedproxy.config import routes as spec
-from twistedproxy.core.batching import TurnFlusher
 from twistedproxy.protocols import codec_for
+from twistedproxy.routes.copies import CompoundRoute
 from twistedproxy.routes.failover import FailoverRoute
 from twistedproxy.routes.interface import IServedRoute
 from twistedproxy.routes.replicate import ReplicateRoute
@@ -54,7 +54,7 @@ def compound_routes(route) -> list:
 
 
 @implementer(IServedRoute)
-class FrontRoute:
+class FrontRoute(CompoundRoute):
     """
     What a front pool's listener serves: its clients, their settings and
     client-facing counters, and the root of its route tree.
@@ -65,14 +65,13 @@ class FrontRoute:
     servers = ()  # the servers are its pools' (each in the stats under its own name)
     health = None
 
-    def __init__(self, config, root, reactor, stats):
+    def __init__(self, config, root, stats):
+        CompoundRoute.__init__(self, root)  # its pools are started and stopped where they are built
         self.config = config
         self.name = config.name
         self.root = root
         self.codec = codec_for(config.protocol)
-        self.reactor = reactor
         self.stats = stats
-        self.flusher = TurnFlusher(reactor)
         self.clients = set()
         # The root's methods themselves: no call of our own per request.
         self.dispatch = root.dispatch
@@ -95,19 +94,9 @@ class FrontRoute:
         for client in self.clients:
             client.max_pending = config.client_max_pending
 
-    # Its pools are started, retired and stopped by whoever built them (they may serve other fronts).
-    def start(self) -> None:
-        pass
 
-    def retire(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-
-def build_front(config, pools: dict, reactor, stats) -> FrontRoute:
+def build_front(config, pools: dict, stats) -> FrontRoute:
     """The served route of the front pool C{config} (C{route:}), over C{pools}."""
     if config.route is None:
         raise NotImplementedError("%s: tenants are not built yet" % (config.name,))
-    return FrontRoute(config, build_route(config.route, pools, config.name), reactor, stats)
+    return FrontRoute(config, build_route(config.route, pools, config.name), stats)

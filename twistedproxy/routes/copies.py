@@ -70,6 +70,33 @@ def copy_finished(request, raw, error, codec, dirty) -> bool:
     return True
 
 
+class CompoundRoute:
+    """
+    What a route over other routes shares: the reactor and turn flusher of
+    its first route, slices sent through the first route (a request sent in
+    slices is a read, or goes where the first route sends it), and no
+    connections of its own: the pools it reaches are started, retired and
+    stopped where they are built, since other routes may share them.
+    """
+
+    def __init__(self, first):
+        self.first = first
+        self.reactor = first.reactor
+        self.flusher = first.flusher
+
+    def dispatch_slice(self, request, codec, now: float, touched: list, dirty: list) -> bool:
+        return self.first.dispatch_slice(request, codec, now, touched, dirty)
+
+    def start(self) -> None:
+        pass
+
+    def retire(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
 def with_outer(method, outer, plain):
     """
     The hook to set for a route's C{method}(outer, request, raw, error,

@@ -28,12 +28,12 @@ from functools import partial
 from zope.interface import implementer
 
 from twistedproxy.core.request import REPLY_FINAL, ROUTE_ALL, ROUTE_KEY, ROUTE_KEYS, keys_of
-from twistedproxy.routes.copies import decline, origin
+from twistedproxy.routes.copies import CompoundRoute, decline, origin
 from twistedproxy.routes.interface import ICountedRoute
 
 
 @implementer(ICountedRoute)
-class FailoverRoute:
+class FailoverRoute(CompoundRoute):
     """
     @ivar routes: the routes, in order of preference.
     @ivar failovers: requests (or parts of one) sent on to a next route.
@@ -41,8 +41,7 @@ class FailoverRoute:
 
     def __init__(self, routes):
         self.routes = tuple(routes)
-        self.reactor = self.routes[0].reactor
-        self.flusher = self.routes[0].flusher
+        CompoundRoute.__init__(self, self.routes[0])
         self.failovers = 0
         # The hook of a request now at route i, with no outer hook: made once.
         self._hooks = [partial(self._resume, i, None) for i in range(len(self.routes))]
@@ -52,9 +51,6 @@ class FailoverRoute:
             outer = request.resume
             request.resume = self._hooks[0] if outer is None else partial(self._resume, 0, outer)
         return self.routes[0].dispatch(request, codec, now, touched, dirty)
-
-    def dispatch_slice(self, request, codec, now: float, touched: list, dirty: list) -> bool:
-        return self.routes[0].dispatch_slice(request, codec, now, touched, dirty)
 
     def _resume(self, index, outer, request, raw, error, codec, dirty) -> bool:
         following = index + 1
@@ -82,12 +78,3 @@ class FailoverRoute:
 
     def counters(self) -> dict:
         return {"failovers": self.failovers}
-
-    def start(self) -> None:
-        pass  # the pools it reaches are started where they are built (shared by every route)
-
-    def retire(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass

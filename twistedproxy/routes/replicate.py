@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistedproxy.core.request import REPLICA_FIRST, REPLICA_WRITE
-from twistedproxy.routes.copies import copy_of, decline
+from twistedproxy.routes.copies import CompoundRoute, copy_of, decline
 from twistedproxy.routes.interface import ICountedRoute
 
 log = Logger()
@@ -49,7 +49,7 @@ LOG_INTERVAL = 1.0
 
 
 @implementer(ICountedRoute)
-class ReplicateRoute:
+class ReplicateRoute(CompoundRoute):
     """
     @ivar routes: the replicas' routes; the first is authoritative.
     @ivar copies: copies sent to the other replicas.
@@ -58,10 +58,9 @@ class ReplicateRoute:
 
     def __init__(self, routes, name: str = "replicate"):
         self.routes = tuple(routes)
+        CompoundRoute.__init__(self, self.routes[0])
         self.others = self.routes[1:]
         self.name = name
-        self.reactor = self.routes[0].reactor
-        self.flusher = self.routes[0].flusher
         self.copies = 0
         self.failures = 0
         self._unlogged = 0
@@ -76,9 +75,6 @@ class ReplicateRoute:
             outer = request.resume
             request.resume = self._first_hook if outer is None else partial(self._first_replied, outer)
         return self.routes[0].dispatch(request, codec, now, touched, dirty)
-
-    def dispatch_slice(self, request, codec, now: float, touched: list, dirty: list) -> bool:
-        return self.routes[0].dispatch_slice(request, codec, now, touched, dirty)
 
     def _copy(self, request, frame, codec, now, touched, dirty) -> None:
         for route in self.others:
@@ -115,12 +111,3 @@ class ReplicateRoute:
 
     def counters(self) -> dict:
         return {"replica_copies": self.copies, "replica_failures": self.failures}
-
-    def start(self) -> None:
-        pass  # the pools it reaches are started where they are built (shared by every route)
-
-    def retire(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass

@@ -23,13 +23,13 @@ from __future__ import annotations
 from zope.interface import implementer
 
 from twistedproxy.core.request import ROUTE_KEYS
-from twistedproxy.routes.copies import copy_of
+from twistedproxy.routes.copies import CompoundRoute, copy_of
 from twistedproxy.routes.hash import SLICE_KEYS
 from twistedproxy.routes.interface import ICountedRoute
 
 
 @implementer(ICountedRoute)
-class ShadowRoute:
+class ShadowRoute(CompoundRoute):
     """
     @ivar waiting: copies sent and not answered yet (at most C{queue}).
     @ivar sent: copies sent.
@@ -38,12 +38,11 @@ class ShadowRoute:
     """
 
     def __init__(self, route, copy_to, sample: float = 1.0, queue: int = 1024):
+        CompoundRoute.__init__(self, route)
         self.route = route
         self.copy_to = copy_to
         self.sample = sample
         self.queue = queue
-        self.reactor = route.reactor
-        self.flusher = route.flusher
         self.waiting = 0
         self.sent = 0
         self.dropped = 0
@@ -66,9 +65,6 @@ class ShadowRoute:
         self._credit = credit
         return sliced
 
-    def dispatch_slice(self, request, codec, now: float, touched: list, dirty: list) -> bool:
-        return self.route.dispatch_slice(request, codec, now, touched, dirty)
-
     def _answered(self, copy, raw, error, dirty) -> None:
         self.waiting -= 1
         if error is not None:
@@ -77,12 +73,3 @@ class ShadowRoute:
     def counters(self) -> dict:
         return {"shadow_sent": self.sent, "shadow_dropped": self.dropped, "shadow_failed": self.failed,
                 "shadow_queue": self.waiting}
-
-    def start(self) -> None:
-        pass  # the pools it reaches are started where they are built (shared by every route)
-
-    def retire(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass

@@ -37,22 +37,21 @@ from zope.interface import implementer
 
 from twistedproxy.core.completion import complete
 from twistedproxy.core.request import WARM_ANSWER, WARM_NONE
-from twistedproxy.routes.copies import copy_of, decline
+from twistedproxy.routes.copies import CompoundRoute, copy_of, decline
 from twistedproxy.routes.interface import ICountedRoute
 
 
 @implementer(ICountedRoute)
-class WarmupRoute:
+class WarmupRoute(CompoundRoute):
     """
     @ivar cold: the route that answers (being filled).
     @ivar warm: the route misses are looked up in.
     """
 
     def __init__(self, cold, warm):
+        CompoundRoute.__init__(self, cold)
         self.cold = cold
         self.warm = warm
-        self.reactor = cold.reactor
-        self.flusher = cold.flusher
         self.hits = 0
         self.misses = 0
         self.fills = 0
@@ -65,9 +64,6 @@ class WarmupRoute:
             request.resume = self._hook if outer is None else partial(self._replied, outer)
         return self.cold.dispatch(request, codec, now, touched, dirty)
 
-    def dispatch_slice(self, request, codec, now: float, touched: list, dirty: list) -> bool:
-        return self.cold.dispatch_slice(request, codec, now, touched, dirty)
-
     def _replied(self, outer, request, raw, error, codec, dirty) -> bool:
         if raw is not None:
             missed = codec.warm_misses(request, raw)
@@ -79,15 +75,6 @@ class WarmupRoute:
     def counters(self) -> dict:
         return {"warmup_hits": self.hits, "warmup_misses": self.misses, "warmup_fills": self.fills,
                 "warmup_fill_failures": self.fill_failures}
-
-    def start(self) -> None:
-        pass  # the pools it reaches are started where they are built (shared by every route)
-
-    def retire(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
 
 
 class _Lookup:
