@@ -540,3 +540,24 @@ def test_route_counters_are_in_the_stats_outputs():
     text = prometheus.render(snap, 0.0).decode()
     assert 'cacheproxy_shadow_dropped_total{pool="front"} 1.0' in text
     assert 'cacheproxy_shadow_queue{pool="front"} 1.0' in text
+
+
+def test_a_failed_part_of_an_mset_keeps_its_values_on_the_next_pool():
+    rig = Rig({"a": pool(7001, redis=True), "b": pool(7002, 7003, redis=True),
+               "front": {"listen": "127.0.0.1:22121", "redis": True, "route": {"failover": ["a", "b"]}}})
+    b = rig.proxy.pools["b"]
+    candidates = [b"k%d" % i for i in range(100)]
+    on2 = [k for k in candidates if b.server_for(k).spec.port == 7002][:2]
+    on3 = [k for k in candidates if b.server_for(k).spec.port == 7003][:1]
+    keys = [on2[0], on3[0], on2[1]]
+    c, t = rig.client()
+    args = [b"MSET"] + [x for k in keys for x in (k, k.upper())]
+    c.dataReceived(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args))
+    rig.accept()
+    rig.lose(7001)
+    frame = lambda *words: b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words)
+    assert rig.sent(7002) == frame(b"mset", on2[0], on2[0].upper(), on2[1], on2[1].upper())
+    assert rig.sent(7003) == frame(b"mset", on3[0], on3[0].upper())
+    rig.reply(7002, b"+OK\r\n")
+    rig.reply(7003, b"+OK\r\n")
+    assert t.value() == b"+OK\r\n"

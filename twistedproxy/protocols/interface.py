@@ -109,6 +109,15 @@ class ICodec(Interface):
         carried; None for a broadcast).  Only called when every fragment succeeded.
         """
 
+    def part_data(request, keys: list):
+        """
+        The codec data (L{twistedproxy.core.request.Request.data}) that a
+        request made of C{keys}, some of C{request}'s, needs to be split on
+        its own: what a route gives a part of a split request it resends
+        elsewhere, where the part is split again (MSET's values for those keys;
+        memcached's command words as they are).
+        """
+
     def join(request, replies: list) -> bytes:
         """
         Join the replies of consecutive slices of a ROUTE_KEYS request into the

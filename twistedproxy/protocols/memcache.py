@@ -87,6 +87,9 @@ class MemcacheCodec(object):
     def split(self, request, groups):
         return _codec_of(request).split(request, groups)
 
+    def part_data(self, request, keys):
+        return _codec_of(request).part_data(request, keys)
+
     def merge(self, request, fragments):
         return _codec_of(request).merge(request, fragments)
 

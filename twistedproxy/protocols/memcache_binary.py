@@ -372,6 +372,9 @@ class BinaryCodec(object):
     def split(self, request, groups):
         raise NotImplementedError("binary requests carry one key; nothing is split")
 
+    def part_data(self, request, keys):
+        return request.data
+
     def join(self, request, replies):
         raise NotImplementedError("binary requests carry one key; nothing is sliced")
 

@@ -827,6 +827,9 @@ class TextCodec(object):
         prefix = request.data
         return [prefix + b" ".join([keys[i] for i in group]) + _CRLF for group in groups]
 
+    def part_data(self, request, keys):
+        return request.data  # the command and its arguments before the keys
+
     def merge(self, request, fragments):
         if request.route == ROUTE_KEYS:
             return _merge_values(request.keys, fragments)

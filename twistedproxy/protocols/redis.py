@@ -724,6 +724,13 @@ class RedisCodec:
             frames.append(b"*%d\r\n" % (len(args)) + b"".join(args))
         return frames
 
+    def part_data(self, request, keys: list):
+        values = request.data
+        if values is None:
+            return None
+        by_key = dict(zip(request.keys, values))  # a key given twice: its last value, as MSET keeps
+        return [by_key[key] for key in keys]
+
     def merge(self, request, fragments: list) -> bytes:
         for fragment in fragments:
             if fragment.reply[:1] == b"-":

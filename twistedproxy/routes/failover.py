@@ -69,8 +69,8 @@ class FailoverRoute(CompoundRoute):
                 request.key = keys[0]
             else:
                 request.route = ROUTE_KEYS
+                request.data = codec.part_data(origin(request), keys)  # what it is split with (MSET's values)
                 request.keys = keys
-                request.data = origin(request).data  # what the codec splits with (text: the command)
         touched = []
         self.routes[following].dispatch(request, codec, self.reactor.seconds(), touched, dirty)
         self.flusher.add(touched)
