@@ -13,6 +13,11 @@ A L{HashRoute} is also what a twemproxy pool's listener serves
 (L{twistedproxy.routes.interface.IServedRoute}): its clients, their counters
 and settings are the pool's.  As an inner route of another one (a prefix,
 failover or replicate route) only L{IRoute} is used.
+
+A request's C{resume} hook (set by an outer route that may resend it) is handed
+on to the fragments of a split or broadcast request and to the slices of a
+sliced one, so the outer route sees each part's reply or failure on its own
+(a fragment's keys are C{[parent.keys[i] for i in fragment.key_indices]}).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import sys
 
 from zope.interface import implementer
 
-from twistedproxy.core.completion import REFUSED, fail, release
+from twistedproxy.core.completion import release
 from twistedproxy.core.request import ROUTE_ALL, ROUTE_ANY, ROUTE_KEY, ROUTE_KEYS, Request
 from twistedproxy.core.servers import ServerSet
 from twistedproxy.hashing import hash_function, hash_tag_key, make_distribution
@@ -163,7 +168,7 @@ class HashRoute:
         elif route == ROUTE_ALL:
             servers = self.live
             if not servers:
-                fail(request, REFUSED, "no server in pool %s" % (self.name,), codec, dirty)
+                self._send(None, request, codec, now, touched, dirty)  # fails it: no server
                 return
             request.fragments = fragments = []
             for server in servers:
