@@ -276,8 +276,9 @@ def test_text_and_meta_answer_like_one_memcached(cluster, name):
 def test_multi_get_spans_servers_and_keeps_order(cluster):
     # Placement follows the backends' (free, random) ports: enough keys that
     # every server holds some, whatever the ports (12 keys missed one server in
-    # a few runs out of a hundred).
-    keys = [b"key:%d" % i for i in range(60)]
+    # a few runs out of a hundred).  They differ in their first bytes: fnv1a_64
+    # puts keys that differ only at the end ("key:0".."key:9") in one ketama segment.
+    keys = [b"%d:key" % i for i in range(60)]
     assert talk(cluster.port, _sets(keys)).count(b"STORED") == len(keys)
     first_on = {}  # server index -> the first key it holds
     for key in keys:
@@ -517,7 +518,7 @@ def test_backend_killed_mid_pipeline():
     """
     cluster = Cluster(3, timeout=5000)
     try:
-        keys = [b"key:%d" % i for i in range(45)]
+        keys = [b"%d:key" % i for i in range(45)]  # spread: see test_multi_get_spans_servers_and_keeps_order
         assert talk(cluster.port, _sets(keys)).count(b"STORED") == len(keys)
         by_server = {}
         for key in keys:

@@ -846,13 +846,14 @@ class MasterService(service.Service):
             self.upgrade = None
         if protocol.heir is not None and protocol.heir.transport is not None:
             protocol.heir.transport.loseConnection()
-        log.error("upgrade failed ({why}); this master keeps serving", why=str(why))
-        # The new master may have taken the control path and the pid file: take them back.
+        # The new master may have taken the control path and the pid file: take them back,
+        # before saying so (a supervisor that reads the log then the pid file finds this master).
         if self.control_port is not None:
             self.control_port.stopListening()
             self.control_port = None
             self._open_control()
         self._move_pid_files(to_oldbin=False)
+        log.error("upgrade failed ({why}); this master keeps serving", why=str(why))
 
     def _move_pid_files(self, to_oldbin: bool) -> None:
         """
