@@ -561,3 +561,36 @@ def test_a_failed_part_of_an_mset_keeps_its_values_on_the_next_pool():
     rig.reply(7002, b"+OK\r\n")
     rig.reply(7003, b"+OK\r\n")
     assert t.value() == b"+OK\r\n"
+
+
+def test_a_replicas_copy_fails_over_and_a_timed_out_copy_leaves_a_stand_in():
+    rig = Rig({"a": pool(7001), "b": pool(7002, timeout=100), "c": pool(7003),
+               "front": {"listen": "127.0.0.1:22121", "route": {"replicate": ["a", {"failover": ["b", "c"]}]}}})
+    c, t = rig.client()
+    c.dataReceived(b"set k 0 0 1\r\nv\r\n")
+    assert rig.sent(7002) == b"set k 0 0 1\r\nv\r\n"
+    rig.reply(7001, b"STORED\r\n")
+    assert t.value() == b"STORED\r\n"
+    rig.reactor.advance(0.101)  # the copy times out on b: c gets it
+    assert rig.sent(7003) == b"set k 0 0 1\r\nv\r\n"
+    rig.reply(7003, b"STORED\r\n")
+    rig.reactor.advance(1)  # past b's backoff
+    c.dataReceived(b"delete k\r\n")
+    assert rig.sent(7002) == b"delete k\r\n"
+    rig.reply(7002, b"STORED\r\nDELETED\r\n")  # the late reply meets the stand-in, not the delete's copy
+    replicate = rig.route()
+    assert (replicate.copies, replicate.failures, replicate.routes[1].failovers) == (2, 0, 1)
+
+
+def test_a_broadcast_copy_is_done_once_every_server_answered():
+    rig = Rig({"a": pool(7001), "b": pool(7002, 7003),
+               "front": {"listen": "127.0.0.1:22121", "route": {"replicate": ["a", "b"]}}})
+    c, t = rig.client()
+    c.dataReceived(b"flush_all\r\n")
+    for port in (7001, 7002, 7003):
+        assert rig.sent(port) == b"flush_all\r\n"
+    rig.reply(7001, b"OK\r\n")
+    assert t.value() == b"OK\r\n"
+    rig.reply(7002, b"SERVER_ERROR busy\r\n")
+    rig.reply(7003, b"OK\r\n")
+    assert rig.route().failures == 1

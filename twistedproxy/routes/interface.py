@@ -35,7 +35,9 @@ How to add a route kind:
      C{dispatch} returns True for those, and the client calls
      C{dispatch_slice} once per turn until it returns True).
   2. Hold the routes or servers layers it sends to; forward C{start},
-     C{retire} and C{stop} to them.
+     C{retire} and C{stop} to them, unless they are pools shared with other
+     routes and started where they are built (a front's routes:
+     L{twistedproxy.routes.copies.CompoundRoute}).
   3. To resend, set C{request.resume} (or C{fragment.resume}) before sending
      and, in it, send again with the inner route's C{dispatch} or a server's
      C{connection(codec).enqueue(request, now, touched)}, then hand the
@@ -44,7 +46,10 @@ How to add a route kind:
      happen.
   4. If clients connect to it directly (a listener's root), provide
      L{IServedRoute} as well.
-See C{tests/test_routes.py} for a failover-style route built this way.
+See C{tests/test_routes.py} for a failover-style route built this way, and
+the cluster routes (failover, replicate, shadow, warmup) for routes that
+nest (a hook keeps an outer route's) and send requests of their own
+(L{twistedproxy.routes.copies}).
 """
 
 from __future__ import annotations
