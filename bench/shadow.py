@@ -17,9 +17,7 @@ test must not.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,18 +27,6 @@ import run  # noqa: E402
 from run import BenchError, processes  # noqa: E402
 
 HOST = processes.HOST
-
-
-def stats_of(port: int, pool: str) -> dict:
-    """The stats port's entry of C{pool} (nutcracker's JSON document)."""
-    with socket.create_connection((HOST, port), timeout=5) as sock:
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)[pool]
 
 
 def parse_args(argv):
@@ -88,7 +74,8 @@ def main(argv=None) -> int:
                     shadow.freeze()
                 result = gen.open(port, args.rate, args.seconds, args.rounds)
                 latency.check(result, name)
-                counters = {k: v for k, v in stats_of(stats_port, "front").items() if k.startswith("shadow_")}
+                counters = {k: v for k, v in processes.read_stats_port(stats_port)["front"].items()
+                            if k.startswith("shadow_")}
                 rows.append((name, result["overall"], counters))
                 print("==> %-14s %s %s" % (name, latency.brief(result["overall"]), counters), flush=True)
             finally:

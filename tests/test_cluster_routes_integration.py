@@ -8,7 +8,6 @@ measured in bench/, not here.
 
 from __future__ import annotations
 
-import socket
 import struct
 import time
 

@@ -9,7 +9,6 @@ settings change at run time.
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.parse
 import urllib.request
@@ -19,7 +18,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import processes
-from tests.support.processes import HOST, free_port
+from tests.support.processes import HOST, free_port, read_stats_port  # noqa: F401 (other tests import it here)
 
 pytestmark = pytest.mark.integration
 
@@ -33,18 +32,6 @@ BUSY = (
 
 def client(port):
     return redis.Redis(host=HOST, port=port, socket_timeout=10, protocol=2, lib_name=None, lib_version=None)
-
-
-def read_stats_port(port, timeout=5.0) -> dict:
-    """What a twemproxy exporter does: connect, read until the server closes, parse."""
-    with socket.create_connection((HOST, port), timeout=timeout) as sock:
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
 
 
 def http_get(port, path) -> bytes:

@@ -6,6 +6,7 @@ proxy itself, each on a free loopback port, each stopped when the test ends.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import signal
 import socket
@@ -153,6 +154,18 @@ def memcached(port=None, *extra) -> Process:
     if os.geteuid() == 0:
         argv += ["-u", "root"]
     return Process(argv, port)
+
+
+def read_stats_port(port, timeout=5.0) -> dict:
+    """What a twemproxy exporter does: connect, read until the server closes, parse."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
 
 
 def write_config(data: dict, directory=None) -> str:
