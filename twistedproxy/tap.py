@@ -17,6 +17,7 @@ from twisted.python import usage
 from twistedproxy._version import __version__
 from twistedproxy.config import ConfigError, load_config, load_config_text
 from twistedproxy.process import command
+from twistedproxy.process.command import twistd_options
 
 log = Logger()
 
@@ -258,16 +259,6 @@ class _TwistdLevelLog(service.MultiService):
         service.MultiService.setServiceParent(self, parent)
 
 
-def _twistd_options(options):
-    """twistd's own options when C{options} are C{cacheproxy}'s under twistd, else None."""
-    twistd = getattr(options, "parent", None)
-    try:
-        twistd["nodaemon"]
-    except (TypeError, KeyError):
-        return None  # not under twistd (the cacheproxy command, a test)
-    return twistd
-
-
 def _twistd_observer(twistd_options):
     """The log observer twistd would make for C{twistd_options}, behind our level filter; or None."""
     if twistd_options.get("syslog") or twistd_options.get("logger"):
@@ -287,7 +278,7 @@ def _twistd_observer(twistd_options):
 
 def makeService(options, reactor=None):
     """The service twistd runs for C{cacheproxy}."""
-    twistd = _twistd_options(options)
+    twistd = twistd_options(options)
     if twistd is not None and options["daemonize"] and twistd["nodaemon"]:
         raise usage.UsageError("-d/--daemonize: twistd daemonizes by itself; drop twistd's -n/--nodaemon")
     if twistd is not None and reactor is None:
@@ -303,7 +294,7 @@ def makeService(options, reactor=None):
     if twistd is None:
         return made
     wrapped = _TwistdLevelLog(made, twistd)
-    from twistedproxy.process.master import READY_ENV
+    from twistedproxy.process.upgrade import READY_ENV
 
     if READY_ENV in os.environ:
         # The new master of an upgrade runs the operator's twistd command line

@@ -142,9 +142,7 @@ def snapshot(proxy, settings=True) -> dict:
         "pools": pools,
     }
     if settings:
-        from twistedproxy.stats.tuning import current
-
-        result["settings"] = current(proxy)
+        result["settings"] = proxy.settings()
     return result
 
 
