@@ -16,7 +16,7 @@ a single process (L{LocalSources}) and in the master, which collects from its
 workers over AMP:
 
   - C{stats()}: the merged snapshot (L{twistedproxy.stats.snapshots.merge});
-  - C{slowlog()}: the merged slow log (a list, most recent first);
+  - C{slowlog(limit=None)}: the merged slow log (a list, most recent first);
   - C{tune(changes, pool)}: apply settings everywhere; fires with a report;
   - C{admin_token()}: the token state-changing calls need, or None (see
     L{admin_token}).
@@ -49,8 +49,8 @@ class LocalSources:
     def stats(self):
         return succeed(snapshots.merge([snapshots.snapshot(self.proxy)]))
 
-    def slowlog(self):
-        return succeed(snapshots.merge_slowlogs([snapshots.slowlog(self.proxy)]))
+    def slowlog(self, limit=None):
+        return succeed(snapshots.merge_slowlogs([snapshots.slowlog(self.proxy)], limit or None))
 
     def tune(self, changes, pool=None):
         return maybeDeferred(lambda: {"workers": [self.proxy.tune(changes, pool)]})
