@@ -6,7 +6,8 @@ ceiling is reached and new clients are refused.
 
 At the ceiling Twisted's listening ports already refuse: they free a reserved
 descriptor, accept what waits and close it at once.  They log three lines per
-round, one per client; those lines are replaced by L{RefusalLog}'s.
+round, one per client; those lines are replaced by L{RefusalLog}'s (the log's
+filter, L{twistedproxy.logs.quiet_refusals}, keeps them out).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import resource
 
 from twisted.logger import Logger, globalLogPublisher
 
-from twistedproxy.logs import REFUSED_FORMAT, is_refusal_event, quiet_refusals  # noqa: F401  (re-exported)
+from twistedproxy.logs import REFUSED_FORMAT, is_refusal_event
 
 log = Logger()
 
