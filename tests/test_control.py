@@ -6,9 +6,11 @@ C{cacheproxyctl} command, against a real master with real workers.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import pytest_twisted
@@ -156,3 +158,68 @@ def test_cacheproxyctl_conf_file_while_invalid(master):
         f.write("alpha: [\n")
     result = ctl(master, "status", where=["-c", master.path])
     assert result.returncode == 2 and "no global: control:" in result.stderr
+
+
+# One log-level parser (twistedproxy.logs.parse_level) behind both commands:
+# level names in any case, "warning", nutcracker's -v numbers 0..11.
+LEVELS_GIVEN = (("warning", "warn"), ("ERROR", "error"), ("7", "debug"), ("info", "info"))
+
+
+def _status_level(where) -> str:
+    result = ctl(where, "status")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["log_level"]
+
+
+def _check_both_level_commands(where, processes_count):
+    for given, name in LEVELS_GIVEN:  # each differs from the one before
+        result = ctl(where, "log-level", given)
+        assert result.returncode == 0, (given, result.stderr)
+        assert result.stdout.strip() == "log level: %s" % (name,)
+        assert _status_level(where) == name
+    for given, name in LEVELS_GIVEN:
+        result = ctl(where, "set", "log_level=" + given)
+        assert result.returncode == 0, (given, result.stderr)
+        assert [w["log_level"] for w in json.loads(result.stdout)["workers"]] == [name] * processes_count
+        assert _status_level(where) == name
+    for bad in ("loud", "12"):
+        assert ctl(where, "log-level", bad).returncode == 1
+        result = ctl(where, "set", "log_level=" + bad)
+        assert result.returncode == 1 and "log_level: unknown log level" in result.stderr, result.stderr
+    assert _status_level(where) == "info"
+
+
+def test_log_level_and_set_log_level_read_a_level_the_same_way(master):
+    _check_both_level_commands(master, 2)
+
+
+class _SingleProcess:
+    """A proxy without workers, with a control socket."""
+
+    def __init__(self, spawn, backend_port):
+        self.port = processes.free_port()
+        self.control_path = tempfile.mktemp(prefix="tp-ctl-", suffix=".sock")
+        config = {"mc": processes.pool_config([backend_port], self.port, redis=False),
+                  "global": {"control": self.control_path}}
+        self.process = spawn(processes.proxy, config, self.port)
+
+
+def test_a_single_process_answers_the_control_commands(spawn, memcached_backends):
+    """The control endpoint drives an IProxyControl: the single process provides it too."""
+    single = _SingleProcess(spawn, memcached_backends(1)[0].port)
+    _check_both_level_commands(single, 1)
+    status = json.loads(ctl(single, "status").stdout)
+    assert status["pid"] == single.process.pid and status["worker_processes"] == 0
+    assert set(json.loads(ctl(single, "stats").stdout)) == {str(single.process.pid)}
+    assert json.loads(ctl(single, "slowlog").stdout) == []
+    result = ctl(single, "set", "timeout=250", "--pool", "mc")
+    assert result.returncode == 0 and json.loads(result.stdout)["workers"][0]["pools"]["mc"]["timeout"] == 250
+    assert ctl(single, "reload").returncode == 0
+    assert json.loads(ctl(single, "status").stdout)["last_reload"]["ok"] is True
+    result = ctl(single, "workers", "2")
+    assert result.returncode == 1 and "single process" in result.stderr
+    result = ctl(single, "upgrade")
+    assert result.returncode == 1 and "needs a master" in result.stderr
+    assert ctl(single, "stop").returncode == 0
+    poll(lambda: not single.process.alive(), 10, 0.05, "the proxy to stop")
+    assert not os.path.exists(single.control_path)

@@ -16,7 +16,7 @@ import pytest
 
 from tests.support import processes
 from tests.support.workers import Master, master_config, poll
-from twistedproxy.process.master import YOUNG, backoff_delay
+from twistedproxy.process.supervisor import YOUNG, backoff_delay
 
 
 def test_backoff_schedule():

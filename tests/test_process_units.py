@@ -14,17 +14,10 @@ from twisted.logger import LogLevel
 
 from twistedproxy.config import ListenSpec
 from twistedproxy.process import accept_mutex, channel
-from twistedproxy.process.listeners import (
-    INHERIT_ENV,
-    adopt_port,
-    bind_socket,
-    inherited_sockets,
-    is_slot_key,
-    reuseport_migration,
-    socket_key,
-    stats_key,
-)
-from twistedproxy.process.master import parse_level
+from twistedproxy.logs import parse_level
+from twistedproxy.net.sockets import adopt_port, bind_socket
+from twistedproxy.process.listeners import INHERIT_ENV, inherited_sockets, is_slot_key, reuseport_migration, socket_key
+from twistedproxy.stats.server import stats_key
 
 
 def test_big_unicode_survives_the_amp_value_limit():
@@ -211,7 +204,7 @@ def test_a_reload_that_a_worker_did_not_apply_is_a_failed_reload(tmp_path, answe
     path = tmp_path / "conf.yml"
     path.write_text("global:\n  worker_processes: 2\nmc:\n  listen: 127.0.0.1:1\n  servers:\n   - 127.0.0.1:2:1\n")
     master = MasterService(None, {"conf-file": str(path)}, reactor=MemoryReactorClock())
-    master.workers = {0: _Worker(101, {"ok": True, "error": ""}), 1: _Worker(102, answer)}
+    master.supervisor.workers = {0: _Worker(101, {"ok": True, "error": ""}), 1: _Worker(102, answer)}
     results = []
     master.reload().addCallback(results.append)
     assert results == [(False, expected)]

@@ -20,7 +20,6 @@ from tests.test_stats import read_stats_port
 from twistedproxy import Proxy
 from twistedproxy.config import config_from_dict
 from twistedproxy.stats import commands as stats_commands
-from twistedproxy.stats import tuning
 
 pytestmark = pytest.mark.integration
 
@@ -120,7 +119,7 @@ def test_reconfigure_keeps_an_unchanged_pool_and_gives_it_the_files_settings_aga
     }
     proxy = Proxy(config_from_dict(data), MemoryReactorClock())
     a, b = proxy.pools["a"], proxy.pools["b"]
-    tuning.apply(proxy, {"timeout": 250, "client_max_pending": 10})
+    proxy.tune({"timeout": 250, "client_max_pending": 10})
     proxy.reconfigure(config_from_dict(dict(data, b=dict(data["b"], timeout=500))))
     assert proxy.pools["a"] is a and proxy.pools["b"] is not b
     assert (a.config.timeout, a.timeout, a.config.client_max_pending) == (400, 0.4, 4096)

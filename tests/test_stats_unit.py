@@ -16,7 +16,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from twistedproxy.api import Proxy
-from twistedproxy.stats import merge, snapshot, tuning
+from twistedproxy.config.settings import TuningError
+from twistedproxy.stats import merge, snapshot
 from twistedproxy.stats.histogram import HIGHEST_US, PERCENTILES, Latency, merge_hist, new_hdr, summarize
 from twistedproxy.stats.recorder import SlowLog
 from twistedproxy.stats.snapshots import POOL_FIELDS, SERVER_FIELDS, twemproxy_document
@@ -206,16 +207,16 @@ def test_tuning_applies_in_place_and_refuses_bad_values():
 
     proxy = make_proxy()
     h = Harness(proxy)
-    before = tuning.current(proxy)
+    before = proxy.settings()
     for bad in ({"slowlog_max_len": -1}, {"slowlog_max_len": 10 ** 9}, {"timeout": "soon"},
                 {"client_max_pending": 0}, {"nope": 1}, {"slowlog_threshold": "nan"}):
-        with pytest.raises(tuning.TuningError):
-            tuning.apply(proxy, dict(bad, slowlog_threshold=1.0) if "slowlog_threshold" not in bad else bad)
-        assert tuning.current(proxy) == before
+        with pytest.raises(TuningError):
+            proxy.tune(dict(bad, slowlog_threshold=1.0) if "slowlog_threshold" not in bad else bad)
+        assert proxy.settings() == before
     level = logs.current_level()
     try:
-        settings = tuning.apply(proxy, {"slowlog_threshold": "0.25", "client_max_pending": "16", "timeout": 150,
-                                        "max_request_bytes": 4096, "slowlog_max_len": 7, "log_level": "debug"})
+        settings = proxy.tune({"slowlog_threshold": "0.25", "client_max_pending": "16", "timeout": 150,
+                              "max_request_bytes": 4096, "slowlog_max_len": 7, "log_level": "debug"})
     finally:
         logs.set_level(level)
     assert settings["slowlog_threshold"] == 0.25 and settings["slowlog_max_len"] == 7

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 from twisted.internet.defer import DeferredList, maybeDeferred, succeed
 
+from twistedproxy import logs
 from twistedproxy.config import ProxyConfig, config_from_dict, load_config
 from twistedproxy.config.routes import route_pools
-from twistedproxy.core import warmup
+from twistedproxy.config.settings import TuningError, parse as parse_settings
+from twistedproxy.core import tuning, warmup
 from twistedproxy.core.client import ProxyFactory
+from twistedproxy.net.sockets import listen
 from twistedproxy.routes.build import build_front
 from twistedproxy.routes.hash import HashRoute
-from twistedproxy.process.listeners import listen
 from twistedproxy.protocols import codec_for, codecs_of
 from twistedproxy.stats.recorder import StatsRegistry
 
@@ -112,7 +114,7 @@ class Proxy:
 
         A pool the new configuration leaves as it was stays as it is: its
         clients, backend connections and server health (failures, ejections)
-        carry on, and only settings changed at run time (L{twistedproxy.stats.tuning})
+        carry on, and only settings changed at run time (L{tune})
         go back to the configuration's values.  Every other pool is rebuilt:
         clients of a pool that still exists move to its new version at once
         (their next request is routed by it), while requests already in flight
@@ -180,6 +182,42 @@ class Proxy:
             cfg = pool.config
             port = listen(self.reactor, cfg.listen, self.factories[name], cfg.backlog, cfg.reuseport)
             self._port_by_pool[name] = port
+
+    def tune(self, changes: dict, pool=None) -> dict:
+        """
+        Change run-time settings (L{twistedproxy.config.settings}; values may
+        be text) in this process, pool settings in every pool or only pool
+        C{pool}, and return L{settings}.  Nothing changes unless every value is
+        valid: raises L{TuningError}.
+        """
+        parsed = parse_settings(changes)
+        pools = list(self.pools.values())
+        if pool is not None:
+            pools = [p for p in pools if p.name == pool]
+            if not pools:
+                raise TuningError("no pool named %r" % (pool,))
+        self.stats.set_slowlog(
+            threshold=parsed.get("slowlog_threshold"),
+            max_len=parsed.get("slowlog_max_len"),
+            to_log=parsed.get("slowlog_log"),
+        )
+        if "log_level" in parsed:
+            logs.set_level(parsed["log_level"])
+        for server_pool in pools:
+            tuning.tune_pool(server_pool, parsed)
+        return self.settings()
+
+    def settings(self) -> dict:
+        """The run-time settings in force in this process; pool settings per pool."""
+        registry = self.stats
+        level = logs.current_level()
+        return {
+            "slowlog_threshold": registry.slowlog_threshold,
+            "slowlog_max_len": registry.slowlog.max_len,
+            "slowlog_log": registry.slowlog.to_log,
+            "log_level": level.name if level is not None else None,
+            "pools": {name: tuning.pool_settings(p) for name, p in self.pools.items()},
+        }
 
     def stop(self):
         """Stop listening, close clients and backend connections; a Deferred fires when done."""

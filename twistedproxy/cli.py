@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from twisted.logger import Logger, globalLogBeginner
 
     from twistedproxy import logs
-    from twistedproxy.process.master import READY_ENV
+    from twistedproxy.process.upgrade import READY_ENV
     from twistedproxy.reactor import install as install_reactor
 
     try:

@@ -1,6 +1,7 @@
 """
-Log output with a level that can change at run time (nutcracker's C{-v}, and
-later SIGTTIN/SIGTTOU and the control client).
+Log output with a level that can change at run time (nutcracker's C{-v},
+SIGTTIN/SIGTTOU, the control client and the stats endpoint), and the one
+parser of a level given as text (L{parse_level}).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     globalLogPublisher,
     textFileLogObserver,
 )
@@ -20,6 +22,10 @@ from twisted.logger import (
 DEFAULT_VERBOSITY = 5
 
 level_filter = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+
+# Quietest first: SIGTTIN steps right (more output), SIGTTOU left.
+LEVELS = (LogLevel.critical, LogLevel.error, LogLevel.warn, LogLevel.info, LogLevel.debug)
+_LEVEL_WORDS = dict({level.name: level for level in LEVELS}, warning=LogLevel.warn)
 
 
 def level_for_verbosity(verbosity: int) -> LogLevel:
@@ -35,6 +41,21 @@ def level_for_verbosity(verbosity: int) -> LogLevel:
     return LogLevel.debug
 
 
+def parse_level(text) -> LogLevel:
+    """
+    The one reading of a log level, wherever one is given (C{cacheproxyctl
+    log-level} and C{set log_level=}, the stats endpoint's C{/tune}, the
+    worker channel): a name (debug, info, warn or warning, error, critical;
+    any case) or a nutcracker C{-v} number 0 .. 11.  Raises ValueError.
+    """
+    word = str(text).strip().lower()
+    if word.isdigit() and int(word) <= 11:
+        return level_for_verbosity(int(word))
+    if word in _LEVEL_WORDS:
+        return _LEVEL_WORDS[word]
+    raise ValueError("unknown log level %r (debug, info, warn, error, critical or 0..11)" % (str(text),))
+
+
 def set_level(level: LogLevel) -> None:
     """Change the level of every observer made by L{filtered_observer}."""
     level_filter.setLogLevelForNamespace(None, level)
@@ -42,10 +63,6 @@ def set_level(level: LogLevel) -> None:
 
 def current_level() -> LogLevel:
     return level_filter.logLevelForNamespace(None)
-
-
-# Quietest first: SIGTTIN steps right (more output), SIGTTOU left.
-LEVELS = (LogLevel.critical, LogLevel.error, LogLevel.warn, LogLevel.info, LogLevel.debug)
 
 
 def stepped_level(step: int) -> LogLevel:
@@ -63,9 +80,30 @@ def filtered_observer(output=None):
         stream = _LogFile(output)
     else:
         stream = output
-    from twistedproxy.process.limits import quiet_refusals
-
     return FilteringLogObserver(textFileLogObserver(stream), [quiet_refusals, level_filter])
+
+
+# What Twisted logs when accept() fails for want of a descriptor (twisted.internet.tcp._accept).
+REFUSED_FORMAT = "EMFILE recovery: Closed socket from {address}"
+_QUIET = frozenset((
+    "EMFILE encountered; releasing reserved file descriptor.",
+    "Re-reserving EMFILE recovery file descriptor.",
+    "Could not re-reserve EMFILE recovery file descriptor.",
+    REFUSED_FORMAT,
+))
+_OUT_OF_FILES = ("EMFILE", "ENFILE")
+
+
+def is_refusal_event(event) -> bool:
+    """Whether C{event} is one of Twisted's lines about a client refused for want of a descriptor."""
+    fmt = event.get("log_format")
+    return fmt in _QUIET or (fmt == "Could not accept new connection ({acceptError})"
+                             and event.get("acceptError") in _OUT_OF_FILES)
+
+
+def quiet_refusals(event):
+    """A log predicate: Twisted's per-client EMFILE lines are not written (L{twistedproxy.process.limits.RefusalLog} sums them up)."""
+    return PredicateResult.no if is_refusal_event(event) else PredicateResult.maybe
 
 
 class _LogFile:

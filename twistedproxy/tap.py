@@ -11,12 +11,17 @@ import os
 import sys
 
 from twisted.application import service
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from twisted.python import usage
+from zope.interface import implementer
 
+from twistedproxy import logs
 from twistedproxy._version import __version__
 from twistedproxy.config import ConfigError, load_config, load_config_text
+from twistedproxy.control.interface import IProxyControl
 from twistedproxy.process import command
+from twistedproxy.process.command import twistd_options
 
 log = Logger()
 
@@ -91,9 +96,11 @@ def check_config(path: str, out=sys.stdout) -> bool:
     return True
 
 
+@implementer(IProxyControl)
 class ProxyService(service.Service):
     """
-    Runs every pool of a configuration in this process (and its stats endpoints).
+    Runs every pool of a configuration in this process (and its stats endpoints,
+    and the control endpoint when C{global: control} names a socket).
 
     With C{config_path} and C{handle_signals} (what twistd and C{cacheproxy} do),
     signals act as on a master where one process can: SIGHUP reopens the log
@@ -116,6 +123,10 @@ class ProxyService(service.Service):
         self.pid_file = pid_file  # nutcracker's -p: written at start, removed at stop
         self.serving = None  # fires once listening (after the warm-up); fails if it cannot
         self.failed = False  # could not listen after the warm-up
+        self.sources = None  # the stats endpoints' (and the control endpoint's) view of the proxy
+        self.control_port = None
+        self.started_at = 0.0
+        self.last_reload = {"ok": None, "error": "", "time": None}
 
     @property
     def reactor(self):
@@ -128,14 +139,16 @@ class ProxyService(service.Service):
     def startService(self):
         service.Service.startService(self)
         from twistedproxy.api import Proxy
-
         from twistedproxy.process.limits import RefusalLog
+        from twistedproxy.stats import server as stats_server
 
         if self.pid_file:
             command.write_pid_file(self.pid_file)
         if self.handle_signals:
             self._install_signals()  # before listening: a client may signal as soon as it can connect
         self.proxy = Proxy(self.config, self.reactor)
+        self.sources = stats_server.LocalSources(self.proxy)
+        self.started_at = self.reactor.seconds()
         RefusalLog(self.reactor).start()
         # Listening only once warm: the first clients must not wait for the JIT.
         self.serving = self.proxy.warm_up()
@@ -152,6 +165,7 @@ class ProxyService(service.Service):
                                  if pool.config.listen is not None))
         self.proxy.start()
         self._serve_stats()
+        self._open_control()
         command.daemon_started()
 
     def _cannot_serve(self, failure) -> None:
@@ -164,14 +178,29 @@ class ProxyService(service.Service):
         from twistedproxy.stats import server as stats_server
 
         self.stats_ports = stats_server.start(
-            self.reactor, stats_server.LocalSources(self.proxy), self.stats_port, self.stats_addr,
-            self.config.global_.stats_http,
+            self.reactor, self.sources, self.stats_port, self.stats_addr, self.config.global_.stats_http,
         )
+
+    def _open_control(self) -> None:
+        path = self.config.global_.control
+        if path:
+            from twistedproxy.control.server import listen_control
+
+            self.control_port = listen_control(self.reactor, path, self)
+
+    def _close_control(self) -> None:
+        if self.control_port is not None:
+            port, self.control_port = self.control_port, None
+            port.stopListening()
+            try:
+                os.unlink(self.config.global_.control)
+            except OSError:
+                pass
 
     def _install_signals(self) -> None:
         import signal
 
-        from twistedproxy import logs, signals
+        from twistedproxy import signals
 
         def step(by):
             logs.set_level(logs.stepped_level(by))
@@ -193,23 +222,23 @@ class ProxyService(service.Service):
             signal.SIGQUIT: ("exiting", self.reactor.stop),
             signal.SIGINT: ("exiting", None),  # the reactor stops
             signal.SIGTERM: ("exiting", None),
-            signal.SIGUSR2: ("", lambda: log.warn(
-                "no upgrade: an upgrade (SIGUSR2) needs a master: set global: worker_processes")),
+            signal.SIGUSR2: ("", lambda: log.warn("no upgrade: {error}", error=self.start_upgrade()[1])),
         })
 
-    def reload(self) -> bool:
+    def reload(self):
         """
         Apply the configuration file again (between requests, keeping client
         connections, and the backend connections of pools it leaves as they
         were); an invalid file changes nothing.  Settings changed at run time
-        go back to the file's values, as under a master.  Returns whether the
-        running configuration is now the file's.
+        go back to the file's values, as under a master.  A Deferred fires
+        with (whether the running configuration is now the file's, the error).
         """
         try:
             text, config = load_config_text(self.config_path)
-        except ConfigError as e:
+        except (ConfigError, OSError) as e:
             log.error("reload refused; the running configuration stays:\n{error}", error=str(e))
-            return False
+            self._record_reload(False, str(e))
+            return succeed((False, str(e)))
         if config.global_.worker_processes != self.config.global_.worker_processes:
             log.warn("worker_processes changes take a restart; the pools are applied now")
         old_stats_http = self.config.global_.stats_http
@@ -220,13 +249,60 @@ class ProxyService(service.Service):
                 port.stopListening()
             self._serve_stats()
         log.info("reloaded {path}", path=self.config_path)
-        return True
+        self._record_reload(True, "")
+        return succeed((True, ""))
+
+    def _record_reload(self, ok, error) -> None:
+        self.last_reload = {"ok": ok, "error": error, "time": self.reactor.seconds() - self.started_at}
+
+    # -- IProxyControl: what the control endpoint asks of a single process --------------
+
+    def status(self) -> dict:
+        import hashlib
+
+        return {
+            "pid": os.getpid(),
+            "uptime": round(self.reactor.seconds() - self.started_at, 3),
+            "config": self.config_path,
+            "config_digest": hashlib.sha256((self.config_text or "").encode("utf-8")).hexdigest(),
+            "worker_processes": 0,
+            "workers": [],
+            "last_reload": self.last_reload,
+            "log_level": logs.current_level().name,
+            "upgrading": False,
+            "stopping": not self.running,
+        }
+
+    def collect_stats(self):
+        from twistedproxy.stats import snapshots
+
+        return succeed({str(os.getpid()): snapshots.snapshot(self.proxy)})
+
+    def start_upgrade(self):
+        return False, "an upgrade (SIGUSR2) needs a master: set global: worker_processes"
+
+    def stop(self, graceful=True) -> None:
+        """Stop the process (as SIGQUIT does): in-flight requests get their replies or errors as the pools close."""
+        self.reactor.stop()
+
+    def set_workers(self, count):
+        return False, "worker_processes changes take a restart (this proxy runs as a single process)"
+
+    def set_log_level(self, level) -> None:
+        logs.set_level(level)
+
+    def slowlog(self, limit=None):
+        return self.sources.slowlog(limit)
+
+    def tune(self, changes, pool=None):
+        return self.sources.tune(changes, pool)
 
     def stopService(self):
         service.Service.stopService(self)
         for port in self.stats_ports:
             port.stopListening()
         self.stats_ports = []
+        self._close_control()
         if self.pid_file:
             command.remove_pid_file(self.pid_file)
         if self.proxy is not None:
@@ -259,16 +335,6 @@ class _TwistdLevelLog(service.MultiService):
         service.MultiService.setServiceParent(self, parent)
 
 
-def _twistd_options(options):
-    """twistd's own options when C{options} are C{cacheproxy}'s under twistd, else None."""
-    twistd = getattr(options, "parent", None)
-    try:
-        twistd["nodaemon"]
-    except (TypeError, KeyError):
-        return None  # not under twistd (the cacheproxy command, a test)
-    return twistd
-
-
 def _twistd_observer(twistd_options):
     """The log observer twistd would make for C{twistd_options}, behind our level filter; or None."""
     if twistd_options.get("syslog") or twistd_options.get("logger"):
@@ -288,7 +354,7 @@ def _twistd_observer(twistd_options):
 
 def makeService(options, reactor=None):
     """The service twistd runs for C{cacheproxy}."""
-    twistd = _twistd_options(options)
+    twistd = twistd_options(options)
     if twistd is not None and options["daemonize"] and twistd["nodaemon"]:
         raise usage.UsageError("-d/--daemonize: twistd daemonizes by itself; drop twistd's -n/--nodaemon")
     if twistd is not None and reactor is None:
@@ -304,7 +370,7 @@ def makeService(options, reactor=None):
     if twistd is None:
         return made
     wrapped = _TwistdLevelLog(made, twistd)
-    from twistedproxy.process.master import READY_ENV
+    from twistedproxy.process.upgrade import READY_ENV
 
     if READY_ENV in os.environ:
         # The new master of an upgrade runs the operator's twistd command line

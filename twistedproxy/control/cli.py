@@ -24,7 +24,7 @@ import sys
 
 from twistedproxy.control.client import BlockingControlClient, ControlError
 from twistedproxy.stats import commands as stats_commands
-from twistedproxy.stats.tuning import SETTINGS
+from twistedproxy.config.settings import SETTINGS
 
 EXIT_OK = 0
 EXIT_REFUSED = 1

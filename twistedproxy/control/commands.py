@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from twisted.protocols import amp
 
-from twistedproxy.process.channel import BigUnicode
+from twistedproxy.net.channels import BigUnicode
 
 
 class Status(amp.Command):

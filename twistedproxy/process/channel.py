@@ -11,49 +11,9 @@ Old master -> new master, during an upgrade: L{InheritTotals}.
 
 from __future__ import annotations
 
-from twisted.internet.protocol import Factory
-from twisted.logger import LogLevel
 from twisted.protocols import amp
 
-from twistedproxy import logs
-
-# AMP caps one value at 65535 bytes; a configuration can be longer.
-_CHUNK = 60000
-
-
-class BigUnicode(amp.Argument):
-    """Text of any length, sent as numbered chunks C{name.0}, C{name.1}, ..."""
-
-    def fromBox(self, name, strings, objects, proto):
-        parts = []
-        index = 0
-        while True:
-            key = b"%s.%d" % (name, index)
-            part = strings.get(key)
-            if part is None:
-                break
-            parts.append(part)
-            index += 1
-        objects[str(name, "ascii")] = b"".join(parts).decode("utf-8")
-
-    def toBox(self, name, strings, objects, proto):
-        data = objects[str(name, "ascii")].encode("utf-8")
-        for index, start in enumerate(range(0, max(len(data), 1), _CHUNK)):
-            strings[b"%s.%d" % (name, index)] = data[start:start + _CHUNK]
-
-
-def quiet_factory(build):
-    """A factory whose protocols come from C{build()}, without start/stop log lines."""
-    factory = Factory()
-    factory.noisy = False
-    factory.buildProtocol = lambda addr: build()
-    return factory
-
-
-def quiet_amp_logs() -> None:
-    """AMP logs every connection at info level; the channels and control clients are routine."""
-    logs.level_filter.setLogLevelForNamespace("twisted.protocols.amp", LogLevel.warn)
-
+from twistedproxy.net.channels import BigUnicode
 
 class Hello(amp.Command):
     """A worker is up; the answer is the configuration it must run."""

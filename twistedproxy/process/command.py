@@ -18,6 +18,11 @@ START_DIR = os.getcwd()
 OLDBIN = ".oldbin"  # nginx's suffix for the pid file of a master being replaced
 
 
+def package_root() -> str:
+    """The folder holding the C{twistedproxy} package: children put it on their C{PYTHONPATH}."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def launch_argv() -> list:
     """
     The command that started this process, interpreter first, to run again
@@ -115,3 +120,13 @@ def daemon_started() -> None:
             os.write(fd, b"ok")
         finally:
             os.close(fd)
+
+
+def twistd_options(options):
+    """twistd's own options when C{options} are C{cacheproxy}'s under twistd, else None."""
+    twistd = getattr(options, "parent", None)
+    try:
+        twistd["nodaemon"]
+    except (TypeError, KeyError):
+        return None  # not under twistd (the cacheproxy command, a test)
+    return twistd

@@ -28,7 +28,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from twistedproxy.process.channel import BigUnicode, quiet_factory
+from twistedproxy.net.channels import BigUnicode, quiet_factory
 
 log = Logger()
 

@@ -6,14 +6,17 @@ ceiling is reached and new clients are refused.
 
 At the ceiling Twisted's listening ports already refuse: they free a reserved
 descriptor, accept what waits and close it at once.  They log three lines per
-round, one per client; those lines are replaced by L{RefusalLog}'s.
+round, one per client; those lines are replaced by L{RefusalLog}'s (the log's
+filter, L{twistedproxy.logs.quiet_refusals}, keeps them out).
 """
 
 from __future__ import annotations
 
 import resource
 
-from twisted.logger import Logger, PredicateResult, globalLogPublisher
+from twisted.logger import Logger, globalLogPublisher
+
+from twistedproxy.logs import REFUSED_FORMAT, is_refusal_event
 
 log = Logger()
 
@@ -22,28 +25,6 @@ log = Logger()
 MARGIN = 64
 NR_OPEN_PATH = "/proc/sys/fs/nr_open"  # the kernel's cap on any nofile limit
 NR_OPEN_DEFAULT = 1 << 20
-
-# What Twisted logs when accept() fails for want of a descriptor (twisted.internet.tcp._accept).
-_REFUSED = "EMFILE recovery: Closed socket from {address}"
-_QUIET = frozenset((
-    "EMFILE encountered; releasing reserved file descriptor.",
-    "Re-reserving EMFILE recovery file descriptor.",
-    "Could not re-reserve EMFILE recovery file descriptor.",
-    _REFUSED,
-))
-_OUT_OF_FILES = ("EMFILE", "ENFILE")
-
-
-def _is_refusal_event(event) -> bool:
-    fmt = event.get("log_format")
-    return fmt in _QUIET or (fmt == "Could not accept new connection ({acceptError})"
-                             and event.get("acceptError") in _OUT_OF_FILES)
-
-
-def quiet_refusals(event):
-    """A log predicate: Twisted's per-client EMFILE lines are not written (L{RefusalLog} sums them up)."""
-    return PredicateResult.no if _is_refusal_event(event) else PredicateResult.maybe
-
 
 def needed_files(config):
     """Descriptors C{config}'s connections can take at once, or None when a pool's clients are unlimited."""
@@ -124,9 +105,9 @@ class RefusalLog:
         self.call = None
 
     def __call__(self, event) -> None:
-        if not _is_refusal_event(event):
+        if not is_refusal_event(event):
             return
-        if event.get("log_format") == _REFUSED:
+        if event.get("log_format") == REFUSED_FORMAT:
             self.refused += 1
         else:
             self.rounds += 1

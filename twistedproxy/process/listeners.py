@@ -1,87 +1,24 @@
 """
-Listening sockets for pools: TCP (optionally SO_REUSEPORT) and UNIX.
+The master's listening sockets, handed to workers as descriptors: their names
+(one per address, or one per address and worker slot with reuseport), the
+sockets an upgrading master inherits, and L{ListeningSockets}, the room of the
+master that opens, hands out and closes them.
 
-Kept apart from the core so the process model can create sockets in a master
-and hand them to workers (adoptStreamPort) with the same rules.
+The socket primitives are L{twistedproxy.net.sockets}'s; the stats endpoints'
+sockets are named by L{twistedproxy.stats.server.stats_key}.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 
-from twisted.internet import tcp, unix
+from twisted.logger import Logger
 
+from twistedproxy.net.sockets import bind_socket, keep_nonblocking
+from twistedproxy.process import accept_mutex
 
-def bind_socket(listen, backlog: int, reuseport: bool = False) -> socket.socket:
-    """
-    A bound, listening, non-blocking socket for a L{ListenSpec}.  UNIX sockets
-    replace a stale file and get the configured permissions.
-    """
-    if listen.path is not None:
-        try:
-            os.unlink(listen.path)
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(listen.path)
-        if listen.perm is not None:
-            os.chmod(listen.path, listen.perm)
-    else:
-        family = socket.AF_INET6 if ":" in (listen.host or "") else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuseport:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((listen.host, listen.port))
-    sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
-
-
-@contextlib.contextmanager
-def keep_nonblocking():
-    """
-    Within it, wrapping a descriptor in a socket object (socket(fileno=...),
-    fromfd, Twisted's adoptions) leaves the descriptor non-blocking.
-    """
-    # PyPy makes a wrapped descriptor blocking unless the default timeout is 0.
-    # The flag is the socket's, shared with every process holding it: even a
-    # moment of blocking mode can leave another process (an old worker during an
-    # upgrade) stuck in accept() with the connection it just took unserved.
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(0.0)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def adopt_socket(reactor, sock: socket.socket, factory):
-    """Serve C{factory} on an already listening socket; returns the port object."""
-    with keep_nonblocking():
-        return reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
-
-
-def listen(reactor, listen_spec, factory, backlog: int = 512, reuseport: bool = False):
-    """Listen for C{factory} on C{listen_spec}; returns the listening port object."""
-    if listen_spec.path is not None and not reuseport:
-        kwargs = {"backlog": backlog}
-        if listen_spec.perm is not None:
-            kwargs["mode"] = listen_spec.perm
-        return reactor.listenUNIX(listen_spec.path, factory, **kwargs)
-    if not reuseport:
-        return reactor.listenTCP(listen_spec.port, factory, backlog=backlog, interface=listen_spec.host)
-    sock = bind_socket(listen_spec, backlog, reuseport=True)
-    try:
-        return adopt_socket(reactor, sock, factory)
-    finally:
-        # adoptStreamPort dups the descriptor; ours is no longer needed.
-        sock.close()
-
-
-# -- master and workers ------------------------------------------------------
+log = Logger()
 
 # Names the listening descriptors a new master inherits on upgrade (nginx's
 # NGINX variable): "key=fd;key=fd", keys from socket_key().
@@ -120,15 +57,6 @@ def is_slot_key(key: str) -> bool:
     return not key.startswith("stats#") and key.rpartition("#")[2].isdigit()
 
 
-def stats_key(kind: str, listen_spec) -> str:
-    """
-    The name of the master's listening socket for a stats endpoint (C{kind}
-    "port": nutcracker's C{-s/-a}; "http": C{global.stats_http}).  The address is
-    part of the name so a new master whose endpoint moved binds afresh.
-    """
-    return "stats#%s@%s" % (kind, listen_spec)
-
-
 def inherited_sockets(environ) -> dict:
     """The listening sockets named by L{INHERIT_ENV} in C{environ}: key -> socket."""
     found = {}
@@ -147,41 +75,115 @@ def inherited_sockets(environ) -> dict:
     return found
 
 
-def adopt_port(reactor, fd: int, factory, one_accept: bool = False):
+
+
+class ListeningSockets:
     """
-    Serve C{factory} on the listening socket C{fd} (not closed: the port dups it)
-    and return the started port.  With C{one_accept}, each readiness accepts a
-    single connection (nginx's default, needed to spread accepts fairly under
-    the accept mutex).  An adopted UNIX socket's path is left in place when the
-    port stops: the master owns it.
+    The master's listening sockets (socket name -> socket) and the
+    accept-mutex file: opened for a configuration and a worker count, handed
+    to each worker slot as descriptors, closed when no worker may use them.
+
+    @ivar handed_over: an upgraded master took the sockets: closing one leaves
+        its UNIX path in place (it is the new master's now).
     """
-    with keep_nonblocking():
-        probe = socket.socket(fileno=fd)
-        family = probe.family
-        probe.detach()  # the descriptor stays open; it was only inspected
-        if family == socket.AF_UNIX:
-            cls = _OneAcceptUNIXPort if one_accept else _AdoptedUNIXPort
-            port = cls._fromListeningDescriptor(reactor, fd, factory)
-        else:
-            cls = _OneAcceptTCPPort if one_accept else tcp.Port
-            port = cls._fromListeningDescriptor(reactor, fd, family, factory)
-    port.startListening()
-    return port
 
+    def __init__(self):
+        self.sockets = {}
+        self.mutex_fd = None
+        self.use_mutex = False
+        self.handed_over = False
 
-class _AdoptedUNIXPort(unix.Port):
-    def connectionLost(self, reason):
-        # Skip unix.Port's unlink: the socket file belongs to the master.
-        tcp.Port.connectionLost(self, reason)
+    @staticmethod
+    def wanted(config, count) -> dict:
+        """socket name -> (pool config, slot or None) for C{config} with C{count} workers."""
+        keys = {}
+        shared = config.global_.listen_mode == "shared"
+        for pool in config.listening:
+            if shared or pool.listen.is_unix:
+                keys[socket_key(pool.listen, None)] = (pool, None)
+            else:
+                for slot in range(count):
+                    keys[socket_key(pool.listen, slot)] = (pool, slot)
+        return keys
 
+    def ensure(self, config, count, inherited=None) -> None:
+        """
+        Have every socket C{config} needs with C{count} workers: kept when open,
+        taken from C{inherited} (name -> socket, consumed; an upgrade's) when
+        there, bound otherwise.  On a bind error every socket bound here is
+        closed and the error raised: nothing changed.
+        """
+        available = inherited if inherited is not None else dict(self.sockets)
+        opened = {}
+        made = []
+        try:
+            for key, (pool, slot) in self.wanted(config, count).items():
+                sock = available.pop(key, None)
+                if sock is None:
+                    # SO_REUSEPORT on every TCP socket: lets a reuseport group grow
+                    # and a rollover bind the same address in the other mode.
+                    sock = bind_socket(pool.listen, pool.backlog, reuseport=not pool.listen.is_unix)
+                    made.append(sock)
+                opened[key] = sock
+        except OSError:
+            for sock in made:
+                sock.close()
+            raise
+        self.sockets.update(opened)
 
-class _OneAcceptUNIXPort(_AdoptedUNIXPort):
-    def doRead(self):
-        self.numberAccepts = 1
-        _AdoptedUNIXPort.doRead(self)
+    def fds_for(self, config, slot) -> dict:
+        """pool name -> the master's descriptor that worker C{slot} serves."""
+        shared = config.global_.listen_mode == "shared"
+        fds = {}
+        for pool in config.listening:
+            one = shared or pool.listen.is_unix
+            fds[pool.name] = self.sockets[socket_key(pool.listen, None if one else slot)].fileno()
+        return fds
 
+    def prune(self, config, count) -> None:
+        """Close the sockets C{config} with C{count} workers no longer uses (no worker may be left on them)."""
+        wanted = self.wanted(config, count)
+        closing = [key for key in self.sockets if key not in wanted]
+        slots = sum(1 for key in closing if is_slot_key(key))
+        if slots and reuseport_migration() is False:
+            log.warn(
+                "closing {count} reuseport socket(s): connections still queued on them are reset;"
+                " set net.ipv4.tcp_migrate_req=1 to have the kernel move them to the other workers",
+                count=slots,
+            )
+        for key in closing:
+            self.close(self.sockets.pop(key))
 
-class _OneAcceptTCPPort(tcp.Port):
-    def doRead(self):
-        self.numberAccepts = 1
-        tcp.Port.doRead(self)
+    def close(self, sock) -> None:
+        """Close C{sock}, and remove its UNIX path unless an upgraded master took it."""
+        path = None
+        if sock.family == socket.AF_UNIX and not self.handed_over:
+            path = sock.getsockname()
+        sock.close()
+        if path:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    # -- the accept mutex ---------------------------------------------------------
+
+    def setup_mutex(self, config) -> None:
+        """The accept mutex serialises shared sockets only: reuseport sockets have one worker each."""
+        glob = config.global_
+        self.use_mutex = glob.accept_mutex and glob.listen_mode == "shared"
+        if self.use_mutex and self.mutex_fd is None:
+            self.mutex_fd = accept_mutex.create_file()
+
+    def slot_gone(self, slot) -> None:
+        """The worker of C{slot} ended: it holds no accepts any more."""
+        if self.mutex_fd is not None:
+            accept_mutex.clear_slot(self.mutex_fd, slot)
+
+    def close_all(self) -> None:
+        for sock in self.sockets.values():
+            self.close(sock)
+        self.sockets = {}
+        if self.mutex_fd is not None:
+            os.close(self.mutex_fd)
+            self.mutex_fd = None

@@ -31,16 +31,17 @@ import sys
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import ServerFactory
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.protocols import amp
 
 from twistedproxy import logs
 from twistedproxy.config import ConfigError, parse_config
 from twistedproxy.core import warmup
+from twistedproxy.net.channels import quiet_amp_logs, quiet_factory
+from twistedproxy.net.sockets import adopt_port
 from twistedproxy.process import channel, command, ejection, handoff
 from twistedproxy.process.accept_mutex import AcceptMutex
 from twistedproxy.process.limits import RefusalLog
-from twistedproxy.process.listeners import adopt_port
 from twistedproxy.stats import commands as stats_commands, workers as stats_workers
 
 log = Logger()
@@ -194,7 +195,7 @@ class WorkerChannel(amp.AMP):
 
     @channel.SetLogLevel.responder
     def set_log_level(self, level):
-        logs.set_level(LogLevel.levelWithName(level))
+        logs.set_level(logs.parse_level(level))
         return {}
 
     @channel.WorkerCount.responder
@@ -238,7 +239,7 @@ class Worker:
     def start(self) -> None:
         fd = self.layout["channel"]
         self.channel = WorkerChannel(self)
-        self.reactor.adoptStreamConnection(fd, socket.AF_UNIX, channel.quiet_factory(lambda: self.channel))
+        self.reactor.adoptStreamConnection(fd, socket.AF_UNIX, quiet_factory(lambda: self.channel))
         os.set_blocking(fd, False)  # PyPy's adoption made it blocking
         os.close(fd)
         d = self.channel.callRemote(channel.Hello, pid=os.getpid(), slot=self.slot)
@@ -392,10 +393,10 @@ def main() -> int:
 
     reactor = install_reactor()
 
-    logs.set_level(LogLevel.levelWithName(layout.get("level", "info")))
+    logs.set_level(logs.parse_level(layout.get("level", "info")))
     output = layout.get("output")
     globalLogBeginner.beginLoggingTo([logs.filtered_observer(output)], redirectStandardIO=False)
-    channel.quiet_amp_logs()
+    quiet_amp_logs()
     RefusalLog(reactor).start()
     worker = Worker(reactor, layout)
 

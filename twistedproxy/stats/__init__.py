@@ -9,9 +9,10 @@ The process model uses four functions, re-exported here:
   - C{snapshot(proxy) -> dict}: this worker's statistics, JSON-able;
   - C{merge([snapshot, ...]) -> dict}: the whole proxy's (counters summed,
     HDR histograms added);
-  - C{slowlog(proxy) -> list} and C{merge_slowlogs([list, ...]) -> list};
+  - C{slowlog(proxy) -> list} and C{merge_slowlogs([list, ...]) -> list}.
 
-and C{tuning.apply(proxy, changes, pool=None) -> dict} for run-time settings.
+Nothing here imports the core: the core records into L{recorder}'s objects,
+and the rest reads a proxy (L{twistedproxy.api.Proxy}) by its attributes.
 """
 
 __all__ = ["snapshot", "merge", "slowlog", "merge_slowlogs"]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from twisted.protocols import amp
 
-from twistedproxy.process.channel import BigUnicode
-from twistedproxy.stats.tuning import TuningError
+from twistedproxy.net.channels import BigUnicode
+from twistedproxy.config.settings import TuningError
 
 
 class SlowLog(amp.Command):
@@ -22,7 +22,7 @@ class SlowLog(amp.Command):
 
 class Tune(amp.Command):
     """
-    Change run-time settings (a JSON object, see L{twistedproxy.stats.tuning});
+    Change run-time settings (a JSON object, see L{twistedproxy.config.settings});
     C{pool} limits pool settings to one pool.  The answer is a JSON object
     C{{"workers": [settings of each process]}}.
     """

@@ -28,13 +28,13 @@ from collections import deque
 from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 
+from twistedproxy.config.settings import SLOWLOG_MAX_LEN_LIMIT
 from twistedproxy.stats.histogram import Latency
 
 log = Logger()
 
 DEFAULT_SLOWLOG_THRESHOLD = 0.010  # seconds
 DEFAULT_SLOWLOG_MAX_LEN = 128
-SLOWLOG_MAX_LEN_LIMIT = 100000  # run-time changes cannot grow the ring past this
 SLOWLOG_KEY_BYTES = 64  # keys are truncated to this many bytes in the slow log
 
 

@@ -16,7 +16,7 @@ a single process (L{LocalSources}) and in the master, which collects from its
 workers over AMP:
 
   - C{stats()}: the merged snapshot (L{twistedproxy.stats.snapshots.merge});
-  - C{slowlog()}: the merged slow log (a list, most recent first);
+  - C{slowlog(limit=None)}: the merged slow log (a list, most recent first);
   - C{tune(changes, pool)}: apply settings everywhere; fires with a report;
   - C{admin_token()}: the token state-changing calls need, or None (see
     L{admin_token}).
@@ -34,7 +34,8 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 from zope.interface import implementer
 
-from twistedproxy.stats import prometheus, snapshots, status, tuning
+from twistedproxy.config.settings import TuningError
+from twistedproxy.stats import prometheus, snapshots, status
 
 log = Logger()
 
@@ -48,11 +49,11 @@ class LocalSources:
     def stats(self):
         return succeed(snapshots.merge([snapshots.snapshot(self.proxy)]))
 
-    def slowlog(self):
-        return succeed(snapshots.merge_slowlogs([snapshots.slowlog(self.proxy)]))
+    def slowlog(self, limit=None):
+        return succeed(snapshots.merge_slowlogs([snapshots.slowlog(self.proxy)], limit or None))
 
     def tune(self, changes, pool=None):
-        return maybeDeferred(lambda: {"workers": [tuning.apply(self.proxy, changes, pool)]})
+        return maybeDeferred(lambda: {"workers": [self.proxy.tune(changes, pool)]})
 
     def admin_token(self):
         return admin_token(self.proxy.config.global_)
@@ -157,7 +158,7 @@ class _Deferred(resource.Resource):
             request.finish()
 
         def error(failure):
-            if failure.check(tuning.TuningError):
+            if failure.check(TuningError):
                 return write(("application/json", _json({"error": str(failure.value)}), 400))
             if failure.check(HTTPRefused):
                 for name, value in failure.value.headers:
@@ -238,7 +239,7 @@ class StatsSite:
             try:
                 limit = max(int(raw[0]), 0)
             except ValueError:
-                raise tuning.TuningError("limit: expected an integer")
+                raise TuningError("limit: expected an integer")
         return self.sources.slowlog().addCallback(
             lambda entries: ("application/json", _json(entries[:limit] if limit is not None else entries))
         )
@@ -265,13 +266,22 @@ class StatsSite:
             try:
                 changes = json.loads(request.content.read().decode("utf-8"))
             except ValueError as e:
-                raise tuning.TuningError("bad JSON: %s" % (e,))
+                raise TuningError("bad JSON: %s" % (e,))
             if not isinstance(changes, dict):
-                raise tuning.TuningError("expected a JSON object of settings")
+                raise TuningError("expected a JSON object of settings")
         else:
             changes = {k.decode("utf-8"): v[-1].decode("utf-8") for k, v in request.args.items()}
         pool = changes.pop("pool", None)
         return self.sources.tune(changes, pool).addCallback(lambda report: ("application/json", _json(report)))
+
+
+def stats_key(kind: str, listen_spec) -> str:
+    """
+    The name of the master's listening socket for a stats endpoint (C{kind}
+    "port": nutcracker's C{-s/-a}; "http": C{global.stats_http}).  The address is
+    part of the name so a new master whose endpoint moved binds afresh.
+    """
+    return "stats#%s@%s" % (kind, listen_spec)
 
 
 def endpoints(stats_port=None, stats_addr="0.0.0.0", http_listen=None) -> dict:
@@ -307,7 +317,7 @@ def start(reactor, sources, stats_port=None, stats_addr="0.0.0.0", http_listen=N
     ports.  One that cannot be opened is logged and skipped: the proxy keeps
     serving.
     """
-    from twistedproxy.process.listeners import listen
+    from twistedproxy.net.sockets import listen
 
     ports = []
     for kind, spec in endpoints(stats_port, stats_addr, http_listen).items():
@@ -326,7 +336,7 @@ def bind(specs: dict, available: dict) -> dict:
     socket name (L{stats_key}) -> socket; one that cannot be bound is logged
     and skipped.
     """
-    from twistedproxy.process.listeners import bind_socket, stats_key
+    from twistedproxy.net.sockets import bind_socket
 
     sockets = {}
     for kind, spec in specs.items():
@@ -349,7 +359,7 @@ def adopt(reactor, sources, specs: dict, sockets: dict) -> list:
     open (and a UNIX socket's path in place) when the ports stop: their owner
     closes them.
     """
-    from twistedproxy.process.listeners import adopt_port, stats_key
+    from twistedproxy.net.sockets import adopt_port
 
     ports = []
     for kind, spec in specs.items():

@@ -160,9 +160,7 @@ def snapshot(proxy, settings=True) -> dict:
         "pools": pools,
     }
     if settings:
-        from twistedproxy.stats.tuning import current
-
-        result["settings"] = current(proxy)
+        result["settings"] = proxy.settings()
     return result
 
 

@@ -1,14 +1,15 @@
 """
-Run-time settings, changed without a restart and applied in place to one
-process (the master sends the same change to every worker and collects each
-one's report).
+Run-time settings: the names C{cacheproxyctl set NAME=VALUE} and the stats
+endpoint's C{POST /tune} accept, their bounds, and how a value given as text
+is read.  Applying them is the running proxy's business
+(L{twistedproxy.api.Proxy.tune}, the pools' part L{twistedproxy.core.tuning}).
 
-Settings (names as in C{cacheproxyctl set NAME VALUE}):
+Settings:
   - slowlog_threshold: seconds (float >= 0);
   - slowlog_max_len: slow requests kept per process (0 .. 100000);
   - slowlog_log: true/false, also write slow requests to the log;
   - log_level: nutcracker's C{-v} number 0 .. 11, or a level name
-    (critical, error, warn, info, debug);
+    (L{twistedproxy.logs.parse_level});
   - client_max_pending: requests in flight per client before reading pauses
     (1 .. 1000000), applied to live clients at once;
   - max_request_bytes: the largest request accepted (1 KiB .. 1 GiB), for
@@ -17,25 +18,20 @@ Settings (names as in C{cacheproxyctl set NAME VALUE}):
     their next request on.
 
 Every value is bounded, so no setting can make memory grow without limit.  A
-pool-level setting may be limited to one pool (C{pool=NAME}).  A reload applies
-the configuration file again: the file's values (or the defaults) replace these,
+pool-level setting may be limited to one pool.  A reload applies the
+configuration file again: the file's values (or the defaults) replace these,
 all but log_level, which comes from C{-v}.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
-from twisted.logger import LogLevel
-
 from twistedproxy import logs
-from twistedproxy.stats.recorder import SLOWLOG_MAX_LEN_LIMIT
 
 POOL_SETTINGS = ("client_max_pending", "max_request_bytes", "timeout")
 PROCESS_SETTINGS = ("slowlog_threshold", "slowlog_max_len", "slowlog_log", "log_level")
 SETTINGS = PROCESS_SETTINGS + POOL_SETTINGS
 
-_LEVEL_NAMES = ("critical", "error", "warn", "info", "debug")
+SLOWLOG_MAX_LEN_LIMIT = 100000  # run-time changes cannot grow the slow log's ring past this
 
 
 class TuningError(ValueError):
@@ -66,11 +62,12 @@ def _boolean(name, value):
 
 
 def _level(value):
-    text = str(value).lower()
-    if text in _LEVEL_NAMES:
-        return LogLevel.levelWithName(text)
-    verbosity = _number("log_level", value, int, 0, 11)
-    return logs.level_for_verbosity(verbosity)
+    if isinstance(value, bool):
+        raise TuningError("log_level: expected a level name or 0..11, got %r" % (value,))
+    try:
+        return logs.parse_level(value)
+    except ValueError as e:
+        raise TuningError("log_level: %s" % (e,))
 
 
 def parse(changes: dict) -> dict:
@@ -94,58 +91,3 @@ def parse(changes: dict) -> dict:
         else:
             raise TuningError("unknown setting %r (known: %s)" % (name, ", ".join(SETTINGS)))
     return parsed
-
-
-def apply(proxy, changes: dict, pool=None) -> dict:
-    """
-    Apply C{changes} to this process (every pool, or only pool C{pool}) and
-    return L{current} settings.  Nothing changes unless every value is valid.
-    """
-    parsed = parse(changes)
-    pools = list(proxy.pools.values())
-    if pool is not None:
-        pools = [p for p in pools if p.name == pool]
-        if not pools:
-            raise TuningError("no pool named %r" % (pool,))
-    registry = proxy.stats
-    registry.set_slowlog(
-        threshold=parsed.get("slowlog_threshold"),
-        max_len=parsed.get("slowlog_max_len"),
-        to_log=parsed.get("slowlog_log"),
-    )
-    if "log_level" in parsed:
-        logs.set_level(parsed["log_level"])
-    pool_changes = {name: parsed[name] for name in POOL_SETTINGS if name in parsed}
-    if pool_changes:
-        for server_pool in pools:
-            _apply_to_pool(server_pool, pool_changes)
-    return current(proxy)
-
-
-def _apply_to_pool(pool, changes: dict) -> None:
-    # The pool's config is what new clients and connections read; live ones
-    # follow it (ServerPool.use_config).
-    replace = dict(changes)
-    if "timeout" in replace:
-        replace["timeout"] = replace["timeout"] or None
-    pool.use_config(dataclasses.replace(pool.config, **replace))
-
-
-def current(proxy) -> dict:
-    """The settings in force in this process; pool settings per pool."""
-    registry = proxy.stats
-    level = logs.current_level()
-    return {
-        "slowlog_threshold": registry.slowlog_threshold,
-        "slowlog_max_len": registry.slowlog.max_len,
-        "slowlog_log": registry.slowlog.to_log,
-        "log_level": level.name if level is not None else None,
-        "pools": {
-            name: {
-                "client_max_pending": pool.config.client_max_pending,
-                "max_request_bytes": pool.config.max_request_bytes,
-                "timeout": pool.config.timeout or 0,
-            }
-            for name, pool in proxy.pools.items()
-        },
-    }
