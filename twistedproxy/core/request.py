@@ -55,6 +55,12 @@ class Request:
 
     Fields owned by the core: done, client, parent, fragments, pending,
     key_indices, received_at, sent_at, replied_at, expired, server, failed.
+
+    Fields owned by routes (None unless a tenant front set them):
+      - prefix: the key prefix a route stripped before sending (the codec's
+        C{strip_keys} or C{split}); the completion path hands the reply to
+        C{codec.restore_keys} to put it back in replies that carry keys.
+      - tenant: the tenant the request counts for (L{twistedproxy.routes.tenants}).
     """
 
     __slots__ = (
@@ -80,6 +86,9 @@ class Request:
         "expired",
         "server",
         "failed",
+        # route-owned
+        "prefix",
+        "tenant",
     )
 
     def __init__(
@@ -115,6 +124,8 @@ class Request:
         self.expired = False
         self.server = None
         self.failed = None
+        self.prefix = None
+        self.tenant = None
 
     def __repr__(self) -> str:
         return "<Request %s route=%d key=%r done=%r>" % (
