@@ -148,7 +148,8 @@ class ProxyService(service.Service):
             return  # stopped while warming up
         log.info("{warm}; listening on {addresses}",
                  warm=report.describe() if report is not None else "no warm-up",
-                 addresses=", ".join(str(pool.config.listen) for pool in self.proxy.pools.values()))
+                 addresses=", ".join(str(pool.config.listen) for pool in self.proxy.pools.values()
+                                     if pool.config.listen is not None))
         self.proxy.start()
         self._serve_stats()
         command.daemon_started()

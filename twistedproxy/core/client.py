@@ -346,7 +346,7 @@ class ProxyFactory(ServerFactory):
         if limit is not None and len(pool.clients) >= limit:
             log.warn("pool {pool}: client_connections limit {limit} reached", pool=pool.name, limit=limit)
             return None
-        client = ClientConnection(pool, self.codec.request_parser(pool.config))
+        client = ClientConnection(pool, self._parser(pool))
         pool.clients.add(client)
         pool.stats.clients_accepted += 1
         return client
@@ -357,9 +357,16 @@ class ProxyFactory(ServerFactory):
         already) and not counted as accepted again (its first worker did).
         """
         pool = self.pool
-        client = ClientConnection(pool, self.codec.request_parser(pool.config))
+        client = ClientConnection(pool, self._parser(pool))
         pool.clients.add(client)
         return client
+
+    def _parser(self, pool):
+        """A request parser for a new client: the route's own when it has one (a front with users)."""
+        make = getattr(pool, "request_parser", None)
+        if make is not None:
+            return make(self.codec)
+        return self.codec.request_parser(pool.config)
 
     def switch_pool(self, pool) -> None:
         """New connections go to C{pool} from now on (a reload)."""
