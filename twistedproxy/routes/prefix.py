@@ -43,15 +43,24 @@ class UnbuiltRoute(ValueError):
     """A route kind the run time cannot build (yet)."""
 
 
-def compile_route(spec, pools: dict) -> Node:
-    """The node tree of route C{spec}; C{pools} maps pool names to their routes."""
+def compile_route(spec, pools: dict, build=None) -> Node:
+    """
+    The node tree of route C{spec}; C{pools} maps pool names to their routes.
+    Other route kinds (failover, replicate, ...) become leaves built by
+    C{build(spec, pools)}, which returns their route (an object with the
+    pool route's C{dispatch} and C{dispatch_slice}).
+    """
     if isinstance(spec, PoolRoute):
         return Node(pool=pools[spec.pool])
     if isinstance(spec, PrefixRoute):
-        branches = [(entry.prefix, Branch(compile_route(entry.route, pools), len(entry.prefix) if entry.strip else 0))
-                    for entry in spec.entries]
-        default = Branch(compile_route(spec.default, pools)) if spec.default is not None else None
+        branches = [
+            (entry.prefix, Branch(compile_route(entry.route, pools, build), len(entry.prefix) if entry.strip else 0))
+            for entry in spec.entries
+        ]
+        default = Branch(compile_route(spec.default, pools, build)) if spec.default is not None else None
         return prefix_node(branches, default)
+    if build is not None:
+        return Node(pool=build(spec, pools))
     raise UnbuiltRoute("%s routes are not built at run time yet" % (route_kinds(spec)[0],))
 
 

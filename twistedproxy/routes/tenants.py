@@ -15,7 +15,10 @@ charges the tenant's token bucket and hands the request to the pool's route.
     slices if very large).  Keys in several pools (or under several stripped
     prefixes) are placed here, on each pool's servers, and the request is
     split into fragments across them (C{codec.split} with a strip per
-    group); the fragments merge in key order as any split request's do.
+    group) in one go; the fragments merge in key order as any split
+    request's do.  Routes of other kinds (failover, replicate, ...: built by
+    C{build_route}) take whole requests only: keys spread over one of them
+    and anything else get an error reply.
   - No prefix matches and no default: the request gets an error reply in the
     protocol's form and the connection stays open (a user's tenant: Redis 7's
     C{-NOPERM}).
@@ -182,7 +185,7 @@ class FrontRoute:
     @ivar users: the L{UserDirectory} when tenants are chosen by user, else None.
     """
 
-    def __init__(self, config, codec, reactor, pools: dict, stats, workers: int = 1):
+    def __init__(self, config, codec, reactor, pools: dict, stats, workers: int = 1, build_route=None):
         self.config = config
         self.name = config.name
         self.codec = codec
@@ -191,13 +194,15 @@ class FrontRoute:
         self.clients = set()
         self.servers = []  # a front has no servers of its own
         self.flusher = TurnFlusher(reactor)
+        self.health = None  # a worker hands every pool its ejection arbiter; a front has no servers
         self._slicing = {}  # request -> the pool sending it in slices
         now = reactor.seconds()
         self.tenants = {}
         self.users = None
         if config.tenants:
             for spec in config.tenants:
-                self.tenants[spec.name] = Tenant(spec, compile_route(spec.route, pools), stats.tenant(spec.name),
+                self.tenants[spec.name] = Tenant(spec, compile_route(spec.route, pools, build_route),
+                                                 stats.tenant(spec.name),
                                                  now, workers)
             if any(spec.users for spec in config.tenants):
                 self.users = UserDirectory(self.tenants.values())
@@ -205,7 +210,7 @@ class FrontRoute:
             else:
                 self.root = _tenant_node(self.tenants.values())
         else:
-            self.root = compile_route(config.route, pools)
+            self.root = compile_route(config.route, pools, build_route)
 
     # -- dispatch ---------------------------------------------------------------
 
@@ -296,6 +301,10 @@ class FrontRoute:
             if pool.dispatch(request, codec, now, touched, dirty):
                 self._slicing[request] = pool
                 return True
+            return False
+        if not all(hasattr(pool, "server_for") for pool, _ in order):
+            refuse(request, codec.error_reply(request, "the keys of this request are in several routes"),
+                   "keys in several routes", dirty)
             return False
         self._split(request, [(target, groups[target]) for target in order], codec, now, touched, dirty)
         return False
