@@ -341,3 +341,45 @@ def test_tenants_appear_in_every_stats_output():
     assert 'cacheproxy_tenant_request_duration_seconds_count{pool="front",tenant="a"} 4.0' in metrics
     page = status.render(merged, now=1.0)
     assert '<table class="tenants">' in page and '<td class="name">rest</td>' in page
+
+
+def test_a_users_login_survives_a_hand_off_to_another_worker():
+    front = Front(redis_pools(USER_TENANTS))
+    client, _ = front.client()
+    client.dataReceived(cmd("AUTH", "bob", "pw"))
+    state = client.export_state()
+    other = Front(redis_pools(USER_TENANTS))  # the worker taking the connection over
+    adopted = other.factory.adopt()
+    adopted.makeConnection(StringTransport())
+    adopted.import_state(state)
+    adopted.dataReceived(cmd("GET", "k"))
+    other.reactor.advance(0)
+    assert other.accept()[7002].pending() == [[b"GET", b"k"]]
+    assert other.proxy.stats.pool("front").tenants["globex"].connections == 1
+
+
+def test_a_reload_moves_clients_to_the_new_routes_and_keeps_logins():
+    front = Front(redis_pools(USER_TENANTS))
+    client, transport = front.client()
+    client.dataReceived(cmd("AUTH", "bob", "pw"))
+    changed = redis_pools({"tenants": {  # the tenants swap pools
+        "globex": {"users": {"bob": "pw"}, "route": "p7001"},
+        "acme": dict(USER_TENANTS["tenants"]["acme"], route={"prefix": {"acme:": "p7002"}}),
+    }})
+    front.proxy.reconfigure(config_from_dict(changed))
+    new_front = front.proxy.pools["front"]
+    assert new_front is not front.front and client.pool is new_front
+    client.dataReceived(cmd("GET", "k"))
+    assert front.accept()[7001].pending() == [[b"GET", b"k"]]
+    assert front.proxy.stats.pool("front").tenants["globex"].connections == 1
+
+
+def test_memcached_keyless_broadcasts_go_to_the_default_route_or_get_an_error():
+    pools = {
+        "m1": {"servers": ["127.0.0.1:7001:1"]},
+        "front": {"listen": "127.0.0.1:22121", "route": {"prefix": {"a:": "m1"}}},
+    }
+    front = Front(pools)
+    client, transport = front.client()
+    client.dataReceived(b"flush_all\r\nget b:1\r\nget a:1 b:1\r\n")
+    assert transport.value() == b"SERVER_ERROR no route for this key\r\n" * 3
