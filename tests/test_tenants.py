@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from twistedproxy.api import Proxy
@@ -22,7 +21,7 @@ from twistedproxy.protocols.redis import codec as redis_codec
 from twistedproxy.routes.tenants import TokenBucket
 from twistedproxy.stats import snapshots
 from tests.support.resp import cmd
-from tests.test_core import Backend
+from tests.test_core import Harness
 
 PLAIN = PoolConfig("plain")
 
@@ -160,7 +159,7 @@ def test_token_bucket_refills_from_the_clock_it_is_given():
 # -- a front on a fake reactor -----------------------------------------------------------
 
 
-class Front:
+class Front(Harness):
     """A proxy (pools and a front) on a fake reactor; clients and backends on StringTransports."""
 
     def __init__(self, pools: dict, front: str = "front"):
@@ -170,30 +169,6 @@ class Front:
         self.front = self.proxy.pools[front]
         self.handled = 0
         self.backends = {}
-
-    def client(self):
-        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
-        if protocol is None:
-            return None, None
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        read = protocol.dataReceived
-
-        def data_received(data):
-            read(data)
-            self.reactor.advance(0)
-
-        protocol.dataReceived = data_received
-        return protocol, transport
-
-    def accept(self) -> dict:
-        for host, port, factory in [(c[0], c[1], c[2]) for c in self.reactor.tcpClients[self.handled :]]:
-            self.handled += 1
-            protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
-            transport = StringTransport()
-            protocol.makeConnection(transport)
-            self.backends[port] = Backend(port, protocol, transport, self.reactor)
-        return self.backends
 
     def answer_all(self):
         self.accept()

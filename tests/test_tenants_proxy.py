@@ -47,22 +47,27 @@ def start(spawn, config: dict, port: int):
     return proc, stats_port, http_port
 
 
-def direct(port: int) -> redis.Redis:
-    return redis.Redis(host=HOST, port=port, socket_timeout=10, protocol=2)
-
-
-def test_redis_tenants_by_prefix_strip_keep_limit_split_and_stats(spawn, redis_backends):
+def two_redis_pools(spawn, redis_backends, front: dict):
+    """Two Redis pools (pa, pb) without listen and a front with C{front}'s keys; the backends too."""
     first, second = redis_backends(2)
     port = free_port()
     config = {
         "pa": {"redis": True, "servers": ["%s:%d:1" % (HOST, first.port)]},
         "pb": {"redis": True, "servers": ["%s:%d:1" % (HOST, second.port)]},
-        "front": {"listen": "%s:%d" % (HOST, port), "redis": True, "tenants": {
-            "alpha": {"prefix": "a:", "strip_prefix": True, "route": "pa"},
-            "beta": {"prefix": "b:", "route": "pb", "rate_limit": 0.001, "rate_burst": 3},
-        }},
+        "front": dict(front, listen="%s:%d" % (HOST, port), redis=True),
     }
-    proc, stats_port, http_port = start(spawn, config, port)
+    return (first, second, port) + start(spawn, config, port)
+
+
+def direct(port: int) -> redis.Redis:
+    return redis.Redis(host=HOST, port=port, socket_timeout=10, protocol=2)
+
+
+def test_redis_tenants_by_prefix_strip_keep_limit_split_and_stats(spawn, redis_backends):
+    first, second, port, proc, stats_port, http_port = two_redis_pools(spawn, redis_backends, {"tenants": {
+        "alpha": {"prefix": "a:", "strip_prefix": True, "route": "pa"},
+        "beta": {"prefix": "b:", "route": "pb", "rate_limit": 0.001, "rate_burst": 3},
+    }})
     client = direct(port)
     assert client.set("a:k", "1") and client.set("b:k", "2")
     assert direct(first.port).get("k") == b"1"  # stripped
@@ -90,18 +95,10 @@ def test_redis_tenants_by_prefix_strip_keep_limit_split_and_stats(spawn, redis_b
 
 
 def test_redis_tenants_by_auth_user(spawn, redis_backends):
-    first, second = redis_backends(2)
-    port = free_port()
-    config = {
-        "pa": {"redis": True, "servers": ["%s:%d:1" % (HOST, first.port)]},
-        "pb": {"redis": True, "servers": ["%s:%d:1" % (HOST, second.port)]},
-        "front": {"listen": "%s:%d" % (HOST, port), "redis": True, "tenants": {
-            "acme": {"users": {"alice": "wonder"}, "route": {"prefix": {"acme:": "pa"}},
-                     "max_client_connections": 1},
-            "globex": {"users": {"bob": "builder"}, "route": "pb"},
-        }},
-    }
-    proc, stats_port, _ = start(spawn, config, port)
+    first, second, port, proc, stats_port, _ = two_redis_pools(spawn, redis_backends, {"tenants": {
+        "acme": {"users": {"alice": "wonder"}, "route": {"prefix": {"acme:": "pa"}}, "max_client_connections": 1},
+        "globex": {"users": {"bob": "builder"}, "route": "pb"},
+    }})
     with pytest.raises(redis.AuthenticationError):
         direct(port).get("acme:1")  # NOAUTH
     with pytest.raises(redis.AuthenticationError):

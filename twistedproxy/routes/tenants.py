@@ -230,28 +230,13 @@ class FrontRoute:
             tenant = None
             node = self.root
         route = request.route
-        if route == ROUTE_KEY:
-            key = request.key
-            pool, cut, found = resolve(node, key)
-            if found is not None:
-                tenant = found
-            if pool is None:
-                self._unrouted(request, codec, tenant, dirty)
-                return False
-            if tenant is not None:
-                if tenant.bucket is not None and not tenant.bucket.take(now):
-                    self._limited(request, codec, tenant, dirty)
-                    return False
-                request.tenant = tenant.stats
-            if cut:
-                prefix = key[:cut]
-                codec.strip_keys(request, prefix)
-                request.prefix = prefix
-            pool.dispatch(request, codec, now, touched, dirty)
-            return False
         if route == ROUTE_KEYS:
             return self._dispatch_keys(request, node, tenant, codec, now, touched, dirty)
-        pool, found = keyless(node)  # broadcast or any-server commands: the default route's pool
+        if route == ROUTE_KEY:
+            pool, cut, found = resolve(node, request.key)
+        else:  # broadcast or any-server commands: the default route's pool
+            pool, found = keyless(node)
+            cut = 0
         if found is not None:
             tenant = found
         if pool is None:
@@ -262,12 +247,15 @@ class FrontRoute:
                 self._limited(request, codec, tenant, dirty)
                 return False
             request.tenant = tenant.stats
+        if cut:
+            prefix = request.key[:cut]
+            codec.strip_keys(request, prefix)
+            request.prefix = prefix
         return pool.dispatch(request, codec, now, touched, dirty)
 
     def _dispatch_keys(self, request, node, tenant, codec, now, touched, dirty) -> bool:
         keys = request.keys
-        groups = {}  # (pool, stripped prefix or None) -> indices of its keys
-        order = []
+        placed = []  # ((pool, stripped prefix or None), key index)
         tenants = []
         first = None
         for index, key in enumerate(keys):
@@ -281,20 +269,16 @@ class FrontRoute:
                 return False
             if found is not None and found not in tenants:
                 tenants.append(found)
-            target = (pool, key[:cut] if cut else None)
-            group = groups.get(target)
-            if group is None:
-                group = groups[target] = []
-                order.append(target)
-            group.append(index)
+            placed.append(((pool, key[:cut] if cut else None), index))
         for each in tenants:
             if each.bucket is not None and not each.bucket.take(now):
                 self._limited(request, codec, each, dirty)
                 return False
         if first is not None:
             request.tenant = first.stats
-        if len(order) == 1:
-            pool, prefix = order[0]
+        targets = _grouped(placed)
+        if len(targets) == 1:
+            (pool, prefix), _ = targets[0]
             if prefix is not None:
                 codec.strip_keys(request, prefix)
                 request.prefix = prefix
@@ -302,11 +286,11 @@ class FrontRoute:
                 self._slicing[request] = pool
                 return True
             return False
-        if not all(hasattr(pool, "server_for") for pool, _ in order):
+        if not all(hasattr(pool, "server_for") for (pool, _), _ in targets):
             refuse(request, codec.error_reply(request, "the keys of this request are in several routes"),
                    "keys in several routes", dirty)
             return False
-        self._split(request, [(target, groups[target]) for target in order], codec, now, touched, dirty)
+        self._split(request, targets, codec, now, touched, dirty)
         return False
 
     def _split(self, request, targets, codec, now, touched, dirty) -> None:
@@ -317,17 +301,8 @@ class FrontRoute:
         sends = []
         for (pool, prefix), indices in targets:
             cut = len(prefix) if prefix is not None else 0
-            by_server = {}
-            servers = []
-            for index in indices:
-                server = pool.server_for(keys[index][cut:])
-                group = by_server.get(server)
-                if group is None:
-                    group = by_server[server] = []
-                    servers.append(server)
-                group.append(index)
-            for server in servers:
-                groups.append(by_server[server])
+            for server, group in _grouped([(pool.server_for(keys[index][cut:]), index) for index in indices]):
+                groups.append(group)
                 strips.append(cut)
                 sends.append((pool, server, prefix))
         frames = codec.split(request, groups, strips)
@@ -408,6 +383,17 @@ class FrontRoute:
 
     def stop(self) -> None:
         pass
+
+
+def _grouped(pairs) -> list:
+    """C{(target, index)} pairs as C{(target, [indices])}, targets in first-seen order."""
+    groups = {}
+    for target, index in pairs:
+        group = groups.get(target)
+        if group is None:
+            group = groups[target] = []
+        group.append(index)
+    return list(groups.items())
 
 
 def _tenant_node(tenants) -> Node:
