@@ -358,3 +358,26 @@ def test_memcached_keyless_broadcasts_go_to_the_default_route_or_get_an_error():
     client, transport = front.client()
     client.dataReceived(b"flush_all\r\nget b:1\r\nget a:1 b:1\r\n")
     assert transport.value() == b"SERVER_ERROR no route for this key\r\n" * 3
+
+
+def test_binary_rate_limit_and_prefix_replies_exact_bytes():
+    pools = {
+        "m1": {"servers": ["127.0.0.1:7001:1"]},
+        "front": {"listen": "127.0.0.1:22121", "tenants": {
+            "t": {"prefix": "t:", "strip_prefix": True, "route": "m1", "rate_limit": 1, "rate_burst": 1},
+        }},
+    }
+    front = Front(pools)
+    client, transport = front.client()
+    client.dataReceived(packet(0x80, binary.GETK, b"t:key", opaque=b"\x00\x00\x00\x01")
+                        + packet(0x80, binary.GETK, b"t:key", opaque=b"\x00\x00\x00\x02"))
+    backend = front.accept()[7001]
+    assert backend.transport.value() == packet(0x80, binary.GETK, b"key", opaque=b"\x00\x00\x00\x01")
+    backend.protocol.dataReceived(packet(0x81, binary.GETK, b"key", b"\x00\x00\x00\x00", b"v",
+                                         opaque=b"\x00\x00\x00\x01"))
+    front.reactor.advance(0)
+    text = b"tenant 't' rate limit exceeded"
+    assert transport.value() == (
+        packet(0x81, binary.GETK, b"t:key", b"\x00\x00\x00\x00", b"v", opaque=b"\x00\x00\x00\x01")
+        + packet(0x81, binary.GETK, value=text, status=0x0086, opaque=b"\x00\x00\x00\x02")
+    )
