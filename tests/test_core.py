@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twistedproxy.api import build_pool
 from twistedproxy.config import config_from_dict
 from twistedproxy.core import client as client_module
-from twistedproxy.core import pool as pool_module
+from twistedproxy.routes import hash as pool_module
 from twistedproxy.core.client import ProxyFactory
 from tests.support.resp import cmd
 

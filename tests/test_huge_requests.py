@@ -22,7 +22,7 @@ from tests.support.huge import README_SETTINGS, key, value
 from tests.support.resp import cmd
 from tests.test_core import Harness, bulk
 from tests.test_stats import read_stats_port
-from twistedproxy.core import pool as pool_module
+from twistedproxy.routes import hash as pool_module
 
 SLICE = pool_module.SLICE_KEYS
 

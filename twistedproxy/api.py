@@ -19,17 +19,20 @@ from twistedproxy.config import ProxyConfig, config_from_dict, load_config
 from twistedproxy.config.routes import route_pools
 from twistedproxy.core import warmup
 from twistedproxy.core.client import ProxyFactory
-from twistedproxy.core.pool import ServerPool
+from twistedproxy.routes.hash import HashRoute
 from twistedproxy.process.listeners import listen
 from twistedproxy.protocols import codec_for, codecs_of
 from twistedproxy.routes.tenants import FrontRoute
 from twistedproxy.stats.recorder import StatsRegistry
 
 
-def build_pool(pool_config, reactor, stats=None) -> ServerPool:
-    """A L{ServerPool} for one L{PoolConfig}, speaking the pool's protocol (C{stats}: its recorder)."""
+def build_pool(pool_config, reactor, stats=None) -> HashRoute:
+    """
+    The route of one L{PoolConfig}: twemproxy's pool, a L{HashRoute} over its
+    servers, speaking the pool's protocol (C{stats}: its recorder).
+    """
     codec = codec_for(pool_config.protocol)
-    return ServerPool(pool_config, codec, reactor, codecs=codecs_of(codec), stats=stats)
+    return HashRoute(pool_config, codec, reactor, codecs=codecs_of(codec), stats=stats)
 
 
 def build_front(pool_config, reactor, pools: dict, stats=None, workers: int = 1) -> FrontRoute:
@@ -44,8 +47,9 @@ class Proxy:
     """
     Every pool of a configuration, with one L{ProxyFactory} per pool that listens.
 
-    @ivar pools: pool name -> L{ServerPool}, or L{FrontRoute} for a front
-        (a pool with C{route:} or C{tenants:}, built after the pools it routes to).
+    @ivar pools: pool name -> its route: a L{HashRoute} for a pool with servers,
+        a L{FrontRoute} for a front (a pool with C{route:} or C{tenants:}, built
+        after the pools it routes to).
     @ivar factories: pool name -> L{ProxyFactory} (a Twisted ServerFactory), for
         pools with a C{listen:} address.
     @ivar stats: the L{StatsRegistry} every pool records into (kept across reloads).
@@ -158,7 +162,7 @@ class Proxy:
                 clients = list(old.clients)
                 old.clients.clear()
                 for client in clients:
-                    client.pool = pool
+                    client.route = pool
                     adopt = getattr(pool, "adopt", None)
                     if adopt is not None:
                         adopt(client)

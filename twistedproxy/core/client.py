@@ -3,7 +3,8 @@ The client side: one L{ClientConnection} per accepted connection, and the
 L{ProxyFactory} a pool listens with.
 
 A client connection frames requests with its codec's parser, hands them to the
-pool, and writes replies strictly in request order: a reply that arrives early
+route it is tied to (L{twistedproxy.routes.interface.IServedRoute}: a pool's
+hash route, or later a route over several pools), and writes replies strictly in request order: a reply that arrives early
 waits in the order queue until every request before it is answered.  Each read
 from the client ends with one write per backend touched, and each batch of
 replies ends with one write to the client.
@@ -20,7 +21,7 @@ C{nc -q1}) still gets the reply to every request it sent; the connection closes
 once the last one is written, as with memcached, Redis and nutcracker.
 
 A request with very many keys is sent in slices, one per reactor turn (see
-L{twistedproxy.core.pool.ServerPool.dispatch}), so it cannot stall the other
+L{twistedproxy.routes.hash.HashRoute.dispatch}), so it cannot stall the other
 clients of the process; the client's later requests wait behind it in the held
 queue until its last slice is out, so none overtakes it.
 """
@@ -54,10 +55,10 @@ _QUIT_CLOSE = Failure(ConnectionDone("the client quit"))
 
 @implementer(IPushProducer, IHalfCloseableProtocol)
 class ClientConnection(Protocol):
-    """One client of a pool; pipelined, replies in order."""
+    """One client of a route (a pool); pipelined, replies in order."""
 
-    def __init__(self, pool, parser):
-        self.pool = pool
+    def __init__(self, route, parser):
+        self.route = route
         self.parser = parser
         self.queue = deque()  # requests in client order, oldest first
         self.dirty = False  # queued for a flush at the end of the current batch
@@ -65,7 +66,7 @@ class ClientConnection(Protocol):
         self.quitting = False  # a close_after request was read: ignore what follows
         self.quit = False  # the client asked to close (QUIT): however the close goes, it is an EOF
         self.read_closed = False  # the client shut down its sending side: close once answered
-        self.max_pending = pool.config.client_max_pending
+        self.max_pending = route.config.client_max_pending
         self.paused_for_queue = False
         self.paused_for_writes = False
         self.held = deque()  # parsed requests waiting for room in the dispatch window
@@ -74,6 +75,15 @@ class ClientConnection(Protocol):
         self.slice_call = None
         self.frozen = False  # a stopping worker reads no more: see freeze()
         self.handed = False  # another worker took the socket: close without a FIN or a count
+
+    @property
+    def pool(self):
+        """The route this client is tied to, by its older name (a pool's hash route)."""
+        return self.route
+
+    @pool.setter
+    def pool(self, route):
+        self.route = route
 
     # -- connection events ---------------------------------------------------
 
@@ -98,8 +108,8 @@ class ClientConnection(Protocol):
             requests = e.requests
             error = e
         codec = self.parser.codec
-        pool = self.pool
-        now = pool.reactor.seconds()
+        route = self.route
+        now = route.reactor.seconds()
         queue = self.queue
         touched = []
         dirty = []
@@ -112,7 +122,7 @@ class ClientConnection(Protocol):
                     self.held.append(request)
                 else:
                     self.outstanding += 1
-                    if pool.dispatch(request, codec, now, touched, dirty):
+                    if route.dispatch(request, codec, now, touched, dirty):
                         self._slice(request)
             if request.close_after:
                 self.quitting = self.quit = True
@@ -121,7 +131,7 @@ class ClientConnection(Protocol):
             log.info("client {peer}: {error}; closing", peer=self._peer(), error=str(error))
             queue.append(local(b"", error.reply, close_after=True))
             self.quitting = True
-        pool.flusher.add(touched)
+        route.flusher.add(touched)
         flush_clients(dirty)
         if queue and queue[0].done:
             self.flush()
@@ -138,8 +148,8 @@ class ClientConnection(Protocol):
         queue = self.queue
         out = []
         close = False
-        stats = self.pool.stats
-        now = self.pool.reactor.seconds()
+        stats = self.route.stats
+        now = self.route.reactor.seconds()
         while queue and queue[0].done:
             request = queue.popleft()
             if request.route != ROUTE_LOCAL:
@@ -169,18 +179,18 @@ class ClientConnection(Protocol):
         if self.slicing is not None:
             return  # they wait behind the request being sent in slices
         held = self.held
-        pool = self.pool
+        route = self.route
         codec = self.parser.codec
-        now = pool.reactor.seconds()
+        now = route.reactor.seconds()
         touched = []
         dirty = []
         while held and self.outstanding < DISPATCH_WINDOW:
             self.outstanding += 1
             request = held.popleft()
-            if pool.dispatch(request, codec, now, touched, dirty):
+            if route.dispatch(request, codec, now, touched, dirty):
                 self._slice(request)
                 break
-        pool.flusher.add(touched)
+        route.flusher.add(touched)
         flush_clients(dirty)
 
     def readConnectionLost(self):
@@ -200,21 +210,21 @@ class ClientConnection(Protocol):
         """Send the rest of C{request} a slice per reactor turn; later requests are held meanwhile."""
         self.slicing = request
         self.held.appendleft(request)  # non-empty held queue: the next requests queue behind
-        self.slice_call = self.pool.reactor.callLater(0, self._next_slice)
+        self.slice_call = self.route.reactor.callLater(0, self._next_slice)
 
     def _next_slice(self):
         self.slice_call = None
         request = self.slicing
-        pool = self.pool  # a reload may have moved this client to the pool's new version
+        route = self.route  # a reload may have moved this client to the pool's new version
         touched = []
         dirty = []
-        done = pool.dispatch_slice(request, self.parser.codec, pool.reactor.seconds(), touched, dirty)
-        pool.flusher.add(touched)
+        done = route.dispatch_slice(request, self.parser.codec, route.reactor.seconds(), touched, dirty)
+        route.flusher.add(touched)
         if done:
             self.slicing = None
             self.held.popleft()
         else:
-            self.slice_call = pool.reactor.callLater(0, self._next_slice)
+            self.slice_call = route.reactor.callLater(0, self._next_slice)
         flush_clients(dirty)
         if done and self.held and not self.paused_for_writes and not self.closed:
             self._dispatch_held()
@@ -234,8 +244,8 @@ class ClientConnection(Protocol):
         # A client that quits often closes before reading the +OK, and the reset
         # that meets it is no error of its connection.
         if not self.handed:
-            self.pool.stats.client_closed(_QUIT_CLOSE if self.quit else reason)
-        self.pool.client_gone(self)
+            self.route.stats.client_closed(_QUIT_CLOSE if self.quit else reason)
+        self.route.client_gone(self)
 
     # -- IPushProducer: the transport tells us when its write buffer is full --
 
@@ -284,7 +294,7 @@ class ClientConnection(Protocol):
         """
         parser = self.parser
         return {
-            "codec": self.pool.codec.name,
+            "codec": self.route.codec.name,
             "parser": parser.state(),
             "unparsed": base64.b64encode(parser.unparsed()).decode("ascii"),
         }
@@ -315,7 +325,8 @@ class ClientConnection(Protocol):
 
 class ProxyFactory(ServerFactory):
     """
-    Accepts clients for one L{twistedproxy.core.pool.ServerPool}.
+    Accepts clients for one route (L{twistedproxy.routes.interface.IServedRoute}:
+    a pool's L{twistedproxy.routes.hash.HashRoute}); C{pool} is its older name.
 
     Enforces the pool's C{client_connections} limit (0 = unlimited) by closing
     connections over the limit, as twemproxy does.  Under a master, C{share} is
@@ -325,14 +336,14 @@ class ProxyFactory(ServerFactory):
 
     noisy = False
 
-    def __init__(self, pool):
-        self.pool = pool
-        self.codec = pool.codec
+    def __init__(self, route):
+        self.route = route
+        self.codec = route.codec
         self.share = None
 
     def client_limit(self):
         """The connections this process may hold for the pool: None when unlimited."""
-        limit = self.pool.config.client_connections
+        limit = self.route.config.client_connections
         if not limit:
             return None
         if self.share is not None:
@@ -341,14 +352,14 @@ class ProxyFactory(ServerFactory):
         return limit
 
     def buildProtocol(self, addr):
-        pool = self.pool
+        route = self.route
         limit = self.client_limit()
-        if limit is not None and len(pool.clients) >= limit:
-            log.warn("pool {pool}: client_connections limit {limit} reached", pool=pool.name, limit=limit)
+        if limit is not None and len(route.clients) >= limit:
+            log.warn("pool {pool}: client_connections limit {limit} reached", pool=route.name, limit=limit)
             return None
-        client = ClientConnection(pool, self._parser(pool))
-        pool.clients.add(client)
-        pool.stats.clients_accepted += 1
+        client = ClientConnection(route, self._parser(route))
+        route.clients.add(client)
+        route.stats.clients_accepted += 1
         return client
 
     def adopt(self):
@@ -356,19 +367,23 @@ class ProxyFactory(ServerFactory):
         A client handed over by another worker: no limit check (it is connected
         already) and not counted as accepted again (its first worker did).
         """
-        pool = self.pool
-        client = ClientConnection(pool, self._parser(pool))
-        pool.clients.add(client)
+        route = self.route
+        client = ClientConnection(route, self._parser(route))
+        route.clients.add(client)
         return client
 
-    def _parser(self, pool):
+    def _parser(self, route):
         """A request parser for a new client: the route's own when it has one (a front with users)."""
-        make = getattr(pool, "request_parser", None)
+        make = getattr(route, "request_parser", None)
         if make is not None:
             return make(self.codec)
-        return self.codec.request_parser(pool.config)
+        return self.codec.request_parser(route.config)
 
-    def switch_pool(self, pool) -> None:
-        """New connections go to C{pool} from now on (a reload)."""
-        self.pool = pool
-        self.codec = pool.codec
+    @property
+    def pool(self):
+        return self.route
+
+    def switch_pool(self, route) -> None:
+        """New connections go to C{route} from now on (a reload)."""
+        self.route = route
+        self.codec = route.codec

@@ -5,10 +5,16 @@ client is queued for one flush at the end of the current I/O batch.
 
 Fragments of a split or broadcast request report to their parent, which gets its
 merged reply (or one error reply) once the last fragment is in.  A request with
-very many keys is sent in slices (L{twistedproxy.core.pool}): each slice is a
+very many keys is sent in slices (L{twistedproxy.routes.hash}): each slice is a
 multi-key request of its own whose fragments report to it, and the slices report
 to the client's request, which joins their replies (C{codec.join}) once the
 last slice is in and the dispatcher has let go of it (L{release}).
+
+A route may take a request over before it ends (L{Request.resume}): both
+paths first offer the reply or the failure to the request's C{resume} hook,
+which may send it elsewhere instead (a redirect, a retry, a failover); the
+request then stays where it is in its client's order queue, not done, and the
+client sees only the reply that finally ends it.
 
 A failure's reply says what nutcracker 0.5.0 says for the same failure (its
 C{strerror(errno)}, or "unknown" where it has no errno), so clients and scripts
@@ -54,6 +60,9 @@ def complete(request, raw: bytes, codec, dirty: list) -> None:
     Give C{request} its backend reply C{raw}; append its client to C{dirty} when
     something for that client became ready to write.
     """
+    resume = request.resume
+    if resume is not None and resume(request, raw, None, codec, dirty):
+        return  # a route sent it on: the client sees nothing yet
     if request.prefix is not None:  # a route stripped a key prefix: replies that carry keys get it back
         raw = codec.restore_keys(request, raw, request.prefix)
     parent = request.parent
@@ -75,6 +84,9 @@ def fail(request, error: str, where: str, codec, dirty: list) -> None:
     texts above; never filtered); C{where} (the server or pool) is kept with it
     for the slow log.
     """
+    resume = request.resume
+    if resume is not None and resume(request, None, error, codec, dirty):
+        return  # a route sent it on: the client sees nothing yet
     parent = request.parent
     request.failed = "%s (%s)" % (error, where)
     request.reply = codec.error_reply(request if parent is None else parent, error)

@@ -21,6 +21,12 @@ ROUTE_ALL = 2  # every server of the pool gets request.frame; replies merged (co
 ROUTE_LOCAL = 3  # the proxy answers itself: request.reply is already set
 ROUTE_ANY = 4  # no key, but a backend must answer: any one live server
 
+# What a backend reply means for its request (ICodec.classify_reply).  Only a
+# route that set Request.resume asks; for every other request a reply is final.
+REPLY_FINAL = 0  # the reply goes to the client
+REPLY_REDIRECT = 1  # the key lives elsewhere (Redis Cluster MOVED/ASK): resend there
+REPLY_RETRY = 2  # the server cannot answer now (Redis TRYAGAIN ...): resend, here or elsewhere
+
 
 class ProtocolError(Exception):
     """
@@ -56,11 +62,22 @@ class Request:
     Fields owned by the core: done, client, parent, fragments, pending,
     key_indices, received_at, sent_at, replied_at, expired, server, failed.
 
-    Fields owned by routes (None unless a tenant front set them):
-      - prefix: the key prefix a route stripped before sending (the codec's
-        C{strip_keys} or C{split}); the completion path hands the reply to
-        C{codec.restore_keys} to put it back in replies that carry keys.
-      - tenant: the tenant the request counts for (L{twistedproxy.routes.tenants}).
+    Fields owned by routes:
+      - resume: None, or a callable a route set before sending the request:
+        C{resume(request, raw, error, codec, dirty) -> bool} is called with the
+        backend reply (C{raw}, C{error} None) or the failure (C{raw} None,
+        C{error} the failure text) before the client sees it, and returns True
+        when it sent the request on again (see L{twistedproxy.routes.interface}).
+      - internal: the proxy issued it itself (handshake, probe, later ASKING or a
+        migration command): its reply never reaches a client, and no
+        client-facing or server request counter counts it; a C{resume} hook, if
+        set, gets its reply or failure.
+      - prefix: None, or the key prefix a tenant front stripped before sending
+        (the codec's C{strip_keys} or C{split}); the completion path hands the
+        final reply to C{codec.restore_keys} to put it back in replies that
+        carry keys.
+      - tenant: None, or the tenant the request counts for (its recorder;
+        L{twistedproxy.routes.tenants}).
     """
 
     __slots__ = (
@@ -87,6 +104,8 @@ class Request:
         "server",
         "failed",
         # route-owned
+        "resume",
+        "internal",
         "prefix",
         "tenant",
     )
@@ -124,6 +143,8 @@ class Request:
         self.expired = False
         self.server = None
         self.failed = None
+        self.resume = None
+        self.internal = False
         self.prefix = None
         self.tenant = None
 
@@ -134,6 +155,20 @@ class Request:
             self.key if self.key is not None else self.keys,
             self.done,
         )
+
+
+def stand_in(request) -> Request:
+    """
+    A copy of C{request} that takes its place in a backend's pipeline when the
+    request itself moves on (a timed-out request a route resends): internal and
+    expired, it only swallows the late reply.
+    """
+    copy = Request(request.frame, request.command, request.key, request.route, request.keys, None, request.filter)
+    copy.data = request.data
+    copy.sent_at = request.sent_at
+    copy.internal = True
+    copy.expired = True
+    return copy
 
 
 def local(command: bytes, reply: bytes, close_after: bool = False) -> Request:

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from twistedproxy.core.completion import BAD_REPLY, CLOSED, TIMED_OUT, complete, fail, failure_text, flush_clients
 from twistedproxy.core.reads import fast_reads
-from twistedproxy.core.request import ProtocolError
+from twistedproxy.core.request import ProtocolError, stand_in
 from twistedproxy.core.writes import immediate_writer
 
 log = Logger()
@@ -34,7 +34,7 @@ log = Logger()
 
 class ServerConnection(Protocol):
     """
-    A backend connection for one L{twistedproxy.core.pool.Server} and one codec.
+    A backend connection for one L{twistedproxy.core.servers.Server} and one codec.
 
     It exists (and accepts requests) before the TCP connection is up: frames
     wait in C{outbuf} until C{connectionMade}.
@@ -60,6 +60,7 @@ class ServerConnection(Protocol):
         if probe:
             requests.append(self.probe)
         for request in requests:
+            request.internal = True  # the proxy's own: never a client's, never counted
             # Timed like any request queued before the connection is up (a zero
             # sent_at would make it expire at the first flush).
             request.sent_at = now
@@ -79,6 +80,19 @@ class ServerConnection(Protocol):
         stats.requests += 1
         stats.request_bytes += len(frame)
         self.outbuf.append(frame)
+        self.inflight.append(request)
+
+    def enqueue_internal(self, request, now: float, touched: list) -> None:
+        """
+        Queue a request the proxy issues itself (L{twistedproxy.core.request.Request.internal}:
+        ASKING, a migration command ...): uncounted, its reply or failure goes to
+        its C{resume} hook, never to a client.
+        """
+        if not self.outbuf:
+            touched.append(self)
+        request.internal = True
+        request.sent_at = now
+        self.outbuf.append(request.frame)
         self.inflight.append(request)
 
     def flush(self) -> None:
@@ -125,15 +139,18 @@ class ServerConnection(Protocol):
                 if raw is None:
                     break
                 inflight.popleft()
-                if request.server is not None:  # not a handshake request (never enqueued)
-                    stats.reply(len(raw), now - request.sent_at)
-                    request.replied_at = now
-                    if request.parent is not None:
-                        request.parent.replied_at = now
+                if request.internal:  # the proxy's own request: no counter, no client
+                    if request.expired:
+                        self.n_expired -= 1
+                    else:
+                        self._internal_reply(request, raw, dirty)
+                    continue
+                stats.reply(len(raw), now - request.sent_at)
+                request.replied_at = now
+                if request.parent is not None:
+                    request.parent.replied_at = now
                 if request.expired:
                     self.n_expired -= 1
-                elif request.server is None:  # a handshake or probe request (never enqueued)
-                    self._handshake_reply(request, raw)
                 else:
                     complete(request, raw, codec, dirty)
             else:
@@ -157,7 +174,11 @@ class ServerConnection(Protocol):
         if self.closing_when_idle and not inflight:
             self.close()
 
-    def _handshake_reply(self, request, raw: bytes) -> None:
+    def _internal_reply(self, request, raw: bytes, dirty: list) -> None:
+        if request.resume is not None:  # a route's own request (ASKING, a migration command ...)
+            request.resume(request, raw, None, self.codec, dirty)
+            return
+        # A handshake or probe request.
         error = self.codec.handshake_error(raw)
         if request is self.probe:
             self.server.probe_answered(self, error is None)
@@ -225,7 +246,12 @@ class ServerConnection(Protocol):
         where = self.server.label
         failed = 0
         for request in inflight:
-            if not request.expired and (request.client is not None or request.parent is not None):
+            if request.expired:
+                continue
+            if request.internal:
+                if request.resume is not None:
+                    request.resume(request, None, error, self.codec, dirty)
+            elif request.client is not None or request.parent is not None:
                 fail(request, error, where, self.codec, dirty)
                 failed += 1
         self.n_expired = 0
@@ -276,11 +302,19 @@ class ServerConnection(Protocol):
         # Fractions of a millisecond early count as due: timers fire at most that early.
         while len(inflight) > self.n_expired and inflight[self.n_expired].sent_at <= deadline + 1e-4:
             request = inflight[self.n_expired]
+            if request.resume is not None and not request.internal:
+                # A route may send it elsewhere: a stand-in swallows the late reply here.
+                inflight[self.n_expired] = stand_in(request)
+            else:
+                request.expired = True
             self.n_expired += 1
-            request.expired = True
             expired += 1
+            if request.internal:
+                if request.resume is not None:
+                    request.resume(request, None, TIMED_OUT, self.codec, dirty)
+                continue
             if request.client is None and request.parent is None:
-                continue  # a handshake request
+                continue  # its client is gone
             fail(request, TIMED_OUT, where, self.codec, dirty)
         flush_clients(dirty)
         if expired:

@@ -7,7 +7,7 @@ counted (C{suspect}), their first reply from it; never one message per request.
 An ejected server is probed by one worker after C{server_retry_timeout} and
 readmitted everywhere only once the probe answered; a failed probe keeps it
 ejected for another period.  Without a master a pool counts by itself
-(L{twistedproxy.core.pool.Server}).
+(L{twistedproxy.core.servers.Server}).
 """
 
 from __future__ import annotations

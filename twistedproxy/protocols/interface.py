@@ -12,7 +12,8 @@ one reply frame, which a per-server-connection L{IReplyParser} cuts out of the
 backend's bytes.  Requests with several keys are split with L{ICodec.split} and
 their fragment replies joined with L{ICodec.merge} (and, for requests sent in
 slices, the slices' replies with L{ICodec.join}).  Failures become
-L{ICodec.error_reply}.  All methods are synchronous and called on the hot path:
+L{ICodec.error_reply}.  A route that may resend a request asks
+L{ICodec.classify_reply} what its reply means (final, redirect, retry).  All methods are synchronous and called on the hot path:
 parse with C{bytes.find} and slices, never decode and re-encode payloads.
 """
 
@@ -153,6 +154,16 @@ class ICodec(Interface):
         """
         The reply the client sees when the backend failed for this request (timeout,
         connection lost, server ejected).  Must be sent even for quiet requests.
+        """
+
+    def classify_reply(request, raw: bytes) -> int:
+        """
+        What the backend reply C{raw} means for C{request}: REPLY_FINAL (it goes
+        to the client), REPLY_REDIRECT (the key lives elsewhere: Redis Cluster's
+        MOVED and ASK) or REPLY_RETRY (the server cannot answer now: Redis's
+        TRYAGAIN), constants of L{twistedproxy.core.request}.  Only asked by a
+        route that may resend the request (L{twistedproxy.routes.interface});
+        a codec with nothing to resend returns REPLY_FINAL.
         """
 
     def handshake(pool_config) -> list:

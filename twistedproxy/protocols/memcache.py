@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
+from twistedproxy.core.request import REPLY_FINAL
 from twistedproxy.protocols import memcache_binary, memcache_text
 from twistedproxy.protocols.interface import ICodec, IRequestParser
 
@@ -106,6 +107,9 @@ class MemcacheCodec(object):
 
     def error_reply(self, request, message):
         return _codec_of(request).error_reply(request, message)
+
+    def classify_reply(self, request, raw):
+        return REPLY_FINAL  # memcached has no redirects; failover routes act on failures
 
     def handshake(self, pool_config):
         return []

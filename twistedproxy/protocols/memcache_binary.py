@@ -31,7 +31,7 @@ import struct
 
 from zope.interface import implementer
 
-from twistedproxy.core.request import ROUTE_ALL, ProtocolError, Request, local
+from twistedproxy.core.request import REPLY_FINAL, ROUTE_ALL, ProtocolError, Request, local
 from twistedproxy.protocols import WARMUP_KEYS
 from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
 from twistedproxy.protocols.memcache_text import MAX_KEY_LENGTH, VERSION, ClientStreamParser, ReplyBuffer, stats_lines
@@ -410,6 +410,9 @@ class BinaryCodec(object):
         frame = request.frame
         opcode = request.data[0] if request.filter else frame[1]
         return response(opcode, frame[12:16], STATUS_TEMPORARY_FAILURE, value=message.encode("utf-8", "replace"))
+
+    def classify_reply(self, request, raw):
+        return REPLY_FINAL  # memcached has no redirects; failover routes act on failures
 
     def handshake(self, pool_config):
         return []

@@ -36,7 +36,7 @@ import time
 from zope.interface import implementer
 
 from twistedproxy._version import __version__
-from twistedproxy.core.request import ROUTE_ALL, ROUTE_KEYS, ProtocolError, Request, local
+from twistedproxy.core.request import REPLY_FINAL, ROUTE_ALL, ROUTE_KEYS, ProtocolError, Request, local
 from twistedproxy.protocols import WARMUP_KEYS
 from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
 
@@ -827,6 +827,9 @@ class TextCodec(object):
         if request.filter and request.data is None:
             return b""  # classic noreply: an unread line would answer the next command
         return server_error(message)
+
+    def classify_reply(self, request, raw):
+        return REPLY_FINAL  # memcached has no redirects; failover routes act on failures
 
     def handshake(self, pool_config):
         return []

@@ -19,7 +19,7 @@ import hmac
 from zope.interface import implementer
 
 from twistedproxy._version import __version__
-from twistedproxy.core.request import ROUTE_ANY, ROUTE_KEYS, ProtocolError, Request, local
+from twistedproxy.core.request import REPLY_FINAL, REPLY_REDIRECT, REPLY_RETRY, ROUTE_ANY, ROUTE_KEYS, ProtocolError, Request, local
 from twistedproxy.protocols import WARMUP_KEYS, redis_commands as commands
 from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
 
@@ -888,6 +888,15 @@ class RedisCodec:
         if not isinstance(message, bytes):
             message = message.encode("utf-8", "replace")
         return b"-ERR " + message.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"
+
+    def classify_reply(self, request, raw: bytes) -> int:
+        if raw[:1] != b"-":
+            return REPLY_FINAL
+        if raw.startswith(b"-MOVED ") or raw.startswith(b"-ASK "):
+            return REPLY_REDIRECT
+        if raw.startswith(b"-TRYAGAIN"):
+            return REPLY_RETRY
+        return REPLY_FINAL
 
     def handshake(self, pool_config) -> list:
         requests = []

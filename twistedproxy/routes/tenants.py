@@ -37,14 +37,13 @@ import hashlib
 import hmac
 import math
 
-from twisted.logger import Logger
+from zope.interface import implementer
 
 from twistedproxy.core.batching import TurnFlusher
 from twistedproxy.core.completion import refuse
-from twistedproxy.core.request import ROUTE_KEY, ROUTE_KEYS, Request
+from twistedproxy.core.request import ROUTE_KEY, ROUTE_KEYS
+from twistedproxy.routes.interface import IServedRoute
 from twistedproxy.routes.prefix import Branch, Node, compile_route, keyless, prefix_node, resolve
-
-log = Logger()
 
 # What a login (AUTH user password) comes to (L{UserDirectory.login}).
 LOGIN_OK = "ok"
@@ -175,6 +174,7 @@ class UserDirectory:
             parser.tenant = None
 
 
+@implementer(IServedRoute)
 class FrontRoute:
     """
     The route a front pool's listener serves (what a client connection is tied
@@ -286,7 +286,7 @@ class FrontRoute:
                 self._slicing[request] = pool
                 return True
             return False
-        if not all(hasattr(pool, "server_for") for (pool, _), _ in targets):
+        if not all(hasattr(pool, "server_set") for (pool, _), _ in targets):
             refuse(request, codec.error_reply(request, "the keys of this request are in several routes"),
                    "keys in several routes", dirty)
             return False
@@ -307,11 +307,8 @@ class FrontRoute:
                 sends.append((pool, server, prefix))
         frames = codec.split(request, groups, strips)
         fragments = []
-        for frame, group, (_, _, prefix) in zip(frames, groups, sends):
-            fragment = Request(frame, request.command)
-            fragment.parent = request
-            fragment.key_indices = group
-            fragment.received_at = request.received_at
+        for frame, group, (pool, _, prefix) in zip(frames, groups, sends):
+            fragment = pool._fragment(request, frame, group)  # as the pool makes its own (resume hook too)
             fragment.prefix = prefix
             fragments.append(fragment)
         request.fragments = fragments
@@ -319,7 +316,7 @@ class FrontRoute:
         request.sent_at = now
         self.stats.fragments += len(fragments)
         for (pool, server, _), fragment in zip(sends, fragments):
-            pool._send(server, fragment, codec, now, touched, dirty)
+            pool.server_set.send(server, fragment, codec, now, touched, dirty)
 
     def dispatch_slice(self, request, codec, now: float, touched: list, dirty: list) -> bool:
         pool = self._slicing.get(request)

@@ -1,24 +1,32 @@
 """
-A server pool: its backends, the key -> server placement, and the health of each
-backend (failure counting, ejection, reconnect backoff).
+The servers layer: the backends of one pool, their connections and their
+health (failure counting, auto-ejection, reconnect backoff, probes of ejected
+servers, preconnect).  Routes use it; it knows nothing of placement.
 
-The pool knows no protocol: it is handed a codec for splitting and error replies
-and asks L{twistedproxy.hashing} where each key lives.
+A L{ServerSet} is what a route sends to: it owns the L{Server} objects of one
+pool (C{servers}, in configuration order), the pool's settings, counters and
+turn flusher, and tells whoever places keys on it when a server leaves or comes
+back (L{ServerSet.watch}): the hash route then rebuilds its placement over the
+servers still live.  A route sends a request with
+C{server.connection(codec).enqueue(request, now, touched)} after checking
+C{server.available(now)}; L{ServerSet.send} does the same with the failure
+replies of an unavailable server, for routes off the hottest path.
+
+Each L{Server} keeps its connections per codec (a memcached pool's clients may
+speak text or binary), made on demand, round-robin over
+C{server_connections}.  The layer knows no protocol: the codec gives the
+handshake and probe requests (internal requests: see
+L{twistedproxy.core.request.Request.internal}).
 """
 
 from __future__ import annotations
-
-import random
-import sys
 
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 
 from twistedproxy.core.batching import TurnFlusher
-from twistedproxy.core.completion import REFUSED, fail, release
-from twistedproxy.core.request import ROUTE_ALL, ROUTE_ANY, ROUTE_KEY, ROUTE_KEYS, Request
+from twistedproxy.core.completion import REFUSED, fail
 from twistedproxy.core.server import ServerConnection
-from twistedproxy.hashing import hash_function, hash_tag_key, make_distribution
 from twistedproxy.stats.recorder import PoolStats
 
 log = Logger()
@@ -27,25 +35,6 @@ log = Logger()
 # consecutive failure from the first value up to the last.
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 2.0
-
-# Keys whose server is remembered (per pool, forgotten when the placement
-# changes).  Hashing a key is a Python loop over its bytes, the largest per-key
-# cost on CPython; a dict lookup is a fraction of it.  When full, the newest
-# entry makes room: the keys seen first (in practice the hot ones) stay.  Long
-# keys are not kept, so the cache stays under about 12 MB per pool.  Not on
-# PyPy: its JIT hashes a key about as fast as a lookup, and a large dict of
-# constantly replaced young keys costs its garbage collector more than it
-# saves (measured: a third more CPU per request at -P 16).
-PLACEMENT_CACHE_SIZE = 1 << 16
-PLACEMENT_CACHE_KEY_BYTES = 100
-PLACEMENT_CACHE_ENABLED = sys.implementation.name == "cpython"
-
-# Keys of one multi-key request placed and sent per reactor turn.  A request
-# with more keys is sent in slices of this many, one slice per turn, so that
-# hashing 150,000 keys (a third of a second on CPython) does not stall every
-# other client of the process; a slice costs a few milliseconds at most.
-SLICE_KEYS = 512
-
 
 class _ConnectorFactory(ClientFactory):
     """Hands an already-built L{ServerConnection} to the reactor's connector."""
@@ -63,7 +52,11 @@ class _ConnectorFactory(ClientFactory):
 
 
 class Server:
-    """One backend of a pool and its (lazily made) connections, per codec."""
+    """
+    One backend of a pool and its (lazily made) connections, per codec.
+
+    @ivar pool: the L{ServerSet} it belongs to (its pool's servers layer).
+    """
 
     def __init__(self, pool, spec, index: int):
         self.pool = pool
@@ -197,7 +190,7 @@ class Server:
         )
         if pool.health is None:
             self._retry_later()
-        pool.rebuild()
+        pool.membership_changed()
         self.close_connections()
 
     def _retry_later(self) -> None:
@@ -254,7 +247,7 @@ class Server:
         self.ejected = False
         self.retry_at = 0.0
         log.info("pool {pool}: server {server} back in placement", pool=self.pool.name, server=self.label)
-        self.pool.rebuild()
+        self.pool.membership_changed()
         if self.pool.config.preconnect:
             self.preconnect()
 
@@ -281,184 +274,49 @@ class Server:
         self.close_connections()
 
 
-class ServerPool:
+class ServerSet:
     """
-    The servers of one pool and the placement of keys on them.
+    The servers of one pool and what they share: the pool's config, reactor,
+    codecs (the first is the pool's main codec), counters, backend timeout and
+    the flusher that writes each backend connection once per reactor turn.
 
-    @ivar codecs: the codecs this pool's clients speak (backend connections are
-        kept per codec); the first is the pool's main codec.
+    @ivar health: who decides ejections: None counts failures here; a worker
+        sets an object with C{failed(server)} and C{recovered(server)} that asks
+        the master.
+    @ivar closing: retired or stopped: no reconnects, no probes.
     """
 
-    def __init__(self, config, codec, reactor, codecs=None, stats=None):
+    def __init__(self, config, reactor, codecs, stats=None):
         self.config = config
         self.name = config.name
         # Counters outlive the pool object when a registry hands them in (reloads).
         self.stats = stats if stats is not None else PoolStats(config.name)
         self.reactor = reactor
-        self.codec = codec
-        self.codecs = tuple(codecs) if codecs else (codec,)
+        self.codecs = tuple(codecs)
         self.timeout = config.timeout / 1000.0 if config.timeout is not None else None
         self.closing = False
-        # Who decides ejections: None counts failures here; a worker sets an
-        # object with failed(server) and recovered(server) that asks the master.
         self.health = None
-        self.clients = set()  # ClientConnections currently open
         self.flusher = TurnFlusher(reactor)  # backend writes: one per connection per reactor turn
+        self._watchers = []
         self.servers = [Server(self, spec, i) for i, spec in enumerate(config.servers)]
-        self._hash = hash_function(config.hash)
-        self._hash_tag = config.hash_tag
-        self._random = random.Random()
-        self.live = []
-        self._index = None
-        self._placement = {}  # key -> Server (deterministic distributions only)
-        self._cache_placement = PLACEMENT_CACHE_ENABLED and config.distribution != "random"
-        self.rebuild()
 
-    # -- placement ---------------------------------------------------------
+    def watch(self, changed) -> None:
+        """Call C{changed()} whenever a server is ejected or readmitted."""
+        self._watchers.append(changed)
 
-    def rebuild(self) -> None:
-        """Recompute the placement over the servers not ejected."""
-        self._placement = {}
-        self.live = [s for s in self.servers if not s.ejected]
-        if self.live:
-            dist = make_distribution(
-                self.config.distribution,
-                [(s.spec.ketama_name, s.spec.weight) for s in self.live],
-                rng=self._random,
-            )
-            self._index = dist.index
-        else:
-            self._index = None
+    def membership_changed(self) -> None:
+        for changed in self._watchers:
+            changed()
 
-    def server_for(self, key: bytes):
-        """The server that holds C{key}, or None when every server is ejected."""
-        server = self._placement.get(key)
-        if server is not None:
-            return server
-        index = self._index
-        if index is None:
-            return None
-        hashed = key if self._hash_tag is None else hash_tag_key(key, self._hash_tag)
-        server = self.live[index(self._hash(hashed))]
-        if self._cache_placement and len(key) <= PLACEMENT_CACHE_KEY_BYTES:
-            placement = self._placement
-            if len(placement) >= PLACEMENT_CACHE_SIZE:
-                placement.popitem()
-            placement[key] = server
-        return server
+    def live(self) -> list:
+        """The servers not ejected, in configuration order."""
+        return [s for s in self.servers if not s.ejected]
 
-    # -- dispatch -------------------------------------------------------------
-
-    def dispatch(self, request, codec, now: float, touched: list, dirty: list) -> bool:
+    def send(self, server, request, codec, now: float, touched: list, dirty: list) -> None:
         """
-        Send C{request} (and its fragments, for split or broadcast requests) to
-        the right server connections.  Requests that cannot be sent fail at once.
-
-        Returns True for a request with more than L{SLICE_KEYS} keys, of which
-        only the first slice was sent: the caller sends the others with
-        L{dispatch_slice}, one per reactor turn, and sends nothing else of that
-        client meanwhile (later requests must not overtake it).
+        Send C{request} to C{server} (None: no server is left), or fail it the
+        way the server's last failure did while it backs off.
         """
-        route = request.route
-        if route == ROUTE_KEY:
-            server = self.server_for(request.key)
-            if server is not None and server.available(now):
-                server.connection(codec).enqueue(request, now, touched)  # _send's common case, inline
-            else:
-                self._send(server, request, codec, now, touched, dirty)
-        elif route == ROUTE_KEYS:
-            if len(request.keys) > SLICE_KEYS:
-                # The dispatcher holds one count of pending until its last slice is out.
-                request.fragments = []
-                request.pending = 1
-                request.sent_at = now
-                return not self.dispatch_slice(request, codec, now, touched, dirty)
-            self._dispatch_keys(request, codec, now, touched, dirty)
-        elif route == ROUTE_ALL:
-            servers = self.live
-            if not servers:
-                fail(request, REFUSED, "no server in pool %s" % (self.name,), codec, dirty)
-                return
-            request.fragments = fragments = []
-            for server in servers:
-                fragment = self._fragment(request, request.frame, None)
-                fragments.append((server, fragment))
-            self._send_fragments(request, codec, now, touched, dirty)
-        elif route == ROUTE_ANY:
-            server = self._random.choice(self.live) if self.live else None
-            self._send(server, request, codec, now, touched, dirty)
-        else:
-            raise ValueError("unknown route %r" % (route,))
-
-    def _dispatch_keys(self, request, codec, now, touched, dirty) -> None:
-        order, groups = self._place(request.keys, 0, len(request.keys))
-        frames = codec.split(request, groups)
-        request.fragments = [
-            (server, self._fragment(request, frame, group)) for server, frame, group in zip(order, frames, groups)
-        ]
-        self._send_fragments(request, codec, now, touched, dirty)
-
-    def dispatch_slice(self, request, codec, now: float, touched: list, dirty: list) -> bool:
-        """
-        Send the next L{SLICE_KEYS} keys of a request L{dispatch} began to send
-        in slices, as a multi-key request of their own (split per server, its
-        fragments merged when in); return True once no slice is left to send.
-        """
-        keys = request.keys
-        start = len(request.fragments) * SLICE_KEYS
-        stop = min(start + SLICE_KEYS, len(keys))
-        order, groups = self._place(keys, start, stop)
-        frames = codec.split(request, groups)  # the request's codec data (MSET values ...) stay its own
-        part = Request(b"", request.command, route=ROUTE_KEYS, keys=keys[start:stop])
-        part.parent = request
-        part.received_at = request.received_at
-        part.fragments = [
-            (server, self._fragment(part, frame, [i - start for i in group]))
-            for server, frame, group in zip(order, frames, groups)
-        ]
-        request.fragments.append(part)
-        request.pending += 1
-        self._send_fragments(part, codec, now, touched, dirty)
-        if stop < len(keys) and part.failed is None:
-            return False
-        # The last slice, or one failed at once (no server): the request's reply
-        # is an error either way, so the rest is not sent.
-        release(request, codec, dirty)
-        return True
-
-    def _place(self, keys, start: int, stop: int):
-        """The servers of C{keys[start:stop]} in first-seen order, and the indices of the keys each holds."""
-        by_server = {}
-        order = []
-        server_for = self.server_for
-        for i in range(start, stop):
-            server = server_for(keys[i])
-            group = by_server.get(server)
-            if group is None:
-                group = by_server[server] = []
-                order.append(server)
-            group.append(i)
-        return order, [by_server[s] for s in order]
-
-    @staticmethod
-    def _fragment(parent, frame, key_indices):
-        fragment = Request(frame, parent.command)
-        fragment.parent = parent
-        fragment.key_indices = key_indices
-        fragment.received_at = parent.received_at
-        return fragment
-
-    def _send_fragments(self, request, codec, now, touched, dirty) -> None:
-        pairs = request.fragments
-        request.fragments = [fragment for _, fragment in pairs]
-        request.pending = len(pairs)
-        request.sent_at = now
-        if len(pairs) > 1:
-            self.stats.fragments += len(pairs)
-        for server, fragment in pairs:
-            self._send(server, fragment, codec, now, touched, dirty)
-
-    def _send(self, server, request, codec, now, touched, dirty) -> None:
         if server is None:
             fail(request, REFUSED, "no server in pool %s" % (self.name,), codec, dirty)
         elif not server.available(now):
@@ -467,19 +325,10 @@ class ServerPool:
         else:
             server.connection(codec).enqueue(request, now, touched)
 
-    # -- life cycle -----------------------------------------------------------
-
     def use_config(self, config) -> None:
-        """
-        Take C{config}, which may differ from the pool's own only in the
-        settings a live pool can change (C{timeout}, C{client_max_pending},
-        C{max_request_bytes}): open clients and connections follow at once
-        (C{max_request_bytes} applies to clients connecting from now on).
-        """
+        """Take the settings a live pool can change; open connections follow the timeout at once."""
         self.config = config
         self.timeout = timeout = config.timeout / 1000.0 if config.timeout is not None else None
-        for client in self.clients:
-            client.max_pending = config.client_max_pending
         for server in self.servers:
             for conns in server.connections.values():
                 for conn in conns:
@@ -492,9 +341,6 @@ class ServerPool:
         if self.config.preconnect:
             for server in self.servers:
                 server.preconnect()
-
-    def client_gone(self, client) -> None:
-        self.clients.discard(client)
 
     def retire(self) -> None:
         """
@@ -516,4 +362,3 @@ class ServerPool:
         self.closing = True
         for server in self.servers:
             server.stop()
-
