@@ -22,9 +22,10 @@ from twistedproxy.config.settings import TuningError, parse as parse_settings
 from twistedproxy.core import tuning, warmup
 from twistedproxy.core.client import ProxyFactory
 from twistedproxy.net.sockets import listen
-from twistedproxy.routes.build import build_front
+from twistedproxy.routes.build import build_route
 from twistedproxy.routes.hash import HashRoute
 from twistedproxy.protocols import codec_for, codecs_of
+from twistedproxy.routes.tenants import FrontRoute
 from twistedproxy.stats.recorder import StatsRegistry
 
 
@@ -37,12 +38,24 @@ def build_pool(pool_config, reactor, stats=None) -> HashRoute:
     return HashRoute(pool_config, codec, reactor, codecs=codecs_of(codec), stats=stats)
 
 
+def build_front(pool_config, reactor, pools: dict, stats=None, workers: int = 1) -> FrontRoute:
+    """
+    The L{FrontRoute} of a front pool (C{route:} or C{tenants:}): its requests
+    go to the routes in C{pools} (pool name -> route) its routes name.
+    """
+    return FrontRoute(pool_config, codec_for(pool_config.protocol), reactor, pools, stats, workers,
+                      build_route=build_route)
+
+
 class Proxy:
     """
-    Every pool of a configuration, with one L{ProxyFactory} per pool.
+    Every pool of a configuration, with one L{ProxyFactory} per pool that listens.
 
-    @ivar pools: pool name -> its route (L{HashRoute}).
-    @ivar factories: pool name -> L{ProxyFactory} (a Twisted ServerFactory).
+    @ivar pools: pool name -> its route: a L{HashRoute} for a pool with servers,
+        a L{FrontRoute} for a front (a pool with C{route:} or C{tenants:}, built
+        after the pools it routes to).
+    @ivar factories: pool name -> L{ProxyFactory} (a Twisted ServerFactory), for
+        pools with a C{listen:} address.
     @ivar stats: the L{StatsRegistry} every pool records into (kept across reloads).
     """
 
@@ -52,20 +65,20 @@ class Proxy:
         self.pools = {}
         self.factories = {}
         self.stats = StatsRegistry(reactor, config.global_)
-        for pool_config in config.pools:
-            if not pool_config.is_front:
-                self.pools[pool_config.name] = build_pool(pool_config, reactor, self.stats.pool(pool_config.name))
-        for pool_config in config.pools:
-            if pool_config.is_front:
-                self.pools[pool_config.name] = self._build_front(pool_config)
-        for name, pool in self.pools.items():
-            if pool.config.listen is not None:
-                self.factories[name] = ProxyFactory(pool)
+        for pool_config in _fronts_last(config):
+            pool = self._build(pool_config, self.pools)
+            self.pools[pool_config.name] = pool
+            if pool_config.listen is not None:
+                self.factories[pool_config.name] = ProxyFactory(pool)
         self._port_by_pool = {}
 
-    def _build_front(self, pool_config):
-        """A front's served route over this proxy's pools (C{route:}: L{twistedproxy.routes.build})."""
-        return build_front(pool_config, self.pools, self.stats.pool(pool_config.name))
+    def _build(self, pool_config, pools: dict):
+        """A pool's route, or a front's over C{pools} (which holds every pool it routes to)."""
+        stats = self.stats.pool(pool_config.name)
+        if pool_config.is_front:
+            workers = max(1, self.config.global_.worker_processes)
+            return build_front(pool_config, self.reactor, pools, stats, workers)
+        return build_pool(pool_config, self.reactor, stats)
 
     @classmethod
     def from_file(cls, path: str, reactor) -> "Proxy":
@@ -90,7 +103,7 @@ class Proxy:
             seconds = warmup.seconds_for(self.config.global_.warmup)
         if not seconds:
             return succeed(None)
-        pools = [pool_config for pool_config in self.config.pools if not pool_config.is_front]
+        pools = [pool for pool in self.config.pools if not pool.is_front]  # a front's requests go to these
         return warmup.warm_up(self.reactor, pools, build_pool, seconds)
 
     def start(self) -> list:
@@ -98,7 +111,7 @@ class Proxy:
         for name, pool in self.pools.items():
             pool.start()
             cfg = pool.config
-            if cfg.listen is not None:  # a pool only routes reach has none
+            if cfg.listen is not None:
                 port = listen(self.reactor, cfg.listen, self.factories[name], cfg.backlog, cfg.reuseport)
                 self._port_by_pool[name] = port
         return self.ports
@@ -131,37 +144,34 @@ class Proxy:
         self.stats.configure(config.global_)
         self.stats.prune(config)
         rebuilt = set()
-        # Pools first, then the fronts over them: a front is rebuilt when it
-        # changed or when a pool it reaches was.
-        for pool_config in sorted(config.pools, key=lambda p: p.is_front):
+        for pool_config in _fronts_last(config):
             name = pool_config.name
             old = old_pools.get(name)
-            if old is not None and old_configs.get(name) == pool_config and not (
-                pool_config.route is not None and rebuilt.intersection(r.pool for r in route_pools(pool_config.route))
-            ):
+            if old is not None and old_configs.get(name) == pool_config and not (_routed_to(pool_config) & rebuilt):
                 old.use_config(pool_config)
                 self.pools[name] = old
                 continue
             rebuilt.add(name)
-            if pool_config.is_front:
-                pool = self._build_front(pool_config)
-            else:
-                pool = build_pool(pool_config, self.reactor, self.stats.pool(name))
+            pool = self._build(pool_config, self.pools)
             self.pools[name] = pool
             factory = self.factories.get(name)
             if pool_config.listen is None:
-                if factory is not None:
-                    del self.factories[name]
+                self.factories.pop(name, None)
             elif factory is None:
                 factory = self.factories[name] = ProxyFactory(pool)
             else:
                 factory.switch_pool(pool)
             pool.start()
             if old is not None:
-                for client in list(old.clients):
-                    client.route = pool
-                    pool.clients.add(client)
+                clients = list(old.clients)
                 old.clients.clear()
+                for client in clients:
+                    client.route = pool
+                    adopt = getattr(pool, "adopt", None)
+                    if adopt is not None:
+                        adopt(client)
+                    else:
+                        pool.clients.add(client)
                 old.retire()
             if listening and (old is None or old.config.listen != pool_config.listen):
                 self._relisten(name, old)
@@ -174,7 +184,7 @@ class Proxy:
                 old.retire()
 
     def _relisten(self, name, old_pool) -> None:
-        """Close the old pool's port (if any) and open the new pool's (if any)."""
+        """Close the old pool's port (if any) and open the new pool's (if it listens)."""
         if old_pool is not None and name in self._port_by_pool:
             self._port_by_pool.pop(name).stopListening()
         pool = self.pools.get(name)
@@ -229,3 +239,14 @@ class Proxy:
                 client.transport.loseConnection()
             pool.stop()
         return DeferredList(waits)
+
+
+def _fronts_last(config) -> list:
+    """The pools of C{config}, fronts after the pools (so a front finds every pool it routes to built)."""
+    return [pool for pool in config.pools if not pool.is_front] + [pool for pool in config.pools if pool.is_front]
+
+
+def _routed_to(pool_config) -> set:
+    """The names of the pools a front's routes reach (none for a plain pool)."""
+    specs = [pool_config.route] if pool_config.route is not None else [t.route for t in pool_config.tenants]
+    return {pool.pool for spec in specs for pool in route_pools(spec)}

@@ -357,7 +357,7 @@ class ProxyFactory(ServerFactory):
         if limit is not None and len(route.clients) >= limit:
             log.warn("pool {pool}: client_connections limit {limit} reached", pool=route.name, limit=limit)
             return None
-        client = ClientConnection(route, self.codec.request_parser(route.config))
+        client = ClientConnection(route, self._parser(route))
         route.clients.add(client)
         route.stats.clients_accepted += 1
         return client
@@ -368,9 +368,16 @@ class ProxyFactory(ServerFactory):
         already) and not counted as accepted again (its first worker did).
         """
         route = self.route
-        client = ClientConnection(route, self.codec.request_parser(route.config))
+        client = ClientConnection(route, self._parser(route))
         route.clients.add(client)
         return client
+
+    def _parser(self, route):
+        """A request parser for a new client: the route's own when it has one (a front with users)."""
+        make = getattr(route, "request_parser", None)
+        if make is not None:
+            return make(self.codec)
+        return self.codec.request_parser(route.config)
 
     @property
     def pool(self):

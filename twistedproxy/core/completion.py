@@ -63,6 +63,8 @@ def complete(request, raw: bytes, codec, dirty: list) -> None:
     resume = request.resume
     if resume is not None and resume(request, raw, None, codec, dirty):
         return  # a route sent it on: the client sees nothing yet
+    if request.prefix is not None:  # a route stripped a key prefix: replies that carry keys get it back
+        raw = codec.restore_keys(request, raw, request.prefix)
     parent = request.parent
     if parent is None:
         request.reply = codec.filter_reply(request, raw) if request.filter else raw
@@ -97,6 +99,18 @@ def fail(request, error: str, where: str, codec, dirty: list) -> None:
         _finish_parent(parent, codec, dirty)
 
 
+def refuse(request, reply: bytes, why: str, dirty: list) -> None:
+    """
+    End C{request} with a C{reply} a route made itself, without a backend (a
+    tenant's rate limit, a key no route takes); C{why} is kept as its failure,
+    for the error counters and the slow log.
+    """
+    request.failed = why
+    request.reply = reply
+    request.done = True
+    _mark(request.client, dirty)
+
+
 def release(request, codec, dirty: list) -> None:
     """The dispatcher of a sliced request has sent its last slice (it held one count of C{pending})."""
     request.pending -= 1
@@ -119,6 +133,8 @@ def _finish_parent(parent, codec, dirty: list) -> None:
             merged = codec.join(parent, [part.reply for part in fragments])
         else:
             merged = codec.merge(parent, fragments)
+        if parent.prefix is not None:  # stripped as a whole: the merged reply gets it back
+            merged = codec.restore_keys(parent, merged, parent.prefix)
         parent.reply = codec.filter_reply(parent, merged) if parent.filter else merged
     parent.done = True
     parent.fragments = None  # the fragments' replies are no longer needed

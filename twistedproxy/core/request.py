@@ -82,6 +82,12 @@ class Request:
         migration command): its reply never reaches a client, and no
         client-facing or server request counter counts it; a C{resume} hook, if
         set, gets its reply or failure.
+      - prefix: None, or the key prefix a tenant front stripped before sending
+        (the codec's C{strip_keys} or C{split}); the completion path hands the
+        final reply to C{codec.restore_keys} to put it back in replies that
+        carry keys.
+      - tenant: None, or the tenant the request counts for (its recorder;
+        L{twistedproxy.routes.tenants}).
     """
 
     __slots__ = (
@@ -110,6 +116,8 @@ class Request:
         # route-owned
         "resume",
         "internal",
+        "prefix",
+        "tenant",
     )
 
     def __init__(
@@ -147,6 +155,8 @@ class Request:
         self.failed = None
         self.resume = None
         self.internal = False
+        self.prefix = None
+        self.tenant = None
 
     def __repr__(self) -> str:
         return "<Request %s route=%d key=%r done=%r>" % (

@@ -94,11 +94,36 @@ class ICodec(Interface):
     def reply_parser() -> IReplyParser:
         """A new parser for one backend connection."""
 
-    def split(request, groups: list) -> list:
+    def split(request, groups: list, strips: list | None = None) -> list:
         """
         Split a ROUTE_KEYS request: C{groups} is a list of lists of indices into
         C{request.keys}, one list per server (indices in client order).  Return one
-        frame (bytes) per group, in the same order.
+        frame (bytes) per group, in the same order.  C{strips}, when given, holds
+        per group how many leading bytes of each of its keys the backend must
+        not see (a tenant's stripped prefix; 0 keeps the keys whole).
+        """
+
+    def strip_keys(request, prefix: bytes) -> None:
+        """
+        Rewrite C{request} so the backend sees its key(s) without C{prefix}:
+        the frame (Redis bulk lengths, memcached command lines, binary key and
+        body lengths), C{key}, C{keys} and whatever C{data} split needs.  Keys
+        that do not start with C{prefix} are left whole.  Only tenant fronts
+        call it (L{twistedproxy.routes.tenants}).
+        """
+
+    def restore_keys(request, raw: bytes, prefix: bytes) -> bytes:
+        """
+        Put C{prefix} back in front of the keys a backend reply to C{request}
+        carries (memcached C{VALUE key} lines, meta C{k} flags, binary GETK
+        keys); other replies come back unchanged.  The core calls it only for
+        requests whose keys were stripped (C{request.prefix} set).
+        """
+
+    def denied_reply(request) -> bytes:
+        """
+        The reply to a request that uses a key its connection's user may not
+        reach (Redis 7's C{-NOPERM} words).
         """
 
     def merge(request, fragments: list) -> bytes:

@@ -84,8 +84,17 @@ class MemcacheCodec(object):
         """A text reply parser: backend connections made for this codec speak text."""
         return text_codec.reply_parser()
 
-    def split(self, request, groups):
-        return _codec_of(request).split(request, groups)
+    def split(self, request, groups, strips=None):
+        return _codec_of(request).split(request, groups, strips)
+
+    def strip_keys(self, request, prefix):
+        _codec_of(request).strip_keys(request, prefix)
+
+    def restore_keys(self, request, raw, prefix):
+        return _codec_of(request).restore_keys(request, raw, prefix)
+
+    def denied_reply(self, request):
+        return _codec_of(request).denied_reply(request)
 
     def part_data(self, request, keys):
         return _codec_of(request).part_data(request, keys)

@@ -102,6 +102,7 @@ _REQUEST_HEADER = struct.Struct(">BBHB3xI")
 # magic, opcode, key length, extras length, data type, status, body length
 _RESPONSE_HEADER = struct.Struct(">BBHBBHI")
 _BODY_LENGTH = struct.Struct(">I")
+_KEY_LENGTH = struct.Struct(">H")
 _STATUS = struct.Struct(">H")
 _ZERO_CAS = bytes(8)
 
@@ -336,6 +337,36 @@ def describe(header: bytes) -> str:
     )
 
 
+def _cut_key(frame: bytes, cut: int) -> bytes:
+    """A request packet whose key loses its first C{cut} bytes (key and body lengths follow)."""
+    keylen = _KEY_LENGTH.unpack_from(frame, 2)[0]
+    extlen = frame[4]
+    start = HEADER_LENGTH + extlen
+    return b"".join((
+        frame[:2],
+        _KEY_LENGTH.pack(keylen - cut),
+        frame[4:8],
+        _BODY_LENGTH.pack(_BODY_LENGTH.unpack_from(frame, 8)[0] - cut),
+        frame[12:start],
+        frame[start + cut :],
+    ))
+
+
+def _put_key_prefix(packet: bytes, prefix: bytes) -> bytes:
+    """A response packet with C{prefix} put in front of its key (key and body lengths follow)."""
+    keylen = _KEY_LENGTH.unpack_from(packet, 2)[0]
+    start = HEADER_LENGTH + packet[4]
+    return b"".join((
+        packet[:2],
+        _KEY_LENGTH.pack(keylen + len(prefix)),
+        packet[4:8],
+        _BODY_LENGTH.pack(_BODY_LENGTH.unpack_from(packet, 8)[0] + len(prefix)),
+        packet[12:start],
+        prefix,
+        packet[start:],
+    ))
+
+
 def _status(raw: bytes) -> int:
     return _STATUS.unpack_from(raw, 6)[0]
 
@@ -369,11 +400,26 @@ class BinaryCodec(object):
     def reply_parser(self):
         return BinaryReplyParser()
 
-    def split(self, request, groups):
+    def split(self, request, groups, strips=None):
         raise NotImplementedError("binary requests carry one key; nothing is split")
 
     def part_data(self, request, keys):
         return request.data
+
+    def strip_keys(self, request, prefix):
+        key = request.key
+        if key is None or not key.startswith(prefix):
+            return
+        request.frame = _cut_key(request.frame, len(prefix))
+        request.key = key[len(prefix) :]
+
+    def restore_keys(self, request, raw, prefix):
+        if raw[2:4] == b"\0\0":  # no key in the reply (only GETK and GATK replies carry one)
+            return raw
+        return _put_key_prefix(raw, prefix)
+
+    def denied_reply(self, request):
+        return self.error_reply(request, "key not permitted")
 
     def join(self, request, replies):
         raise NotImplementedError("binary requests carry one key; nothing is sliced")

@@ -822,10 +822,45 @@ class TextCodec(object):
     def reply_parser(self):
         return TextReplyParser()
 
-    def split(self, request, groups):
+    def split(self, request, groups, strips=None):
         keys = request.keys
         prefix = request.data
-        return [prefix + b" ".join([keys[i] for i in group]) + _CRLF for group in groups]
+        if strips is None:
+            return [prefix + b" ".join([keys[i] for i in group]) + _CRLF for group in groups]
+        return [
+            prefix + b" ".join([keys[i][cut:] for i in group]) + _CRLF for group, cut in zip(groups, strips)
+        ]
+
+    def strip_keys(self, request, prefix):
+        cut = len(prefix)
+        if request.keys is not None:  # get|gets|gat|gats with several keys: one line from the keys
+            request.keys = [key[cut:] if key.startswith(prefix) else key for key in request.keys]
+            request.frame = request.data + b" ".join(request.keys) + _CRLF
+            return
+        key = request.key
+        if not key.startswith(prefix):
+            return
+        frame = request.frame
+        eol = frame.find(b"\n")
+        line_end = eol - 1 if eol > 0 and frame[eol - 1] == 13 else eol
+        tokens = frame[:line_end].split()
+        at = 2 if tokens[0] in (b"gat", b"gats") else 1
+        if tokens[0] in _META_COMMANDS and b"b" in tokens[2:]:  # a base64 key stays base64
+            tokens[at] = binascii.b2a_base64(key[cut:], newline=False)
+        else:
+            tokens[at] = tokens[at][cut:]
+        request.frame = b" ".join(tokens) + frame[line_end:]
+        request.key = key[cut:]
+
+    def restore_keys(self, request, raw, prefix):
+        if raw.startswith(b"VALUE "):
+            return _prefix_values(raw, prefix)
+        if request.command in _META_COMMANDS and raw[:2] in _META_CODES:
+            return _prefix_meta_key(raw, prefix)
+        return raw
+
+    def denied_reply(self, request):
+        return self.error_reply(request, "key not permitted")
 
     def part_data(self, request, keys):
         return request.data  # the command and its arguments before the keys
@@ -1014,6 +1049,41 @@ def _warmup_answer(frame: bytes) -> bytes:
     if name == b"version":
         return b"VERSION " + VERSION + _CRLF
     return b"STORED\r\n"
+
+
+_META_COMMANDS = frozenset((b"mg", b"ms", b"md", b"ma"))
+_META_CODES = frozenset((b"HD", b"VA", b"EN", b"NF", b"NS", b"EX"))
+
+
+def _prefix_values(raw: bytes, prefix: bytes) -> bytes:
+    """A get-style reply with C{prefix} put back in front of each VALUE line's key."""
+    out = []
+    pos = 0
+    while raw.startswith(b"VALUE ", pos):
+        eol = raw.find(b"\n", pos)
+        length = int(raw[pos:eol].split()[3])
+        end = eol + 1 + length + 2
+        out.append(b"VALUE ")
+        out.append(prefix)
+        out.append(raw[pos + 6 : end])
+        pos = end
+    out.append(raw[pos:])
+    return b"".join(out)
+
+
+def _prefix_meta_key(raw: bytes, prefix: bytes) -> bytes:
+    """A meta reply with C{prefix} put back in its C{k} flag (base64 under the C{b} flag)."""
+    eol = raw.find(b"\r\n")
+    tokens = raw[:eol].split(b" ")
+    for index, token in enumerate(tokens):
+        if index and token[:1] == b"k":
+            if b"b" in tokens:
+                key = prefix + binascii.a2b_base64(token[1:])
+                tokens[index] = b"k" + binascii.b2a_base64(key, newline=False)
+            else:
+                tokens[index] = b"k" + prefix + token[1:]
+            return b" ".join(tokens) + raw[eol:]
+    return raw
 
 
 def _merge_values(keys: list, fragments: list) -> bytes:

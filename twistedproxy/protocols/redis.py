@@ -31,12 +31,18 @@ _MULTIBULK_MAX_ARGS = 2 ** 31 - 1
 _OK = b"+OK\r\n"
 _PONG = b"+PONG\r\n"
 _NOAUTH = b"-NOAUTH Authentication required\r\n"
+# Redis 7's words, where AUTH names users (a front whose tenants are chosen by user).
+_NOAUTH_USERS = b"-NOAUTH Authentication required.\r\n"
+_WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+_TENANT_FULL = b"-ERR max number of clients reached for tenant '%s'\r\n"
 _INVALID_PASSWORD = b"-ERR invalid password\r\n"
 _NO_PASSWORD = b"-ERR Client sent AUTH, but no password is set\r\n"
 _NOT_AN_INTEGER = b"-ERR value is not an integer or out of range\r\n"
 _NEGATIVE_KEYS = b"-ERR Number of keys can't be negative\r\n"
 _TOO_MANY_KEYS = b"-ERR Number of keys can't be greater than number of args\r\n"
 _BAD_BACKEND_REPLY = b"-ERR unexpected reply from the server\r\n"
+# Redis 7's words for a key outside the user's ACL key patterns (a tenant's routes).
+_NOPERM = b"-NOPERM this user has no permissions to access one of the keys used as arguments\r\n"
 _NOPROTO = b"-NOPROTO sorry, this protocol version is not supported\r\n"
 _BAD_PROTOVER = b"-ERR Protocol version is not an integer or out of range\r\n"
 # Between a refused MULTI and its EXEC or DISCARD (see RedisRequestParser._refused).
@@ -86,6 +92,41 @@ def multibulk(args) -> bytes:
 _ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b", ord("a"): b"\a"}
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 _SPACES = frozenset(b" \n\r\t\0")
+
+
+def _strip_args(frame: bytes, indices, prefix: bytes):
+    """
+    C{frame} (a multibulk request) with C{prefix} cut from the front of the
+    arguments at C{indices} that start with it, and its first three
+    arguments (EVAL's numkeys is the third).
+    Only the bulk headers are walked: values are sliced, never parsed.  A
+    C{prefix} of None strips nothing.
+    """
+    cut = len(prefix) if prefix is not None else 0
+    last_index = max(indices) if indices else None
+    nl = frame.find(b"\r\n")
+    count = int(frame[1:nl])
+    pos = nl + 2
+    out = []
+    args = []
+    kept = 0  # frame[kept:pos] is copied as is
+    for index in range(count):
+        nl = frame.find(b"\r\n", pos)
+        start = nl + 2
+        end = start + int(frame[pos + 1 : nl])
+        if index < 3:
+            args.append(frame[start:end])
+        if prefix is not None and index in indices and frame.startswith(prefix, start, end):
+            out.append(frame[kept:pos])
+            out.append(b"$%d\r\n" % (end - start - cut))
+            kept = start + cut
+        pos = end + 2
+        if last_index is not None and index >= last_index:
+            break
+    if not out:
+        return frame, args
+    out.append(frame[kept:])
+    return b"".join(out), args
 
 
 def split_quoted(line: bytes):
@@ -173,6 +214,12 @@ class RedisRequestParser:
         password = pool_config.redis_auth
         self._password = password.encode("utf-8") if password else None
         self._locked = self._password is not None  # until a successful AUTH
+        self._noauth = _NOAUTH
+        # A front whose tenants are chosen by AUTH user (use_users): the users, and
+        # this connection's user and tenant once it logged in.
+        self._users = None
+        self.user = None
+        self.tenant = None
         self._closed = False  # after QUIT: ignore whatever follows
         self._refusing = False  # after a refused MULTI, until EXEC or DISCARD
         # Bytes not parsed yet: the first starts at a frame boundary, or inside a
@@ -219,16 +266,32 @@ class RedisRequestParser:
     # (attribute names; the values are JSON-safe): AUTH done, inside a refused MULTI.
     _CARRIED = ("_locked", "_refusing")
 
+    def use_users(self, users, locked: bool = True) -> None:
+        """
+        AUTH names users of C{users} (a L{twistedproxy.routes.tenants.UserDirectory}),
+        as Redis 7 ACL users: nothing but AUTH, HELLO and QUIT before a login
+        (C{locked}: not logged in yet).
+        """
+        self._users = users
+        self._locked = locked
+        self._noauth = _NOAUTH_USERS
+
     def state(self) -> dict:
         """This connection's state, for L{restore} in another worker."""
-        return {name: getattr(self, name) for name in self._CARRIED if hasattr(self, name)}
+        state = {name: getattr(self, name) for name in self._CARRIED if hasattr(self, name)}
+        if self.user is not None:
+            state["user"] = self.user.decode("latin-1")
+        return state
 
     def restore(self, state: dict) -> None:
         """Go on from L{state} taken in another worker (unknown names are ignored)."""
         for name in self._CARRIED:
             if name in state:
                 setattr(self, name, state[name])
-        if self._password is None:
+        if self._users is not None:
+            user = state.get("user")
+            self._locked = not (user and self._users.resume(self, user.encode("latin-1")))
+        elif self._password is None:
             self._locked = False  # the new configuration has no password
 
     def unparsed(self) -> bytes:
@@ -430,7 +493,7 @@ class RedisRequestParser:
         if kind == _HELLO:
             return local(name, self._hello(args))
         if self._locked:
-            return local(name, _NOAUTH)
+            return local(name, self._noauth)
         if kind == _PING:
             return local(name, _PONG if nargs == 1 else _bulk(args[1]))
         if kind == _ECHO:
@@ -500,11 +563,13 @@ class RedisRequestParser:
             if reply != _OK:
                 return reply
         if self._locked:
-            return _NOAUTH
+            return self._noauth
         return _HELLO_REPLY
 
     def _auth(self, args) -> bytes:
         """Check an AUTH C{[username] password} and (un)lock the connection (as twemproxy)."""
+        if self._users is not None:
+            return self._login(args)
         if self._password is None:
             return _NO_PASSWORD
         if len(args) == 2:
@@ -516,6 +581,21 @@ class RedisRequestParser:
             return _OK
         self._locked = True
         return _INVALID_PASSWORD
+
+
+    def _login(self, args) -> bytes:
+        """AUTH against the front's users, as Redis 7 (a failed AUTH leaves the connection as it was)."""
+        if len(args) == 2:
+            username, password = b"default", args[1]
+        else:
+            username, password = args[1], args[2]
+        result, tenant = self._users.login(self, username, password)
+        if result == "ok":
+            self._locked = False
+            return _OK
+        if result == "full":
+            return _TENANT_FULL % tenant.encode("utf-8")
+        return _WRONGPASS
 
 
 # Reply type bytes: one line; a length line then that many bytes; a count line
@@ -708,17 +788,18 @@ class RedisCodec:
     def reply_parser(self) -> RedisReplyParser:
         return RedisReplyParser()
 
-    def split(self, request, groups: list) -> list:
-        if len(groups) == 1 and len(groups[0]) == len(request.keys):
+    def split(self, request, groups: list, strips=None) -> list:
+        if strips is None and len(groups) == 1 and len(groups[0]) == len(request.keys):
             return [request.frame]  # one group holds every key, in client order
         keys = request.keys
         values = request.data  # MSET's values, else None
         head = _bulk(request.command)
         frames = []
-        for group in groups:
+        for number, group in enumerate(groups):
+            cut = strips[number] if strips is not None else 0
             args = [head]
             for i in group:
-                args.append(_bulk(keys[i]))
+                args.append(_bulk(keys[i][cut:]))
                 if values is not None:
                     args.append(_bulk(values[i]))
             frames.append(b"*%d\r\n" % (len(args)) + b"".join(args))
@@ -730,6 +811,32 @@ class RedisCodec:
             return None
         by_key = dict(zip(request.keys, values))  # a key given twice: its last value, as MSET keeps
         return [by_key[key] for key in keys]
+
+    def strip_keys(self, request, prefix: bytes) -> None:
+        cut = len(prefix)
+        if request.keys is not None:  # MGET, DEL, MSET ... with several keys: one frame from the keys
+            request.keys = [key[cut:] if key.startswith(prefix) else key for key in request.keys]
+            request.frame = self.split(request, [range(len(request.keys))], [0])[0]
+            return
+        entry = commands.COMMANDS.get(request.command)
+        kind = entry[commands.KIND] if entry is not None else _KEY
+        if kind == _EVAL:
+            _, args = _strip_args(request.frame, (2,), None)  # reads numkeys
+            numkeys = int(args[2])
+            indices = range(3, 3 + numkeys)
+        elif kind == _KEY:
+            indices = (entry[commands.KEY_INDEX],)
+        else:  # MGET k, MSET k v ...: one key, the first argument
+            indices = (1,)
+        request.frame, _ = _strip_args(request.frame, indices, prefix)
+        if request.key.startswith(prefix):
+            request.key = request.key[cut:]
+
+    def restore_keys(self, request, raw: bytes, prefix: bytes) -> bytes:
+        return raw  # no reply of a forwarded command carries its key
+
+    def denied_reply(self, request) -> bytes:
+        return _NOPERM
 
     def merge(self, request, fragments: list) -> bytes:
         for fragment in fragments:

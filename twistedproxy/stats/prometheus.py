@@ -175,6 +175,36 @@ class SnapshotCollector:
         yield server_hist
         yield quantiles
         yield server_quantiles
+        yield from _tenant_families(pools)
+
+
+def _tenant_families(pools: dict):
+    """The tenants of fronts: counters, open connections (tenants chosen by user) and latency."""
+    tenants = [(name, tenant, values) for name, pool in pools.items()
+               for tenant, values in sorted(pool.get("tenants", {}).items())]
+    for field, doc in _TENANT_COUNTERS:
+        family = CounterMetricFamily("cacheproxy_tenant_" + field, doc, labels=["pool", "tenant"])
+        for name, tenant, values in tenants:
+            family.add_metric([name, tenant], values.get(field, 0))
+        yield family
+    connections = GaugeMetricFamily("cacheproxy_tenant_client_connections",
+                                    "Open client connections of a tenant chosen by AUTH user.",
+                                    labels=["pool", "tenant"])
+    duration = HistogramMetricFamily("cacheproxy_tenant_request_duration_seconds",
+                                     "Time from reading a tenant's request to writing its reply.",
+                                     labels=["pool", "tenant"])
+    for name, tenant, values in tenants:
+        connections.add_metric([name, tenant], values.get("connections", 0))
+        _histogram(duration, [name, tenant], values.get("latency"))
+    yield connections
+    yield duration
+
+
+_TENANT_COUNTERS = (
+    ("requests", "Requests of a tenant of a front."),
+    ("errors", "A tenant's requests answered with an error (backend failures and the proxy's refusals)."),
+    ("rate_limited", "A tenant's requests refused by its rate limit."),
+)
 
 
 def render(merged: dict, now: float) -> bytes:

@@ -73,6 +73,25 @@ class ServerStats:
             self.server_err += 1
 
 
+class TenantStats:
+    """
+    One tenant of a front (L{twistedproxy.routes.tenants}): its requests, the
+    ones answered with an error (backend failures and the proxy's refusals),
+    the ones refused by its rate limit, its client connections now (tenants
+    chosen by AUTH user), and its requests' latency (received .. written).
+    """
+
+    __slots__ = ("name", "requests", "errors", "rate_limited", "connections", "latency")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.requests = 0
+        self.errors = 0
+        self.rate_limited = 0
+        self.connections = 0
+        self.latency = Latency()
+
+
 class CommandStats:
     """Latency of one command of one pool: total in the proxy, and its backend part."""
 
@@ -96,6 +115,7 @@ class PoolStats:
         self.forward_error = 0
         self.fragments = 0
         self.servers = {}  # label -> ServerStats
+        self.tenants = {}  # name -> TenantStats (a front's tenants)
         self.commands = {}  # command (bytes) -> CommandStats
         self.proxy = Latency()  # time in the proxy: total minus the backend wait
         if registry is not None:
@@ -110,6 +130,13 @@ class PoolStats:
         stats = self.servers.get(label)
         if stats is None:
             stats = self.servers[label] = ServerStats(label)
+        return stats
+
+    def tenant(self, name: str) -> TenantStats:
+        """The recorder of tenant C{name} of this front, made on first use (kept across reloads)."""
+        stats = self.tenants.get(name)
+        if stats is None:
+            stats = self.tenants[name] = TenantStats(name)
         return stats
 
     def client_closed(self, reason) -> None:
@@ -140,6 +167,12 @@ class PoolStats:
             self.proxy.record_us(total_us - backend_us)
         if request.failed is not None:
             self.forward_error += 1
+        tenant = request.tenant
+        if tenant is not None:
+            tenant.requests += 1
+            tenant.latency.record_us(total_us)
+            if request.failed is not None:
+                tenant.errors += 1
         if total >= self.slow_threshold:
             self.slowlog.add(now, self.name, request, total, backend)
 
@@ -261,3 +294,8 @@ class StatsRegistry:
                 for label in list(servers):
                     if label not in labels:
                         del servers[label]
+                tenant_names = {tenant.name for tenant in names[name].tenants}
+                tenants = self.pools[name].tenants
+                for tenant in list(tenants):
+                    if tenant not in tenant_names:
+                        del tenants[tenant]

@@ -48,6 +48,8 @@ _MAX_FIELDS = ("server_ejected_at",)
 # Gauges: what is now, not a count so far; an exited worker's are dropped (L{counters_only}).
 PROCESS_GAUGES = ("curr_connections",)
 POOL_GAUGES = ("client_connections", "shadow_queue")
+TENANT_FIELDS = ("requests", "errors", "rate_limited", "connections")
+TENANT_GAUGES = ("connections",)
 SERVER_GAUGES = ("server_connections", "in_queue", "in_queue_bytes", "out_queue", "out_queue_bytes", "ejected")
 
 
@@ -148,6 +150,17 @@ def snapshot(proxy, settings=True) -> dict:
         route_counters = getattr(pool, "route_counters", None)  # a front's routes
         if route_counters is not None:
             pools[name].update(route_counters())
+        if stats.tenants:
+            pools[name]["tenants"] = {
+                tenant: {
+                    "requests": tstats.requests,
+                    "errors": tstats.errors,
+                    "rate_limited": tstats.rate_limited,
+                    "connections": tstats.connections,
+                    "latency": tstats.latency.export(),
+                }
+                for tenant, tstats in stats.tenants.items()
+            }
     listening = len(proxy.ports)
     result = {
         "pids": [os.getpid()],
@@ -217,6 +230,10 @@ def merge(snapshots) -> dict:
                     mserver = mpool["servers"][label] = {}
                 _merge_counters(mserver, server)
                 pending.setdefault((name, "servers", label, "latency"), []).append(server.get("latency"))
+            for tenant, entry in pool.get("tenants", {}).items():
+                mtenant = mpool.setdefault("tenants", {}).setdefault(tenant, {})
+                _merge_counters(mtenant, entry)
+                pending.setdefault((name, "tenants", tenant, "latency"), []).append(entry.get("latency"))
     for path, hists in pending.items():
         node = merged["pools"][path[0]]
         for part in path[1:-1]:
@@ -233,11 +250,16 @@ def counters_only(snap: dict) -> dict:
     """
     pools = {}
     for name, pool in snap["pools"].items():
-        entry = {k: v for k, v in pool.items() if k not in POOL_GAUGES and k != "servers"}
+        entry = {k: v for k, v in pool.items() if k not in POOL_GAUGES and k not in ("servers", "tenants")}
         entry["servers"] = {
             label: {k: v for k, v in server.items() if k not in SERVER_GAUGES}
             for label, server in pool["servers"].items()
         }
+        if "tenants" in pool:
+            entry["tenants"] = {
+                tenant: {k: v for k, v in values.items() if k not in TENANT_GAUGES}
+                for tenant, values in pool["tenants"].items()
+            }
         pools[name] = entry
     result = {k: v for k, v in snap.items() if k not in PROCESS_GAUGES and k not in ("settings", "pools")}
     result.update({"pids": [], "workers": 0, "pools": pools})
@@ -259,6 +281,11 @@ def twemproxy_document(merged: dict, now=None, source=None) -> dict:
     for name, pool in merged["pools"].items():
         entry = {field: pool.get(field, 0) for field in POOL_FIELDS}
         entry.update((field, pool[field]) for field, _ in ROUTE_FIELDS if field in pool)  # a front's routes
+        # A front's tenants as plain numbers ("tenant:NAME:FIELD"): nutcracker's readers
+        # take every mapping inside a pool for a server.
+        for tenant, values in pool.get("tenants", {}).items():
+            for field in TENANT_FIELDS:
+                entry["tenant:%s:%s" % (tenant, field)] = values.get(field, 0)
         for label, server in pool["servers"].items():
             entry[label] = {field: server.get(field, 0) for field in SERVER_FIELDS}
         doc[name] = entry
@@ -289,6 +316,12 @@ def report(merged: dict, now=None, source=None) -> dict:
                 for label, server in pool["servers"].items()
             },
         }
+        if "tenants" in pool:
+            pools[name]["tenants"] = {
+                tenant: dict({field: values.get(field, 0) for field in TENANT_FIELDS},
+                             latency=summarize(values.get("latency", EMPTY)))
+                for tenant, values in pool["tenants"].items()
+            }
     doc["twistedproxy"] = {
         "version": __version__,
         "workers": merged.get("workers", 1),

@@ -211,6 +211,24 @@ def render(merged: dict, previous=None, now=None) -> str:
                 )
             )
         out.append("</table>")
+        tenants = pool.get("tenants", {})
+        if tenants:
+            out.append('<table class="tenants"><tr><th class="name">tenant</th><th>connections</th><th>req/s</th>'
+                       "<th>requests</th><th>errors</th><th>rate limited</th><th>p50 ms</th><th>p99 ms</th>"
+                       "<th>max ms</th></tr>")
+            for tenant, values in sorted(tenants.items()):
+                t = summarize(values.get("latency", EMPTY))
+                out.append(
+                    '<tr><td class="name">%s</td><td>%d</td><td>%.1f</td><td>%d</td><td>%d</td><td>%d</td>'
+                    "<td>%s</td><td>%s</td><td>%s</td></tr>"
+                    % (
+                        escape(tenant), values.get("connections", 0),
+                        _rate(merged, previous, ("pools", name, "tenants", tenant, "requests")),
+                        values.get("requests", 0), values.get("errors", 0), values.get("rate_limited", 0),
+                        _fmt_ms(t["p50"]), _fmt_ms(t["p99"]), _fmt_ms(t["max"]),
+                    )
+                )
+            out.append("</table>")
         commands = pool.get("commands", {})
         if commands:
             out.append('<table class="commands"><tr><th class="name">command</th><th>count</th><th>avg ms</th>'
