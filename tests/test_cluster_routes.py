@@ -70,7 +70,7 @@ class Rig:
         self.reactor.advance(0)
 
     def route(self, front="front"):
-        return self.proxy.pools[front].root
+        return self.proxy.pools[front].root.pool  # the front's only route: a leaf of its (prefix-less) node
 
 
 # -- wiring -------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def test_a_front_listens_and_pools_without_listen_do_not():
                "front": {"listen": "127.0.0.1:22121", "route": {"failover": ["a", "b"]}}})
     assert sorted(rig.proxy.factories) == ["b", "front"]
     front = rig.proxy.pools["front"]
-    assert front.root.routes == (rig.proxy.pools["a"], rig.proxy.pools["b"])
+    assert front.root.pool.routes == (rig.proxy.pools["a"], rig.proxy.pools["b"])
 
 
 def test_pools_are_built_once_and_shared_by_every_route():
