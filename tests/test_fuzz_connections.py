@@ -176,7 +176,9 @@ def client_stream(kind: str):
 # What finishes any partial frame (no frame may need more than the request limit
 # plus a header), and then a request whose reply is known.
 REDIS_FILLER = b"\r\n" * (MAX_REQUEST // 2 + 64)
-REDIS_PROBE = redis.multibulk([b"ECHO", b"fuzz-probe-7d1c"])
+# DISCARD first: garbage may hold a MULTI, which the proxy refuses along with every command
+# after it until EXEC or DISCARD (as Redis does inside a transaction with an error).
+REDIS_PROBE = redis.multibulk([b"DISCARD"]) + redis.multibulk([b"ECHO", b"fuzz-probe-7d1c"])
 REDIS_PROBE_REPLY = b"$15\r\nfuzz-probe-7d1c\r\n"
 TEXT_FILLER = b"\r\n" * (MAX_REQUEST // 2 + 64)
 TEXT_PROBE = b"mn\r\n"
