@@ -219,7 +219,7 @@ class FrontRoute:
     def _recorded(self, build_route):
         """C{build_route}, keeping the compound routes it builds in L{compound}."""
         def build(spec, pools):
-            route = build_route(spec, pools)
+            route = build_route(spec, pools, self.name)  # the front's name in its routes' log lines
             self.compound.extend(compound_routes(route))
             return route
         return build
