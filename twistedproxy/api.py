@@ -66,18 +66,18 @@ class Proxy:
         self.factories = {}
         self.stats = StatsRegistry(reactor, config.global_)
         for pool_config in _fronts_last(config):
-            pool = self._build(pool_config, self.pools)
+            pool = self._build(pool_config)
             self.pools[pool_config.name] = pool
             if pool_config.listen is not None:
                 self.factories[pool_config.name] = ProxyFactory(pool)
         self._port_by_pool = {}
 
-    def _build(self, pool_config, pools: dict):
-        """A pool's route, or a front's over C{pools} (which holds every pool it routes to)."""
+    def _build(self, pool_config):
+        """A pool's route, or a front's over L{pools} (which holds every pool it routes to by now)."""
         stats = self.stats.pool(pool_config.name)
         if pool_config.is_front:
             workers = max(1, self.config.global_.worker_processes)
-            return build_front(pool_config, self.reactor, pools, stats, workers)
+            return build_front(pool_config, self.reactor, self.pools, stats, workers)
         return build_pool(pool_config, self.reactor, stats)
 
     @classmethod
@@ -152,7 +152,7 @@ class Proxy:
                 self.pools[name] = old
                 continue
             rebuilt.add(name)
-            pool = self._build(pool_config, self.pools)
+            pool = self._build(pool_config)
             self.pools[name] = pool
             factory = self.factories.get(name)
             if pool_config.listen is None:
@@ -248,5 +248,4 @@ def _fronts_last(config) -> list:
 
 def _routed_to(pool_config) -> set:
     """The names of the pools a front's routes reach (none for a plain pool)."""
-    specs = [pool_config.route] if pool_config.route is not None else [t.route for t in pool_config.tenants]
-    return {pool.pool for spec in specs for pool in route_pools(spec)}
+    return {pool.pool for spec in pool_config.routes for pool in route_pools(spec)}

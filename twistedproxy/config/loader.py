@@ -611,8 +611,7 @@ def _check_routes(pools: Sequence[Tuple[str, _ParsedPool]], lines: Dict[str, Opt
             continue
         section = "pool %s" % (quote(name),)
         key = "route" if front.route is not None else "tenants"
-        routes = [front.route] if front.route is not None else [tenant.route for tenant in front.tenants]
-        for route in routes:
+        for route in front.routes:
             for leaf in route_pools(route):
                 named.add(leaf.pool)
                 target = by_name.get(leaf.pool)

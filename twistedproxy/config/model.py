@@ -114,6 +114,13 @@ class PoolConfig:
         """Requests go through routes (C{route:} or C{tenants:}), not to servers of its own."""
         return self.route is not None or bool(self.tenants)
 
+    @property
+    def routes(self) -> Tuple[RouteSpec, ...]:
+        """A front's routes: its C{route:}, or each tenant's (none for a pool with servers)."""
+        if self.route is not None:
+            return (self.route,)
+        return tuple(tenant.route for tenant in self.tenants)
+
 
 @dataclass(frozen=True)
 class GlobalConfig:
