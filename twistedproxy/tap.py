@@ -161,8 +161,7 @@ class ProxyService(service.Service):
             return  # stopped while warming up
         log.info("{warm}; listening on {addresses}",
                  warm=report.describe() if report is not None else "no warm-up",
-                 addresses=", ".join(str(pool.config.listen) for pool in self.proxy.pools.values()
-                                 if pool.config.listen is not None))
+                 addresses=", ".join(str(pool.listen) for pool in self.config.listening))
         self.proxy.start()
         self._serve_stats()
         self._open_control()
@@ -190,12 +189,10 @@ class ProxyService(service.Service):
 
     def _close_control(self) -> None:
         if self.control_port is not None:
+            from twistedproxy.control.server import stop_control
+
             port, self.control_port = self.control_port, None
-            port.stopListening()
-            try:
-                os.unlink(self.config.global_.control)
-            except OSError:
-                pass
+            stop_control(port, self.config.global_.control)
 
     def _install_signals(self) -> None:
         import signal

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import json
 
 from twisted.protocols import amp
@@ -64,6 +66,16 @@ class ControlProtocol(amp.AMP):
         parsed = logs.parse_level(level)
         self.proxy.set_log_level(parsed)
         return {"level": parsed.name}
+
+
+def stop_control(port, path=None) -> None:
+    """Stop serving the control C{port}; with C{path}, remove its socket file too (a normal exit)."""
+    port.stopListening()
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def listen_control(reactor, path: str, proxy):

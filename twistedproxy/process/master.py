@@ -255,10 +255,13 @@ class MasterService(service.Service, SupervisorEvents):
 
         self.control_port = listen_control(self.reactor, path, self)
 
-    def _close_control(self) -> None:
+    def _close_control(self, path=None) -> None:
+        """Stop serving the control socket; with C{path}, remove its file (see L{stop_control})."""
         if self.control_port is not None:
-            self.control_port.stopListening()
-            self.control_port = None
+            from twistedproxy.control.server import stop_control
+
+            port, self.control_port = self.control_port, None
+            stop_control(port, path)
 
     def reopen_control(self) -> None:
         """Listen on the control path again (a failed upgrade's new master may have taken it)."""
@@ -493,13 +496,8 @@ class MasterService(service.Service, SupervisorEvents):
     def _finish_stop(self) -> None:
         self.stats.close(self.listening.close)
         self.listening.close_all()
-        if self.control_port is not None:
-            self._close_control()
-            if not self.listening.handed_over:
-                try:
-                    os.unlink(self.config.global_.control)
-                except OSError:
-                    pass
+        # After a hand-over the path is the new master's: only stop serving it.
+        self._close_control(None if self.listening.handed_over else self.config.global_.control)
         # The new master of an upgrade gets the final counters before we go.
         self.upgrade.last_hand_on().addBoth(lambda _: self._stopped())
 
