@@ -89,6 +89,13 @@ def test_multi_key_commands_split_per_slot_and_unsplittable_ones_get_crossslot(c
     with pytest.raises(redis.ResponseError) as e:
         client.eval("return redis.call('get', KEYS[2])", 2, "k:a", "k:b")
     assert str(e.value).startswith("Keys in request don't hash to the same slot")
+    client.set("r:a", "1")
+    for command in (("RENAME", "r:a", "r:b"), ("RENAMENX", "r:a", "r:b"), ("MSETNX", "r:a", "1", "r:b", "2")):
+        with pytest.raises(redis.ResponseError) as e:
+            client.execute_command(*command)
+        assert str(e.value) == "Keys in request don't hash to the same slot"
+    assert client.rename("{r}a", "{r}b") if client.set("{r}a", "1") else False
+    assert client.get("{r}b") == b"1" and client.msetnx({"{r}c": "3", "{r}d": "4"})
     # One slot by hash tag: fine.
     client.sadd("{s}:a", "x")
     assert client.smove("{s}:a", "{s}:b", "x")
