@@ -328,3 +328,18 @@ def test_placement_keys_are_accepted_with_a_warning():
     assert [w.split("key ")[1].split(":")[0] for w in config.warnings] == ["'hash'", "'distribution'",
                                                                            "'auto_eject_hosts'"]
     assert "not used by a Redis Cluster pool" in config.warnings[0]
+
+
+def test_check_config_prints_the_warnings(tmp_path):
+    import io
+
+    from twistedproxy.tap import check_config
+
+    path = tmp_path / "cluster.yml"
+    path.write_text("alpha:\n  listen: 127.0.0.1:22121\n  redis: true\n  redis_cluster: true\n"
+                    "  hash: murmur\n  servers:\n    - 127.0.0.1:7001:1\n")
+    out = io.StringIO()
+    assert check_config(str(path), out)
+    assert out.getvalue() == (
+        "cacheproxy: warning: %s:5: pool 'alpha': key 'hash': not used by a Redis Cluster pool (keys go by hash"
+        " slot, nodes by the cluster's map)\ncacheproxy: configuration file '%s' syntax is ok\n" % (path, path))
