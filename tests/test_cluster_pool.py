@@ -157,12 +157,18 @@ def test_before_the_map_a_seed_gets_every_request_and_its_moved_is_followed():
     assert h.pool.masters[0].spec.port == 7001 and h.pool.masters[16383].spec.port == 7003
 
 
-def test_moved_resends_updates_the_slot_and_reads_the_map_again():
-    h = Cluster()
+def redirected(h, redirect: bytes, port: int) -> bytes:
+    """Send GET of a key of 7001, which answers C{redirect} (MOVED or ASK) to C{port}; the key."""
     key = h.key_in(7001)
     h.send("GET", key)
     h.accept()
-    h.feed(7001, b"-MOVED %d 127.0.0.1:7002\r\n" % key_slot(key))
+    h.feed(7001, b"-%s %d 127.0.0.1:%d\r\n" % (redirect, key_slot(key), port))
+    return key
+
+
+def test_moved_resends_updates_the_slot_and_reads_the_map_again():
+    h = Cluster()
+    key = redirected(h, b"MOVED", 7002)
     assert h.reply() == b""  # the client never sees the redirect
     assert h.backends[7002].pending() == [[b"GET", key]]
     assert h.pool.masters[key_slot(key)].spec.port == 7002
@@ -176,10 +182,7 @@ def test_moved_resends_updates_the_slot_and_reads_the_map_again():
 
 def test_ask_sends_asking_then_the_request_and_keeps_the_map():
     h = Cluster()
-    key = h.key_in(7001)
-    h.send("GET", key)
-    h.accept()
-    h.feed(7001, b"-ASK %d 127.0.0.1:7003\r\n" % key_slot(key))
+    key = redirected(h, b"ASK", 7003)
     target = h.backends[7003]
     assert target.pending() == [[b"ASKING"], [b"GET", key]]
     h.feed(7003, b"+OK\r\n$2\r\nv3\r\n")
