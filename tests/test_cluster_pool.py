@@ -408,3 +408,28 @@ def test_stats_show_every_node_with_its_role_and_slots():
     assert report["twistedproxy"]["pools"]["alpha"]["servers"]["127.0.0.1:7001"]["slots"] == "0-5460"
     assert report["alpha"]["cluster_redirects"] == 0  # the stats port's document
     assert "127.0.0.1:7001<br><small>master 0-5460</small>" in status.render(merged)
+
+
+def test_a_front_sends_a_tenants_requests_to_a_cluster_pool_which_follows_its_redirects():
+    from tests.test_tenants import Front
+
+    pools = {
+        "cluster": {"redis": True, "redis_cluster": True, "servers": ["127.0.0.1:7001:1"]},
+        "plain": {"redis": True, "servers": ["127.0.0.1:7009:1"]},
+        "front": {"listen": "127.0.0.1:22121", "redis": True, "tenants": {
+            "a": {"prefix": "a:", "route": "cluster"}, "b": {"prefix": "b:", "route": "plain"}}},
+    }
+    front = Front(pools)
+    client, transport = front.client()
+    client.dataReceived(cmd("GET", "a:k"))
+    seed = front.accept()[7001]
+    assert seed.pending() == [[b"GET", b"a:k"]]  # no map yet: the seed
+    seed.protocol.dataReceived(b"-MOVED %d 127.0.0.1:7003\r\n" % key_slot(b"a:k"))
+    front.reactor.advance(0)
+    node = front.accept()[7003]
+    assert node.pending() == [[b"CLUSTER", b"SHARDS"], [b"GET", b"a:k"]]  # the map is read there at once
+    # Keys of the cluster pool and of another in one request: not split across them.
+    client.dataReceived(cmd("MGET", "a:k", "b:k"))
+    node.protocol.dataReceived(shards_reply() + b"$1\r\nv\r\n")
+    front.reactor.advance(0)
+    assert transport.value() == (b"$1\r\nv\r\n-ERR the keys of this request are in several routes\r\n")

@@ -306,7 +306,9 @@ class FrontRoute:
                 self._slicing[request] = pool
                 return True
             return False
-        if not all(hasattr(pool, "server_set") for (pool, _), _ in targets):
+        # A cluster pool (routes/cluster.py) splits per slot and resends its own requests' parts:
+        # its keys join no split across pools.
+        if not all(hasattr(pool, "server_set") and not hasattr(pool, "cluster") for (pool, _), _ in targets):
             refuse(request, codec.error_reply(request, "the keys of this request are in several routes"),
                    "keys in several routes", dirty)
             return False
