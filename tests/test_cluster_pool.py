@@ -428,8 +428,23 @@ def test_a_front_sends_a_tenants_requests_to_a_cluster_pool_which_follows_its_re
     front.reactor.advance(0)
     node = front.accept()[7003]
     assert node.pending() == [[b"CLUSTER", b"SHARDS"], [b"GET", b"a:k"]]  # the map is read there at once
-    # Keys of the cluster pool and of another in one request: not split across them.
-    client.dataReceived(cmd("MGET", "a:k", "b:k"))
     node.protocol.dataReceived(shards_reply() + b"$1\r\nv\r\n")
+    node.seen = len(node.transport.value())
     front.reactor.advance(0)
-    assert transport.value() == (b"$1\r\nv\r\n-ERR the keys of this request are in several routes\r\n")
+    assert transport.value() == b"$1\r\nv\r\n"
+    # Keys of the cluster pool and of another in one request: the cluster pool's share is a
+    # request of its own, which it splits per slot (and would resend) itself.
+    a1, a2 = b"a:x", b"a:y"
+    assert key_slot(a1) != key_slot(a2)
+    client.dataReceived(cmd("MGET", a1, "b:k", a2))
+    backends = front.accept()
+    placed = {key: front.proxy.pools["cluster"].server_for(key).spec.port for key in (a1, a2)}
+    for key, port in placed.items():
+        assert [b"mget", key] in backends[port].pending()
+    assert backends[7009].pending() == [[b"mget", b"b:k"]]
+    backends[7009].data[b"b:k"] = b"B"
+    backends[7009].answer()
+    for port in sorted(set(placed.values())):
+        backends[port].data.update({a1: b"X", a2: b"Y"})
+        backends[port].answer()
+    assert transport.value() == b"$1\r\nv\r\n*3\r\n$1\r\nX\r\n$1\r\nB\r\n$1\r\nY\r\n"
