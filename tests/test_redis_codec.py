@@ -796,11 +796,12 @@ def _hello_reply(*args):
     return request.reply
 
 
-def test_hello_2_is_answered_locally_and_3_refused():
-    """redis-py 8 and other RESP3-first clients fall back when HELLO 3 is refused."""
+def test_hello_is_answered_locally_and_other_versions_refused():
+    """HELLO 2 and 3 get Redis's server map (RESP3's is a map: see test_resp3.py); 4 gets NOPROTO."""
     assert _hello_reply().startswith(b"*14\r\n$6\r\nserver\r\n$12\r\ntwistedproxy\r\n")
     assert b":2\r\n" in _hello_reply(b"2")
-    assert _hello_reply(b"3").startswith(b"-NOPROTO ")
+    assert _hello_reply(b"3").startswith(b"%7\r\n$6\r\nserver\r\n$12\r\ntwistedproxy\r\n")
+    assert _hello_reply(b"4").startswith(b"-NOPROTO ")
     assert _hello_reply(b"x").startswith(b"-ERR Protocol version")
     assert _hello_reply(b"2" * 5000).startswith(b"-ERR Protocol version")  # no ValueError out of int()
     assert _hello_reply(b"2", b"AUTH", b"default", b"bad") == b"-ERR invalid password\r\n"
