@@ -126,10 +126,11 @@ class ClientConnection(Protocol):
                     if route.dispatch(request, codec, now, touched, dirty):
                         self._slice(request, codec)
             elif request.switch_to is not None:
-                # The client's later requests speak another codec (Redis HELLO 3);
-                # held ones still wait with theirs, so the switch waits behind them.
-                if self.held:
-                    self.held.append(request)
+                # The client's later requests speak another codec (Redis HELLO 3),
+                # on other backend connections: they wait until every request
+                # before the switch is answered, so none overtakes an earlier one.
+                if self.held or self.outstanding:
+                    self._hold(request, codec)
                 codec = request.switch_to
             if request.close_after:
                 self.quitting = self.quit = True
@@ -194,6 +195,9 @@ class ClientConnection(Protocol):
         while held and self.outstanding < DISPATCH_WINDOW:
             request = held.popleft()
             if request.route == ROUTE_LOCAL:  # a switch of codec (see dataReceived), answered already
+                if self.outstanding:
+                    held.appendleft(request)  # the requests before it are not all answered yet
+                    break
                 codec = self.held_codec = request.switch_to
                 continue
             self.outstanding += 1
