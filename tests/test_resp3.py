@@ -245,3 +245,13 @@ def test_merged_replies_and_errors_for_a_resp3_client():
     backends[7002].answer()
     backends[7001].protocol.connectionLost(Failure(ConnectionLost()))
     assert t.value() == b"-ERR Connection reset by peer\r\n-ERR Connection reset by peer\r\n+PONG\r\n"
+
+
+def test_a_quit_after_a_waiting_switch_still_closes_once_answered():
+    h = Harness(servers=(7001,), timeout=100)
+    c, t = h.client()
+    c.dataReceived(cmd("GET", "a") + cmd("HELLO", "3") + cmd("QUIT"))
+    accept_all(h)
+    h.reactor.advance(0.2)  # the GET times out
+    assert t.value() == b"-ERR Connection timed out\r\n" + resp3.hello_reply(3) + b"+OK\r\n"
+    assert t.disconnecting and not c.held and not c.queue

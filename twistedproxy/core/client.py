@@ -173,6 +173,7 @@ class ClientConnection(Protocol):
             self.write(out[0] if len(out) == 1 else b"".join(out))
         if close or (self.read_closed and not queue):
             self.closed = True
+            self.held.clear()  # at most switches of codec (see dataReceived), with no request after them
             self.transport.loseConnection()
             return
         if self.paused_for_queue and len(queue) <= self.max_pending // 2:
