@@ -1,5 +1,7 @@
 """
-The Redis wire protocol (RESP2) as an L{ICodec}: the module-level L{codec}.
+The Redis wire protocol as an L{ICodec}: the module-level L{codec}.  Its
+backend connections speak RESP2; clients that send C{HELLO 3} switch to its
+RESP3 variant (L{twistedproxy.protocols.resp3}).
 
 Requests are multibulk frames (C{*N\\r\\n$len\\r\\narg\\r\\n...}) or inline lines
 (C{GET key\\r\\n}, as typed into telnet); inline commands are rewritten as
