@@ -8,95 +8,22 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from twistedproxy.config import ListenSpec, PoolConfig
-from twistedproxy.core.request import ROUTE_LOCAL, ProtocolError
+from twistedproxy.core.request import ROUTE_LOCAL
 from twistedproxy.protocols import resp3
 from twistedproxy.protocols.redis import codec
 from tests.support.resp import cmd
 from tests.test_core import Backend, Harness, bulk
 
-# -- the reply parser -----------------------------------------------------------------
-
-RESP3_REPLIES = [
-    b"_\r\n",  # null
-    b",3.14\r\n",  # double
-    b",-inf\r\n",
-    b",nan\r\n",
-    b"#t\r\n",  # boolean
-    b"#f\r\n",
-    b"(-12345678901234567890123\r\n",  # big number
-    b"=15\r\ntxt:Some string\r\n",  # verbatim string
-    b"=4\r\ntxt:\r\n",
-    b"!21\r\nSYNTAX invalid syntax\r\n",  # blob error
-    b"!0\r\n\r\n",
-    b"%0\r\n",  # map
-    b"%2\r\n$5\r\nfirst\r\n:1\r\n$6\r\nsecond\r\n%1\r\n+in\r\n_\r\n",
-    b"~0\r\n",  # set
-    b"~3\r\n+a\r\n,1.5\r\n~1\r\n#f\r\n",
-    b"|1\r\n+key-popularity\r\n%2\r\n$1\r\na\r\n,0.19\r\n$1\r\nb\r\n,0.05\r\n*2\r\n:2039123\r\n:9543892\r\n",  # attribute
-    b"|0\r\n:7\r\n",
-    b"*3\r\n:1\r\n|1\r\n+ttl\r\n:3600\r\n$1\r\nv\r\n_\r\n",  # an attribute on an element
-    b"*2\r\n%1\r\n=5\r\ntxt:x\r\n(1\r\n~1\r\n!3\r\nERR\r\n",
-]
-
-
-def _cut(stream: bytes, parser) -> list:
-    got = []
-    reply = parser.next_reply(None)
-    while reply is not None:
-        got.append(reply)
-        reply = parser.next_reply(None)
-    return got
-
-
-@pytest.mark.parametrize("reply", RESP3_REPLIES)
-def test_each_resp3_type_is_one_reply(reply):
-    parser = codec.reply_parser()
-    parser.feed(reply + b"+next\r\n")
-    assert parser.next_reply(None) == reply
-    assert parser.next_reply(None) == b"+next\r\n"
-    assert parser.buffered() == 0
-
-
-def test_resp3_stream_at_every_split_point_and_byte_by_byte():
-    stream = b"".join(RESP3_REPLIES)
-    for cut in range(len(stream) + 1):
-        parser = codec.reply_parser()
-        parser.feed(stream[:cut])
-        got = _cut(stream, parser)
-        parser.feed(stream[cut:])
-        got += _cut(stream, parser)
-        assert got == RESP3_REPLIES, cut
-        assert parser.buffered() == 0
-    parser = codec.reply_parser()
-    got = []
-    for i in range(len(stream)):
-        parser.feed(stream[i : i + 1])
-        got += _cut(stream, parser)
-    assert got == RESP3_REPLIES
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b">2\r\n$7\r\nmessage\r\n$2\r\nhi\r\n",  # a push answers no request
-        b"*1\r\n>1\r\n+a\r\n",
-        b"|-1\r\n:1\r\n",
-        b"%x\r\n",
-        b"=x\r\n",
-    ],
-)
-def test_pushes_and_bad_resp3_are_protocol_errors(data):
-    parser = codec.reply_parser()
-    parser.feed(data)
-    with pytest.raises(ProtocolError):
-        parser.next_reply(None)
+# -- the reply parser --------------------------------------------------------------
+# Every RESP3 type, whole, cut at every point and byte by byte: test_redis_codec.py's
+# REPLIES (a push is a protocol error: its test_bad_replies); at random:
+# test_fuzz_codecs.py's RESP3_REPLY.
 
 
 # -- HELLO and the codec --------------------------------------------------------------
