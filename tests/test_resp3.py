@@ -18,7 +18,7 @@ from twistedproxy.core.request import ROUTE_LOCAL
 from twistedproxy.protocols import resp3
 from twistedproxy.protocols.redis import codec
 from tests.support.resp import cmd
-from tests.test_core import Backend, Harness, bulk
+from tests.test_core import Backend, Harness
 
 # -- the reply parser --------------------------------------------------------------
 # Every RESP3 type, whole, cut at every point and byte by byte: test_redis_codec.py's

@@ -7,7 +7,6 @@ frames, with the replies compared to a redis-server's own.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 
 import pytest
@@ -15,7 +14,7 @@ import redis
 
 from tests.support import processes
 from tests.support.processes import HOST
-from tests.test_redis_proxy import cluster, raw, recv_exactly  # noqa: F401 (cluster is a fixture)
+from tests.test_redis_proxy import cluster, raw  # noqa: F401 (cluster is a fixture)
 
 pytestmark = pytest.mark.integration
 
