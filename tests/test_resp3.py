@@ -182,3 +182,19 @@ def test_a_quit_after_a_waiting_switch_still_closes_once_answered():
     h.reactor.advance(0.2)  # the GET times out
     assert t.value() == b"-ERR Connection timed out\r\n" + resp3.hello_reply(3) + b"+OK\r\n"
     assert t.disconnecting and not c.held and not c.queue
+
+
+def test_a_request_sent_in_slices_before_a_switch_keeps_its_protocol():
+    h = Harness(servers=(7001,))
+    c, t = h.client()
+    keys = [b"k%d" % i for i in range(1300)]  # three slices
+    c.dataReceived(cmd("MGET", *keys) + cmd("HELLO", "3") + cmd("GET", "a"))
+    for _ in range(4):
+        h.reactor.advance(0)  # a slice per reactor turn
+    (resp2,) = accept_all(h)
+    assert [len(args) - 1 for args in resp2.pending()] == [512, 512, 276]
+    resp2.answer()
+    (resp3_backend,) = accept_all(h)
+    assert resp3_backend.pending() == [[b"HELLO", b"3"], [b"GET", b"a"]]
+    resp3_backend.answer()
+    assert t.value() == b"*1300\r\n" + b"$-1\r\n" * 1300 + resp3.hello_reply(3) + b"_\r\n"

@@ -248,3 +248,31 @@ def test_resp2_and_resp3_clients_share_the_backends(cluster):
     assert {client["resp"] for client in c.direct(0).client_list()} == {"2", "3"}
     sock.close()
     old.close()
+
+
+def test_resp3_through_tenant_fronts(spawn, redis_backends):
+    """A front's tenants, by user and by prefix (stripped, split across pools): RESP3 replies, merged ones too."""
+    from tests.test_tenants_proxy import two_redis_pools
+
+    first, second, port, proc, _, _ = two_redis_pools(spawn, redis_backends, {"tenants": {
+        "alpha": {"prefix": "a:", "strip_prefix": True, "route": "pa"},
+        "beta": {"prefix": "b:", "route": "pb"},
+    }})
+    replies = exchange(port, multibulk("HELLO", "3") + multibulk("MSET", "a:m", "x", "b:m", "y")
+                       + multibulk("MGET", "b:m", "a:none", "a:m", "b:none") + multibulk("GET", "c:k"), 4)
+    assert replies[0].startswith(b"%7\r\n")
+    assert replies[1:] == [b"+OK\r\n", b"*4\r\n$1\r\ny\r\n_\r\n$1\r\nx\r\n_\r\n", b"-ERR no route for this key\r\n"]
+    assert redis.Redis(host=HOST, port=first.port, protocol=2).get("m") == b"x"  # stripped
+    proc.stop()
+
+    first, second, port, proc, _, _ = two_redis_pools(spawn, redis_backends, {"tenants": {
+        "acme": {"users": {"alice": "wonder"}, "route": {"prefix": {"acme:": "pa"}}},
+        "globex": {"users": {"bob": "builder"}, "route": "pb"},
+    }})
+    replies = exchange(port, multibulk("HELLO", "3", "AUTH", "alice", "wrong") + multibulk("GET", "acme:1")
+                       + multibulk("HELLO", "3", "AUTH", "alice", "wonder") + multibulk("SET", "acme:1", "A")
+                       + multibulk("MGET", "acme:1", "acme:2") + multibulk("GET", "globex:1"), 6)
+    assert replies[0].startswith(b"-WRONGPASS") and replies[1].startswith(b"-NOAUTH")
+    assert replies[2].startswith(b"%7\r\n")
+    assert replies[3:5] == [b"+OK\r\n", b"*2\r\n$1\r\nA\r\n_\r\n"]
+    assert replies[5].startswith(b"-NOPERM")
