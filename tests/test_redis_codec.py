@@ -671,6 +671,22 @@ REPLIES = [
     b"!5\r\nERR x\r\n",
     b"%2\r\n+a\r\n:1\r\n+b\r\n*1\r\n:2\r\n",
     b"~2\r\n:1\r\n:2\r\n",
+    # RESP3, every type a RESP3 client's backend connections may carry (see test_resp3.py)
+    b",-inf\r\n",
+    b",nan\r\n",
+    b"#f\r\n",
+    b"(-12345678901234567890123\r\n",
+    b"=4\r\ntxt:\r\n",
+    b"!21\r\nSYNTAX invalid syntax\r\n",
+    b"!0\r\n\r\n",
+    b"%0\r\n",
+    b"%2\r\n$5\r\nfirst\r\n:1\r\n$6\r\nsecond\r\n%1\r\n+in\r\n_\r\n",
+    b"~0\r\n",
+    b"~3\r\n+a\r\n,1.5\r\n~1\r\n#f\r\n",
+    b"|1\r\n+key-popularity\r\n%2\r\n$1\r\na\r\n,0.19\r\n$1\r\nb\r\n,0.05\r\n*2\r\n:2039123\r\n:9543892\r\n",  # attribute
+    b"|0\r\n:7\r\n",
+    b"*3\r\n:1\r\n|1\r\n+ttl\r\n:3600\r\n$1\r\nv\r\n_\r\n",  # an attribute on an element
+    b"*2\r\n%1\r\n=5\r\ntxt:x\r\n(1\r\n~1\r\n!3\r\nERR\r\n",
 ]
 
 
@@ -759,6 +775,10 @@ def test_reply_buffered_counts_partial_and_extra_bytes():
         b"*2\r\n:1\r\n@\r\n",
         b"*1\r\n$2\r\nabc\r\n",
         b">2\r\n+a\r\n+b\r\n",
+        b"*1\r\n>1\r\n+a\r\n",  # a push answers no request, even inside a reply
+        b"|-1\r\n:1\r\n",
+        b"%x\r\n",
+        b"=x\r\n",
     ],
 )
 def test_bad_replies(data):
@@ -796,11 +816,12 @@ def _hello_reply(*args):
     return request.reply
 
 
-def test_hello_2_is_answered_locally_and_3_refused():
-    """redis-py 8 and other RESP3-first clients fall back when HELLO 3 is refused."""
+def test_hello_is_answered_locally_and_other_versions_refused():
+    """HELLO 2 and 3 get Redis's server map (RESP3's is a map: see test_resp3.py); 4 gets NOPROTO."""
     assert _hello_reply().startswith(b"*14\r\n$6\r\nserver\r\n$12\r\ntwistedproxy\r\n")
     assert b":2\r\n" in _hello_reply(b"2")
-    assert _hello_reply(b"3").startswith(b"-NOPROTO ")
+    assert _hello_reply(b"3").startswith(b"%7\r\n$6\r\nserver\r\n$12\r\ntwistedproxy\r\n")
+    assert _hello_reply(b"4").startswith(b"-NOPROTO ")
     assert _hello_reply(b"x").startswith(b"-ERR Protocol version")
     assert _hello_reply(b"2" * 5000).startswith(b"-ERR Protocol version")  # no ValueError out of int()
     assert _hello_reply(b"2", b"AUTH", b"default", b"bad") == b"-ERR invalid password\r\n"

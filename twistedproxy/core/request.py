@@ -120,6 +120,11 @@ class Request:
         "tenant",
     )
 
+    # Set on the requests L{switching} makes: the codec that frames the
+    # client's requests after this one.  A class attribute, so plain requests
+    # pay nothing for it.
+    switch_to = None
+
     def __init__(
         self,
         frame: bytes,
@@ -184,6 +189,21 @@ def stand_in(request) -> Request:
 def local(command: bytes, reply: bytes, close_after: bool = False) -> Request:
     """A request the proxy answers itself with C{reply}."""
     return Request(b"", command, route=ROUTE_LOCAL, reply=reply, close_after=close_after)
+
+
+class _Switch(Request):
+    __slots__ = ("switch_to",)
+
+
+def switching(command: bytes, reply: bytes, codec) -> Request:
+    """
+    A request the proxy answers itself with C{reply}, after which its client's
+    requests speak C{codec} (Redis C{HELLO 3}).  The requests before it keep
+    the codec they were framed with, even when they wait to be sent.
+    """
+    request = _Switch(b"", command, route=ROUTE_LOCAL, reply=reply)
+    request.switch_to = codec
+    return request
 
 
 def keys_of(request) -> list:

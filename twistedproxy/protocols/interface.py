@@ -28,7 +28,10 @@ class IRequestParser(Interface):
     codec = Attribute(
         "The ICodec that framed the requests.  A sniffing parser (memcached text or "
         "binary on one port) sets it once the first byte has been seen; the core reads "
-        "it after each feed()."
+        "it after each feed(): it framed the batch's first request.  A parser whose "
+        "client changes protocol mid-stream (Redis HELLO 3) returns a switching request "
+        "(twistedproxy.core.request.switching) whose switch_to frames the requests after "
+        "it, and starts its next batch with that codec."
     )
 
     def feed(data: bytes) -> list:

@@ -53,7 +53,7 @@ ECHO = 6
 QUIT = 7
 AUTH = 8
 UNSUPPORTED = 9
-HELLO = 10  # answered by the proxy: RESP2 only, as twemproxy's clients expect
+HELLO = 10  # answered by the proxy: RESP2 or RESP3 (protocols/resp3.py)
 
 NAME, KIND, MIN_ARGS, MAX_ARGS, KEY_INDEX, COLLECT = range(6)
 
