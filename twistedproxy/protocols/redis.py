@@ -20,8 +20,8 @@ from zope.interface import implementer
 
 from twistedproxy._version import __version__
 from twistedproxy.core.request import REPLY_FINAL, REPLY_REDIRECT, REPLY_RETRY, ROUTE_ANY, ROUTE_KEYS, ProtocolError, Request, local
-from twistedproxy.protocols import WARMUP_KEYS, redis_commands as commands
-from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
+from twistedproxy.protocols import WARMUP_KEYS, redis_commands as commands, redis_transactions as transactions
+from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser, ISessionCodec
 
 # Redis's own limit for an inline command and for the length line of a
 # multibulk or bulk header (PROTO_INLINE_MAX_SIZE).
@@ -65,6 +65,7 @@ _QUIT = commands.QUIT
 _AUTH = commands.AUTH
 _HELLO = commands.HELLO
 _UNSUPPORTED = commands.UNSUPPORTED
+_TRANSACTION = commands.TRANSACTION
 
 
 def _protocol_error(message: bytes, requests: list) -> ProtocolError:
@@ -222,6 +223,10 @@ class RedisRequestParser:
         self.tenant = None
         self._closed = False  # after QUIT: ignore whatever follows
         self._refusing = False  # after a refused MULTI, until EXEC or DISCARD
+        # Transactions pin a client to a connection of its own (redis_transactions):
+        # whether this pool has them, and where this client is (WATCHING, IN_MULTI, or 0).
+        self._transactions = pool_config.transaction_connections > 0 and not pool_config.is_front
+        self._txn = 0
         # Bytes not parsed yet: the first starts at a frame boundary, or inside a
         # frame at an argument boundary when _partial is set.
         self._chunks = []
@@ -264,7 +269,7 @@ class RedisRequestParser:
 
     # The connection's own state that a hand-off to another worker carries
     # (attribute names; the values are JSON-safe): AUTH done, inside a refused MULTI.
-    _CARRIED = ("_locked", "_refusing")
+    _CARRIED = ("_locked", "_refusing", "_txn")
 
     def use_users(self, users, locked: bool = True) -> None:
         """
@@ -310,7 +315,7 @@ class RedisRequestParser:
         lookup = commands.COMMANDS.get
         max_bytes = self._max_request_bytes
         key_kind = _KEY
-        locked = self._locked or self._refusing  # every command goes through _dispatch
+        locked = self._locked or self._refusing or self._txn  # every command goes through _dispatch
         partial = self._partial
         self._partial = None
         while True:
@@ -333,7 +338,7 @@ class RedisRequestParser:
                         if request.close_after:
                             self._closed = True
                             return pos
-                        locked = self._locked or self._refusing
+                        locked = self._locked or self._refusing or self._txn
                     continue
                 if pos + 4 <= blen and buf[pos + 2] == 13 and buf[pos + 3] == 10 and 49 <= buf[pos + 1] <= 57:
                     nargs = buf[pos + 1] - 48  # fast path: *N\r\n
@@ -439,7 +444,7 @@ class RedisRequestParser:
                 if request.close_after:
                     self._closed = True
                     return pos
-                locked = self._locked or self._refusing
+                locked = self._locked or self._refusing or self._txn
                 continue
             # Cut short inside the frame: keep what was scanned, wait for `need` bytes
             # (refused at once when the frame would outgrow the limit).
@@ -477,10 +482,17 @@ class RedisRequestParser:
         C{entry}'s collect arguments, C{frame} is the raw frame (None for an
         inline command: built here if the command is forwarded).
         """
-        name, kind, min_args, max_args, key_index, _ = entry
+        kind = entry[1]
         if self._refusing and kind != _QUIT:
-            return self._refused(name)
-        if kind == _UNSUPPORTED:
+            return self._refused(entry[0])
+        if self._txn or (kind == _TRANSACTION and self._transactions):
+            return transactions.request(self, entry, args, nargs, frame if frame is not None else multibulk(args))
+        return self._command(entry, args, nargs, frame)
+
+    def _command(self, entry, args, nargs, frame):
+        """The request for one complete command outside a transaction (see L{_dispatch})."""
+        name, kind, min_args, max_args, key_index, _ = entry
+        if kind == _UNSUPPORTED or kind == _TRANSACTION:
             if name == b"multi" and nargs == 1:
                 self._refusing = True
             return local(name, b"-ERR unsupported command '%s'\r\n" % _printable(args[0]))
@@ -776,7 +788,7 @@ def _array_items(reply: bytes):
     return items
 
 
-@implementer(ICodec)
+@implementer(ICodec, ISessionCodec)
 class RedisCodec:
     """The Redis protocol: parsers, MGET/MSET/DEL/UNLINK/TOUCH/EXISTS split and merge."""
 
@@ -895,6 +907,9 @@ class RedisCodec:
         if not isinstance(message, bytes):
             message = message.encode("utf-8", "replace")
         return b"-ERR " + message.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"
+
+    def session_reply(self, request) -> bytes:
+        return transactions.session_reply(request)
 
     def classify_reply(self, request, raw: bytes) -> int:
         if raw[:1] != b"-":
