@@ -232,7 +232,7 @@ def test_past_the_limit_watch_and_multi_get_an_error():
     second, t2 = h.client()
     first.dataReceived(cmd("WATCH", "k"))
     second.dataReceived(cmd("WATCH", "k") + cmd("MULTI") + cmd("SET", "k", "2") + cmd("EXEC"))
-    assert t2.value() == LIMIT + OK + QUEUED + EXECABORT
+    assert t2.value() == LIMIT + LIMIT + QUEUED + EXECABORT  # no server has room for MULTI either
     t2.clear()
     second.dataReceived(cmd("MULTI") + cmd("SET", "k", "2") + cmd("EXEC") + cmd("GET", "k"))
     assert t2.value() == LIMIT + QUEUED + EXECABORT  # GET k waits for the shared connection
@@ -302,3 +302,18 @@ def test_transactions_off_keep_refusing():
     c.dataReceived(cmd("MULTI") + cmd("SET", "k", "1") + cmd("EXEC"))
     assert h.accept() == []
     assert t.value().startswith(b"-ERR unsupported command 'MULTI'\r\n") and t.value().endswith(EXECABORT)
+
+
+def test_a_refused_first_watch_does_not_keep_the_next_from_starting_afresh():
+    # redis-py sends no UNWATCH after a WATCH that failed: the connection must stay usable.
+    h = Pinned()
+    c, t = h.client()
+    a, b = h.key_on(7001), h.key_on(7002)
+    c.dataReceived(cmd("WATCH", a, b) + cmd("GET", b) + cmd("WATCH", a) + cmd("MULTI") + cmd("INCR", a) + cmd("EXEC"))
+    conns = h.accept()
+    (pinned,) = [conn for conn in conns if conn.protocol.pinned]
+    (shared,) = [conn for conn in conns if not conn.protocol.pinned]
+    assert pinned.pending() == [[b"WATCH", a], [b"MULTI"], [b"INCR", a], [b"EXEC"]]
+    h.reply(shared, b"$-1\r\n")
+    h.reply(pinned, OK + OK + QUEUED + b"*1\r\n:1\r\n")
+    assert t.value() == CONFLICT + b"$-1\r\n" + OK + OK + QUEUED + b"*1\r\n:1\r\n"

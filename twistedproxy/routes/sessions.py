@@ -24,8 +24,9 @@ is where the pinned connection goes.  So:
     sent, EXEC answers EXECABORT and the pinned connection is closed, which
     makes Redis drop what was queued on it.  Nothing is applied.  Between WATCH
     and MULTI such a command is simply routed as usual (it runs at once either
-    way); a WATCH of keys elsewhere is refused and aborts the transaction to
-    come (a watch that does not hold must not let EXEC succeed).
+    way); a WATCH of keys elsewhere (or past the limit) is refused and aborts
+    the transaction to come (a watch that does not hold must not let EXEC
+    succeed), unless it was the first: a WATCH then starts afresh.
   - Replies keep request order (the client's order queue does it); a backend
     failure or timeout on the pinned connection fails exactly the requests it
     affects, the connection is closed (never handed to another client) and the
@@ -174,8 +175,12 @@ class Sessions:
         if session.lost:
             self._lost(request, codec, dirty)
             return
+        if session.conn is None:
+            # Nothing watched yet: a WATCH refused before (its error was the client's
+            # notice) does not keep this one from starting the session afresh.
+            session.aborted = False
         if not self._pinned(session, self._place(request), request, codec, now, touched, dirty):
-            session.lost = session.aborted = True  # the watch does not hold: EXEC must not succeed
+            session.aborted = True  # the watch does not hold: EXEC must not succeed
             return
         self._send(session, request, codec, now, touched, dirty)
 
