@@ -7,9 +7,7 @@ fake clock.
 
 from __future__ import annotations
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -29,7 +27,7 @@ from twistedproxy.protocols.interface import ISessionCodec
 from twistedproxy.protocols.redis import codec
 from twistedproxy.routes.sessions import ISessionRoute
 from tests.support.resp import cmd
-from tests.test_core import Backend, Harness
+from tests.test_core import Harness
 from tests.test_redis_codec import pool
 
 OK = b"+OK\r\n"
@@ -103,19 +101,13 @@ def test_the_interfaces():
 
 
 class Pinned(Harness):
-    """A Harness that keeps every backend connection (several per server now), in connection order."""
+    """A Harness whose accept() gives every backend connection (several per server now), in connection order."""
 
     def __init__(self, servers=(7001, 7002), **keys):
         Harness.__init__(self, servers, **keys)
-        self.conns = []
 
     def accept(self) -> list:
-        for host, port, factory in self.attempts():
-            self.handled += 1
-            protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
-            transport = StringTransport()
-            protocol.makeConnection(transport)
-            self.conns.append(Backend(port, protocol, transport, self.reactor))
+        Harness.accept(self)
         return self.conns
 
     def reply(self, backend, data: bytes) -> None:

@@ -13,7 +13,7 @@ import time
 import pytest
 import redis
 
-from tests.test_redis_proxy import cluster, connect, raw, recv_exactly  # noqa: F401 (cluster: a fixture)
+from tests.test_redis_proxy import cluster, raw, recv_exactly  # noqa: F401 (cluster: a fixture)
 from tests.support.resp import cmd
 
 pytestmark = pytest.mark.integration

@@ -390,11 +390,11 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
     KeySpec("client_max_pending", Integer(1),
             "twistedproxy: requests in flight per client before the proxy stops reading from it."),
     KeySpec("transaction_connections", Integer(0),
-            "twistedproxy: Redis pools: connections to each server a client may have for itself, one"
-            " from its WATCH or MULTI to its EXEC, DISCARD or UNWATCH (see Transactions); past it WATCH"
-            " and MULTI get an error. Per worker process under a master. 0 refuses transactions as"
-            " twemproxy does (MULTI answered with an error, the commands up to EXEC or DISCARD"
-            " refused)."),
+            "twistedproxy: Redis pools: connections to each server that clients in a transaction"
+            " hold at once, each client one of its own from its WATCH or MULTI to its EXEC, DISCARD"
+            " or UNWATCH (see Transactions); past it WATCH and MULTI get an error. Per worker"
+            " process under a master. 0 refuses transactions (MULTI gets an error, and every command"
+            " up to EXEC or DISCARD)."),
     KeySpec("route", RouteValue(),
             "twistedproxy: instead of servers, where the pool's requests go: another pool by name"
             " (a pool with no listen of its own is reached only this way), or failover, replicate,"
