@@ -200,13 +200,15 @@ def split_quoted(line: bytes):
 class RedisRequestParser:
     """
     Frames one client connection's requests.  Also holds the connection's
-    state the proxy answers for itself: AUTH, and a refused transaction.
+    state the proxy answers for itself: AUTH, and where it is in a transaction.
 
-    Transactions are not supported, yet a client that sends MULTI and then
-    commands expects none of them to run unless EXEC succeeds.  So a refused
-    MULTI leaves the connection refusing: every command up to EXEC or DISCARD
-    gets an error and reaches no backend; EXEC answers EXECABORT (what Redis
-    says when a queued command failed), DISCARD answers +OK.
+    Transactions (L{twistedproxy.protocols.redis_transactions}) make session
+    requests while the client is inside one.  Where they are off
+    (C{transaction_connections: 0}, a front), a client that sends MULTI and
+    then commands still expects none of them to run unless EXEC succeeds.  So
+    a refused MULTI leaves the connection refusing: every command up to EXEC
+    or DISCARD gets an error and reaches no backend; EXEC answers EXECABORT
+    (what Redis says when a queued command failed), DISCARD answers +OK.
     """
 
     def __init__(self, pool_config, codec):
@@ -268,7 +270,8 @@ class RedisRequestParser:
         return out
 
     # The connection's own state that a hand-off to another worker carries
-    # (attribute names; the values are JSON-safe): AUTH done, inside a refused MULTI.
+    # (attribute names; the values are JSON-safe): AUTH done, inside a refused MULTI,
+    # inside a transaction (whose connection stays behind: the new worker aborts it).
     _CARRIED = ("_locked", "_refusing", "_txn")
 
     def use_users(self, users, locked: bool = True) -> None:
@@ -476,23 +479,22 @@ class RedisRequestParser:
         entry = lookup(name) or lookup(name.lower()) or commands.UNKNOWN
         return self._dispatch(entry, args, len(args), None)
 
-    def _dispatch(self, entry, args, nargs, frame):
+    def _dispatch(self, entry, args, nargs, frame, plain=False):
         """
         The request for one complete command: C{args} holds at least the first
         C{entry}'s collect arguments, C{frame} is the raw frame (None for an
-        inline command: built here if the command is forwarded).
+        inline command: built here if the command is forwarded).  Inside a
+        transaction it is L{transactions.request}'s to make, which asks for the
+        C{plain} request (the one outside a transaction) here.
         """
-        kind = entry[1]
-        if self._refusing and kind != _QUIT:
-            return self._refused(entry[0])
-        if self._txn or (kind == _TRANSACTION and self._transactions):
-            return transactions.request(self, entry, args, nargs, frame if frame is not None else multibulk(args))
-        return self._command(entry, args, nargs, frame)
-
-    def _command(self, entry, args, nargs, frame):
-        """The request for one complete command outside a transaction (see L{_dispatch})."""
         name, kind, min_args, max_args, key_index, _ = entry
-        if kind == _UNSUPPORTED or kind == _TRANSACTION:
+        if self._refusing and kind != _QUIT:
+            return self._refused(name)
+        if (self._txn or kind == _TRANSACTION) and not plain:
+            if self._txn or self._transactions:  # the transaction's own path (redis_transactions)
+                return transactions.request(self, entry, args, nargs, frame if frame is not None else multibulk(args))
+            kind = _UNSUPPORTED  # transactions off: refused as before
+        if kind == _UNSUPPORTED:
             if name == b"multi" and nargs == 1:
                 self._refusing = True
             return local(name, b"-ERR unsupported command '%s'\r\n" % _printable(args[0]))

@@ -100,7 +100,7 @@ def request(parser, entry, args, nargs: int, frame: bytes):
     elif state == IN_MULTI and (kind == _PING or kind == _ECHO) and not parser._locked:
         request = Request(frame, name, route=ROUTE_ANY)  # queued: answered in EXEC's reply
     else:
-        request = parser._command(entry, args, nargs, frame)
+        request = parser._dispatch(entry, args, nargs, frame, True)
     if request.route != ROUTE_LOCAL:
         return _session(request, SESSION_QUEUED if state == IN_MULTI else SESSION_WATCHING)
     if state == IN_MULTI and request.reply[:1] == b"-" and not request.close_after:
