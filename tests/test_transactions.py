@@ -309,3 +309,37 @@ def test_a_refused_first_watch_does_not_keep_the_next_from_starting_afresh():
     h.reply(shared, b"$-1\r\n")
     h.reply(pinned, OK + OK + QUEUED + b"*1\r\n:1\r\n")
     assert t.value() == CONFLICT + b"$-1\r\n" + OK + OK + QUEUED + b"*1\r\n:1\r\n"
+
+
+def test_after_a_lost_watch_the_client_is_told_and_its_next_watch_starts_afresh():
+    h = Pinned()
+    c, t = h.client()
+    a = h.key_on(7001)
+    c.dataReceived(cmd("WATCH", a))
+    (pinned,) = h.accept()
+    h.reply(pinned, OK)
+    pinned.protocol.connectionLost(Failure(ConnectionDone()))  # the server went away, nothing in flight
+    h.reactor.advance(5)  # past the reconnect backoff
+    lost = b"-ERR transaction aborted: its server connection was lost\r\n"
+    # A client in the middle of its transaction learns it at its next step ...
+    c.dataReceived(cmd("MULTI") + cmd("SET", a, "1") + cmd("EXEC"))
+    assert t.value() == OK + lost + QUEUED + EXECABORT
+    t.clear()
+    # ... a WATCH, unless the client was told already (redis-py sends no UNWATCH after an error) ...
+    c.dataReceived(cmd("WATCH", a))
+    (again,) = h.accept()[1:]
+    h.reply(again, OK)
+    again.protocol.connectionLost(Failure(ConnectionDone()))
+    h.reactor.advance(5)
+    c.dataReceived(cmd("WATCH", a) + cmd("WATCH", a))
+    assert t.value() == OK + lost  # the second WATCH starts afresh, on a new connection
+    (fresh,) = h.accept()[2:]
+    assert fresh.pending() == [[b"WATCH", a]]
+    # ... and a WATCH that failed in flight told it.
+    fresh.protocol.connectionLost(Failure(ConnectionDone()))
+    h.reactor.advance(5)
+    c.dataReceived(cmd("WATCH", a))
+    (last,) = h.accept()[3:]
+    assert last.pending() == [[b"WATCH", a]]
+    h.reply(last, OK)
+    assert t.value() == OK + lost + b"-ERR unknown\r\n" + OK

@@ -38,7 +38,9 @@ is where the pinned connection goes.  So:
     reaches another client.
   - A session request with no session (the client's session began in another
     worker or before a reload moved the client to a new pool) is treated as a
-    session whose connection was lost.
+    session whose connection was lost: EXEC answers EXECABORT.  A WATCH in a
+    lost session starts afresh once the client was told (a request got the
+    error; else this WATCH gets it, and the next starts afresh).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ _SPANS = object()  # a request's keys are in several groups
 class Session:
     """One client's transaction: its group, server and pinned connection, and how far it got."""
 
-    __slots__ = ("group", "server", "conn", "waiting", "inflight", "aborted", "lost", "ended", "replied")
+    __slots__ = ("group", "server", "conn", "waiting", "inflight", "aborted", "lost", "told", "ended", "replied")
 
     def __init__(self):
         self.group = None
@@ -100,6 +102,7 @@ class Session:
         self.inflight = 0  # requests of the session on its connection, not answered yet
         self.aborted = False  # EXEC must answer EXECABORT
         self.lost = False  # the connection (or the watch) is gone: nothing more is sent
+        self.told = False  # a request of the client got an error for the loss
         self.ended = False  # left its client: give the connection back once nothing is in flight
         self.replied = self._replied  # the resume hook of every request sent on the connection
 
@@ -107,7 +110,7 @@ class Session:
         self.inflight -= 1
         if error is not None and not self.lost:
             # What the backend holds for the client is unknown now: never reuse it.
-            self.lost = self.aborted = True
+            self.lost = self.aborted = self.told = True  # this request gets the error
             self.conn.close()
         if self.ended and not self.inflight:
             self.server.unpin(self.conn, not (self.lost or self.aborted))
@@ -173,8 +176,14 @@ class Sessions:
 
     def _watch(self, session, request, codec, now, touched, dirty) -> None:
         if session.lost:
-            self._lost(request, codec, dirty)
-            return
+            # Once the client was told (an error), a WATCH starts afresh: a client
+            # such as redis-py sends no UNWATCH after a request that failed.
+            del self.by_client[request.client]
+            session.end()
+            if not session.told:
+                self._lost(request, codec, dirty)
+                return
+            session = self.by_client[request.client] = Session()
         if session.conn is None:
             # Nothing watched yet: a WATCH refused before (its error was the client's
             # notice) does not keep this one from starting the session afresh.
@@ -275,7 +284,7 @@ class Sessions:
     def _send(self, session, request, codec, now, touched, dirty) -> None:
         conn = session.conn
         if conn.closed:  # closed under it (the pool was retired, the server ejected ...)
-            session.lost = session.aborted = True
+            session.lost = session.aborted = session.told = True
             self._lost(request, codec, dirty)
             return
         request.resume = session.replied
