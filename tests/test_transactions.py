@@ -7,7 +7,10 @@ fake clock.
 
 from __future__ import annotations
 
+import json
+
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -343,3 +346,21 @@ def test_after_a_lost_watch_the_client_is_told_and_its_next_watch_starts_afresh(
     assert last.pending() == [[b"WATCH", a]]
     h.reply(last, OK)
     assert t.value() == OK + lost + b"-ERR unknown\r\n" + OK
+
+
+def test_a_transaction_handed_to_another_worker_aborts_there():
+    h = Pinned()
+    c, t = h.client()
+    a = h.key_on(7001)
+    c.dataReceived(cmd("WATCH", a))
+    (pinned,) = h.accept()
+    h.reply(pinned, OK)
+    adopted = h.factory.adopt()
+    second = StringTransport()
+    adopted.makeConnection(second)
+    adopted.import_state(json.loads(json.dumps(c.export_state())))
+    c.connectionLost(Failure(ConnectionDone()))  # the old worker lets go: the watch goes with the connection
+    assert pinned.transport.disconnecting
+    adopted.dataReceived(cmd("MULTI") + cmd("SET", a, "1") + cmd("EXEC"))
+    assert h.accept()[1:] == []  # nothing reached a backend
+    assert second.value() == OK + QUEUED + EXECABORT
