@@ -68,6 +68,7 @@ class ISessionRoute(Interface):
     """What L{Sessions} asks of the route that holds it."""
 
     sessions = Attribute("Its L{Sessions}; the route hands it ROUTE_SESSION requests and closing clients.")
+    name = Attribute("A name for error texts and logs (the pool's name).")
 
     def dispatch(request, codec, now: float, touched: list, dirty: list) -> bool:
         """The route's own dispatch (L{twistedproxy.routes.interface.IRoute}), for requests outside the session."""
