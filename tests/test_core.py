@@ -139,7 +139,6 @@ class Harness:
         self.factory = ProxyFactory(self.pool)
         self.handled = 0  # entries of reactor.tcpClients already connected or failed
         self.backends = {}  # port -> current Backend
-        self.conns = []  # every Backend, in connection order (a port may have several)
 
     def client(self):
         return memory_client(self.factory, self.reactor)
@@ -156,7 +155,6 @@ class Harness:
             transport = StringTransport()
             protocol.makeConnection(transport)
             self.backends[port] = Backend(port, protocol, transport, self.reactor)
-            self.conns.append(self.backends[port])
         return self.backends
 
     def refuse(self) -> None:

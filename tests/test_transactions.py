@@ -103,15 +103,28 @@ def test_the_interfaces():
 # -- the route: a client pinned to a connection of its own ---------------------------------------
 
 
+class _Every(dict):
+    """Port -> the latest Backend, remembering every one (a server has several connections now)."""
+
+    def __init__(self):
+        dict.__init__(self)
+        self.every = []
+
+    def __setitem__(self, port, backend):
+        dict.__setitem__(self, port, backend)
+        self.every.append(backend)
+
+
 class Pinned(Harness):
-    """A Harness whose accept() gives every backend connection (several per server now), in connection order."""
+    """A Harness whose accept() gives every backend connection, in connection order."""
 
     def __init__(self, servers=(7001, 7002), **keys):
         Harness.__init__(self, servers, **keys)
+        self.backends = _Every()
 
     def accept(self) -> list:
         Harness.accept(self)
-        return self.conns
+        return self.backends.every
 
     def reply(self, backend, data: bytes) -> None:
         backend.seen = len(backend.transport.value())
@@ -314,19 +327,26 @@ def test_a_refused_first_watch_does_not_keep_the_next_from_starting_afresh():
     assert t.value() == CONFLICT + b"$-1\r\n" + OK + OK + QUEUED + b"*1\r\n:1\r\n"
 
 
-def test_after_a_lost_watch_the_client_is_told_and_its_next_watch_starts_afresh():
+def watching():
+    """A client of a Pinned harness that watches a key on 7001, answered: (h, client, transport, key, pinned)."""
     h = Pinned()
     c, t = h.client()
     a = h.key_on(7001)
     c.dataReceived(cmd("WATCH", a))
     (pinned,) = h.accept()
     h.reply(pinned, OK)
+    t.clear()
+    return h, c, t, a, pinned
+
+
+def test_after_a_lost_watch_the_client_is_told_and_its_next_watch_starts_afresh():
+    h, c, t, a, pinned = watching()
     pinned.protocol.connectionLost(Failure(ConnectionDone()))  # the server went away, nothing in flight
     h.reactor.advance(5)  # past the reconnect backoff
     lost = b"-ERR transaction aborted: its server connection was lost\r\n"
     # A client in the middle of its transaction learns it at its next step ...
     c.dataReceived(cmd("MULTI") + cmd("SET", a, "1") + cmd("EXEC"))
-    assert t.value() == OK + lost + QUEUED + EXECABORT
+    assert t.value() == lost + QUEUED + EXECABORT
     t.clear()
     # ... a WATCH, unless the client was told already (redis-py sends no UNWATCH after an error) ...
     c.dataReceived(cmd("WATCH", a))
@@ -349,12 +369,7 @@ def test_after_a_lost_watch_the_client_is_told_and_its_next_watch_starts_afresh(
 
 
 def test_a_transaction_handed_to_another_worker_aborts_there():
-    h = Pinned()
-    c, t = h.client()
-    a = h.key_on(7001)
-    c.dataReceived(cmd("WATCH", a))
-    (pinned,) = h.accept()
-    h.reply(pinned, OK)
+    h, c, t, a, pinned = watching()
     adopted = h.factory.adopt()
     second = StringTransport()
     adopted.makeConnection(second)
@@ -363,4 +378,4 @@ def test_a_transaction_handed_to_another_worker_aborts_there():
     assert pinned.transport.disconnecting
     adopted.dataReceived(cmd("MULTI") + cmd("SET", a, "1") + cmd("EXEC"))
     assert h.accept()[1:] == []  # nothing reached a backend
-    assert second.value() == OK + QUEUED + EXECABORT
+    assert second.value() == OK + QUEUED + EXECABORT  # MULTI is answered before any key
