@@ -27,7 +27,9 @@ from twistedproxy.core.request import (
     SESSION_WATCHING,
 )
 from twistedproxy.protocols.interface import ISessionCodec
+from twistedproxy.core.client import ProxyFactory
 from twistedproxy.protocols.redis import codec
+from twistedproxy.routes.hash import HashRoute
 from twistedproxy.routes.sessions import ISessionRoute
 from tests.support.resp import cmd
 from tests.test_core import Harness
@@ -379,3 +381,29 @@ def test_a_transaction_handed_to_another_worker_aborts_there():
     adopted.dataReceived(cmd("MULTI") + cmd("SET", a, "1") + cmd("EXEC"))
     assert h.accept()[1:] == []  # nothing reached a backend
     assert second.value() == OK + QUEUED + EXECABORT  # MULTI is answered before any key
+
+
+# -- the same machinery with groups finer than a server (a cluster's slots) -----------------------
+
+
+class SlotRoute(HashRoute):
+    """A hash route whose transactions are bound to a 'slot' (the key's last byte), as a cluster route's are."""
+
+    def session_group(self, key):
+        server = self.server_for(key) if key is not None else self.live[0]
+        return (key[-1:] if key is not None else None), server
+
+    def session_conflict(self, request, codec):
+        return b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"
+
+
+def test_a_route_with_slots_pins_per_slot_not_per_server():
+    h = Pinned(servers=(7001,))
+    h.pool = SlotRoute(h.config.pools[0], codec, h.reactor)
+    h.factory = ProxyFactory(h.pool)
+    c, t = h.client()
+    c.dataReceived(cmd("MULTI") + cmd("SET", "a1", "x") + cmd("SET", "b1", "y") + cmd("SET", "a2", "z") + cmd("EXEC"))
+    (pinned,) = h.accept()  # one server: a1 and b1 share the slot '1', a2 does not
+    assert pinned.pending() == [[b"MULTI"], [b"SET", b"a1", b"x"], [b"SET", b"b1", b"y"]]
+    h.reply(pinned, OK + QUEUED + QUEUED)
+    assert t.value() == OK + QUEUED + QUEUED + b"-CROSSSLOT Keys in request don't hash to the same slot\r\n" + EXECABORT
