@@ -425,7 +425,7 @@ def test_unsupported_commands_are_answered_locally():
              "BZPOPMIN", "CONFIG", "FLUSHALL", "flushdb", "DEBUG", "SHUTDOWN", "CLIENT", "INFO",
              "SELECT", "WAIT", "MONITOR", "SAVE", "RENAME", "MSETNX", "SCRIPT", "XREAD"]
     for name in names:
-        request = only(cmd(name, "x", "y"))
+        request = only(cmd(name, "x", "y"), transaction_connections=0)  # MULTI, EXEC: transactions off
         assert request.route == ROUTE_LOCAL
         assert request.command == name.lower().encode()
         assert request.reply == b"-ERR unsupported command '%s'\r\n" % name.encode()
@@ -503,7 +503,7 @@ IN_REFUSED_MULTI = b"-ERR MULTI is not supported by the proxy: command refused i
 
 
 def test_a_refused_multi_refuses_every_command_until_exec_or_discard():
-    parser = codec.request_parser(pool())
+    parser = codec.request_parser(pool(transaction_connections=0))  # transactions off
     inside = cmd("SET", "k", "1") + cmd("INCR", "k") + cmd("MGET", "a", "b") + cmd("PING") + b"GET k\r\n" + cmd("MULTI")
     requests = parser.feed(cmd("GET", "a") + cmd("MULTI") + inside + cmd("DISCARD") + cmd("GET", "k"))
     assert requests[0].route == ROUTE_KEY
@@ -527,13 +527,13 @@ def test_a_refused_multi_refuses_every_command_until_exec_or_discard():
 
 
 def test_quit_inside_a_refused_multi_closes():
-    requests = parse(cmd("MULTI") + cmd("SET", "k", "1") + cmd("QUIT"))
+    requests = parse(cmd("MULTI") + cmd("SET", "k", "1") + cmd("QUIT"), transaction_connections=0)
     assert requests[1].reply == IN_REFUSED_MULTI
     assert requests[2].reply == b"+OK\r\n" and requests[2].close_after
 
 
 def test_multi_with_arguments_is_refused_without_a_transaction():
-    requests = parse(cmd("MULTI", "x") + cmd("GET", "k"))
+    requests = parse(cmd("MULTI", "x") + cmd("GET", "k"), transaction_connections=0)
     assert requests[0].reply == b"-ERR unsupported command 'MULTI'\r\n"
     assert requests[1].route == ROUTE_KEY
 

@@ -389,6 +389,12 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             "twistedproxy: a larger request is refused as a protocol error."),
     KeySpec("client_max_pending", Integer(1),
             "twistedproxy: requests in flight per client before the proxy stops reading from it."),
+    KeySpec("transaction_connections", Integer(0),
+            "twistedproxy: Redis pools: connections to each server that clients in a transaction"
+            " hold at once, each client one of its own from its WATCH or MULTI to its EXEC, DISCARD"
+            " or UNWATCH (see Transactions); past it WATCH and MULTI get an error. Per worker"
+            " process under a master. 0 refuses transactions (MULTI gets an error, and every command"
+            " up to EXEC or DISCARD)."),
     KeySpec("route", RouteValue(),
             "twistedproxy: instead of servers, where the pool's requests go: another pool by name"
             " (a pool with no listen of its own is reached only this way), or failover, replicate,"
@@ -403,7 +409,7 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
 # its routes' pools do.
 SERVER_KEYS = ("servers", "hash", "hash_tag", "distribution", "timeout", "preconnect", "redis_auth",
                "redis_db", "server_connections", "auto_eject_hosts", "server_retry_timeout",
-               "server_failure_limit", "tcpkeepalive")
+               "server_failure_limit", "tcpkeepalive", "transaction_connections")
 
 GLOBAL_KEYS: Tuple[KeySpec, ...] = (
     KeySpec("worker_processes", _WorkerProcesses(),

@@ -262,3 +262,20 @@ class IClusterCodec(Interface):
         For a WARM_ANSWER request: its reply C{raw} from the cold route with the
         values C{found} in the warm route (key -> L{warm_value}) added.
         """
+
+
+class ISessionCodec(Interface):
+    """
+    What a route's sessions (L{twistedproxy.routes.sessions}: transactions on a
+    connection of the client's own) ask of a protocol whose parser makes
+    ROUTE_SESSION requests; Redis's codec provides it.
+    """
+
+    def session_reply(request) -> bytes:
+        """
+        The reply the proxy gives itself to the ROUTE_SESSION C{request} when it
+        does not send it (L{twistedproxy.core.request}'s SESSION_* operation in
+        its data): MULTI's +OK before the server is known, +QUEUED for a
+        command queued in a transaction already refused, EXECABORT for the EXEC
+        of such a transaction, +OK for a DISCARD or UNWATCH with nothing to undo.
+        """

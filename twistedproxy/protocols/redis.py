@@ -21,8 +21,8 @@ import hmac
 from zope.interface import implementer
 
 from twistedproxy.core.request import REPLY_FINAL, REPLY_REDIRECT, REPLY_RETRY, ROUTE_ANY, ROUTE_KEYS, ProtocolError, Request, local, switching
-from twistedproxy.protocols import WARMUP_KEYS, redis_commands as commands, resp3
-from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
+from twistedproxy.protocols import WARMUP_KEYS, redis_commands as commands, redis_transactions as transactions, resp3
+from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser, ISessionCodec
 
 # Redis's own limit for an inline command and for the length line of a
 # multibulk or bulk header (PROTO_INLINE_MAX_SIZE).
@@ -62,6 +62,7 @@ _QUIT = commands.QUIT
 _AUTH = commands.AUTH
 _HELLO = commands.HELLO
 _UNSUPPORTED = commands.UNSUPPORTED
+_TRANSACTION = commands.TRANSACTION
 
 
 def _protocol_error(message: bytes, requests: list) -> ProtocolError:
@@ -196,13 +197,15 @@ def split_quoted(line: bytes):
 class RedisRequestParser:
     """
     Frames one client connection's requests.  Also holds the connection's
-    state the proxy answers for itself: AUTH, and a refused transaction.
+    state the proxy answers for itself: AUTH, and where it is in a transaction.
 
-    Transactions are not supported, yet a client that sends MULTI and then
-    commands expects none of them to run unless EXEC succeeds.  So a refused
-    MULTI leaves the connection refusing: every command up to EXEC or DISCARD
-    gets an error and reaches no backend; EXEC answers EXECABORT (what Redis
-    says when a queued command failed), DISCARD answers +OK.
+    Transactions (L{twistedproxy.protocols.redis_transactions}) make session
+    requests while the client is inside one.  Where they are off
+    (C{transaction_connections: 0}, a front), a client that sends MULTI and
+    then commands still expects none of them to run unless EXEC succeeds.  So
+    a refused MULTI leaves the connection refusing: every command up to EXEC
+    or DISCARD gets an error and reaches no backend; EXEC answers EXECABORT
+    (what Redis says when a queued command failed), DISCARD answers +OK.
     """
 
     def __init__(self, pool_config, codec):
@@ -223,6 +226,10 @@ class RedisRequestParser:
         self.tenant = None
         self._closed = False  # after QUIT: ignore whatever follows
         self._refusing = False  # after a refused MULTI, until EXEC or DISCARD
+        # Transactions pin a client to a connection of its own (redis_transactions):
+        # whether this pool has them, and where this client is (WATCHING, IN_MULTI, or 0).
+        self._transactions = pool_config.transaction_connections > 0 and not pool_config.is_front
+        self._txn = 0
         # Bytes not parsed yet: the first starts at a frame boundary, or inside a
         # frame at an argument boundary when _partial is set.
         self._chunks = []
@@ -265,8 +272,9 @@ class RedisRequestParser:
         return out
 
     # The connection's own state that a hand-off to another worker carries
-    # (attribute names; the values are JSON-safe): AUTH done, inside a refused MULTI.
-    _CARRIED = ("_locked", "_refusing")
+    # (attribute names; the values are JSON-safe): AUTH done, inside a refused MULTI,
+    # inside a transaction (whose connection stays behind: the new worker aborts it).
+    _CARRIED = ("_locked", "_refusing", "_txn")
 
     def use_users(self, users, locked: bool = True) -> None:
         """
@@ -314,7 +322,7 @@ class RedisRequestParser:
         lookup = commands.COMMANDS.get
         max_bytes = self._max_request_bytes
         key_kind = _KEY
-        locked = self._locked or self._refusing  # every command goes through _dispatch
+        locked = self._locked or self._refusing or self._txn  # every command goes through _dispatch
         partial = self._partial
         self._partial = None
         while True:
@@ -337,7 +345,7 @@ class RedisRequestParser:
                         if request.close_after:
                             self._closed = True
                             return pos
-                        locked = self._locked or self._refusing
+                        locked = self._locked or self._refusing or self._txn
                     continue
                 if pos + 4 <= blen and buf[pos + 2] == 13 and buf[pos + 3] == 10 and 49 <= buf[pos + 1] <= 57:
                     nargs = buf[pos + 1] - 48  # fast path: *N\r\n
@@ -443,7 +451,7 @@ class RedisRequestParser:
                 if request.close_after:
                     self._closed = True
                     return pos
-                locked = self._locked or self._refusing
+                locked = self._locked or self._refusing or self._txn
                 continue
             # Cut short inside the frame: keep what was scanned, wait for `need` bytes
             # (refused at once when the frame would outgrow the limit).
@@ -475,15 +483,21 @@ class RedisRequestParser:
         entry = lookup(name) or lookup(name.lower()) or commands.UNKNOWN
         return self._dispatch(entry, args, len(args), None)
 
-    def _dispatch(self, entry, args, nargs, frame):
+    def _dispatch(self, entry, args, nargs, frame, plain=False):
         """
         The request for one complete command: C{args} holds at least the first
         C{entry}'s collect arguments, C{frame} is the raw frame (None for an
-        inline command: built here if the command is forwarded).
+        inline command: built here if the command is forwarded).  Inside a
+        transaction it is L{transactions.request}'s to make, which asks for the
+        C{plain} request (the one outside a transaction) here.
         """
         name, kind, min_args, max_args, key_index, _ = entry
         if self._refusing and kind != _QUIT:
             return self._refused(name)
+        if (self._txn or kind == _TRANSACTION) and not plain:
+            if self._txn or self._transactions:  # the transaction's own path (redis_transactions)
+                return transactions.request(self, entry, args, nargs, frame if frame is not None else multibulk(args))
+            kind = _UNSUPPORTED  # transactions off: refused as before
         if kind == _UNSUPPORTED:
             if name == b"multi" and nargs == 1:
                 self._refusing = True
@@ -797,7 +811,7 @@ def _array_items(reply: bytes):
     return items
 
 
-@implementer(ICodec)
+@implementer(ICodec, ISessionCodec)
 class RedisCodec:
     """The Redis protocol: parsers, MGET/MSET/DEL/UNLINK/TOUCH/EXISTS split and merge."""
 
@@ -917,6 +931,9 @@ class RedisCodec:
         if not isinstance(message, bytes):
             message = message.encode("utf-8", "replace")
         return b"-ERR " + message.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"
+
+    def session_reply(self, request) -> bytes:
+        return transactions.session_reply(request)
 
     def classify_reply(self, request, raw: bytes) -> int:
         if raw[:1] != b"-":
