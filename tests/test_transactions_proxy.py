@@ -151,3 +151,18 @@ def test_a_client_closing_mid_transaction_leaves_no_state_on_the_backend(cluster
     pipe.set("k", "after")
     assert pipe.execute() == [True]  # the next transaction runs on a clean connection
     assert client.get("k") == b"after"
+
+
+def test_a_resp3_clients_transaction_gets_resp3_replies(cluster):
+    proxy = cluster(2, hash_tag="{}")
+    sock = raw(proxy.port)
+    sock.sendall(cmd("HELLO", "3") + cmd("MULTI") + cmd("HSET", "{h}:x", "f", "v") + cmd("HGETALL", "{h}:x")
+                 + cmd("GET", "{h}:none") + cmd("EXEC") + cmd("HGETALL", "{h}:x"))
+    data = b""
+    expected_tail = b"+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*3\r\n:1\r\n%1\r\n$1\r\nf\r\n$1\r\nv\r\n_\r\n%1\r\n$1\r\nf\r\n$1\r\nv\r\n"
+    while not data.endswith(expected_tail):
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    assert data.startswith(b"%7\r\n")  # HELLO's map, then the transaction in RESP3 (maps, _ null)
+    sock.close()
