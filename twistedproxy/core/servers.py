@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twistedproxy.core.batching import TurnFlusher
 from twistedproxy.core.completion import REFUSED, fail
 from twistedproxy.core.server import ServerConnection
+from twistedproxy.net.tls import backend_tls
 from twistedproxy.stats.recorder import PoolStats
 
 log = Logger()
@@ -95,6 +96,8 @@ class Server:
         factory = _ConnectorFactory(conn)
         timeout = pool.timeout if pool.timeout is not None else 30
         spec = self.spec
+        if pool.tls is not None:
+            factory = pool.tls.wrap(factory, spec)
         if spec.path is not None:
             pool.reactor.connectUNIX(spec.path, factory, timeout=timeout)
         else:
@@ -284,6 +287,8 @@ class ServerSet:
         sets an object with C{failed(server)} and C{recovered(server)} that asks
         the master.
     @ivar closing: retired or stopped: no reconnects, no probes.
+    @ivar tls: None, or the TLS new connections go through (C{backend_tls},
+        L{twistedproxy.net.tls.BackendTLS}; read again by L{use_config}).
     """
 
     def __init__(self, config, reactor, codecs, stats=None):
@@ -297,6 +302,7 @@ class ServerSet:
         self.closing = False
         self.health = None
         self.flusher = TurnFlusher(reactor)  # backend writes: one per connection per reactor turn
+        self.tls = backend_tls(config)
         self._watchers = []
         self.servers = [Server(self, spec, i) for i, spec in enumerate(config.servers)]
 
@@ -328,6 +334,7 @@ class ServerSet:
     def use_config(self, config) -> None:
         """Take the settings a live pool can change; open connections follow the timeout at once."""
         self.config = config
+        self.tls = backend_tls(config)  # a reload reads the CA and client certificate again
         self.timeout = timeout = config.timeout / 1000.0 if config.timeout is not None else None
         for server in self.servers:
             for conns in server.connections.values():

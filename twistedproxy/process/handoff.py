@@ -14,6 +14,10 @@ to the new master, which does the same with its own workers.  The receiving
 worker adopts the socket into that pool's factory, restores the state and
 feeds the carried bytes; the client sees nothing.
 
+A TLS client is never handed over: its session (keys, sequence numbers) lives
+in this process.  It stays served here, read from as before, until it leaves
+or C{worker_shutdown_timeout} closes it (L{twistedproxy.net.tls}).
+
 Where nobody takes the client (the reload removed its listen address, the
 pool there now speaks another protocol, the master stops, no worker is
 ready), the stopping worker closes it: its replies are already out.
@@ -29,6 +33,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from twistedproxy.net.channels import BigUnicode, quiet_factory
+from twistedproxy.net.tls import is_tls
 
 log = Logger()
 
@@ -91,6 +96,8 @@ class Drain:
             self.done()
             return
         for client in clients:
+            if is_tls(client.transport):
+                continue  # served here until it leaves: a TLS session cannot change process
             client.freeze()
             if client not in self.sending and client.drained():
                 self._send(client)
