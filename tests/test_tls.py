@@ -21,7 +21,7 @@ import pytest
 
 from tests.support import processes
 from tests.support.tls import Certificates, peer_common_name
-from tests.support.workers import Master, master_config, pid_alive, poll
+from tests.support.workers import Master, master_config, pid_alive, poll, served_by, set_get
 from twistedproxy.config import ConfigError, config_from_dict
 from twistedproxy.net.tls import failure_text
 
@@ -271,22 +271,24 @@ def test_memcached_tls_backends_and_a_pymemcache_tls_client(spawn, certs):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("listen_mode", ["reuseport", "shared"])
 def test_workers_reload_a_renewed_certificate_and_keep_tls_clients_through_an_upgrade(
-        spawn, redis_backends, certs, tmp_path):
-    backend = redis_backends(1)[0]
+        spawn, memcached_backends, certs, tmp_path, listen_mode):
+    backend = memcached_backends(1)[0]
     port = processes.free_port()
     cert, key = str(tmp_path / "proxy.crt"), str(tmp_path / "proxy.key")
     shutil.copy(certs.proxy[0], cert)
     shutil.copy(certs.proxy[1], key)
-    config = master_config({"r": processes.pool_config([backend.port], port, tls_cert=cert, tls_key=key)},
-                           worker_shutdown_timeout=30)
+    config = master_config({"m": processes.pool_config([backend.port], port, redis=False, tls_cert=cert,
+                                                       tls_key=key)}, worker_shutdown_timeout=60, listen_mode=listen_mode)
     master = Master(spawn, config, port)
     context = certs.client_context()
-    first = [tls_client(port, context) for _ in range(6)]  # over both workers
+    first = [tls_client(port, context) for _ in range(6)]
     for i, sock in enumerate(first):
-        assert roundtrip(sock, b"SET a%d %d\r\n" % (i, i)) == b"+OK\r\n"
+        set_get(sock, b"a%d" % i, b"%d" % i)
         assert peer_common_name(sock) == "proxy one"
-    workers = master.worker_pids()
+    old_workers = master.worker_pids()
+    assert {served_by(sock) for sock in first} <= old_workers
 
     # A reload with the renewed certificate in the same files: the workers stay,
     # connected clients keep their sessions, new clients get the new certificate.
@@ -299,25 +301,34 @@ def test_workers_reload_a_renewed_certificate_and_keep_tls_clients_through_an_up
             return peer_common_name(sock) == "proxy two"
 
     poll(lambda: all(renewed() for _ in range(4)), 20, 0.1, "new clients to get the renewed certificate")
-    assert master.worker_pids() == workers
+    assert master.worker_pids() == old_workers
     for i, sock in enumerate(first):
-        assert roundtrip(sock, b"GET a%d\r\n" % i, b"\r\n%d\r\n" % i) == b"$1\r\n%d\r\n" % i
+        set_get(sock, b"a%d" % i, b"again %d" % i)
 
     # An upgrade: the old workers keep their TLS clients (a session cannot move)
     # and serve them while new clients go to the new master's workers.
     old_master = master.process.pid
     master.signal(signal.SIGUSR2)
-    poll(lambda: master.current_status()["pid"] != old_master, 60, 0.1, "the new master")
-    fresh = tls_client(port, context)
-    assert roundtrip(fresh, b"GET a0\r\n", b"\r\n0\r\n") == b"$1\r\n0\r\n"
+    new_workers = poll(lambda: master.current_status()["pid"] != old_master and master.worker_pids(), 60, 0.1,
+                       "the new master")
+
+    def fresh_client():
+        sock = tls_client(port, context)
+        if served_by(sock) in new_workers:
+            return sock
+        sock.close()  # accepted by an old worker before it stopped listening
+
+    fresh = poll(fresh_client, 30, 0.1, "a new client served by a new worker")
+    set_get(fresh, b"fresh", b"new")
     for i, sock in enumerate(first):
-        assert roundtrip(sock, b"SET b%d %d\r\n" % (i, i)) == b"+OK\r\n"
-    assert pid_alive(old_master)  # draining: its workers still hold TLS clients
+        set_get(sock, b"b%d" % i, b"%d" % i)
+        assert served_by(sock) in old_workers
+    assert pid_alive(old_master)  # draining: its workers still serve their TLS clients
     for sock in first:
         sock.close()
     poll(lambda: not pid_alive(old_master), 30, 0.1, "the old master to leave once its clients left")
-    assert roundtrip(fresh, b"GET b5\r\n", b"\r\n5\r\n") == b"$1\r\n5\r\n"
-    new_master = master.current_status()["pid"]
+    set_get(fresh, b"b5", b"5")
     fresh.close()
+    new_master = master.current_status()["pid"]
     os.kill(new_master, signal.SIGTERM)
     poll(lambda: not pid_alive(new_master), 20, 0.1, "the new master to stop")
