@@ -18,6 +18,8 @@ import subprocess
 import time
 
 import pytest
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 
 from tests.support import processes
 from tests.support.tls import Certificates, peer_common_name
@@ -133,6 +135,46 @@ def test_a_tls_failure_names_itself_in_the_reply():
     mismatch = VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("cache-b.test"))])
     assert failure_text(mismatch) == "TLS: certificate name mismatch (expected cache-b.test)"
     assert failure_text(ValueError("other")) is None
+
+
+def test_a_stopping_worker_keeps_serving_tls_clients_and_hands_over_only_plain_ones(certs):
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from tests.test_core import Harness
+    from twistedproxy.net.tls import ListenerTLS, is_tls
+    from twistedproxy.process.handoff import Drain
+
+    cert, key = certs.proxy
+    h = Harness(tls_cert=cert, tls_key=key)
+    plain, plain_transport = h.client()  # accepted before the reload that turned TLS on
+    h.factory.tls = ListenerTLS(h.config.pools[0], h.factory)
+    wrapped = h.factory.buildProtocol(None)
+    wrapped.makeConnection(StringTransport())
+    secure = wrapped.wrappedProtocol
+    assert is_tls(secure.transport) and not is_tls(plain.transport)
+    sent = []
+
+    class Channel:
+        def callRemote(self, command, **arguments):
+            sent.append(arguments["fd"])
+            from twisted.internet.defer import Deferred
+            return Deferred()  # never answered: the client stays "being handed"
+
+    plain_transport.fileno = lambda: 7
+    plain_transport.socket = socket.socket()
+    reactor = MemoryReactorClock()
+    finished = []
+    drain = Drain(reactor, lambda: list(h.pool.clients), Channel(), 60.0, lambda: finished.append(True))
+    drain.start()
+    assert sent == [7] and plain.frozen  # the plain client goes to another worker
+    assert not secure.frozen and secure not in drain.sending  # the TLS one is still read from here
+    plain_transport.socket.close()
+    h.pool.clients.discard(plain)
+    reactor.advance(1)
+    assert not finished
+    secure.connectionLost(Failure(ConnectionDone()))  # the TLS client leaves
+    reactor.advance(1)
+    assert finished
 
 
 # -- one process ---------------------------------------------------------------------

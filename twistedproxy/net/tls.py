@@ -30,7 +30,9 @@ from typing import Optional
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
 
 from twistedproxy.config.tls import read_certificates, read_key_pair, server_name
 
@@ -49,6 +51,68 @@ def raw_transport(transport):
     return transport.transport if isinstance(transport, TLSMemoryBIOProtocol) else transport
 
 
+# -- reads without a new buffer each ------------------------------------------------
+
+try:
+    from OpenSSL._util import ffi as _ffi, lib as _lib  # pyOpenSSL's own bindings
+
+    _READ_SIZE = 2**15  # what Twisted's TLS layer asks for at a time
+    _buffer = _ffi.new("char[]", _READ_SIZE)
+except ImportError:  # another pyOpenSSL: its own reads
+    _buffer = None
+
+
+class _SharedBufferConnection(SSL.Connection):
+    """
+    pyOpenSSL's connection, reading into one buffer the process shares.
+
+    Twisted's TLS layer calls C{recv(2**15)} and C{bio_read(2**15)} at least
+    twice per read and per write, and pyOpenSSL allocates a new 32 KiB cffi
+    buffer for each: on PyPy those allocations drove the garbage collector,
+    10-100 us each (bench/README.md).  Reads happen one at a time, in the
+    reactor's thread, and each read's bytes are copied out before anyone sees
+    them, as in L{twistedproxy.core.reads}.  Everything else is pyOpenSSL's,
+    errors included.
+    """
+
+    def recv(self, bufsiz, flags=None):
+        if flags is not None:
+            return SSL.Connection.recv(self, bufsiz, flags)
+        size = min(bufsiz, _READ_SIZE)
+        result = _lib.SSL_read(self._ssl, _buffer, size)
+        self._raise_ssl_error(self._ssl, result)
+        return _ffi.buffer(_buffer, result)[:]
+
+    def bio_read(self, bufsiz):
+        if self._from_ssl is None:
+            return SSL.Connection.bio_read(self, bufsiz)
+        size = min(bufsiz, _READ_SIZE)
+        result = _lib.BIO_read(self._from_ssl, _buffer, size)
+        if result <= 0:
+            self._handle_bio_errors(self._from_ssl, result)
+        return _ffi.buffer(_buffer, result)[:]
+
+
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLClientConnectionCreator)
+class _SharedBufferCreator:
+    """Twisted's connection creator C{creator}, its connections reading into the shared buffer."""
+
+    def __init__(self, creator):
+        self.creator = creator
+
+    def serverConnectionForTLS(self, protocol):
+        return self._shared(self.creator.serverConnectionForTLS(protocol))
+
+    def clientConnectionForTLS(self, protocol):
+        return self._shared(self.creator.clientConnectionForTLS(protocol))
+
+    @staticmethod
+    def _shared(connection):
+        if _buffer is not None and type(connection) is SSL.Connection:
+            connection.__class__ = _SharedBufferConnection  # same object and state, two methods of ours
+        return connection
+
+
 class ListenerTLS:
     """The TLS of one listen address: certificate, key, client verification, ciphers, versions."""
 
@@ -56,8 +120,8 @@ class ListenerTLS:
         """Read the pool's certificate files now; C{factory} is the listen address's own factory."""
         certificate, chain, key = read_key_pair(pool_config.tls_cert, pool_config.tls_key)
         options = dict(
-            privateKey=key,
-            certificate=certificate,
+            privateKey=key.to_cryptography_key(),  # pyOpenSSL's own objects are deprecated here
+            certificate=certificate.to_cryptography(),
             extraCertChain=chain,
             raiseMinimumTo=_VERSIONS[pool_config.tls_min_version],
         )
@@ -66,7 +130,7 @@ class ListenerTLS:
         if pool_config.tls_ciphers is not None:
             options["acceptableCiphers"] = ssl.AcceptableCiphers.fromOpenSSLCipherString(pool_config.tls_ciphers)
         self.options = ssl.CertificateOptions(**options)
-        self.factory = TLSMemoryBIOFactory(self.options, False, factory)
+        self.factory = TLSMemoryBIOFactory(_SharedBufferCreator(self.options), False, factory)
 
     def wrap(self, protocol):
         """C{protocol} (an accepted client) behind a TLS session of this certificate."""
@@ -112,7 +176,7 @@ class BackendTLS:
         if creator is None:
             creator = self._creators[name] = ssl.optionsForClientTLS(
                 name, self.trust, self.client, extraCertificateOptions=self.extra)
-        return TLSMemoryBIOFactory(creator, True, factory)
+        return TLSMemoryBIOFactory(_SharedBufferCreator(creator), True, factory)
 
 
 def backend_tls(pool_config) -> Optional[BackendTLS]:
