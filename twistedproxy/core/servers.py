@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twistedproxy.core.batching import TurnFlusher
 from twistedproxy.core.completion import REFUSED, fail
 from twistedproxy.core.server import ServerConnection
+from twistedproxy.config.values import Invalid
 from twistedproxy.net.tls import backend_tls
 from twistedproxy.stats.recorder import PoolStats
 
@@ -334,7 +335,11 @@ class ServerSet:
     def use_config(self, config) -> None:
         """Take the settings a live pool can change; open connections follow the timeout at once."""
         self.config = config
-        self.tls = backend_tls(config)  # a reload reads the CA and client certificate again
+        try:
+            self.tls = backend_tls(config)  # a reload reads the CA and client certificate again
+        except Invalid as e:  # the files changed since the configuration was checked
+            log.error("pool {pool}: backend TLS files not read again ({error}); keeping those in use",
+                      pool=self.name, error=e.message)
         self.timeout = timeout = config.timeout / 1000.0 if config.timeout is not None else None
         for server in self.servers:
             for conns in server.connections.values():
