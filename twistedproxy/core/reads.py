@@ -32,7 +32,7 @@ def fast_reads(transport) -> None:
     """Make C{transport} (a Twisted TCP connection; others are left alone) read into the shared buffer."""
     transport = raw_transport(transport)  # under TLS, the socket's reads feed the TLS layer
     if not isinstance(transport, Connection) or not hasattr(transport, "_dataReceived"):
-        return  # a test transport, TLS, or another Twisted: its own reads
+        return  # a test transport or another Twisted: its own reads
     recv_into = transport.socket.recv_into
     received = transport._dataReceived
 

@@ -27,7 +27,7 @@ def immediate_writer(transport):
             raw.write = immediate_writer(raw)
         return transport.write
     if not isinstance(transport, Connection) or not hasattr(transport, "_tempDataLen"):
-        return transport.write  # a test transport, TLS, or another Twisted: buffered path
+        return transport.write  # a test transport or another Twisted: buffered path
     send = transport.socket.send
     buffered_write = transport.write
 
