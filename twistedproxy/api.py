@@ -196,6 +196,7 @@ class Proxy:
         """
         for name, factory in self.factories.items():
             factory.tls = listener_tls(self.pools[name].config, factory)
+
     def _relisten(self, name, old_pool) -> None:
         """Close the old pool's port (if any) and open the new pool's (if it listens)."""
         if old_pool is not None and name in self._port_by_pool:

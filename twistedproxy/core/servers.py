@@ -24,10 +24,10 @@ from __future__ import annotations
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 
+from twistedproxy.config.values import Invalid
 from twistedproxy.core.batching import TurnFlusher
 from twistedproxy.core.completion import REFUSED, fail
 from twistedproxy.core.server import ServerConnection
-from twistedproxy.config.values import Invalid
 from twistedproxy.net.tls import backend_tls
 from twistedproxy.stats.recorder import PoolStats
 
