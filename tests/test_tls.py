@@ -177,6 +177,30 @@ def test_a_stopping_worker_keeps_serving_tls_clients_and_hands_over_only_plain_o
     assert finished
 
 
+def test_a_stopping_worker_closes_a_tls_client_idle_for_tls_idle_timeout(certs):
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from tests.test_core import Harness
+    from twistedproxy.net.tls import ListenerTLS
+    from twistedproxy.process.handoff import Drain
+
+    cert, key = certs.proxy
+    h = Harness(tls_cert=cert, tls_key=key, tls_idle_timeout=500)
+    h.factory.tls = ListenerTLS(h.config.pools[0], h.factory)
+    wrapped = h.factory.buildProtocol(None)
+    wrapped.makeConnection(StringTransport())
+    client = wrapped.wrappedProtocol
+    reactor = MemoryReactorClock()
+    Drain(reactor, lambda: list(h.pool.clients), None, 60.0, lambda: None).start()
+    reactor.advance(0.3)
+    client.dataReceived(b"PING\r\n")  # answered by the proxy: nothing left in flight
+    assert not client.queue
+    reactor.advance(0.3)
+    assert not client.closed  # heard from 0.3 s ago
+    reactor.advance(0.3)
+    assert client.closed and wrapped.disconnecting  # idle for 0.6 s: closed, with TLS's close_notify
+
+
 # -- one process ---------------------------------------------------------------------
 
 

@@ -110,6 +110,7 @@ class PoolConfig:
     tls_ca: Optional[str] = None  # set: clients need a certificate it signed
     tls_ciphers: Optional[str] = None  # None: Twisted's default
     tls_min_version: str = "1.2"
+    tls_idle_timeout: Optional[int] = None  # ms; a stopping worker closes TLS clients idle this long
     backend_tls: bool = False
     backend_tls_ca: Optional[str] = None  # None: the system's trust store
     backend_tls_cert: Optional[str] = None

@@ -26,12 +26,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from OpenSSL import SSL, crypto
 
 from twistedproxy.config.tree import MAPPING, SCALAR, ConfigNode
-from twistedproxy.config.values import Boolean, Invalid, Report, Text, ValueType, describe, quote, scalar_text
+from twistedproxy.config.values import (
+    Boolean, Invalid, Milliseconds, Report, Text, ValueType, describe, quote, scalar_text)
 
 TLS_VERSIONS = ("1.2", "1.3")
 
 # Keys of the client side: they need tls_cert.
-LISTENER_KEYS = ("tls_key", "tls_ca", "tls_ciphers", "tls_min_version")
+LISTENER_KEYS = ("tls_key", "tls_ca", "tls_ciphers", "tls_min_version", "tls_idle_timeout")
 # Keys of the server side: they need backend_tls: true, and belong to pools with servers.
 BACKEND_KEYS = ("backend_tls", "backend_tls_ca", "backend_tls_cert", "backend_tls_key", "backend_tls_names")
 
@@ -108,6 +109,11 @@ def tls_key_specs(key_spec: Callable) -> Tuple:
                  "twistedproxy: the ciphers offered to clients up to TLS 1.2 (OpenSSL syntax; TLS 1.3's"
                  " suites are OpenSSL's); absent: Twisted's default (forward secrecy, AEAD first)."),
         key_spec("tls_min_version", TLSVersion(), "twistedproxy: the lowest TLS version clients may use."),
+        key_spec("tls_idle_timeout", Milliseconds(),
+                 "twistedproxy: a TLS client cannot be handed to another worker: on a stopping worker"
+                 " (rollover, upgrade, stop) one that has sent nothing for this many milliseconds and"
+                 " has every reply is closed; absent or 0: it stays until it leaves or"
+                 " worker_shutdown_timeout."),
         key_spec("backend_tls", Boolean(),
                  "twistedproxy: TLS to the servers, each certificate verified (backend_tls_ca) and its name"
                  " checked (backend_tls_names); a failure is an error reply, never plain text."),
