@@ -19,7 +19,6 @@ import argparse
 import os
 import shutil
 import socket
-import ssl
 import statistics
 import sys
 import tempfile

@@ -15,7 +15,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
 
 import pytest
 from twisted.internet.error import ConnectionDone
