@@ -21,6 +21,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from twistedproxy.config.model import GlobalConfig, ListenSpec, PoolConfig, ProxyConfig, ServerSpec
 from twistedproxy.config.routes import RouteValue, TenantsValue, route_kinds, route_pools
+from twistedproxy.config.tls import BACKEND_KEYS, check_pool_tls, tls_key_specs
 from twistedproxy.config.tree import MAPPING, SCALAR, SEQUENCE, ConfigNode, SourceError, from_python, from_yaml
 from twistedproxy.config.values import (
     DIGITS,
@@ -403,13 +404,13 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             "twistedproxy: instead of servers, the tenants sharing this listener, each chosen by key"
             " prefix (or as the default) or, in a Redis pool, by AUTH user, each with its route,"
             " rate limit and counters (see Routes and tenants)."),
-)
+) + tls_key_specs(KeySpec)
 
 # Keys that describe a pool's own servers and placement: a front (route or tenants) has none,
 # its routes' pools do.
 SERVER_KEYS = ("servers", "hash", "hash_tag", "distribution", "timeout", "preconnect", "redis_auth",
                "redis_db", "server_connections", "auto_eject_hosts", "server_retry_timeout",
-               "server_failure_limit", "tcpkeepalive", "transaction_connections")
+               "server_failure_limit", "tcpkeepalive", "transaction_connections") + BACKEND_KEYS
 
 GLOBAL_KEYS: Tuple[KeySpec, ...] = (
     KeySpec("worker_processes", _WorkerProcesses(),
@@ -573,6 +574,7 @@ def _parse_pool(name: str, line: Optional[int], node: ConfigNode, problems: _Pro
     if parsed.values.get("redis_auth") and not parsed.values.get("redis", _POOL_DEFAULTS["redis"]):
         problems.add(parsed.lines["redis_auth"], "is only valid in a redis pool (set redis: true)",
                      section, "redis_auth")
+    check_pool_tls(parsed.values, parsed.lines, lambda at, message, key: problems.add(at, message, section, key))
     listen, listen_line = parsed.values.get("listen"), parsed.lines.get("listen")
     has_listen = "listen" in parsed.lines
     if len(problems) > found_before:

@@ -105,6 +105,18 @@ class PoolConfig:
     transaction_connections: int = 16  # per server: clients pinned there at once (0: no transactions)
     route: Optional[RouteSpec] = None  # a front: where requests go instead of servers
     tenants: Tuple[TenantSpec, ...] = ()  # a front shared by tenants: each with its route
+    # TLS (config.tls): on the listen address when tls_cert is set, to the servers with backend_tls
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_ca: Optional[str] = None  # set: clients need a certificate it signed
+    tls_ciphers: Optional[str] = None  # None: Twisted's default
+    tls_min_version: str = "1.2"
+    tls_idle_timeout: Optional[int] = None  # ms; a stopping worker closes TLS clients idle this long
+    backend_tls: bool = False
+    backend_tls_ca: Optional[str] = None  # None: the system's trust store
+    backend_tls_cert: Optional[str] = None
+    backend_tls_key: Optional[str] = None
+    backend_tls_names: Tuple[Tuple[str, str], ...] = ()  # (server address, expected name)
 
     @property
     def protocol(self) -> str:
