@@ -13,6 +13,8 @@ configuration, inside any Twisted program.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from twisted.internet.defer import DeferredList, maybeDeferred, succeed
 
 from twistedproxy import logs
@@ -22,6 +24,7 @@ from twistedproxy.config.settings import TuningError, parse as parse_settings
 from twistedproxy.core import tuning, warmup
 from twistedproxy.core.client import ProxyFactory
 from twistedproxy.net.sockets import listen
+from twistedproxy.net.tls import listener_tls
 from twistedproxy.routes.build import build_route
 from twistedproxy.routes.cluster import ClusterRoute
 from twistedproxy.routes.hash import HashRoute
@@ -76,6 +79,7 @@ class Proxy:
             if pool_config.listen is not None:
                 self.factories[pool_config.name] = ProxyFactory(pool)
         self._port_by_pool = {}
+        self._read_certificates()
 
     def _build(self, pool_config):
         """A pool's route, or a front's over L{pools} (which holds every pool it routes to by now)."""
@@ -108,9 +112,11 @@ class Proxy:
             seconds = warmup.seconds_for(self.config.global_.warmup)
         if not seconds:
             return succeed(None)
-        # A front's requests go to these.  A cluster pool's placement comes from
-        # its cluster, which throwaway copies cannot reach: its path is not warmed.
-        pools = [pool for pool in self.config.pools if not pool.is_front and not pool.redis_cluster]
+        # A front's requests go to these; the warm-up's stand-in backends speak plain text.
+        # A cluster pool's placement comes from its cluster, which throwaway copies cannot
+        # reach: its path is not warmed.
+        pools = [replace(pool, backend_tls=False) for pool in self.config.pools
+                 if not pool.is_front and not pool.redis_cluster]
         return warmup.warm_up(self.reactor, pools, build_pool, seconds)
 
     def start(self) -> list:
@@ -189,6 +195,15 @@ class Proxy:
                 for client in list(old.clients):
                     client.transport.loseConnection()
                 old.retire()
+        self._read_certificates()
+
+    def _read_certificates(self) -> None:
+        """
+        Read every listen address's TLS certificate and key (again, on a reload):
+        new clients get what the files hold now, connected ones keep their sessions.
+        """
+        for name, factory in self.factories.items():
+            factory.tls = listener_tls(self.pools[name].config, factory)
 
     def _relisten(self, name, old_pool) -> None:
         """Close the old pool's port (if any) and open the new pool's (if it listens)."""

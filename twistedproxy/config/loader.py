@@ -21,6 +21,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from twistedproxy.config.model import GlobalConfig, ListenSpec, PoolConfig, ProxyConfig, ServerSpec
 from twistedproxy.config.routes import RouteValue, TenantsValue, route_kinds, route_pools
+from twistedproxy.config.tls import BACKEND_KEYS, check_pool_tls, tls_key_specs
 from twistedproxy.config.tree import MAPPING, SCALAR, SEQUENCE, ConfigNode, SourceError, from_python, from_yaml
 from twistedproxy.config.values import (
     DIGITS,
@@ -421,14 +422,14 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             "twistedproxy: where a cluster pool's reads go: master; replica (a replica of the"
             " slot, the master if it has none); prefer_replica (a replica that is up, else the"
             " master). Writes always go to masters."),
-)
+) + tls_key_specs(KeySpec)
 
 # Keys that describe a pool's own servers and placement: a front (route or tenants) has none,
 # its routes' pools do.
 SERVER_KEYS = ("servers", "hash", "hash_tag", "distribution", "timeout", "preconnect", "redis_auth",
                "redis_db", "server_connections", "auto_eject_hosts", "server_retry_timeout",
                "server_failure_limit", "tcpkeepalive", "transaction_connections", "redis_cluster",
-               "cluster_refresh_interval", "read_from")
+               "cluster_refresh_interval", "read_from") + BACKEND_KEYS
 # Keys of a twemproxy pool's hash placement, which a cluster pool does not use.
 CLUSTER_UNUSED_KEYS = ("hash", "hash_tag", "distribution", "auto_eject_hosts", "server_failure_limit",
                        "server_retry_timeout")
@@ -598,6 +599,7 @@ def _parse_pool(name: str, line: Optional[int], node: ConfigNode, problems: _Pro
         problems.add(parsed.lines["redis_auth"], "is only valid in a redis pool (set redis: true)",
                      section, "redis_auth")
     _check_cluster(parsed, section, problems)
+    check_pool_tls(parsed.values, parsed.lines, lambda at, message, key: problems.add(at, message, section, key))
     listen, listen_line = parsed.values.get("listen"), parsed.lines.get("listen")
     has_listen = "listen" in parsed.lines
     if len(problems) > found_before:

@@ -108,6 +108,18 @@ class PoolConfig:
     redis_cluster: bool = False  # servers are seed nodes of a Redis Cluster (routes/cluster.py)
     cluster_refresh_interval: int = 10000  # ms between slot map refreshes of a cluster pool
     read_from: str = "master"  # a cluster pool's reads: master, replica or prefer_replica
+    # TLS (config.tls): on the listen address when tls_cert is set, to the servers with backend_tls
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_ca: Optional[str] = None  # set: clients need a certificate it signed
+    tls_ciphers: Optional[str] = None  # None: Twisted's default
+    tls_min_version: str = "1.2"
+    tls_idle_timeout: Optional[int] = None  # ms; a stopping worker closes TLS clients idle this long
+    backend_tls: bool = False
+    backend_tls_ca: Optional[str] = None  # None: the system's trust store
+    backend_tls_cert: Optional[str] = None
+    backend_tls_key: Optional[str] = None
+    backend_tls_names: Tuple[Tuple[str, str], ...] = ()  # (server address, expected name)
 
     @property
     def protocol(self) -> str:

@@ -354,6 +354,9 @@ class ProxyFactory(ServerFactory):
     connections over the limit, as twemproxy does.  Under a master, C{share} is
     C{(slot, workers)}: the limit is split evenly over the workers, the
     remainder going to the first slots, so it holds for the whole proxy.
+
+    C{tls}: None, or what puts each new client behind TLS (its C{wrap(protocol)},
+    L{twistedproxy.net.tls.ListenerTLS}); the client itself never knows.
     """
 
     noisy = False
@@ -362,6 +365,7 @@ class ProxyFactory(ServerFactory):
         self.route = route
         self.codec = route.codec
         self.share = None
+        self.tls = None
 
     def client_limit(self):
         """The connections this process may hold for the pool: None when unlimited."""
@@ -382,6 +386,8 @@ class ProxyFactory(ServerFactory):
         client = ClientConnection(route, self._parser(route))
         route.clients.add(client)
         route.stats.clients_accepted += 1
+        if self.tls is not None:
+            return self.tls.wrap(client)
         return client
 
     def adopt(self):

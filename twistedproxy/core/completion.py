@@ -29,6 +29,7 @@ import os
 from twisted.internet import error as _error
 
 from twistedproxy.core.request import ROUTE_KEYS
+from twistedproxy.net.tls import failure_text as tls_failure_text
 
 # nutcracker's texts, by failure.
 REFUSED = "Connection refused"  # also when no server is left in the placement (nutcracker's ECONNREFUSED)
@@ -52,7 +53,7 @@ def failure_text(reason) -> str:
         return CLOSED
     if isinstance(value, _error.ConnectionLost):
         return RESET  # Twisted drops the errno of a failed read; a reset is what it nearly always is
-    return CLOSED
+    return tls_failure_text(value) or CLOSED  # a failed TLS handshake or check says which
 
 
 def complete(request, raw: bytes, codec, dirty: list) -> None:

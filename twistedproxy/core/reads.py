@@ -20,6 +20,8 @@ from errno import EWOULDBLOCK
 from twisted.internet import main
 from twisted.internet.tcp import Connection
 
+from twistedproxy.net.tls import raw_transport
+
 READ_SIZE = 65536  # Twisted's own bufferSize: a pipelined batch or a large reply in few reads
 
 _buffer = bytearray(READ_SIZE)
@@ -28,8 +30,9 @@ _view = memoryview(_buffer)
 
 def fast_reads(transport) -> None:
     """Make C{transport} (a Twisted TCP connection; others are left alone) read into the shared buffer."""
+    transport = raw_transport(transport)  # under TLS, the socket's reads feed the TLS layer
     if not isinstance(transport, Connection) or not hasattr(transport, "_dataReceived"):
-        return  # a test transport, TLS, or another Twisted: its own reads
+        return  # a test transport or another Twisted: its own reads
     recv_into = transport.socket.recv_into
     received = transport._dataReceived
 

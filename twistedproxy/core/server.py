@@ -28,6 +28,7 @@ from twistedproxy.core.completion import BAD_REPLY, CLOSED, TIMED_OUT, complete,
 from twistedproxy.core.reads import fast_reads
 from twistedproxy.core.request import ProtocolError, stand_in
 from twistedproxy.core.writes import immediate_writer
+from twistedproxy.net.tls import TLS_FAILURE, is_tls, raw_transport
 
 log = Logger()
 
@@ -216,7 +217,8 @@ class ServerConnection(Protocol):
 
     def _log_failure(self, what: str, reason, failed: int, error: str) -> None:
         # The reply says only nutcracker's text: the log names the server and the cause.
-        log.warn(
+        # A failed TLS handshake or certificate check is a configuration error: an error.
+        (log.error if error.startswith(TLS_FAILURE) else log.warn)(
             "backend {server}: {what} ({reason}); {failed} requests answered '{error}'",
             server=self.server.label,
             what=what,
@@ -279,6 +281,10 @@ class ServerConnection(Protocol):
     def _read_waiting(self) -> None:
         """Read what the backend has already sent, without waiting for the reactor's turn."""
         transport = self.transport
+        received = self.dataReceived
+        if is_tls(transport):  # the socket's bytes are TLS records: through the TLS layer
+            received = transport.dataReceived
+            transport = raw_transport(transport)
         sock = getattr(transport, "socket", None)
         if sock is None:
             return
@@ -290,7 +296,7 @@ class ServerConnection(Protocol):
                 return  # nothing waiting (EAGAIN); an error: the reactor's next read ends the connection
             if not data:
                 return  # the end of the stream: the reactor's read sees it too and closes
-            self.dataReceived(data)
+            received(data)
             if len(data) < size or transport.disconnecting or getattr(transport, "_aborting", False):
                 return  # all read, or the backend's bytes were refused (bad data): stop reading them
 

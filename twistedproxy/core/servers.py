@@ -24,9 +24,11 @@ from __future__ import annotations
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 
+from twistedproxy.config.values import Invalid
 from twistedproxy.core.batching import TurnFlusher
 from twistedproxy.core.completion import REFUSED, fail
 from twistedproxy.core.server import ServerConnection
+from twistedproxy.net.tls import backend_tls
 from twistedproxy.stats.recorder import PoolStats
 
 log = Logger()
@@ -133,6 +135,8 @@ class Server:
         factory = _ConnectorFactory(conn)
         timeout = pool.timeout if pool.timeout is not None else 30
         spec = self.spec
+        if pool.tls is not None:
+            factory = pool.tls.wrap(factory, spec)
         if spec.path is not None:
             pool.reactor.connectUNIX(spec.path, factory, timeout=timeout)
         else:
@@ -330,6 +334,8 @@ class ServerSet:
         sets an object with C{failed(server)} and C{recovered(server)} that asks
         the master.
     @ivar closing: retired or stopped: no reconnects, no probes.
+    @ivar tls: None, or the TLS new connections go through (C{backend_tls},
+        L{twistedproxy.net.tls.BackendTLS}; read again by L{use_config}).
     """
 
     def __init__(self, config, reactor, codecs, stats=None):
@@ -343,6 +349,7 @@ class ServerSet:
         self.closing = False
         self.health = None
         self.flusher = TurnFlusher(reactor)  # backend writes: one per connection per reactor turn
+        self.tls = backend_tls(config)
         self._watchers = []
         self.servers = [Server(self, spec, i) for i, spec in enumerate(config.servers)]
         # Makers of requests a route adds to the codec's handshake of every new
@@ -385,6 +392,11 @@ class ServerSet:
     def use_config(self, config) -> None:
         """Take the settings a live pool can change; open connections follow the timeout at once."""
         self.config = config
+        try:
+            self.tls = backend_tls(config)  # a reload reads the CA and client certificate again
+        except Invalid as e:  # the files changed since the configuration was checked
+            log.error("pool {pool}: backend TLS files not read again ({error}); keeping those in use",
+                      pool=self.name, error=e.message)
         self.timeout = timeout = config.timeout / 1000.0 if config.timeout is not None else None
         for server in self.servers:
             for conn in [conn for conns in server.connections.values() for conn in conns] + list(server.pinned):

@@ -14,11 +14,20 @@ from __future__ import annotations
 
 from twisted.internet.tcp import Connection
 
+from twistedproxy.net.tls import is_tls, raw_transport
+
 
 def immediate_writer(transport):
     """A C{write(data)} function for C{transport} that sends at once when it can."""
+    if is_tls(transport):
+        # The TLS layer encrypts at once and writes its records to the socket's
+        # transport: they go out at once too.
+        raw = raw_transport(transport)
+        if isinstance(raw, Connection) and "write" not in vars(raw):
+            raw.write = immediate_writer(raw)
+        return transport.write
     if not isinstance(transport, Connection) or not hasattr(transport, "_tempDataLen"):
-        return transport.write  # a test transport, TLS, or another Twisted: buffered path
+        return transport.write  # a test transport or another Twisted: buffered path
     send = transport.socket.send
     buffered_write = transport.write
 

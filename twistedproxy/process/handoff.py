@@ -14,6 +14,12 @@ to the new master, which does the same with its own workers.  The receiving
 worker adopts the socket into that pool's factory, restores the state and
 feeds the carried bytes; the client sees nothing.
 
+A TLS client is never handed over: its session (keys, sequence numbers) lives
+in this process.  It stays served here, read from as before, until it leaves,
+its pool's C{tls_idle_timeout} passes without a byte from it while it has every
+reply (it is closed then, with TLS's close_notify), or C{worker_shutdown_timeout}
+ends the drain (L{twistedproxy.net.tls}).
+
 Where nobody takes the client (the reload removed its listen address, the
 pool there now speaks another protocol, the master stops, no worker is
 ready), the stopping worker closes it: its replies are already out.
@@ -29,6 +35,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from twistedproxy.net.channels import BigUnicode, quiet_factory
+from twistedproxy.net.tls import is_tls
 
 log = Logger()
 
@@ -75,6 +82,7 @@ class Drain:
         self.handed = 0
         self.closed = 0
         self.call = None
+        self.heard = {}  # TLS client -> when it last sent bytes (or the drain began)
 
     def start(self) -> None:
         self._tick()
@@ -91,10 +99,32 @@ class Drain:
             self.done()
             return
         for client in clients:
+            if is_tls(client.transport):
+                self._keep(client)  # served here: a TLS session cannot change process
+                continue
             client.freeze()
             if client not in self.sending and client.drained():
                 self._send(client)
         self.call = self.reactor.callLater(HAND_INTERVAL, self._tick)
+
+    def _keep(self, client) -> None:
+        """Serve a TLS client here; close it once idle for its pool's C{tls_idle_timeout}."""
+        now = self.reactor.seconds()
+        if client not in self.heard:
+            self.heard[client] = now
+            read = client.dataReceived
+
+            def dataReceived(data):
+                self.heard[client] = self.reactor.seconds()
+                read(data)
+
+            client.dataReceived = dataReceived
+        idle = client.route.config.tls_idle_timeout
+        if idle and not client.queue and not client.closed and now - self.heard[client] >= idle / 1000.0:
+            log.debug("TLS client {peer} idle on a stopping worker; closing", peer=client._peer())
+            self.closed += 1
+            client.closed = True
+            client.transport.loseConnection()
 
     def _send(self, client) -> None:
         self.sending.add(client)
