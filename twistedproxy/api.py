@@ -23,8 +23,9 @@ from twistedproxy.core import tuning, warmup
 from twistedproxy.core.client import ProxyFactory
 from twistedproxy.net.sockets import listen
 from twistedproxy.routes.build import build_route
+from twistedproxy.routes.cluster import ClusterRoute
 from twistedproxy.routes.hash import HashRoute
-from twistedproxy.protocols import codec_for, codecs_of
+from twistedproxy.protocols import cluster_for, codec_for, codecs_of
 from twistedproxy.routes.tenants import FrontRoute
 from twistedproxy.stats.recorder import StatsRegistry
 
@@ -32,9 +33,13 @@ from twistedproxy.stats.recorder import StatsRegistry
 def build_pool(pool_config, reactor, stats=None) -> HashRoute:
     """
     The route of one L{PoolConfig}: twemproxy's pool, a L{HashRoute} over its
-    servers, speaking the pool's protocol (C{stats}: its recorder).
+    servers, speaking the pool's protocol (C{stats}: its recorder); a
+    L{ClusterRoute} over a cluster's nodes for a C{redis_cluster} pool.
     """
     codec = codec_for(pool_config.protocol)
+    if pool_config.redis_cluster:
+        return ClusterRoute(pool_config, codec, reactor, cluster_for(pool_config.protocol), codecs=codecs_of(codec),
+                            stats=stats)
     return HashRoute(pool_config, codec, reactor, codecs=codecs_of(codec), stats=stats)
 
 
@@ -103,7 +108,9 @@ class Proxy:
             seconds = warmup.seconds_for(self.config.global_.warmup)
         if not seconds:
             return succeed(None)
-        pools = [pool for pool in self.config.pools if not pool.is_front]  # a front's requests go to these
+        # A front's requests go to these.  A cluster pool's placement comes from
+        # its cluster, which throwaway copies cannot reach: its path is not warmed.
+        pools = [pool for pool in self.config.pools if not pool.is_front and not pool.redis_cluster]
         return warmup.warm_up(self.reactor, pools, build_pool, seconds)
 
     def start(self) -> list:

@@ -85,13 +85,15 @@ class Options(usage.Options):
 def check_config(path: str, out=sys.stdout) -> bool:
     """nutcracker -t: say whether the file is valid; True when it is."""
     try:
-        load_config(path)
+        config = load_config(path)
     except ConfigError as e:
         out.write("cacheproxy: configuration file '%s' syntax is invalid\n%s\n" % (path, e))
         return False
     except OSError as e:
         out.write("cacheproxy: configuration file '%s' cannot be read: %s\n" % (path, e))
         return False
+    for warning in config.warnings:
+        out.write("cacheproxy: warning: %s\n" % (warning,))
     out.write("cacheproxy: configuration file '%s' syntax is ok\n" % (path,))
     return True
 

@@ -73,6 +73,7 @@ HASHES = (
     "fnv1_32", "fnv1a_32", "hsieh", "murmur", "jenkins",
 )
 DISTRIBUTIONS = ("ketama", "modula", "random")
+READ_FROM = ("master", "replica", "prefer_replica")
 LISTEN_MODES = ("reuseport", "shared")
 
 GLOBAL_SECTION = "global"  # the one top-level name that is not a pool
@@ -86,6 +87,7 @@ class _Problems:
     def __init__(self, source: str) -> None:
         self.source = source
         self._found: List[Tuple[int, str]] = []
+        self.warnings: List[str] = []  # keys accepted but not used
 
     def __len__(self) -> int:
         return len(self._found)
@@ -100,6 +102,10 @@ class _Problems:
             parts.append("key %s" % quote(key))
         parts.append(message)
         self._found.append((line or 0, ": ".join(parts)))
+
+    def warn(self, line: Optional[int], message: str, section: str, key: str) -> None:
+        where = self.source if line is None else "%s:%d" % (self.source, line)
+        self.warnings.append("%s: %s: key %s: %s" % (where, section, quote(key), message))
 
     def error(self) -> ConfigError:
         # sorted() is stable: problems on one line keep the order they were found in.
@@ -397,13 +403,30 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             "twistedproxy: instead of servers, the tenants sharing this listener, each chosen by key"
             " prefix (or as the default) or, in a Redis pool, by AUTH user, each with its route,"
             " rate limit and counters (see Routes and tenants)."),
+    KeySpec("redis_cluster", Boolean(),
+            "twistedproxy: the servers are seed nodes of a Redis Cluster (any of its nodes; the"
+            " others are found in its slot map): keys go by hash slot, redirects are followed"
+            " (see Redis Cluster pools). Needs redis: true; hash, hash_tag, distribution and"
+            " auto_eject_hosts are not used."),
+    KeySpec("cluster_refresh_interval", Integer(1),
+            "twistedproxy: milliseconds between two reads of a cluster pool's slot map (it is"
+            " also read at start and at once when a reply or a failure says it changed)."),
+    KeySpec("read_from", Choice(READ_FROM, "read_from"),
+            "twistedproxy: where a cluster pool's reads go: master; replica (a replica of the"
+            " slot, the master if it has none); prefer_replica (a replica that is up, else the"
+            " master). Writes always go to masters."),
 )
 
 # Keys that describe a pool's own servers and placement: a front (route or tenants) has none,
 # its routes' pools do.
 SERVER_KEYS = ("servers", "hash", "hash_tag", "distribution", "timeout", "preconnect", "redis_auth",
                "redis_db", "server_connections", "auto_eject_hosts", "server_retry_timeout",
-               "server_failure_limit", "tcpkeepalive")
+               "server_failure_limit", "tcpkeepalive", "redis_cluster", "cluster_refresh_interval", "read_from")
+# Keys of a twemproxy pool's hash placement, which a cluster pool does not use.
+CLUSTER_UNUSED_KEYS = ("hash", "hash_tag", "distribution", "auto_eject_hosts", "server_failure_limit",
+                       "server_retry_timeout")
+# Keys that only a cluster pool reads.
+CLUSTER_ONLY_KEYS = ("cluster_refresh_interval", "read_from")
 
 GLOBAL_KEYS: Tuple[KeySpec, ...] = (
     KeySpec("worker_processes", _WorkerProcesses(),
@@ -567,11 +590,35 @@ def _parse_pool(name: str, line: Optional[int], node: ConfigNode, problems: _Pro
     if parsed.values.get("redis_auth") and not parsed.values.get("redis", _POOL_DEFAULTS["redis"]):
         problems.add(parsed.lines["redis_auth"], "is only valid in a redis pool (set redis: true)",
                      section, "redis_auth")
+    _check_cluster(parsed, section, problems)
     listen, listen_line = parsed.values.get("listen"), parsed.lines.get("listen")
     has_listen = "listen" in parsed.lines
     if len(problems) > found_before:
         return _ParsedPool(None, listen, listen_line, has_listen)
     return _ParsedPool(PoolConfig(name=name, **parsed.values), listen, listen_line, has_listen)
+
+
+def _check_cluster(parsed: "_Section", section: str, problems: _Problems) -> None:
+    """A cluster pool's keys: what it needs, what it refuses, and what it accepts without using."""
+    values, lines = parsed.values, parsed.lines
+    if not values.get("redis_cluster"):
+        for key in CLUSTER_ONLY_KEYS:
+            if key in lines:
+                problems.add(lines[key], "is only valid in a Redis Cluster pool (set redis_cluster: true)",
+                             section, key)
+        return
+    if not values.get("redis", _POOL_DEFAULTS["redis"]):
+        problems.add(lines["redis_cluster"], "needs a redis pool (set redis: true)", section, "redis_cluster")
+    if "redis_db" in lines and values.get("redis_db"):
+        problems.add(lines["redis_db"], "Redis Cluster has only database 0", section, "redis_db")
+    for server in values.get("servers", ()):
+        if server.path is not None:
+            problems.add(lines.get("servers"), "server %s: a cluster's seed nodes are host:port (its nodes"
+                         " announce TCP addresses)" % (quote(server.path),), section, "servers")
+    for key in CLUSTER_UNUSED_KEYS:
+        if key in lines:
+            problems.warn(lines[key], "not used by a Redis Cluster pool (keys go by hash slot, nodes by the"
+                          " cluster's map)", section, key)
 
 
 def _parse_global(line: Optional[int], node: ConfigNode, problems: _Problems) -> Optional[GlobalConfig]:
@@ -694,7 +741,7 @@ def _build(root: Optional[ConfigNode], source: str) -> ProxyConfig:
         _check_routes(pools, first_lines, problems)
     problems.raise_if_any()
     return ProxyConfig(pools=tuple(parsed.pool for _, parsed in pools if parsed.pool is not None),
-                       global_=global_config, source=source)
+                       global_=global_config, source=source, warnings=tuple(problems.warnings))
 
 
 _POOL_DEFAULTS = _model_defaults(PoolConfig)

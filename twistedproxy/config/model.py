@@ -104,6 +104,9 @@ class PoolConfig:
     client_max_pending: int = 4096  # requests in flight per client before reading pauses
     route: Optional[RouteSpec] = None  # a front: where requests go instead of servers
     tenants: Tuple[TenantSpec, ...] = ()  # a front shared by tenants: each with its route
+    redis_cluster: bool = False  # servers are seed nodes of a Redis Cluster (routes/cluster.py)
+    cluster_refresh_interval: int = 10000  # ms between slot map refreshes of a cluster pool
+    read_from: str = "master"  # a cluster pool's reads: master, replica or prefer_replica
 
     @property
     def protocol(self) -> str:
@@ -153,6 +156,8 @@ class ProxyConfig:
     pools: Tuple[PoolConfig, ...]
     global_: GlobalConfig = GlobalConfig()
     source: str = "<string>"
+    # Keys accepted but not used (a cluster pool's hash ...): what -t and the start-up log say.
+    warnings: Tuple[str, ...] = ()
 
     @property
     def listening(self) -> Tuple[PoolConfig, ...]:

@@ -55,6 +55,8 @@ class ServerConnection(Protocol):
         self.timeout = server.pool.timeout  # seconds or None
         now = reactor.seconds()
         requests = codec.handshake(server.pool.config)
+        for extra in server.pool.handshake_extra:
+            requests.append(extra())
         # A probe of an ejected server (L{Server.probe}): internal, like the handshake.
         self.probe = codec.probe_request() if probe else None
         if probe:

@@ -299,6 +299,17 @@ class ServerSet:
         self.flusher = TurnFlusher(reactor)  # backend writes: one per connection per reactor turn
         self._watchers = []
         self.servers = [Server(self, spec, i) for i, spec in enumerate(config.servers)]
+        # Makers of requests a route adds to the codec's handshake of every new
+        # connection (Redis Cluster's READONLY); internal like the handshake.
+        self.handshake_extra = ()
+
+    def add_server(self, spec) -> Server:
+        """A server the configuration did not list (a cluster node found in its map), added at the end."""
+        server = Server(self, spec, len(self.servers))
+        self.servers.append(server)
+        if self.config.preconnect and not self.closing:
+            server.preconnect()
+        return server
 
     def watch(self, changed) -> None:
         """Call C{changed()} whenever a server is ejected or readmitted."""

@@ -30,6 +30,21 @@ def codec_for(protocol: str):
     return importlib.import_module(module_name).codec
 
 
+# The protocols whose servers may form a slot cluster (a pool with redis_cluster: true).
+CLUSTER_MODULES = {
+    "redis": "twistedproxy.protocols.redis_cluster",
+}
+
+
+def cluster_for(protocol: str):
+    """The L{interface.ISlotCluster} of the protocol named C{protocol} ('redis')."""
+    try:
+        module_name = CLUSTER_MODULES[protocol]
+    except KeyError:
+        raise ValueError("protocol %r has no cluster mode" % (protocol,))
+    return importlib.import_module(module_name).cluster
+
+
 def codecs_of(codec) -> tuple:
     """
     Every codec a pool's clients may end up speaking: a sniffing codec (memcached

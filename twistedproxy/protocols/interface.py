@@ -259,3 +259,49 @@ class IClusterCodec(Interface):
         For a WARM_ANSWER request: its reply C{raw} from the cold route with the
         values C{found} in the warm route (key -> L{warm_value}) added.
         """
+
+
+class ISlotCluster(Interface):
+    """
+    What a cluster route (L{twistedproxy.routes.cluster}) asks of a protocol
+    whose servers form a cluster that places keys by hash slot and redirects
+    requests for slots a node does not serve (Redis Cluster:
+    L{twistedproxy.protocols.redis_cluster}).  Addresses are C{(host, port)}
+    with C{host} a str.
+    """
+
+    slots = Attribute("How many hash slots the cluster has (slots are 0 .. slots - 1).")
+
+    def slot(key: bytes) -> int:
+        """The hash slot of C{key}."""
+
+    def map_request(fallback: bool):
+        """The internal request that reads the slot map (C{fallback}: the older form, for older servers)."""
+
+    def parse_map(raw: bytes, host: str) -> list | None:
+        """
+        The slot map in a reply to L{map_request} from a node at C{host} (which
+        a node that does not know its own address leaves out): a list of
+        C{(first slot, last slot, master address, replica addresses)}, the
+        replicas that can serve reads; or None when the reply is an error.
+        """
+
+    def map_unsupported(raw: bytes) -> bool:
+        """Whether C{raw}, a reply to L{map_request}, says the server does not know that form (try the fallback)."""
+
+    def redirect(raw: bytes):
+        """
+        For a reply the codec classified REPLY_REDIRECT: C{(moved, slot,
+        address)}; C{moved} True when the slot now lives there (update the map),
+        False for a one-time redirect (send L{asking_request} first).  None when
+        it cannot be read.
+        """
+
+    def asking_request():
+        """The internal request that lets the next request of a connection reach a slot being imported."""
+
+    def readonly_request():
+        """The internal request that lets a replica connection serve reads (sent on every new connection)."""
+
+    def is_read(request) -> bool:
+        """Whether C{request} only reads (a replica may answer it)."""

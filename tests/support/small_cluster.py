@@ -1,0 +1,105 @@
+"""
+A small real Redis Cluster for the cluster pool's integration tests: three
+masters, no replicas (or one replica each), cluster-enabled redis-server
+processes on free loopback ports joined with C{redis-cli --cluster create},
+and the slot moves the redirect tests make by hand (CLUSTER SETSLOT and
+MIGRATE).  Every process is stopped by L{SmallCluster.stop}.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+
+from tests.support import processes
+
+HOST = processes.HOST
+
+
+class SmallCluster:
+    """C{masters} masters (and C{replicas} replicas each), their slots dealt by redis-cli."""
+
+    def __init__(self, masters: int = 3, replicas: int = 0, node_timeout: int = 2000):
+        self.directory = tempfile.mkdtemp(prefix="tp-cluster-")
+        self.nodes = []
+        try:
+            for number in range(masters * (1 + replicas)):
+                self.nodes.append(self._start(number, node_timeout))
+            addresses = ["%s:%d" % (HOST, node.port) for node in self.nodes]
+            subprocess.run(["redis-cli", "--cluster", "create"] + addresses
+                           + ["--cluster-replicas", str(replicas), "--cluster-yes"],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=60)
+            self.wait_ok()
+        except Exception:
+            self.stop()
+            raise
+
+    def _start(self, number: int, node_timeout: int):
+        port = processes.free_port()
+        directory = os.path.join(self.directory, str(number))
+        os.makedirs(directory)
+        argv = [
+            "redis-server", "--port", str(port), "--bind", HOST, "--protected-mode", "no", "--daemonize", "no",
+            "--dir", directory, "--save", "", "--appendonly", "no", "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(node_timeout),
+            "--repl-diskless-sync-delay", "0",
+        ]
+        return processes.Process(argv, port, cwd=directory, log_path=os.path.join(directory, "redis.log"))
+
+    @property
+    def ports(self) -> list:
+        return [node.port for node in self.nodes]
+
+    def cli(self, port: int, *args) -> str:
+        """One command with redis-cli on the node at C{port}; its output."""
+        result = subprocess.run(["redis-cli", "-h", HOST, "-p", str(port)] + [str(a) for a in args],
+                                check=True, capture_output=True, timeout=30)
+        return result.stdout.decode().strip()
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every node says cluster_state:ok and sees every node."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if all("cluster_state:ok" in self.cli(port, "CLUSTER", "INFO")
+                   and "cluster_known_nodes:%d" % len(self.nodes) in self.cli(port, "CLUSTER", "INFO")
+                   for port in self.ports):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the cluster is not ok after %ss" % timeout)
+
+    def node_id(self, port: int) -> str:
+        return self.cli(port, "CLUSTER", "MYID")
+
+    def owner(self, slot: int) -> int:
+        """The port of the master that serves C{slot}, as the first node sees it."""
+        for line in self.cli(self.ports[0], "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if "master" not in fields[2]:
+                continue
+            for span in fields[8:]:
+                if span.startswith("["):
+                    continue
+                first, _, last = span.partition("-")
+                if int(first) <= slot <= int(last or first):
+                    return int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        raise RuntimeError("no master serves slot %d" % slot)
+
+    def begin_move(self, slot: int, source: int, target: int) -> None:
+        """Mark C{slot} migrating from C{source} and importing at C{target} (ASK from now on)."""
+        self.cli(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source))
+        self.cli(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target))
+
+    def migrate_key(self, key: str, source: int, target: int) -> None:
+        self.cli(source, "MIGRATE", HOST, target, key, 0, 5000)
+
+    def end_move(self, slot: int, target: int) -> None:
+        """Give C{slot} to C{target} on every node (MOVED from now on)."""
+        target_id = self.node_id(target)
+        for port in self.ports:
+            self.cli(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
