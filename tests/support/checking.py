@@ -16,6 +16,8 @@ thousand operations.
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
 import threading
 import time
@@ -61,11 +63,11 @@ class CheckingClient(threading.Thread):
     leaves its key "either value" until the next write that succeeds.
     """
 
-    def __init__(self, index: int, connect, keys: int = 100, rate: float = 50.0, seed: int = 0):
+    def __init__(self, index: int, connect, keys: int = 100, rate: float = 50.0, seed: int = 0, prefix: str = "chk"):
         threading.Thread.__init__(self, name="checking-client-%d" % index, daemon=True)
         self.index = index
         self.connect = connect
-        self.keys = ["chk:%02d:%04d" % (index, n) for n in range(keys)]
+        self.keys = ["%s:%02d:%04d" % (prefix, index, n) for n in range(keys)]
         self.interval = 1.0 / rate if rate else 0.0
         self.random = random.Random(seed * 1000 + index)
         self.expected = {}  # key -> set of acceptable values (None: no value)
@@ -75,32 +77,32 @@ class CheckingClient(threading.Thread):
         self.ops = []  # (started, ended) of each operation
         self.errors = []
         self.bad_values = []
-        self._stopping = threading.Event()
+        self._stop_event = threading.Event()
         self.client = None
-        self._started = 0.0
-        self._keys = ()
+        self._op_started = 0.0
+        self._op_keys = ()
 
     def stop(self):
-        self._stopping.set()
+        self._stop_event.set()
 
     def run(self):
         next_at = time.time()
-        while not self._stopping.is_set():
-            self._started = time.time()
-            self._keys = ()
+        while not self._stop_event.is_set():
+            self._op_started = time.time()
+            self._op_keys = ()
             try:
                 if self.client is None:
                     self.client = self.connect()
                 self.step()
             except Exception as e:  # redis-py's errors, and a bug here must not look like a quiet client
-                self.errors.append(Event(self._started, time.time(), self.index, "error", self._keys,
+                self.errors.append(Event(self._op_started, time.time(), self.index, "error", self._op_keys,
                                          "%s: %s" % (type(e).__name__, e)))
                 self._reconnect()
-            self.ops.append((self._started, time.time()))
+            self.ops.append((self._op_started, time.time()))
             next_at += self.interval
             delay = next_at - time.time()
             if delay > 0:
-                self._stopping.wait(delay)
+                self._stop_event.wait(delay)
             else:
                 next_at = time.time()
         if self.client is not None:
@@ -124,24 +126,24 @@ class CheckingClient(threading.Thread):
         choice = self.random.random()
         if choice < 0.5:
             key = self.random.choice(self.keys)
-            self._keys = (key,)
+            self._op_keys = (key,)
             value = self._value(key)
             self._write({key: value}, lambda: self.client.set(key, value))
             self._check(key, self.client.get(key))
         elif choice < 0.75:
             key = self.random.choice(self.keys)
-            self._keys = (key,)
+            self._op_keys = (key,)
             self._check(key, self.client.get(key))
         elif choice < 0.95:
             keys = self.random.sample(self.keys, 4)
-            self._keys = tuple(keys)
+            self._op_keys = tuple(keys)
             values = {k: self._value(k) for k in keys[:3]}
             self._write(values, lambda: self.client.mset(values))
             for key, value in zip(keys, self.client.mget(keys)):
                 self._check(key, value)
         else:
             key = self.random.choice(self.keys)
-            self._keys = (key,)
+            self._op_keys = (key,)
             self._write({key: None}, lambda: self.client.delete(key))
             self._check(key, self.client.get(key))
 
@@ -162,18 +164,24 @@ class CheckingClient(threading.Thread):
         if value in expected:
             return
         kind = "stale" if value is None or value in self.history.get(key, ()) else "wrong"
-        self.bad_values.append(Event(self._started, time.time(), self.index, kind, (key,), "read %r, expected %s" % (
+        self.bad_values.append(Event(self._op_started, time.time(), self.index, kind, (key,), "read %r, expected %s" % (
             value, " or ".join(sorted(map(repr, expected)))), self.written.get(key)))
+
+
+_loads = itertools.count()
 
 
 class CheckingLoad:
     """
     C{clients} checking clients at once (L{CheckingClient}), each with a client
-    from C{connect()}; L{start}, L{stop}, then read the events.
+    from C{connect()}; L{start}, L{stop}, then read the events.  The keys of
+    each load are its own (a prefix with this process's id and a serial), so
+    loads one after another on the same servers do not read each other's values.
     """
 
     def __init__(self, connect, clients: int = 20, keys: int = 100, rate: float = 50.0, seed: int = 0):
-        self.clients = [CheckingClient(i, connect, keys, rate, seed) for i in range(clients)]
+        prefix = "chk%d.%d" % (os.getpid(), next(_loads))
+        self.clients = [CheckingClient(i, connect, keys, rate, seed, prefix) for i in range(clients)]
 
     def start(self) -> "CheckingLoad":
         for client in self.clients:
