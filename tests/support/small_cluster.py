@@ -38,12 +38,15 @@ class SmallCluster:
 
     def _start(self, number: int, node_timeout: int):
         port = processes.free_port()
+        bus_port = processes.free_port()  # given: the default (port + 10000) may be past 65535
+        while bus_port == port:
+            bus_port = processes.free_port()
         directory = os.path.join(self.directory, str(number))
         os.makedirs(directory)
         argv = [
             "redis-server", "--port", str(port), "--bind", HOST, "--protected-mode", "no", "--daemonize", "no",
             "--dir", directory, "--save", "", "--appendonly", "no", "--cluster-enabled", "yes",
-            "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(node_timeout),
+            "--cluster-config-file", "nodes.conf", "--cluster-port", str(bus_port), "--cluster-node-timeout", str(node_timeout),
             "--repl-diskless-sync-delay", "0",
         ]
         return processes.Process(argv, port, cwd=directory, log_path=os.path.join(directory, "redis.log"))

@@ -23,7 +23,7 @@ import socket
 import sys
 
 from twistedproxy.control.client import BlockingControlClient, ControlError
-from twistedproxy.stats import commands as stats_commands
+from twistedproxy.stats import commands as stats_commands, snapshots
 from twistedproxy.config.settings import SETTINGS
 
 EXIT_OK = 0
@@ -35,7 +35,8 @@ EX_USAGE = 64  # sysexits.h: the command was used incorrectly
 _COMMANDS = {
     "status": ("master and workers: pids, uptime, restarts, config digest, last reload",
                "Print the master's state as JSON: its pid and uptime, every worker (pid, state, uptime,"
-               " restarts, last exit), the configuration file and digest, and the last reload's outcome."),
+               " restarts, last exit), the configuration file and digest, the last reload's outcome, and"
+               " under clusters each Redis Cluster pool's nodes with their role and slot ranges."),
     "stats": ("every worker's counters (JSON)",
               "Print every live worker's counters and histograms as JSON, keyed by worker pid."),
     "reload": ("re-read the configuration file (like SIGHUP)",
@@ -150,6 +151,17 @@ def _failed_workers(report: dict) -> list:
     return ["worker %s: %s" % (w.get("pid"), w["error"]) for w in report.get("workers", ()) if "error" in w]
 
 
+def _cluster_nodes(stats: dict) -> dict:
+    """Per Redis Cluster pool, its nodes' roles and slot ranges (the last slot map of each worker's pool)."""
+    merged = snapshots.merge(stats.values())
+    return {
+        name: {label: {"role": server["role"], "slots": server.get("slots", "")}
+               for label, server in pool["servers"].items() if "role" in server}
+        for name, pool in merged["pools"].items()
+        if any("role" in server for server in pool["servers"].values())
+    }
+
+
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -162,6 +174,9 @@ def main(argv=None) -> int:
         with BlockingControlClient(_socket_path(args), timeout=args.timeout) as client:
             if args.command == "status":
                 result = client.status()
+                clusters = _cluster_nodes(client.stats())
+                if clusters:
+                    result["clusters"] = clusters
             elif args.command == "stats":
                 result = client.stats()
             elif args.command == "reload":

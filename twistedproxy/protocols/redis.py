@@ -901,7 +901,7 @@ class RedisCodec:
             return REPLY_FINAL
         if raw.startswith(b"-MOVED ") or raw.startswith(b"-ASK "):
             return REPLY_REDIRECT
-        if raw.startswith(b"-TRYAGAIN"):
+        if raw.startswith(b"-TRYAGAIN") or raw.startswith(b"-CLUSTERDOWN"):  # a slot moving; a cluster failing over
             return REPLY_RETRY
         return REPLY_FINAL
 

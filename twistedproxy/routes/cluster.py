@@ -394,6 +394,8 @@ class ClusterRoute(HashRoute):
         return {"cluster_redirects": self.redirects, "cluster_retries": self.retries,
                 "cluster_map_reads": self.map_reads}
 
+    route_counters = counters  # what the stats outputs read of a pool with counters of its own
+
 
 def _ignore(request, raw, error, codec, dirty) -> bool:
     """The hook of an ASKING request: its reply matters to no one (the request after it says what happened)."""

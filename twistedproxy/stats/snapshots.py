@@ -42,7 +42,13 @@ ROUTE_FIELDS = (
     ("warmup_misses", "Keys missed in both routes of a warm-up route."),
     ("warmup_fills", "Values a warm-up route added to its cold route."),
     ("warmup_fill_failures", "Values not added (a client wrote the key meanwhile, or an error)."),
+    ("cluster_redirects", "MOVED and ASK redirects a Redis Cluster pool followed (the client saw none)."),
+    ("cluster_retries", "Requests a Redis Cluster pool resent after TRYAGAIN or CLUSTERDOWN."),
+    ("cluster_map_reads", "Times a Redis Cluster pool read its cluster's slot map."),
 )
+# What a cluster pool's servers (its nodes) carry besides counters: the last
+# slot map's view, "master"/"replica"/"unknown" and Redis-style slot ranges.
+NODE_FIELDS = ("role", "slots")
 # Summed across workers, except these (the latest one wins).
 _MAX_FIELDS = ("server_ejected_at",)
 # Gauges: what is now, not a count so far; an exited worker's are dropped (L{counters_only}).
@@ -108,6 +114,7 @@ def snapshot(proxy, settings=True) -> dict:
         clients = len(pool.clients)
         current += clients
         servers = {}
+        node_role = getattr(pool, "node_role", None)  # a cluster pool's nodes
         for server in pool.servers:
             sstats = server.stats
             made += sstats.connections_made
@@ -125,6 +132,8 @@ def snapshot(proxy, settings=True) -> dict:
             current += entry["server_connections"]
             entry["ejected"] = 1 if server.ejected else 0
             entry["latency"] = sstats.latency.export()
+            if node_role is not None:
+                entry["role"], entry["slots"] = node_role(server)
             servers[server.label] = entry
         commands = {}
         for command, cstats in stats.commands.items():
@@ -147,7 +156,7 @@ def snapshot(proxy, settings=True) -> dict:
             "commands": commands,
             "servers": servers,
         }
-        route_counters = getattr(pool, "route_counters", None)  # a front's routes
+        route_counters = getattr(pool, "route_counters", None)  # a front's routes, a cluster pool
         if route_counters is not None:
             pools[name].update(route_counters())
         if stats.tenants:
@@ -229,6 +238,7 @@ def merge(snapshots) -> dict:
                 if mserver is None:
                     mserver = mpool["servers"][label] = {}
                 _merge_counters(mserver, server)
+                mserver.update((field, server[field]) for field in NODE_FIELDS if field in server)
                 pending.setdefault((name, "servers", label, "latency"), []).append(server.get("latency"))
             for tenant, entry in pool.get("tenants", {}).items():
                 mtenant = mpool.setdefault("tenants", {}).setdefault(tenant, {})
@@ -252,7 +262,7 @@ def counters_only(snap: dict) -> dict:
     for name, pool in snap["pools"].items():
         entry = {k: v for k, v in pool.items() if k not in POOL_GAUGES and k not in ("servers", "tenants")}
         entry["servers"] = {
-            label: {k: v for k, v in server.items() if k not in SERVER_GAUGES}
+            label: {k: v for k, v in server.items() if k not in SERVER_GAUGES and k not in NODE_FIELDS}
             for label, server in pool["servers"].items()
         }
         if "tenants" in pool:
@@ -309,10 +319,10 @@ def report(merged: dict, now=None, source=None) -> dict:
                 for command, c in sorted(pool.get("commands", {}).items())
             },
             "servers": {
-                label: {
-                    "ejected": bool(server.get("ejected")),
-                    "latency": summarize(server.get("latency", EMPTY)),
-                }
+                label: dict(
+                    {"ejected": bool(server.get("ejected")), "latency": summarize(server.get("latency", EMPTY))},
+                    **{field: server[field] for field in NODE_FIELDS if field in server}
+                )
                 for label, server in pool["servers"].items()
             },
         }

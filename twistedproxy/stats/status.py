@@ -117,6 +117,13 @@ def _duration(seconds: float) -> str:
     return "%ds" % (seconds,)
 
 
+def _server_name(label: str, server: dict) -> str:
+    """A server's cell: its label, and for a cluster node its role and slot ranges."""
+    if "role" not in server:
+        return escape(label)
+    return '%s<br><small>%s %s</small>' % (escape(label), escape(server["role"]), escape(server.get("slots", "")))
+
+
 def workers_table(merged: dict, now: float) -> str:
     """
     The workers: slot, pid, state, uptime, restarts and how the slot's last
@@ -202,7 +209,7 @@ def render(merged: dict, previous=None, now=None) -> str:
                 '<tr><td class="name">%s</td><td class="%s">%s</td><td>%d</td><td>%.1f</td><td>%d</td><td>%d</td>'
                 "<td>%d</td><td>%d</td><td>%d</td><td>%s</td><td>%s</td><td>%s</td></tr>"
                 % (
-                    escape(label), "up" if healthy else "down", "up" if healthy else "ejected",
+                    _server_name(label, server), "up" if healthy else "down", "up" if healthy else "ejected",
                     server.get("server_connections", 0),
                     _rate(merged, previous, ("pools", name, "servers", label, "requests")),
                     server.get("requests", 0), server.get("responses", 0), server.get("server_timedout", 0),

@@ -1,0 +1,145 @@
+"""
+Redis Cluster pools end to end: the proxy as a real process in front of a real
+three-master cluster (redis-server 7 with cluster-enabled on free loopback
+ports), driven by redis-py and raw frames.  Slots are moved by hand (CLUSTER
+SETSLOT and MIGRATE) to see ASK during a move and MOVED after it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from tests.support import processes
+from tests.support.processes import HOST, free_port, pool_config
+from tests.support.small_cluster import SmallCluster
+from twistedproxy.protocols.redis_cluster import key_slot
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    started = SmallCluster(masters=3)
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def proxy(cluster, spawn):
+    """A proxy of a cluster pool given one seed; returns (port, stats port)."""
+
+    def start(seed=None, **keys):
+        port = free_port()
+        stats = free_port()
+        keys.setdefault("timeout", 2000)
+        config = {"c": pool_config([seed or cluster.ports[0]], port, redis_cluster=True, **keys)}
+        spawn(processes.proxy, config, port, extra_args=["-s", str(stats), "-a", HOST])
+        return port, stats
+
+    return start
+
+
+def connect(port: int) -> redis.Redis:
+    return redis.Redis(host=HOST, port=port, socket_timeout=10, protocol=2)
+
+
+def wait_for(check, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("not true after %ss" % timeout)
+
+
+def test_keys_reach_the_node_of_their_slot(cluster, proxy):
+    port, stats = proxy()
+    client = connect(port)
+    keys = ["user:%d" % i for i in range(200)]
+    for key in keys:
+        assert client.set(key, key + "!")
+    for key in keys[:20]:
+        owner = cluster.owner(key_slot(key.encode()))
+        assert cluster.cli(owner, "GET", key) == key + "!"  # straight from the node: no redirect happened
+        assert int(cluster.cli(owner, "CLUSTER", "KEYSLOT", key)) == key_slot(key.encode())
+    assert client.get("{}{user}") is None and int(cluster.cli(cluster.ports[0], "CLUSTER", "KEYSLOT", "{}{user}")) == 6164
+    nodes = processes.read_stats_port(stats)["c"]
+    for node_port in cluster.ports:  # every node found from one seed, with its counters
+        assert nodes["%s:%d" % (HOST, node_port)]["requests"] > 0
+
+
+def test_multi_key_commands_split_per_slot_and_unsplittable_ones_get_crossslot(cluster, proxy):
+    port, _ = proxy()
+    client = connect(port)
+    pairs = {"mk:%d" % i: "v%d" % i for i in range(50)}
+    assert client.mset(pairs)
+    assert client.mget(list(pairs) + ["missing"]) == [v.encode() for v in pairs.values()] + [None]
+    assert client.exists(*pairs) == 50
+    assert client.delete(*list(pairs)[:25]) == 25
+    assert client.unlink(*pairs) == 25
+    # Several slots in one command that cannot be split: the cluster's own answer.
+    client.sadd("set:a", "x")
+    with pytest.raises(redis.ResponseError) as e:
+        client.smove("set:a", "set:b", "x")
+    assert str(e.value) == "Keys in request don't hash to the same slot"
+    with pytest.raises(redis.ResponseError) as e:
+        client.eval("return redis.call('get', KEYS[2])", 2, "k:a", "k:b")
+    assert str(e.value).startswith("Keys in request don't hash to the same slot")
+    # One slot by hash tag: fine.
+    client.sadd("{s}:a", "x")
+    assert client.smove("{s}:a", "{s}:b", "x")
+    assert client.eval("return redis.call('get', KEYS[2])", 2, "{t}a", "{t}b") is None
+
+
+def test_a_slot_being_moved_is_asked_then_moved(cluster, proxy):
+    port, stats = proxy()
+    client = connect(port)
+    key = "moving-key"
+    slot = key_slot(key.encode())
+    client.set(key, "before")
+    client.set("{moving-key}other", "stays")  # same slot, left on the source during the move
+    source = cluster.owner(slot)
+    target = next(p for p in cluster.ports if p != source)
+    cluster.begin_move(slot, source, target)
+    cluster.migrate_key(key, source, target)
+    # The key is on the target now, the slot still the source's: -ASK, followed.
+    assert client.get(key) == b"before"
+    assert client.get("{moving-key}other") == b"stays"
+    assert client.set(key, "during") and cluster.cli(target, "ASKING") == "OK"
+    cluster.migrate_key("{moving-key}other", source, target)
+    cluster.end_move(slot, target)
+    # The slot is the target's: the proxy's table says the source, -MOVED, followed.
+    assert client.get(key) == b"during"
+    assert client.mget(key, "{moving-key}other") == [b"during", b"stays"]
+    pool = processes.read_stats_port(stats)["c"]
+    assert pool["cluster_redirects"] >= 2
+    # The map read after MOVED knows it: the next request goes straight there.
+    wait_for(lambda: processes.read_stats_port(stats)["c"]["cluster_map_reads"] >= 2)
+    before = processes.read_stats_port(stats)["c"]["cluster_redirects"]
+    assert client.get(key) == b"during"
+    assert processes.read_stats_port(stats)["c"]["cluster_redirects"] == before
+
+
+def test_a_seed_that_is_down_is_skipped(cluster, proxy):
+    dead = free_port()
+    port = free_port()
+    config = {"c": pool_config([dead, cluster.ports[1]], port, redis_cluster=True, timeout=2000)}
+    p = processes.proxy(config, port)
+    try:
+        client = connect(port)
+        wait_for(lambda: _works(client))
+        assert client.get("skip") is None
+    finally:
+        p.stop()
+
+
+def _works(client) -> bool:
+    try:
+        client.set("skip-probe", "1")
+        return True
+    except redis.ResponseError:
+        return False
