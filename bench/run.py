@@ -171,10 +171,10 @@ def _run(argv, timeout):
     return out.stdout
 
 
-def redis_load(port, requests, pipeline, timeout):
-    """redis-benchmark set,get: {test: {rps, p50_ms, p99_ms}}."""
+def redis_load(port, requests, pipeline, timeout, extra=()):
+    """redis-benchmark set,get (with C{extra} arguments, e.g. --cluster): {test: {rps, p50_ms, p99_ms}}."""
     argv = ["redis-benchmark", "-h", HOST, "-p", str(port), "-t", "set,get", "-n", str(requests),
-            "-c", str(CLIENTS), "-r", str(KEYSPACE), "--csv"]
+            "-c", str(CLIENTS), "-r", str(KEYSPACE), "--csv"] + list(extra)
     if pipeline > 1:
         argv += ["-P", str(pipeline)]
     out = _run(argv, timeout)
