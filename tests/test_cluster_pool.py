@@ -98,7 +98,7 @@ def test_the_slot_is_crc16_xmodem_of_the_hash_tag_modulo_16384():
         assert key_slot(key) == (hash_crc16(key) & 0xFFFF) % 16384  # twemproxy's crc16, unmasked above 16 bits
 
 
-def test_cluster_shards_is_read_with_roles_and_online_replicas():
+def test_cluster_shards_is_read_with_roles_and_replicas_not_failed():
     raw = shards_reply(((0, 99, 7001), (100, 16383, 7002)), {7001: (7004,)})
     assert cluster.parse_map(raw, "10.0.0.1") == [
         (0, 99, ("127.0.0.1", 7001), (("127.0.0.1", 7004),)),
@@ -106,6 +106,8 @@ def test_cluster_shards_is_read_with_roles_and_online_replicas():
     ]
     failed = raw.replace(b"$6\r\nonline\r\n", b"$6\r\nfailed\r\n")
     assert cluster.parse_map(failed, "h")[0][3] == ()  # a failed replica serves no reads
+    loading = raw.replace(b"$6\r\nonline\r\n", b"$7\r\nloading\r\n")
+    assert cluster.parse_map(loading, "h")[0][3] == (("127.0.0.1", 7004),)  # what 7.0 says of an idle replica
 
 
 def test_cluster_slots_is_read_and_an_unknown_ip_is_the_asked_node():
@@ -326,3 +328,18 @@ def test_placement_keys_are_accepted_with_a_warning():
     assert [w.split("key ")[1].split(":")[0] for w in config.warnings] == ["'hash'", "'distribution'",
                                                                            "'auto_eject_hosts'"]
     assert "not used by a Redis Cluster pool" in config.warnings[0]
+
+
+def test_check_config_prints_the_warnings(tmp_path):
+    import io
+
+    from twistedproxy.tap import check_config
+
+    path = tmp_path / "cluster.yml"
+    path.write_text("alpha:\n  listen: 127.0.0.1:22121\n  redis: true\n  redis_cluster: true\n"
+                    "  hash: murmur\n  servers:\n    - 127.0.0.1:7001:1\n")
+    out = io.StringIO()
+    assert check_config(str(path), out)
+    assert out.getvalue() == (
+        "cacheproxy: warning: %s:5: pool 'alpha': key 'hash': not used by a Redis Cluster pool (keys go by hash"
+        " slot, nodes by the cluster's map)\ncacheproxy: configuration file '%s' syntax is ok\n" % (path, path))

@@ -7,7 +7,9 @@ SETSLOT and MIGRATE) to see ASK during a move and MOVED after it.
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 
 import pytest
 import redis
@@ -89,6 +91,13 @@ def test_multi_key_commands_split_per_slot_and_unsplittable_ones_get_crossslot(c
     with pytest.raises(redis.ResponseError) as e:
         client.eval("return redis.call('get', KEYS[2])", 2, "k:a", "k:b")
     assert str(e.value).startswith("Keys in request don't hash to the same slot")
+    client.set("r:a", "1")
+    for command in (("RENAME", "r:a", "r:b"), ("RENAMENX", "r:a", "r:b"), ("MSETNX", "r:a", "1", "r:b", "2")):
+        with pytest.raises(redis.ResponseError) as e:
+            client.execute_command(*command)
+        assert str(e.value) == "Keys in request don't hash to the same slot"
+    assert client.rename("{r}a", "{r}b") if client.set("{r}a", "1") else False
+    assert client.get("{r}b") == b"1" and client.msetnx({"{r}c": "3", "{r}d": "4"})
     # One slot by hash tag: fine.
     client.sadd("{s}:a", "x")
     assert client.smove("{s}:a", "{s}:b", "x")
@@ -137,9 +146,60 @@ def test_a_seed_that_is_down_is_skipped(cluster, proxy):
         p.stop()
 
 
+def fetch(port: int, path: str) -> str:
+    with urllib.request.urlopen("http://%s:%d%s" % (HOST, port, path), timeout=10) as response:
+        return response.read().decode("utf-8")
+
+
 def _works(client) -> bool:
     try:
         client.set("skip-probe", "1")
         return True
     except redis.ResponseError:
         return False
+
+
+def test_reads_from_replicas_and_a_failover_followed_without_errors(spawn):
+    replicated = SmallCluster(masters=3, replicas=1)
+    try:
+        port, stats = free_port(), free_port()
+        http = free_port()
+        config = {"c": pool_config([replicated.ports[0]], port, redis_cluster=True, timeout=2000,
+                                   read_from="replica"),
+                  "global": {"stats_http": "%s:%d" % (HOST, http)}}
+        spawn(processes.proxy, config, port, extra_args=["-s", str(stats), "-a", HOST])
+
+        def nodes():
+            return json.loads(fetch(http, "/stats.json"))["twistedproxy"]["pools"]["c"]["servers"]
+
+        client = connect(port)
+        key = "replicated"
+        master = replicated.owner(key_slot(key.encode()))
+        replica = replicated.replica_of(master)
+        assert client.set(key, "v1")
+        wait_for(lambda: client.get(key) == b"v1")  # replication is asynchronous
+        assert nodes()["%s:%d" % (HOST, replica)]["role"] == "replica"
+        assert nodes()["%s:%d" % (HOST, master)]["role"] == "master"
+        assert "%s:%d<br><small>replica " % (HOST, replica) in fetch(http, "/status")
+        reads_before = processes.read_stats_port(stats)["c"]["%s:%d" % (HOST, replica)]["requests"]
+        assert client.get(key) in (b"v1",)
+        assert processes.read_stats_port(stats)["c"]["%s:%d" % (HOST, replica)]["requests"] > reads_before
+        # A graceful failover under traffic: the old master redirects, the map follows; no error.
+        errors = []
+        written = 0
+        replicated.cli(replica, "CLUSTER", "FAILOVER")
+        deadline = time.time() + 20
+        while time.time() < deadline and "role:master" not in replicated.cli(replica, "INFO", "replication"):
+            try:
+                written += 1
+                client.set(key, "w%d" % written)
+            except redis.RedisError as e:
+                errors.append(str(e))
+        replicated.wait_ok()
+        for i in range(20):
+            client.set(key, "after%d" % i)
+        assert errors == []
+        wait_for(lambda: nodes()["%s:%d" % (HOST, replica)]["role"] == "master")
+        assert nodes()["%s:%d" % (HOST, replica)]["slots"]
+    finally:
+        replicated.stop()

@@ -392,6 +392,8 @@ def _make_service(options, reactor=None):
     logs.set_level(logs.level_for_verbosity(options["verbose"]))
     if options["output"]:
         logs.add_observer(options["output"])
+    for warning in config.warnings:
+        log.warn("{warning}", warning=warning)
     from twistedproxy.process.limits import raise_open_files
 
     raise_open_files(config)  # before any worker starts: they inherit it

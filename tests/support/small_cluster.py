@@ -24,13 +24,14 @@ class SmallCluster:
     def __init__(self, masters: int = 3, replicas: int = 0, node_timeout: int = 2000):
         self.directory = tempfile.mkdtemp(prefix="tp-cluster-")
         self.nodes = []
+        self.replica_count = masters * replicas
         try:
             for number in range(masters * (1 + replicas)):
                 self.nodes.append(self._start(number, node_timeout))
             addresses = ["%s:%d" % (HOST, node.port) for node in self.nodes]
             subprocess.run(["redis-cli", "--cluster", "create"] + addresses
                            + ["--cluster-replicas", str(replicas), "--cluster-yes"],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=60)
+                           check=True, capture_output=True, timeout=60)
             self.wait_ok()
         except Exception:
             self.stop()
@@ -62,15 +63,24 @@ class SmallCluster:
         return result.stdout.decode().strip()
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Until every node says cluster_state:ok and sees every node."""
+        """Until every node says cluster_state:ok and sees every node, and every replica is in sync."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if all("cluster_state:ok" in self.cli(port, "CLUSTER", "INFO")
-                   and "cluster_known_nodes:%d" % len(self.nodes) in self.cli(port, "CLUSTER", "INFO")
-                   for port in self.ports):
+            if all(self._node_ok(port) for port in self.ports):
                 return
             time.sleep(0.05)
         raise RuntimeError("the cluster is not ok after %ss" % timeout)
+
+    def _node_ok(self, port: int) -> bool:
+        info = self.cli(port, "CLUSTER", "INFO")
+        if "cluster_state:ok" not in info or "cluster_known_nodes:%d" % len(self.nodes) not in info:
+            return False
+        replication = self.cli(port, "INFO", "replication")
+        if "role:master" not in replication and "master_link_status:up" not in replication:
+            return False
+        # Every replica known as one by this node too (gossip takes a moment).
+        lines = self.cli(port, "CLUSTER", "NODES").splitlines()
+        return sum(1 for line in lines if "slave" in line.split()[2]) == self.replica_count
 
     def node_id(self, port: int) -> str:
         return self.cli(port, "CLUSTER", "MYID")
@@ -88,6 +98,27 @@ class SmallCluster:
                 if int(first) <= slot <= int(last or first):
                     return int(fields[1].split("@")[0].rsplit(":", 1)[1])
         raise RuntimeError("no master serves slot %d" % slot)
+
+    def replica_of(self, master: int) -> int:
+        """The port of a replica of the master at C{master}."""
+        master_id = self.node_id(master)
+        for line in self.cli(master, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if fields[3] == master_id and "slave" in fields[2]:
+                return int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        raise RuntimeError("no replica of %d" % master)
+
+    def fail_over(self, replica: int, timeout: float = 20.0) -> None:
+        """CLUSTER FAILOVER on C{replica}; returns once it is a master that every node sees as one."""
+        self.cli(replica, "CLUSTER", "FAILOVER")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if "role:master" in self.cli(replica, "INFO", "replication"):
+                break
+            time.sleep(0.02)
+        else:
+            raise RuntimeError("%d did not become a master" % replica)
+        self.wait_ok()
 
     def begin_move(self, slot: int, source: int, target: int) -> None:
         """Mark C{slot} migrating from C{source} and importing at C{target} (ASK from now on)."""

@@ -283,7 +283,7 @@ class ISlotCluster(Interface):
         The slot map in a reply to L{map_request} from a node at C{host} (which
         a node that does not know its own address leaves out): a list of
         C{(first slot, last slot, master address, replica addresses)}, the
-        replicas that can serve reads; or None when the reply is an error.
+        replicas that are not failed; or None when the reply is an error.
         """
 
     def map_unsupported(raw: bytes) -> bool:

@@ -211,6 +211,7 @@ class RedisRequestParser:
     def __init__(self, pool_config, codec):
         self.codec = codec
         self._max_request_bytes = pool_config.max_request_bytes
+        self._commands = commands.CLUSTER_COMMANDS if getattr(pool_config, "redis_cluster", False) else commands.COMMANDS
         password = pool_config.redis_auth
         self._password = password.encode("utf-8") if password else None
         self._locked = self._password is not None  # until a successful AUTH
@@ -307,7 +308,7 @@ class RedisRequestParser:
         pos = 0
         blen = len(buf)
         find = buf.find
-        lookup = commands.COMMANDS.get
+        lookup = self._commands.get
         max_bytes = self._max_request_bytes
         key_kind = _KEY
         locked = self._locked or self._refusing  # every command goes through _dispatch
@@ -467,7 +468,7 @@ class RedisRequestParser:
         if not args:
             return None
         name = args[0]
-        lookup = commands.COMMANDS.get
+        lookup = self._commands.get
         entry = lookup(name) or lookup(name.lower()) or commands.UNKNOWN
         return self._dispatch(entry, args, len(args), None)
 

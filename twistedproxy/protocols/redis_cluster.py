@@ -118,7 +118,9 @@ def _shards(value: list, asked: str) -> list:
             address = (_host(node.get("ip"), asked), int(node["port"]))
             if node.get("role") == b"master":
                 master = address
-            elif node.get("health") == b"online":
+            elif node.get("health") not in (b"fail", b"failed"):
+                # Redis 7.0 says "loading" of any replica whose offset is still 0
+                # (one that got no write yet) as well: only a failed one is left out.
                 replicas.append(address)
         if master is None:
             continue  # a shard whose master is gone and no replica promoted yet: its slots are not served

@@ -30,7 +30,7 @@ INFO, CONFIG, ...), transactions (after a refused MULTI every command up to
 EXEC or DISCARD is refused too), pub/sub, blocking commands, SELECT (the pool's
 C{redis_db} is selected on every backend connection), RENAME and RENAMENX (the
 new name may hash elsewhere; twemproxy refuses them too), MSETNX (not atomic
-once split), SCRIPT and FUNCTION management, and every name not in this table.
+once split) -- a Redis Cluster pool forwards these three (L{CLUSTER_COMMANDS}) --, SCRIPT and FUNCTION management, and every name not in this table.
 
 An entry is a tuple C{(name, kind, min_args, max_args, key_index, collect)}:
 the lower-case name (what L{twistedproxy.core.request.Request.command} is set
@@ -306,3 +306,21 @@ def _build():
 # The command name as sent (lower or upper case) -> entry.  Look up other
 # spellings with their lower() form.
 COMMANDS = _build()
+
+# Commands of two keys or more that a Redis Cluster pool forwards by their
+# first key although a hash pool refuses them: a cluster node checks that every
+# key is in one slot and answers -CROSSSLOT itself when not, and the slot is
+# the pool's placement.  Their arity as in Redis.
+_CLUSTER_KEY_COMMANDS = (("rename", 3), ("renamenx", 3), ("msetnx", -3))
+
+
+def _build_cluster():
+    table = dict(COMMANDS)
+    for name, arity in _CLUSTER_KEY_COMMANDS:
+        entry = _entry(name, KEY, arity)
+        table[entry[NAME]] = table[entry[NAME].upper()] = entry
+    return table
+
+
+# A Redis Cluster pool's table (its request parser's).
+CLUSTER_COMMANDS = _build_cluster()
