@@ -22,6 +22,8 @@ through the proxy.
 
 from __future__ import annotations
 
+import platform
+import threading
 import time
 
 import pytest
@@ -40,6 +42,12 @@ pytestmark = [
 ]
 
 CLIENTS = 20
+
+# The topology scenarios run on PyPy only: each takes seconds of real cluster work, and the
+# proxy's code paths are the same on both interpreters (the stream comparisons run on both).
+# PyPy because it is the runtime the README recommends for production.
+topology = pytest.mark.skipif(platform.python_implementation() != "PyPy",
+                              reason="topology scenarios run on the PyPy pass of the suite only (suite time)")
 # The pool's timeout bounds the proxy's retries of TRYAGAIN and CLUSTERDOWN (issue #12).
 POOL_TIMEOUT_MS = 5000
 
@@ -126,9 +134,35 @@ def test_the_stream_unpipelined_and_the_hash_tag_corners(spawn, cluster, redis_b
         assert owner.call("GET", "{}{user}") == b"whole"
 
 
+@topology
+def test_the_stream_while_slots_move(spawn, cluster, redis_backends):
+    """The same replies while redis-cli moves 2000 slots (ASK, TRYAGAIN and MOVED under a pipelined stream)."""
+    flush(cluster)
+    [single] = redis_backends(1)
+    port = start_proxy(spawn, cluster)
+    source, target = cluster.masters()[-2:]
+    moving = threading.Thread(target=cluster.reshard, args=(source, target, 2000), daemon=True)
+    sent = 0
+    with Connection(port) as proxy, Connection(single.port) as reference, \
+            Connection(cluster.nodes[0].port) as node:
+        moving.start()
+        seed = 100
+        while moving.is_alive() or seed == 100:
+            commands = CommandStream(seed, per_type=30).commands(1000)
+            found = compare(proxy, reference, node, commands, batch=16)
+            assert not found, "%d replies differ; first: %s" % (len(found), "\n".join(
+                "#%d %r: got %r, expected %r" % m for m in found[:10]))
+            sent += len(commands)
+            seed += 1
+    moving.join()
+    assert cluster.is_ok()
+    print("\n%d commands while 2000 slots moved: the same replies" % (sent,))
+
+
 # -- topology changes under the checking load ---------------------------------------------
 
 
+@topology
 def test_a_reshard_of_2000_slots_under_load(spawn, cluster):
     port = start_proxy(spawn, cluster)
     load = start_load(port)
@@ -144,6 +178,7 @@ def test_a_reshard_of_2000_slots_under_load(spawn, cluster):
     assert_clean(load, start, end, "the reshard")
 
 
+@topology
 def test_a_cluster_failover_on_a_replica_under_load(spawn, cluster):
     port = start_proxy(spawn, cluster)
     load = start_load(port)
@@ -161,6 +196,7 @@ def test_a_cluster_failover_on_a_replica_under_load(spawn, cluster):
     assert_clean(load, start, end, "the failover")
 
 
+@topology
 def test_a_new_master_and_rebalance_under_load(spawn, cluster):
     port = start_proxy(spawn, cluster)
     load = start_load(port)
@@ -181,6 +217,7 @@ def test_a_new_master_and_rebalance_under_load(spawn, cluster):
 # -- a master killed ----------------------------------------------------------------------
 
 
+@topology
 def test_a_master_killed_errors_only_until_its_replica_serves(spawn, fresh_cluster):
     cluster = fresh_cluster
     seed = cluster.nodes[0]

@@ -243,7 +243,7 @@ class CommandStream:
     def _unsplittable(self) -> Command:
         """Commands whose keys must share a slot: hash-tagged keys mostly, cross-slot ones now and then."""
         r = self.random
-        choice = r.randrange(10)
+        choice = r.randrange(11)
         if choice == 0:
             a, b = self.keys_together("ss")
             return self.unsplittable(b"RENAME", a, b, keys=(a, b))
@@ -270,6 +270,9 @@ class CommandStream:
             a, b = self.keys_together("ll")
             return self.unsplittable(b"LMOVE", a, b, r.choice([b"LEFT", b"RIGHT"]), r.choice([b"LEFT", b"RIGHT"]),
                                      keys=(a, b))
+        if choice == 9:
+            a, b = self.keys_together("ss")
+            return self.unsplittable(b"MSETNX", a, self.value(), b, self.value(), keys=(a, b))
         a, b = self.keys_together("ss")
         return self.unsplittable(b"COPY", a, b, keys=(a, b))
 
