@@ -157,12 +157,18 @@ def test_before_the_map_a_seed_gets_every_request_and_its_moved_is_followed():
     assert h.pool.masters[0].spec.port == 7001 and h.pool.masters[16383].spec.port == 7003
 
 
-def test_moved_resends_updates_the_slot_and_reads_the_map_again():
-    h = Cluster()
+def redirected(h, redirect: bytes, port: int) -> bytes:
+    """Send GET of a key of 7001, which answers C{redirect} (MOVED or ASK) to C{port}; the key."""
     key = h.key_in(7001)
     h.send("GET", key)
     h.accept()
-    h.feed(7001, b"-MOVED %d 127.0.0.1:7002\r\n" % key_slot(key))
+    h.feed(7001, b"-%s %d 127.0.0.1:%d\r\n" % (redirect, key_slot(key), port))
+    return key
+
+
+def test_moved_resends_updates_the_slot_and_reads_the_map_again():
+    h = Cluster()
+    key = redirected(h, b"MOVED", 7002)
     assert h.reply() == b""  # the client never sees the redirect
     assert h.backends[7002].pending() == [[b"GET", key]]
     assert h.pool.masters[key_slot(key)].spec.port == 7002
@@ -176,10 +182,7 @@ def test_moved_resends_updates_the_slot_and_reads_the_map_again():
 
 def test_ask_sends_asking_then_the_request_and_keeps_the_map():
     h = Cluster()
-    key = h.key_in(7001)
-    h.send("GET", key)
-    h.accept()
-    h.feed(7001, b"-ASK %d 127.0.0.1:7003\r\n" % key_slot(key))
+    key = redirected(h, b"ASK", 7003)
     target = h.backends[7003]
     assert target.pending() == [[b"ASKING"], [b"GET", key]]
     h.feed(7003, b"+OK\r\n$2\r\nv3\r\n")
@@ -343,3 +346,65 @@ def test_check_config_prints_the_warnings(tmp_path):
     assert out.getvalue() == (
         "cacheproxy: warning: %s:5: pool 'alpha': key 'hash': not used by a Redis Cluster pool (keys go by hash"
         " slot, nodes by the cluster's map)\ncacheproxy: configuration file '%s' syntax is ok\n" % (path, path))
+
+
+def test_multi_key_reads_go_to_replicas_per_slot():
+    h = Cluster(replicas={7001: (7004,), 7002: (7005,)}, read_from="replica")
+    a, c = h.key_in(7001, "a"), h.key_in(7002, "c")
+    h.send("MGET", a, c)
+    h.send("DEL", a, c)
+    backends = h.accept()
+    assert backends[7004].pending() == [[b"READONLY"], [b"mget", a]]
+    assert backends[7005].pending() == [[b"READONLY"], [b"mget", c]]
+    assert backends[7001].pending()[-1] == [b"del", a] and backends[7002].pending()[-1] == [b"del", c]
+
+
+def test_a_node_that_leaves_the_map_closes_its_connections_once_idle():
+    h = Cluster(cluster_refresh_interval=50)
+    key = h.key_in(7003)
+    h.send("GET", key)
+    node = h.accept()[7003]
+    h.reactor.advance(0.05)  # the periodic read
+    h.accept()
+    source = next(b for b in h.backends.values() if b.pending()[-1:] == [[b"CLUSTER", b"SHARDS"]])
+    if source is node:  # its GET is older than the map read: the proxy reads its reply first
+        h.feed(7003, b"$1\r\nv\r\n")
+    h.feed(source.port, shards_reply(((0, 5460, 7001), (5461, 16383, 7002))))
+    assert h.pool.node_role(h.pool.nodes[("127.0.0.1", 7003)]) == ("unknown", "")
+    if source is not node:
+        assert not node.transport.disconnecting  # its GET is still unanswered
+        h.feed(7003, b"$1\r\nv\r\n")
+    assert h.reply() == b"$1\r\nv\r\n"
+    assert node.transport.disconnecting
+
+
+def test_stats_show_every_node_with_its_role_and_slots():
+    from twistedproxy.stats import snapshots, status
+    from twistedproxy.stats.recorder import StatsRegistry
+
+    h = Cluster(replicas={7001: (7004,)})
+    h.send("GET", h.key_in(7002))
+    h.accept()[7002].answer()
+
+    class Proxy:  # what a snapshot reads of a proxy
+        pools = {"alpha": h.pool}
+        stats = StatsRegistry(h.reactor, h.config.global_)
+        reactor = h.reactor
+        ports = []
+
+    snap = snapshots.snapshot(Proxy(), settings=False)
+    pool = snap["pools"]["alpha"]
+    assert pool["cluster_map_reads"] == 1 and pool["cluster_redirects"] == 0
+    nodes = pool["servers"]
+    assert sorted(nodes) == ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003", "127.0.0.1:7004"]
+    assert (nodes["127.0.0.1:7002"]["role"], nodes["127.0.0.1:7002"]["slots"]) == ("master", "5461-10922")
+    assert (nodes["127.0.0.1:7004"]["role"], nodes["127.0.0.1:7004"]["slots"]) == ("replica", "")
+    assert nodes["127.0.0.1:7002"]["requests"] == 1  # the map read is internal: not counted
+    merged = snapshots.merge([snap, snap])
+    assert merged["pools"]["alpha"]["servers"]["127.0.0.1:7001"]["role"] == "master"
+    assert merged["pools"]["alpha"]["servers"]["127.0.0.1:7002"]["requests"] == 2
+    assert "role" not in snapshots.counters_only(snap)["pools"]["alpha"]["servers"]["127.0.0.1:7001"]
+    report = snapshots.report(merged)
+    assert report["twistedproxy"]["pools"]["alpha"]["servers"]["127.0.0.1:7001"]["slots"] == "0-5460"
+    assert report["alpha"]["cluster_redirects"] == 0  # the stats port's document
+    assert "127.0.0.1:7001<br><small>master 0-5460</small>" in status.render(merged)

@@ -8,6 +8,8 @@ SETSLOT and MIGRATE) to see ASK during a move and MOVED after it.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -17,6 +19,7 @@ import redis
 from tests.support import processes
 from tests.support.processes import HOST, free_port, pool_config
 from tests.support.small_cluster import SmallCluster
+from tests.support.workers import Master, master_config
 from twistedproxy.protocols.redis_cluster import key_slot
 
 pytestmark = pytest.mark.integration
@@ -131,6 +134,24 @@ def test_a_slot_being_moved_is_asked_then_moved(cluster, proxy):
     before = processes.read_stats_port(stats)["c"]["cluster_redirects"]
     assert client.get(key) == b"during"
     assert processes.read_stats_port(stats)["c"]["cluster_redirects"] == before
+
+
+def test_workers_and_cacheproxyctl_status_show_the_nodes(cluster, spawn):
+    port = free_port()
+    pool = pool_config([cluster.ports[2]], port, redis_cluster=True, timeout=2000)
+    master = Master(spawn, master_config({"c": pool}), port)
+    client = connect(port)
+    for i in range(30):  # over both workers' connections
+        assert connect(port).set("w%d" % i, i)
+    assert client.get("w7") == b"7"
+    argv = [sys.executable, "-m", "twistedproxy.control.cli", "-s", master.control_path, "status"]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=processes.ROOT, env=processes.proxy_env(),
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    nodes = json.loads(result.stdout)["clusters"]["c"]
+    owners = {"%s:%d" % (HOST, cluster.owner(slot)) for slot in (0, 8000, 16383)}
+    assert {label for label, node in nodes.items() if node["role"] == "master"} == owners
+    assert all(node["slots"] for node in nodes.values() if node["role"] == "master")
 
 
 def test_a_seed_that_is_down_is_skipped(cluster, proxy):

@@ -341,6 +341,12 @@ class ClusterRoute(HashRoute):
                 roles.setdefault(replica.label, ["replica", []])
         if masters != self.masters:
             log.info("pool {pool}: cluster slot map changed ({count} ranges)", pool=self.name, count=len(ranges))
+        for server in self.servers:
+            if server.label in self.roles and server.label not in roles:
+                # Left the cluster (or its map): what is in flight is answered, then its connections close.
+                for connections in server.connections.values():
+                    for connection in connections:
+                        connection.close_when_idle()
         self.masters = masters
         self.replicas = replicas
         self.roles = {label: (role, slot_ranges(spans)) for label, (role, spans) in roles.items()}

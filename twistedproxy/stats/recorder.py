@@ -291,7 +291,8 @@ class StatsRegistry:
             else:
                 labels = {spec.label for spec in names[name].servers}
                 servers = self.pools[name].servers
-                for label in list(servers):
+                # A cluster pool's nodes come from its cluster's map, not the file: kept.
+                for label in list(servers) if not names[name].redis_cluster else ():
                     if label not in labels:
                         del servers[label]
                 tenant_names = {tenant.name for tenant in names[name].tenants}
