@@ -211,12 +211,12 @@ def test_a_new_master_and_rebalance_under_load(spawn, cluster):
 
 
 @topology
-def test_a_master_killed_errors_only_until_its_replica_serves(spawn, fresh_cluster):
+@pytest.mark.parametrize("victim_is_seed", [False, True], ids=["another-master", "the-seed"])
+def test_a_master_killed_errors_only_until_its_replica_serves(spawn, fresh_cluster, victim_is_seed):
+    """Killed: a master the proxy learnt from the map, or the one seed it was given."""
     cluster = fresh_cluster
-    seed = cluster.nodes[0]
-    port = start_proxy(spawn, cluster, seed=seed)
-    # A master that is not the seed: the proxy keeps its seed; losing it is another story.
-    victim = next(m for m in cluster.masters() if m is not seed and cluster.replicas_of(m))
+    victim, other = [m for m in cluster.masters() if cluster.replicas_of(m)][:2]
+    port = start_proxy(spawn, cluster, seed=victim if victim_is_seed else other)
     dead_slots = cluster.slots_of(victim)
     probe_key = next("probe:%d" % i for i in range(100000) if key_slot(b"probe:%d" % i) in dead_slots)
     load = start_load(port)
