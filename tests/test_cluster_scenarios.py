@@ -31,10 +31,11 @@ from redis.crc import key_slot
 
 from tests.support import processes
 from tests.support.checking import CheckingLoad, proxy_client
-from tests.support.cluster import Cluster, poll
+from tests.support.cluster import Cluster
 from tests.support.command_stream import CommandStream, compare, is_cross_slot
 from tests.support.processes import HOST, free_port
 from tests.support.resp import Connection
+from tests.support.workers import poll
 
 pytestmark = [
     pytest.mark.integration,
@@ -224,7 +225,7 @@ def test_a_master_killed_errors_only_until_its_replica_serves(spawn, fresh_clust
     try:
         window = cluster.kill_master(victim)
         # Through the proxy, a key of the dead master's slots is served again: the proxy follows.
-        poll(lambda: _succeeds(prober, probe_key), 30.0, "the proxy to serve the dead master's slots")
+        poll(lambda: _succeeds(prober, probe_key), 30.0, message="the proxy to serve the dead master's slots")
         followed = time.time()
         load.wait_ops(20 * CLIENTS)
     finally:

@@ -22,6 +22,7 @@ import time
 
 from tests.support import processes
 from tests.support.resp import Connection, ErrorReply
+from tests.support.workers import poll
 
 HOST = processes.HOST
 SLOTS = 16384
@@ -107,21 +108,16 @@ def parse_nodes(text: bytes) -> dict:
     return nodes
 
 
-def poll(predicate, timeout: float, what: str, interval: float = 0.02):
-    """C{predicate()}'s first true value within C{timeout} seconds, else L{ClusterError}."""
-    deadline = time.time() + timeout
-    last_error = None
-    while True:
+def answered(predicate):
+    """C{predicate}, with a node that does not answer right now (mid-change, or killed) read as false."""
+
+    def check():
         try:
-            value = predicate()
-            if value:
-                return value
-        except (OSError, ConnectionError, ClusterError, KeyError) as e:
-            last_error = e
-        if time.time() >= deadline:
-            raise ClusterError("timed out after %ss waiting for %s%s" % (
-                timeout, what, " (last error: %s)" % (last_error,) if last_error else ""))
-        time.sleep(interval)
+            return predicate()
+        except (OSError, ConnectionError, ClusterError, KeyError):
+            return False
+
+    return check
 
 
 class Cluster:
@@ -239,7 +235,7 @@ class Cluster:
         return True
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        poll(self.is_ok, timeout, "the cluster to be whole and agreed", interval=0.05)
+        poll(answered(self.is_ok), timeout, interval=0.05, message="the cluster to be whole and agreed")
 
     # -- topology changes --------------------------------------------------------------
 
@@ -259,8 +255,8 @@ class Cluster:
         reply = replica.call("CLUSTER", "FAILOVER")
         if reply != b"OK":
             raise ClusterError("CLUSTER FAILOVER on %r: %r" % (replica, reply))
-        poll(lambda: replica.role() == "master" and old_master.role() == "slave", 30.0,
-             "%r and %r to swap roles" % (replica, old_master))
+        poll(answered(lambda: replica.role() == "master" and old_master.role() == "slave"), 30.0,
+             message="%r and %r to swap roles" % (replica, old_master))
         self.wait_ok()
         return old_master
 
@@ -297,6 +293,7 @@ class Cluster:
                     return replica
             return None
 
-        replica = poll(promoted, timeout, "a replica of %r to be promoted" % (master,), interval=0.01)
+        replica = poll(answered(promoted), timeout, interval=0.01,
+                       message="a replica of %r to be promoted" % (master,))
         done = time.time()
         return {"killed": killed, "promoted": done, "window": done - killed, "replica": replica}
