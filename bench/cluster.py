@@ -16,11 +16,9 @@ See bench/README.md ("Redis Cluster") for how to read it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -180,13 +178,10 @@ def main(argv=None) -> int:
     except (BenchError, RuntimeError) as e:
         print("bench: %s" % (e,), file=sys.stderr)
         return 1
-    os.makedirs(args.results, exist_ok=True)
-    path = os.path.join(args.results, "cluster-%s.json" % (time.strftime("%Y%m%d-%H%M%S"),))
     meta = {"requests": args.requests, "repeat": args.repeat, "clients": run.CLIENTS, "keyspace": run.KEYSPACE,
             "masters": MASTERS, "git": run._git_state(), "loadavg_end": os.getloadavg(),
             "interpreters": {k: run.describe(v) for k, v in pythons.items()}}
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=2)
+    path = run.save_results(args.results, "cluster-", {"meta": meta, "results": rows})
     print()
     print(table(rows))
     print("\nproxy/servers/tool us/req = user + system CPU of the proxy's processes, of the Redis servers of that")
