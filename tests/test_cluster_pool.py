@@ -408,3 +408,43 @@ def test_stats_show_every_node_with_its_role_and_slots():
     assert report["twistedproxy"]["pools"]["alpha"]["servers"]["127.0.0.1:7001"]["slots"] == "0-5460"
     assert report["alpha"]["cluster_redirects"] == 0  # the stats port's document
     assert "127.0.0.1:7001<br><small>master 0-5460</small>" in status.render(merged)
+
+
+def test_a_front_sends_a_tenants_requests_to_a_cluster_pool_which_follows_its_redirects():
+    from tests.test_tenants import Front
+
+    pools = {
+        "cluster": {"redis": True, "redis_cluster": True, "servers": ["127.0.0.1:7001:1"]},
+        "plain": {"redis": True, "servers": ["127.0.0.1:7009:1"]},
+        "front": {"listen": "127.0.0.1:22121", "redis": True, "tenants": {
+            "a": {"prefix": "a:", "route": "cluster"}, "b": {"prefix": "b:", "route": "plain"}}},
+    }
+    front = Front(pools)
+    client, transport = front.client()
+    client.dataReceived(cmd("GET", "a:k"))
+    seed = front.accept()[7001]
+    assert seed.pending() == [[b"GET", b"a:k"]]  # no map yet: the seed
+    seed.protocol.dataReceived(b"-MOVED %d 127.0.0.1:7003\r\n" % key_slot(b"a:k"))
+    front.reactor.advance(0)
+    node = front.accept()[7003]
+    assert node.pending() == [[b"CLUSTER", b"SHARDS"], [b"GET", b"a:k"]]  # the map is read there at once
+    node.protocol.dataReceived(shards_reply() + b"$1\r\nv\r\n")
+    node.seen = len(node.transport.value())
+    front.reactor.advance(0)
+    assert transport.value() == b"$1\r\nv\r\n"
+    # Keys of the cluster pool and of another in one request: the cluster pool's share is a
+    # request of its own, which it splits per slot (and would resend) itself.
+    a1, a2 = b"a:x", b"a:y"
+    assert key_slot(a1) != key_slot(a2)
+    client.dataReceived(cmd("MGET", a1, "b:k", a2))
+    backends = front.accept()
+    placed = {key: front.proxy.pools["cluster"].server_for(key).spec.port for key in (a1, a2)}
+    for key, port in placed.items():
+        assert [b"mget", key] in backends[port].pending()
+    assert backends[7009].pending() == [[b"mget", b"b:k"]]
+    backends[7009].data[b"b:k"] = b"B"
+    backends[7009].answer()
+    for port in sorted(set(placed.values())):
+        backends[port].data.update({a1: b"X", a2: b"Y"})
+        backends[port].answer()
+    assert transport.value() == b"$1\r\nv\r\n*3\r\n$1\r\nX\r\n$1\r\nB\r\n$1\r\nY\r\n"

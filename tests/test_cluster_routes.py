@@ -594,3 +594,61 @@ def test_a_broadcast_copy_is_done_once_every_server_answered():
     rig.reply(7002, b"SERVER_ERROR busy\r\n")
     rig.reply(7003, b"OK\r\n")
     assert rig.route().failures == 1
+
+
+# -- a prefix front over compound routes and pools ------------------------------------------
+
+
+def prefix_over_failover_rig(**keys):
+    return Rig({"a": pool(7001, **keys), "b": pool(7002, **keys), "c": pool(7003, **keys),
+                "front": dict(keys, listen="127.0.0.1:22121", route={
+                    "prefix": {"f:": {"route": {"failover": ["a", "b"]}, "strip": True}, "c:": "c"}})})
+
+
+def test_a_multi_get_over_a_failover_route_and_a_pool_is_split_and_merged_in_order():
+    rig = prefix_over_failover_rig()
+    c, t = rig.client()
+    c.dataReceived(b"get c:1 f:2 c:3 f:4\r\n")
+    assert rig.sent(7001) == b"get 2 4\r\n"  # the failover route's part, its prefix stripped
+    assert rig.sent(7003) == b"get c:1 c:3\r\n"
+    rig.reply(7003, b"VALUE c:3 0 1\r\n3\r\nEND\r\n")
+    assert t.value() == b""
+    rig.lose(7001)  # the part fails over to the next pool, the client still sees nothing
+    assert rig.sent(7002) == b"get 2 4\r\n"
+    rig.reply(7002, b"VALUE 4 0 1\r\n4\r\nVALUE 2 0 1\r\n2\r\nEND\r\n")
+    assert t.value() == b"VALUE f:2 0 1\r\n2\r\nVALUE c:3 0 1\r\n3\r\nVALUE f:4 0 1\r\n4\r\nEND\r\n"
+    assert rig.proxy.pools["front"].route_counters()["failovers"] == 1
+
+
+def test_a_redis_mset_over_a_failover_route_and_a_pool_keeps_each_keys_value():
+    rig = prefix_over_failover_rig(redis=True)
+    c, t = rig.client()
+    c.dataReceived(b"*7\r\n$4\r\nMSET\r\n$3\r\nf:1\r\n$1\r\nx\r\n$3\r\nc:2\r\n$1\r\ny\r\n$3\r\nf:3\r\n$1\r\nz\r\n")
+    first = rig.sent(7001)
+    assert first == b"*5\r\n$4\r\nmset\r\n$1\r\n1\r\n$1\r\nx\r\n$1\r\n3\r\n$1\r\nz\r\n"
+    assert rig.sent(7003) == b"*3\r\n$4\r\nmset\r\n$3\r\nc:2\r\n$1\r\ny\r\n"
+    rig.lose(7001)
+    assert rig.sent(7002) == first  # resent with the values of its own keys
+    rig.reply(7002, b"+OK\r\n")
+    rig.reply(7003, b"+OK\r\n")
+    assert t.value() == b"+OK\r\n"
+    c.dataReceived(b"*4\r\n$4\r\nMGET\r\n$3\r\nf:3\r\n$3\r\nc:2\r\n$3\r\nf:9\r\n")
+    assert rig.sent(7002) == b"*3\r\n$4\r\nmget\r\n$1\r\n3\r\n$1\r\n9\r\n"
+    assert rig.sent(7003) == b"*2\r\n$4\r\nmget\r\n$3\r\nc:2\r\n"
+    rig.reply(7003, b"*1\r\n$1\r\ny\r\n")
+    rig.reply(7002, b"*2\r\n$1\r\nz\r\n$-1\r\n")
+    assert t.value() == b"+OK\r\n*3\r\n$1\r\nz\r\n$1\r\ny\r\n$-1\r\n"
+
+
+def test_a_front_sends_a_compound_routes_share_of_many_keys_in_parts_of_at_most_a_slice():
+    from twistedproxy.routes.hash import SLICE_KEYS
+    rig = prefix_over_failover_rig()
+    c, t = rig.client()
+    keys = [b"f:%d" % i for i in range(SLICE_KEYS + 3)] + [b"c:1"]
+    c.dataReceived(b"get " + b" ".join(keys) + b"\r\n")
+    sent = rig.sent(7001)
+    assert sent == (b"get " + b" ".join(k[2:] for k in keys[:SLICE_KEYS]) + b"\r\n"
+                    + b"get " + b" ".join(k[2:] for k in keys[SLICE_KEYS:-1]) + b"\r\n")
+    rig.reply(7001, b"END\r\nVALUE %d 0 1\r\nv\r\nEND\r\n" % (SLICE_KEYS + 1))
+    rig.reply(7003, b"END\r\n")
+    assert t.value() == b"VALUE f:%d 0 1\r\nv\r\nEND\r\n" % (SLICE_KEYS + 1)

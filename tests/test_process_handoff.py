@@ -180,6 +180,35 @@ def test_redis_auth_and_a_half_sent_request_survive_the_handoff(spawn, redis_bac
     anonymous.close()
 
 
+def test_a_tenant_users_login_survives_the_handoff(spawn, redis_backends):
+    first, second = redis_backends(2)
+    port = processes.free_port()
+    config = master_config({
+        "pa": {"redis": True, "servers": ["%s:%d:1" % (processes.HOST, first.port)]},
+        "pb": {"redis": True, "servers": ["%s:%d:1" % (processes.HOST, second.port)]},
+        "front": {"listen": "%s:%d" % (processes.HOST, port), "redis": True, "tenants": {
+            "acme": {"users": {"alice": "wonder"}, "route": "pa"},
+            "globex": {"users": {"bob": "builder"}, "route": "pb"}}},
+    }, tcp_quickack=False)
+    master = Master(spawn, config, port)
+    alice, anonymous = connect(port), connect(port)
+    alice.sendall(b"AUTH alice wonder\r\nSET k a\r\n")
+    assert read_reply(alice, b"+OK\r\n+OK\r\n") == b"+OK\r\n+OK\r\n"
+    anonymous.sendall(b"GET k\r\n")
+    assert read_reply(anonymous, b"\r\n").startswith(b"-NOAUTH")
+    old = master.worker_pids()
+    config["global"]["tcp_quickack"] = True
+    master.write_config(config)
+    master.signal(signal.SIGHUP)
+    poll(lambda: all(not pid_alive(pid) for pid in old), 60, 0.05, "the old workers to exit")
+    alice.sendall(b"GET k\r\n")  # still alice, on a new worker (the old ones are gone): her tenant's pool
+    assert read_reply(alice, b"a\r\n") == b"$1\r\na\r\n"
+    anonymous.sendall(b"GET k\r\n")
+    assert read_reply(anonymous, b"\r\n").startswith(b"-NOAUTH")
+    alice.close()
+    anonymous.close()
+
+
 def test_a_removed_listen_address_closes_its_clients_after_their_replies(spawn, memcached_backends):
     kept_backend, slow_backend = memcached_backends(2)
     port, removed = processes.free_port(), processes.free_port()

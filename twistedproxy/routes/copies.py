@@ -111,8 +111,14 @@ def decline(outer, request, raw, error, codec, dirty) -> bool:
     return outer is not None and outer(request, raw, error, codec, dirty)
 
 
-def origin(request):
-    """The request a fragment (or a fragment of a slice) belongs to: the one the client (or a route) sent."""
-    while request.parent is not None:
+def split_from(part):
+    """
+    The request whose keys and codec data C{part} (a fragment) was split from:
+    its parent, or for a fragment of a slice (which keeps no data of its own)
+    the request sent in slices.  A front's fragment bound for another route
+    is a request of its own, with data for its keys.
+    """
+    request = part.parent
+    while request.data is None and request.parent is not None:
         request = request.parent
     return request

@@ -28,7 +28,7 @@ from functools import partial
 from zope.interface import implementer
 
 from twistedproxy.core.request import REPLY_FINAL, ROUTE_ALL, ROUTE_KEY, ROUTE_KEYS, keys_of
-from twistedproxy.routes.copies import CompoundRoute, decline, origin
+from twistedproxy.routes.copies import CompoundRoute, decline, split_from
 from twistedproxy.routes.interface import ICountedRoute
 
 
@@ -69,7 +69,7 @@ class FailoverRoute(CompoundRoute):
                 request.key = keys[0]
             else:
                 request.route = ROUTE_KEYS
-                request.data = codec.part_data(origin(request), keys)  # what it is split with (MSET's values)
+                request.data = codec.part_data(split_from(request), keys)  # what it is split with (MSET's values)
                 request.keys = keys
         touched = []
         self.routes[following].dispatch(request, codec, self.reactor.seconds(), touched, dirty)

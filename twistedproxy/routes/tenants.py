@@ -16,9 +16,10 @@ charges the tenant's token bucket and hands the request to the pool's route.
     prefixes) are placed here, on each pool's servers, and the request is
     split into fragments across them (C{codec.split} with a strip per
     group) in one go; the fragments merge in key order as any split
-    request's do.  Routes of other kinds (failover, replicate, ...: built by
-    C{build_route}) take whole requests only: keys spread over one of them
-    and anything else get an error reply.
+    request's do.  A group bound for a route of another kind (failover,
+    replicate ...: built by C{build_route}) becomes fragments that are
+    multi-key requests of their own, which that route places and splits
+    again.
   - No prefix matches and no default: the request gets an error reply in the
     protocol's form and the connection stays open (a user's tenant: Redis 7's
     C{-NOPERM}).
@@ -41,8 +42,9 @@ from zope.interface import implementer
 
 from twistedproxy.core.batching import TurnFlusher
 from twistedproxy.core.completion import refuse
-from twistedproxy.core.request import ROUTE_KEY, ROUTE_KEYS
+from twistedproxy.core.request import ROUTE_KEY, ROUTE_KEYS, Request
 from twistedproxy.routes.build import compound_routes
+from twistedproxy.routes.hash import SLICE_KEYS
 from twistedproxy.routes.interface import IServedRoute
 from twistedproxy.routes.prefix import Branch, Node, compile_route, keyless, prefix_node, resolve
 
@@ -306,29 +308,41 @@ class FrontRoute:
                 self._slicing[request] = pool
                 return True
             return False
-        if not all(hasattr(pool, "server_set") for (pool, _), _ in targets):
-            refuse(request, codec.error_reply(request, "the keys of this request are in several routes"),
-                   "keys in several routes", dirty)
-            return False
         self._split(request, targets, codec, now, touched, dirty)
         return False
 
     def _split(self, request, targets, codec, now, touched, dirty) -> None:
-        """Place the keys of each (pool, prefix) group on that pool's servers; one fragment per server."""
+        """
+        One fragment per server of each (pool, prefix) group whose route is a
+        hash pool (its keys placed here); for a group whose route is of another
+        kind (failover, replicate ..., or a Redis Cluster pool), fragments that are multi-key requests
+        of their own, of at most C{SLICE_KEYS} keys each (that route splits
+        them again, and may resend them), merged into the reply like the others.
+        """
         keys = request.keys
         groups = []
         strips = []
-        sends = []
+        sends = []  # (pool, server or None for a part the pool dispatches itself, prefix)
         for (pool, prefix), indices in targets:
             cut = len(prefix) if prefix is not None else 0
-            for server, group in _grouped([(pool.server_for(keys[index][cut:]), index) for index in indices]):
-                groups.append(group)
-                strips.append(cut)
-                sends.append((pool, server, prefix))
+            # A cluster pool (routes/cluster.py) splits per slot and resends its parts itself.
+            if hasattr(pool, "server_for") and not hasattr(pool, "cluster"):
+                for server, group in _grouped([(pool.server_for(keys[index][cut:]), index) for index in indices]):
+                    groups.append(group)
+                    strips.append(cut)
+                    sends.append((pool, server, prefix))
+            else:
+                for start in range(0, len(indices), SLICE_KEYS):
+                    groups.append(indices[start:start + SLICE_KEYS])
+                    strips.append(cut)
+                    sends.append((pool, None, prefix))
         frames = codec.split(request, groups, strips)
         fragments = []
-        for frame, group, (pool, _, prefix) in zip(frames, groups, sends):
-            fragment = pool._fragment(request, frame, group)  # as the pool makes its own (resume hook too)
+        for frame, group, cut, (pool, server, prefix) in zip(frames, groups, strips, sends):
+            if server is None:
+                fragment = _part(request, frame, group, cut, codec)
+            else:
+                fragment = pool._fragment(request, frame, group)  # as the pool makes its own (resume hook too)
             fragment.prefix = prefix
             fragments.append(fragment)
         request.fragments = fragments
@@ -336,7 +350,10 @@ class FrontRoute:
         request.sent_at = now
         self.stats.fragments += len(fragments)
         for (pool, server, _), fragment in zip(sends, fragments):
-            pool.server_set.send(server, fragment, codec, now, touched, dirty)
+            if server is None:
+                pool.dispatch(fragment, codec, now, touched, dirty)  # at most SLICE_KEYS keys: never sliced
+            else:
+                pool.server_set.send(server, fragment, codec, now, touched, dirty)
 
     def dispatch_slice(self, request, codec, now: float, touched: list, dirty: list) -> bool:
         pool = self._slicing.get(request)
@@ -400,6 +417,23 @@ class FrontRoute:
 
     def stop(self) -> None:
         pass
+
+
+def _part(request, frame, indices, cut: int, codec) -> Request:
+    """
+    A fragment of C{request} carrying the keys at C{indices} (without their
+    first C{cut} bytes) as a multi-key request of its own, for a route that
+    places and splits it itself; its merged reply is its part of the whole.
+    """
+    keys = request.keys
+    part = Request(frame, request.command, route=ROUTE_KEYS, keys=[keys[i][cut:] for i in indices],
+                   data=codec.part_data(request, [keys[i] for i in indices]))
+    part.parent = request
+    part.key_indices = indices
+    part.received_at = request.received_at
+    part.resume = request.resume
+    part.internal = request.internal
+    return part
 
 
 def _grouped(pairs) -> list:
