@@ -448,3 +448,18 @@ def test_a_front_sends_a_tenants_requests_to_a_cluster_pool_which_follows_its_re
         backends[port].data.update({a1: b"X", a2: b"Y"})
         backends[port].answer()
     assert transport.value() == b"$1\r\nv\r\n*3\r\n$1\r\nX\r\n$1\r\nB\r\n$1\r\nY\r\n"
+
+
+def test_a_transaction_is_pinned_per_slot_and_a_second_slot_gets_crossslot():
+    h = Cluster(transaction_connections=2)
+    a = h.key_in(7001, "a")
+    b = h.key_in(7001, "b", avoid=(key_slot(a),))  # same node, another slot
+    h.send("MULTI")
+    h.send("SET", a, "1")
+    h.send("SET", b, "2")
+    h.send("EXEC")
+    pinned = h.accept()[7001]
+    assert pinned.pending()[-2:] == [[b"MULTI"], [b"SET", a, b"1"]]
+    h.feed(7001, b"+OK\r\n+QUEUED\r\n")
+    assert h.reply() == (b"+OK\r\n+QUEUED\r\n-CROSSSLOT Keys in request don't hash to the same slot\r\n"
+                         b"-EXECABORT Transaction discarded because of previous errors.\r\n")

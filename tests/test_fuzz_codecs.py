@@ -289,6 +289,71 @@ def test_redis_replies_frame_the_same_in_any_reads(data):
     replies_frame_alike(data, REDIS_REPLY, redis.codec)
 
 
+# RESP3 replies (what backend connections of RESP3 clients carry): every type
+# Redis 7 may send, attributes before a reply or an element included.
+_RESP3_LEAVES = st.one_of(
+    _RESP_LEAVES,
+    st.sampled_from([b",inf\r\n", b",-inf\r\n", b",nan\r\n", b",-1.5e-10\r\n", b",0\r\n", b"#f\r\n"]),
+    st.integers(-(2**200), 2**200).map(lambda n: b"(%d\r\n" % n),
+    st.binary(max_size=20).map(lambda s: b"=%d\r\nmkd:%s\r\n" % (len(s) + 4, s)),
+)
+
+
+def _resp3_aggregate(children):
+    return st.one_of(
+        _aggregate(children),
+        st.tuples(st.lists(st.tuples(children, children), max_size=2), children).map(
+            lambda both: b"|%d\r\n" % len(both[0]) + b"".join(a + b for a, b in both[0]) + both[1]
+        ),
+    )
+
+
+RESP3_REPLY = st.recursive(_RESP3_LEAVES, _resp3_aggregate, max_leaves=10)
+
+
+@fuzz
+@given(st.data())
+def test_resp3_replies_frame_the_same_in_any_reads(data):
+    replies_frame_alike(data, RESP3_REPLY, redis.codec)
+
+
+def _protocols(parser, reads: list) -> list:
+    """
+    The protocol each request framed from C{reads} is sent in, as the core
+    reads it (the batch's codec, then each switching request's).
+    """
+    out = []
+    for data in reads:
+        try:
+            requests = parser.feed(data)
+        except ProtocolError as e:
+            requests = e.requests
+        protocol = parser.codec.protocol
+        for request in requests:
+            if request.switch_to is not None:
+                protocol = request.switch_to.protocol
+            out.append(protocol)
+    return out
+
+
+@fuzz
+@given(st.data())
+def test_redis_protocol_switches_fall_alike_in_any_reads(data):
+    """HELLO 2 and 3 among requests: each request's protocol is the same whole or cut, and the last good HELLO's."""
+    stream, _, config = data.draw(redis_requests())
+    reads = data.draw(cuts(stream))
+    whole = redis.codec.request_parser(config)
+    requests, _ = frame_all(whole, [stream])
+    protocols = _protocols(redis.codec.request_parser(config), [stream])
+    assert _protocols(redis.codec.request_parser(config), reads) == protocols
+    expected = 2
+    for request, protocol in zip(requests, protocols):
+        reply = request[5] if request[1] == b"hello" else None
+        if reply is not None and reply[:1] in (b"%", b"*"):  # a HELLO that succeeded
+            expected = 3 if reply[:1] == b"%" else 2
+        assert protocol == expected
+
+
 # -- memcached text and meta --------------------------------------------------------
 
 MC_KEYS = st.binary(min_size=1, max_size=16).map(lambda b: bytes(33 + c % 94 for c in b))

@@ -87,7 +87,7 @@ def _refusing_supported() -> bool:
 
 @pytest.mark.skipif(not _refusing_supported(), reason="this Redis codec keeps no refused-transaction state")
 def test_a_refused_transaction_stays_refused_after_adoption():
-    h = Harness()
+    h = Harness(transaction_connections=0)  # transactions off: MULTI is refused
     client, transport = h.client()
     client.dataReceived(cmd(b"MULTI"))
     assert transport.value().startswith(b"-ERR")

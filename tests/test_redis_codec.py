@@ -425,7 +425,7 @@ def test_unsupported_commands_are_answered_locally():
              "BZPOPMIN", "CONFIG", "FLUSHALL", "flushdb", "DEBUG", "SHUTDOWN", "CLIENT", "INFO",
              "SELECT", "WAIT", "MONITOR", "SAVE", "RENAME", "MSETNX", "SCRIPT", "XREAD"]
     for name in names:
-        request = only(cmd(name, "x", "y"))
+        request = only(cmd(name, "x", "y"), transaction_connections=0)  # MULTI, EXEC: transactions off
         assert request.route == ROUTE_LOCAL
         assert request.command == name.lower().encode()
         assert request.reply == b"-ERR unsupported command '%s'\r\n" % name.encode()
@@ -503,7 +503,7 @@ IN_REFUSED_MULTI = b"-ERR MULTI is not supported by the proxy: command refused i
 
 
 def test_a_refused_multi_refuses_every_command_until_exec_or_discard():
-    parser = codec.request_parser(pool())
+    parser = codec.request_parser(pool(transaction_connections=0))  # transactions off
     inside = cmd("SET", "k", "1") + cmd("INCR", "k") + cmd("MGET", "a", "b") + cmd("PING") + b"GET k\r\n" + cmd("MULTI")
     requests = parser.feed(cmd("GET", "a") + cmd("MULTI") + inside + cmd("DISCARD") + cmd("GET", "k"))
     assert requests[0].route == ROUTE_KEY
@@ -527,13 +527,13 @@ def test_a_refused_multi_refuses_every_command_until_exec_or_discard():
 
 
 def test_quit_inside_a_refused_multi_closes():
-    requests = parse(cmd("MULTI") + cmd("SET", "k", "1") + cmd("QUIT"))
+    requests = parse(cmd("MULTI") + cmd("SET", "k", "1") + cmd("QUIT"), transaction_connections=0)
     assert requests[1].reply == IN_REFUSED_MULTI
     assert requests[2].reply == b"+OK\r\n" and requests[2].close_after
 
 
 def test_multi_with_arguments_is_refused_without_a_transaction():
-    requests = parse(cmd("MULTI", "x") + cmd("GET", "k"))
+    requests = parse(cmd("MULTI", "x") + cmd("GET", "k"), transaction_connections=0)
     assert requests[0].reply == b"-ERR unsupported command 'MULTI'\r\n"
     assert requests[1].route == ROUTE_KEY
 
@@ -671,6 +671,22 @@ REPLIES = [
     b"!5\r\nERR x\r\n",
     b"%2\r\n+a\r\n:1\r\n+b\r\n*1\r\n:2\r\n",
     b"~2\r\n:1\r\n:2\r\n",
+    # RESP3, every type a RESP3 client's backend connections may carry (see test_resp3.py)
+    b",-inf\r\n",
+    b",nan\r\n",
+    b"#f\r\n",
+    b"(-12345678901234567890123\r\n",
+    b"=4\r\ntxt:\r\n",
+    b"!21\r\nSYNTAX invalid syntax\r\n",
+    b"!0\r\n\r\n",
+    b"%0\r\n",
+    b"%2\r\n$5\r\nfirst\r\n:1\r\n$6\r\nsecond\r\n%1\r\n+in\r\n_\r\n",
+    b"~0\r\n",
+    b"~3\r\n+a\r\n,1.5\r\n~1\r\n#f\r\n",
+    b"|1\r\n+key-popularity\r\n%2\r\n$1\r\na\r\n,0.19\r\n$1\r\nb\r\n,0.05\r\n*2\r\n:2039123\r\n:9543892\r\n",  # attribute
+    b"|0\r\n:7\r\n",
+    b"*3\r\n:1\r\n|1\r\n+ttl\r\n:3600\r\n$1\r\nv\r\n_\r\n",  # an attribute on an element
+    b"*2\r\n%1\r\n=5\r\ntxt:x\r\n(1\r\n~1\r\n!3\r\nERR\r\n",
 ]
 
 
@@ -759,6 +775,10 @@ def test_reply_buffered_counts_partial_and_extra_bytes():
         b"*2\r\n:1\r\n@\r\n",
         b"*1\r\n$2\r\nabc\r\n",
         b">2\r\n+a\r\n+b\r\n",
+        b"*1\r\n>1\r\n+a\r\n",  # a push answers no request, even inside a reply
+        b"|-1\r\n:1\r\n",
+        b"%x\r\n",
+        b"=x\r\n",
     ],
 )
 def test_bad_replies(data):
@@ -796,11 +816,12 @@ def _hello_reply(*args):
     return request.reply
 
 
-def test_hello_2_is_answered_locally_and_3_refused():
-    """redis-py 8 and other RESP3-first clients fall back when HELLO 3 is refused."""
+def test_hello_is_answered_locally_and_other_versions_refused():
+    """HELLO 2 and 3 get Redis's server map (RESP3's is a map: see test_resp3.py); 4 gets NOPROTO."""
     assert _hello_reply().startswith(b"*14\r\n$6\r\nserver\r\n$12\r\ntwistedproxy\r\n")
     assert b":2\r\n" in _hello_reply(b"2")
-    assert _hello_reply(b"3").startswith(b"-NOPROTO ")
+    assert _hello_reply(b"3").startswith(b"%7\r\n$6\r\nserver\r\n$12\r\ntwistedproxy\r\n")
+    assert _hello_reply(b"4").startswith(b"-NOPROTO ")
     assert _hello_reply(b"x").startswith(b"-ERR Protocol version")
     assert _hello_reply(b"2" * 5000).startswith(b"-ERR Protocol version")  # no ValueError out of int()
     assert _hello_reply(b"2", b"AUTH", b"default", b"bad") == b"-ERR invalid password\r\n"

@@ -92,8 +92,9 @@ def cluster(spawn, redis_backends):
 
 def connect(port: int, **kwargs) -> redis.Redis:
     """
-    A redis-py client.  RESP2 explicitly: redis-py 8 defaults to RESP3 (HELLO 3),
-    which twemproxy and this proxy do not speak (backend connections are shared).
+    A redis-py client.  RESP2 explicitly (redis-py 8 defaults to RESP3, HELLO 3):
+    the replies these tests expect are RESP2's; RESP3 clients have
+    tests/test_resp3_proxy.py.
     """
     kwargs.setdefault("socket_timeout", 10)
     kwargs.setdefault("protocol", 2)

@@ -134,7 +134,7 @@ def test_commands_inside_a_refused_multi_never_run(spawn, redis_backends):
     import redis
 
     backends = redis_backends(2)
-    port, _, proc = start(spawn, [b.port for b in backends])
+    port, _, proc = start(spawn, [b.port for b in backends], transaction_connections=0)  # transactions off
     data = cmd("MULTI") + cmd("SET", "k", "1") + cmd("INCR", "k") + cmd("DISCARD") + cmd("GET", "k")
     assert half_closed_exchange(port, data) == (
         b"-ERR unsupported command 'MULTI'\r\n" + IN_REFUSED_MULTI * 2 + b"+OK\r\n" + b"$-1\r\n"

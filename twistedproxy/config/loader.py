@@ -395,6 +395,12 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             "twistedproxy: a larger request is refused as a protocol error."),
     KeySpec("client_max_pending", Integer(1),
             "twistedproxy: requests in flight per client before the proxy stops reading from it."),
+    KeySpec("transaction_connections", Integer(0),
+            "twistedproxy: Redis pools: connections to each server that clients in a transaction"
+            " hold at once, each client one of its own from its WATCH or MULTI to its EXEC, DISCARD"
+            " or UNWATCH (see Transactions); past it WATCH and MULTI get an error. Per worker"
+            " process under a master. 0 refuses transactions (MULTI gets an error, and every command"
+            " up to EXEC or DISCARD)."),
     KeySpec("route", RouteValue(),
             "twistedproxy: instead of servers, where the pool's requests go: another pool by name"
             " (a pool with no listen of its own is reached only this way), or failover, replicate,"
@@ -421,7 +427,8 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
 # its routes' pools do.
 SERVER_KEYS = ("servers", "hash", "hash_tag", "distribution", "timeout", "preconnect", "redis_auth",
                "redis_db", "server_connections", "auto_eject_hosts", "server_retry_timeout",
-               "server_failure_limit", "tcpkeepalive", "redis_cluster", "cluster_refresh_interval", "read_from")
+               "server_failure_limit", "tcpkeepalive", "transaction_connections", "redis_cluster",
+               "cluster_refresh_interval", "read_from")
 # Keys of a twemproxy pool's hash placement, which a cluster pool does not use.
 CLUSTER_UNUSED_KEYS = ("hash", "hash_tag", "distribution", "auto_eject_hosts", "server_failure_limit",
                        "server_retry_timeout")

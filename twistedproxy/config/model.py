@@ -102,6 +102,7 @@ class PoolConfig:
     # twistedproxy extensions (not in twemproxy; optional in the YAML)
     max_request_bytes: int = 512 * 1024 * 1024  # a larger frame is a protocol error
     client_max_pending: int = 4096  # requests in flight per client before reading pauses
+    transaction_connections: int = 16  # per server: clients pinned there at once (0: no transactions)
     route: Optional[RouteSpec] = None  # a front: where requests go instead of servers
     tenants: Tuple[TenantSpec, ...] = ()  # a front shared by tenants: each with its route
     redis_cluster: bool = False  # servers are seed nodes of a Redis Cluster (routes/cluster.py)

@@ -70,6 +70,7 @@ class ClientConnection(Protocol):
         self.paused_for_queue = False
         self.paused_for_writes = False
         self.held = deque()  # parsed requests waiting for room in the dispatch window
+        self.held_codec = None  # the codec of the oldest held request (see _hold)
         self.outstanding = 0  # requests dispatched and not yet written to the client
         self.slicing = None  # the request being sent in slices (heads the held queue meanwhile)
         self.slice_call = None
@@ -119,11 +120,18 @@ class ClientConnection(Protocol):
             queue.append(request)
             if request.route != ROUTE_LOCAL:
                 if self.held or self.paused_for_writes or self.outstanding >= DISPATCH_WINDOW:
-                    self.held.append(request)
+                    self._hold(request, codec)
                 else:
                     self.outstanding += 1
                     if route.dispatch(request, codec, now, touched, dirty):
-                        self._slice(request)
+                        self._slice(request, codec)
+            elif request.switch_to is not None:
+                # The client's later requests speak another codec (Redis HELLO 3),
+                # on other backend connections: they wait until every request
+                # before the switch is answered, so none overtakes an earlier one.
+                if self.held or self.outstanding:
+                    self._hold(request, codec)
+                codec = request.switch_to
             if request.close_after:
                 self.quitting = self.quit = True
                 break
@@ -165,6 +173,7 @@ class ClientConnection(Protocol):
             self.write(out[0] if len(out) == 1 else b"".join(out))
         if close or (self.read_closed and not queue):
             self.closed = True
+            self.held.clear()  # at most switches of codec (see dataReceived), with no request after them
             self.transport.loseConnection()
             return
         if self.paused_for_queue and len(queue) <= self.max_pending // 2:
@@ -180,15 +189,21 @@ class ClientConnection(Protocol):
             return  # they wait behind the request being sent in slices
         held = self.held
         route = self.route
-        codec = self.parser.codec
+        codec = self.held_codec
         now = route.reactor.seconds()
         touched = []
         dirty = []
         while held and self.outstanding < DISPATCH_WINDOW:
-            self.outstanding += 1
             request = held.popleft()
+            if request.route == ROUTE_LOCAL:  # a switch of codec (see dataReceived), answered already
+                if self.outstanding:
+                    held.appendleft(request)  # the requests before it are not all answered yet
+                    break
+                codec = self.held_codec = request.switch_to
+                continue
+            self.outstanding += 1
             if route.dispatch(request, codec, now, touched, dirty):
-                self._slice(request)
+                self._slice(request, codec)
                 break
         route.flusher.add(touched)
         flush_clients(dirty)
@@ -206,9 +221,16 @@ class ClientConnection(Protocol):
 
     def writeConnectionLost(self):
         pass  # the proxy never half-closes its own side
-    def _slice(self, request):
+    def _hold(self, request, codec):
+        """Keep C{request} (framed by C{codec}) for when the dispatch window has room."""
+        if not self.held:
+            self.held_codec = codec
+        self.held.append(request)
+
+    def _slice(self, request, codec):
         """Send the rest of C{request} a slice per reactor turn; later requests are held meanwhile."""
         self.slicing = request
+        self.held_codec = codec
         self.held.appendleft(request)  # non-empty held queue: the next requests queue behind
         self.slice_call = self.route.reactor.callLater(0, self._next_slice)
 
@@ -218,7 +240,7 @@ class ClientConnection(Protocol):
         route = self.route  # a reload may have moved this client to the pool's new version
         touched = []
         dirty = []
-        done = route.dispatch_slice(request, self.parser.codec, route.reactor.seconds(), touched, dirty)
+        done = route.dispatch_slice(request, self.held_codec, route.reactor.seconds(), touched, dirty)
         route.flusher.add(touched)
         if done:
             self.slicing = None

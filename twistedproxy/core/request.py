@@ -20,6 +20,23 @@ ROUTE_KEYS = 1  # several keys: split per server (codec.split), merged (codec.me
 ROUTE_ALL = 2  # every server of the pool gets request.frame; replies merged (codec.merge)
 ROUTE_LOCAL = 3  # the proxy answers itself: request.reply is already set
 ROUTE_ANY = 4  # no key, but a backend must answer: any one live server
+# Part of a client's session (a Redis transaction: WATCH ... MULTI ... EXEC):
+# the route's sessions (L{twistedproxy.routes.sessions}) pin it to one backend
+# connection of the client's own.  C{request.data} is C{(op, route, data)}: one
+# of the SESSION_* operations below, and the route and data the request had
+# outside a session (keys stay in C{key} / C{keys}).
+ROUTE_SESSION = 5
+
+# Session operations (the first item of a ROUTE_SESSION request's data).
+SESSION_WATCH = 0  # watch request.keys: pins the session to their server (or slot)
+SESSION_MULTI = 1  # start queueing, no watch before
+SESSION_MULTI_WATCHED = 2  # start queueing after watching: the watch must still hold
+SESSION_QUEUED = 3  # a command between MULTI and EXEC: sent to the pinned connection
+SESSION_REFUSED = 4  # a command between MULTI and EXEC the proxy refused itself (request.reply): aborts it
+SESSION_WATCHING = 5  # a command between WATCH and MULTI: pinned if its keys are there, else routed as usual
+SESSION_EXEC = 6  # ends the session: run what was queued
+SESSION_DISCARD = 7  # ends the session: drop what was queued
+SESSION_UNWATCH = 8  # ends a session that only watched
 
 # What a backend reply means for its request (ICodec.classify_reply).  Only a
 # route that set Request.resume asks; for every other request a reply is final.
@@ -120,6 +137,11 @@ class Request:
         "tenant",
     )
 
+    # Set on the requests L{switching} makes: the codec that frames the
+    # client's requests after this one.  A class attribute, so plain requests
+    # pay nothing for it.
+    switch_to = None
+
     def __init__(
         self,
         frame: bytes,
@@ -184,6 +206,21 @@ def stand_in(request) -> Request:
 def local(command: bytes, reply: bytes, close_after: bool = False) -> Request:
     """A request the proxy answers itself with C{reply}."""
     return Request(b"", command, route=ROUTE_LOCAL, reply=reply, close_after=close_after)
+
+
+class _Switch(Request):
+    __slots__ = ("switch_to",)
+
+
+def switching(command: bytes, reply: bytes, codec) -> Request:
+    """
+    A request the proxy answers itself with C{reply}, after which its client's
+    requests speak C{codec} (Redis C{HELLO 3}).  The requests before it keep
+    the codec they were framed with, even when they wait to be sent.
+    """
+    request = _Switch(b"", command, route=ROUTE_LOCAL, reply=reply)
+    request.switch_to = codec
+    return request
 
 
 def keys_of(request) -> list:

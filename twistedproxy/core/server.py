@@ -53,6 +53,7 @@ class ServerConnection(Protocol):
         self.closing_when_idle = False
         self.timer = None
         self.timeout = server.pool.timeout  # seconds or None
+        self.pinned = False  # one client's own (L{twistedproxy.core.servers.Server.pin})
         now = reactor.seconds()
         requests = codec.handshake(server.pool.config)
         for extra in server.pool.handshake_extra:

@@ -73,6 +73,9 @@ class Server:
         self.probing = None  # the probe connection of an ejected server, while one runs
         self.probe_waiters = []  # called with True/False when the running probe ends
         self.stats = pool.stats.server(self.label)
+        # Connections of a client's own (transactions: L{pin}), busy or idle; never round-robin.
+        self.pinned = set()
+        self.idle_pinned = []
 
     def connection(self, codec):
         """A connection for C{codec}: round-robin over C{server_connections}, made on demand."""
@@ -88,6 +91,41 @@ class Server:
             return conn
         self.next_connection += 1
         return conns[self.next_connection % count]
+
+    def pin(self, codec):
+        """
+        A connection for one client alone (its transaction), or None when the
+        server has C{transaction_connections} of them open already.  An idle one
+        (a transaction ended cleanly on it) is taken first.
+        """
+        idle = self.idle_pinned
+        for i in range(len(idle) - 1, -1, -1):
+            conn = idle[i]
+            if conn.codec is codec and not conn.closed:
+                del idle[i]
+                return conn
+        if len(self.pinned) >= self.pool.config.transaction_connections:
+            if not idle:
+                return None
+            idle.pop(0).close()  # an idle one of another codec makes room
+        conn = self._connect(codec)
+        conn.pinned = True
+        self.pinned.add(conn)
+        return conn
+
+    def has_room_to_pin(self) -> bool:
+        """Whether L{pin} would give a connection now."""
+        return bool(self.idle_pinned) or len(self.pinned) < self.pool.config.transaction_connections
+
+    def unpin(self, conn, clean: bool) -> None:
+        """
+        Its client's transaction ended: keep C{conn} for the next one when it is
+        C{clean} (nothing in flight, no state left on the backend), else close it.
+        """
+        if clean and not conn.closed and conn in self.pinned and not self.pool.closing and not self.ejected:
+            self.idle_pinned.append(conn)
+        else:
+            conn.close()
 
     def _connect(self, codec, probe=False):
         pool = self.pool
@@ -114,6 +152,12 @@ class Server:
         conns = self.connections.get(conn.codec)
         if conns is not None and conn in conns:
             conns.remove(conn)
+        if conn.pinned:
+            self.pinned.discard(conn)
+            if conn in self.idle_pinned:
+                self.idle_pinned.remove(conn)
+            if conn.closed:
+                return  # the proxy let a transaction's connection go: no failure of the server
         if not conn.closed:  # a close the proxy asked for is neither server_eof nor server_err
             self.stats.connection_lost(reason)
         if conn is self.probing:
@@ -264,6 +308,8 @@ class Server:
             for conn in list(conns):
                 conn.close()
         self.connections = {}
+        for conn in list(self.pinned):
+            conn.close()
 
     def stop(self) -> None:
         if self.retry_call is not None and self.retry_call.active():
@@ -341,11 +387,10 @@ class ServerSet:
         self.config = config
         self.timeout = timeout = config.timeout / 1000.0 if config.timeout is not None else None
         for server in self.servers:
-            for conns in server.connections.values():
-                for conn in conns:
-                    conn.timeout = timeout
-                    if timeout is None:
-                        conn._cancel_timer()
+            for conn in [conn for conns in server.connections.values() for conn in conns] + list(server.pinned):
+                conn.timeout = timeout
+                if timeout is None:
+                    conn._cancel_timer()
 
     def start(self) -> None:
         """Open backend connections now if the pool asks for C{preconnect}."""
@@ -367,6 +412,8 @@ class ServerSet:
             for conns in server.connections.values():
                 for conn in conns:
                     conn.close_when_idle()
+            for conn in list(server.pinned):
+                conn.close_when_idle()
 
     def stop(self) -> None:
         """Close every backend connection; requests in flight get error replies."""

@@ -32,8 +32,9 @@ def needed_files(config):
     for pool in config.pools:
         if not pool.client_connections:
             return None
-        # A memcached pool may hold text and binary connections to each server.
-        codecs = 1 if pool.redis else 2
+        # A memcached pool may hold text and binary connections to each server,
+        # a Redis pool RESP2 and RESP3 ones.
+        codecs = 2
         total += 1 + pool.client_connections + len(pool.servers) * pool.server_connections * codecs
     return total
 

@@ -28,7 +28,10 @@ class IRequestParser(Interface):
     codec = Attribute(
         "The ICodec that framed the requests.  A sniffing parser (memcached text or "
         "binary on one port) sets it once the first byte has been seen; the core reads "
-        "it after each feed()."
+        "it after each feed(): it framed the batch's first request.  A parser whose "
+        "client changes protocol mid-stream (Redis HELLO 3) returns a switching request "
+        "(twistedproxy.core.request.switching) whose switch_to frames the requests after "
+        "it, and starts its next batch with that codec."
     )
 
     def feed(data: bytes) -> list:
@@ -303,5 +306,25 @@ class ISlotCluster(Interface):
     def readonly_request():
         """The internal request that lets a replica connection serve reads (sent on every new connection)."""
 
+    def cross_slot_reply(request) -> bytes:
+        """The cluster's own error reply to C{request}, whose keys (in a transaction) span slots."""
+
     def is_read(request) -> bool:
         """Whether C{request} only reads (a replica may answer it)."""
+
+
+class ISessionCodec(Interface):
+    """
+    What a route's sessions (L{twistedproxy.routes.sessions}: transactions on a
+    connection of the client's own) ask of a protocol whose parser makes
+    ROUTE_SESSION requests; Redis's codec provides it.
+    """
+
+    def session_reply(request) -> bytes:
+        """
+        The reply the proxy gives itself to the ROUTE_SESSION C{request} when it
+        does not send it (L{twistedproxy.core.request}'s SESSION_* operation in
+        its data): MULTI's +OK before the server is known, +QUEUED for a
+        command queued in a transaction already refused, EXECABORT for the EXEC
+        of such a transaction, +OK for a DISCARD or UNWATCH with nothing to undo.
+        """

@@ -1,5 +1,7 @@
 """
-The Redis wire protocol (RESP2) as an L{ICodec}: the module-level L{codec}.
+The Redis wire protocol as an L{ICodec}: the module-level L{codec}.  Its
+backend connections speak RESP2; clients that send C{HELLO 3} switch to its
+RESP3 variant (L{twistedproxy.protocols.resp3}).
 
 Requests are multibulk frames (C{*N\\r\\n$len\\r\\narg\\r\\n...}) or inline lines
 (C{GET key\\r\\n}, as typed into telnet); inline commands are rewritten as
@@ -18,10 +20,9 @@ import hmac
 
 from zope.interface import implementer
 
-from twistedproxy._version import __version__
-from twistedproxy.core.request import REPLY_FINAL, REPLY_REDIRECT, REPLY_RETRY, ROUTE_ANY, ROUTE_KEYS, ProtocolError, Request, local
-from twistedproxy.protocols import WARMUP_KEYS, redis_commands as commands
-from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser
+from twistedproxy.core.request import REPLY_FINAL, REPLY_REDIRECT, REPLY_RETRY, ROUTE_ANY, ROUTE_KEYS, ProtocolError, Request, local, switching
+from twistedproxy.protocols import WARMUP_KEYS, redis_commands as commands, redis_transactions as transactions, resp3
+from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser, ISessionCodec
 
 # Redis's own limit for an inline command and for the length line of a
 # multibulk or bulk header (PROTO_INLINE_MAX_SIZE).
@@ -48,12 +49,8 @@ _BAD_PROTOVER = b"-ERR Protocol version is not an integer or out of range\r\n"
 # Between a refused MULTI and its EXEC or DISCARD (see RedisRequestParser._refused).
 _IN_REFUSED_MULTI = b"-ERR MULTI is not supported by the proxy: command refused inside the refused transaction\r\n"
 _EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
-# HELLO 2's map, as a flat RESP2 array like Redis sends it.
-_HELLO_REPLY = (
-    b"*14\r\n$6\r\nserver\r\n$12\r\ntwistedproxy\r\n$7\r\nversion\r\n$%d\r\n%s\r\n"
-    b"$5\r\nproto\r\n:2\r\n$2\r\nid\r\n:0\r\n$4\r\nmode\r\n$5\r\nproxy\r\n"
-    b"$4\r\nrole\r\n$6\r\nmaster\r\n$7\r\nmodules\r\n*0\r\n"
-) % (len(__version__), __version__.encode())
+# HELLO's reply per protocol version: RESP2's flat array, RESP3's map.
+_HELLO_REPLIES = {protocol: resp3.hello_reply(protocol) for protocol in resp3.PROTOCOLS}
 
 _KEY = commands.KEY
 _MULTI = commands.MULTI
@@ -65,6 +62,7 @@ _QUIT = commands.QUIT
 _AUTH = commands.AUTH
 _HELLO = commands.HELLO
 _UNSUPPORTED = commands.UNSUPPORTED
+_TRANSACTION = commands.TRANSACTION
 
 
 def _protocol_error(message: bytes, requests: list) -> ProtocolError:
@@ -199,17 +197,23 @@ def split_quoted(line: bytes):
 class RedisRequestParser:
     """
     Frames one client connection's requests.  Also holds the connection's
-    state the proxy answers for itself: AUTH, and a refused transaction.
+    state the proxy answers for itself: AUTH, and where it is in a transaction.
 
-    Transactions are not supported, yet a client that sends MULTI and then
-    commands expects none of them to run unless EXEC succeeds.  So a refused
-    MULTI leaves the connection refusing: every command up to EXEC or DISCARD
-    gets an error and reaches no backend; EXEC answers EXECABORT (what Redis
-    says when a queued command failed), DISCARD answers +OK.
+    Transactions (L{twistedproxy.protocols.redis_transactions}) make session
+    requests while the client is inside one.  Where they are off
+    (C{transaction_connections: 0}, a front), a client that sends MULTI and
+    then commands still expects none of them to run unless EXEC succeeds.  So
+    a refused MULTI leaves the connection refusing: every command up to EXEC
+    or DISCARD gets an error and reaches no backend; EXEC answers EXECABORT
+    (what Redis says when a queued command failed), DISCARD answers +OK.
     """
 
     def __init__(self, pool_config, codec):
-        self.codec = codec
+        # `codec` frames the requests of the last batch fed from its first one
+        # on; a HELLO that changes the protocol is a switching request and
+        # the next batch starts with the new codec (_speaking).
+        self.codec = self._speaking = codec
+        self._codecs = {2: codec, 3: resp3.resp3_of(codec)}
         self._max_request_bytes = pool_config.max_request_bytes
         self._commands = commands.CLUSTER_COMMANDS if getattr(pool_config, "redis_cluster", False) else commands.COMMANDS
         password = pool_config.redis_auth
@@ -223,6 +227,10 @@ class RedisRequestParser:
         self.tenant = None
         self._closed = False  # after QUIT: ignore whatever follows
         self._refusing = False  # after a refused MULTI, until EXEC or DISCARD
+        # Transactions pin a client to a connection of its own (redis_transactions):
+        # whether this pool has them, and where this client is (WATCHING, IN_MULTI, or 0).
+        self._transactions = pool_config.transaction_connections > 0 and not pool_config.is_front
+        self._txn = 0
         # Bytes not parsed yet: the first starts at a frame boundary, or inside a
         # frame at an argument boundary when _partial is set.
         self._chunks = []
@@ -235,6 +243,7 @@ class RedisRequestParser:
     def feed(self, data: bytes) -> list:
         if self._closed:
             return []
+        self.codec = self._speaking
         if self._chunks:
             self._chunks.append(data)
             self._size += len(data)
@@ -264,8 +273,9 @@ class RedisRequestParser:
         return out
 
     # The connection's own state that a hand-off to another worker carries
-    # (attribute names; the values are JSON-safe): AUTH done, inside a refused MULTI.
-    _CARRIED = ("_locked", "_refusing")
+    # (attribute names; the values are JSON-safe): AUTH done, inside a refused MULTI,
+    # inside a transaction (whose connection stays behind: the new worker aborts it).
+    _CARRIED = ("_locked", "_refusing", "_txn")
 
     def use_users(self, users, locked: bool = True) -> None:
         """
@@ -280,6 +290,7 @@ class RedisRequestParser:
     def state(self) -> dict:
         """This connection's state, for L{restore} in another worker."""
         state = {name: getattr(self, name) for name in self._CARRIED if hasattr(self, name)}
+        state["protocol"] = self._speaking.protocol
         if self.user is not None:
             state["user"] = self.user.decode("latin-1")
         return state
@@ -289,6 +300,7 @@ class RedisRequestParser:
         for name in self._CARRIED:
             if name in state:
                 setattr(self, name, state[name])
+        self.codec = self._speaking = self._codecs.get(state.get("protocol"), self._speaking)
         if self._users is not None:
             user = state.get("user")
             self._locked = not (user and self._users.resume(self, user.encode("latin-1")))
@@ -311,7 +323,7 @@ class RedisRequestParser:
         lookup = self._commands.get
         max_bytes = self._max_request_bytes
         key_kind = _KEY
-        locked = self._locked or self._refusing  # every command goes through _dispatch
+        locked = self._locked or self._refusing or self._txn  # every command goes through _dispatch
         partial = self._partial
         self._partial = None
         while True:
@@ -334,7 +346,7 @@ class RedisRequestParser:
                         if request.close_after:
                             self._closed = True
                             return pos
-                        locked = self._locked or self._refusing
+                        locked = self._locked or self._refusing or self._txn
                     continue
                 if pos + 4 <= blen and buf[pos + 2] == 13 and buf[pos + 3] == 10 and 49 <= buf[pos + 1] <= 57:
                     nargs = buf[pos + 1] - 48  # fast path: *N\r\n
@@ -440,7 +452,7 @@ class RedisRequestParser:
                 if request.close_after:
                     self._closed = True
                     return pos
-                locked = self._locked or self._refusing
+                locked = self._locked or self._refusing or self._txn
                 continue
             # Cut short inside the frame: keep what was scanned, wait for `need` bytes
             # (refused at once when the frame would outgrow the limit).
@@ -472,15 +484,21 @@ class RedisRequestParser:
         entry = lookup(name) or lookup(name.lower()) or commands.UNKNOWN
         return self._dispatch(entry, args, len(args), None)
 
-    def _dispatch(self, entry, args, nargs, frame):
+    def _dispatch(self, entry, args, nargs, frame, plain=False):
         """
         The request for one complete command: C{args} holds at least the first
         C{entry}'s collect arguments, C{frame} is the raw frame (None for an
-        inline command: built here if the command is forwarded).
+        inline command: built here if the command is forwarded).  Inside a
+        transaction it is L{transactions.request}'s to make, which asks for the
+        C{plain} request (the one outside a transaction) here.
         """
         name, kind, min_args, max_args, key_index, _ = entry
         if self._refusing and kind != _QUIT:
             return self._refused(name)
+        if (self._txn or kind == _TRANSACTION) and not plain:
+            if self._txn or self._transactions:  # the transaction's own path (redis_transactions)
+                return transactions.request(self, entry, args, nargs, frame if frame is not None else multibulk(args))
+            kind = _UNSUPPORTED  # transactions off: refused as before
         if kind == _UNSUPPORTED:
             if name == b"multi" and nargs == 1:
                 self._refusing = True
@@ -492,7 +510,7 @@ class RedisRequestParser:
         if kind == _QUIT:
             return local(name, _OK, close_after=True)
         if kind == _HELLO:
-            return local(name, self._hello(args))
+            return self._hello(name, args)
         if self._locked:
             return local(name, self._noauth)
         if kind == _PING:
@@ -543,29 +561,36 @@ class RedisRequestParser:
             return local(name, _OK)
         return local(name, _IN_REFUSED_MULTI)
 
-    def _hello(self, args) -> bytes:
+    def _hello(self, name, args):
         """
-        C{HELLO [protover [AUTH user pass] [SETNAME name]]}: the proxy speaks
-        RESP2 only, so version 3 gets NOPROTO (clients then stay on RESP2) and
-        version 2 gets Redis's server map as a flat array.
+        C{HELLO [protover [AUTH user pass] [SETNAME name]]}: Redis's server
+        map, in the protocol asked for (2 or 3, else NOPROTO) or, without a
+        version, in the connection's own.  A change of protocol is a
+        switching request: the requests after it speak the other codec
+        (L{twistedproxy.protocols.resp3}).  A HELLO that fails changes nothing.
         """
+        protocol = self._speaking.protocol
         if len(args) > 1:
             version = args[1]
             if not version.isdigit() or len(version) > 19:  # past a long long, as in Redis
-                return _BAD_PROTOVER
-            if int(version) != 2:
-                return _NOPROTO
+                return local(name, _BAD_PROTOVER)
+            protocol = int(version)
+            if protocol not in self._codecs:
+                return local(name, _NOPROTO)
         options = [a.lower() for a in args[2:]]
         if b"auth" in options:
             at = 2 + options.index(b"auth")
             if at + 2 >= len(args):
-                return b"-ERR Syntax error in HELLO option 'auth'\r\n"
+                return local(name, b"-ERR Syntax error in HELLO option 'auth'\r\n")
             reply = self._auth([b"auth", args[at + 1], args[at + 2]])
             if reply != _OK:
-                return reply
+                return local(name, reply)
         if self._locked:
-            return self._noauth
-        return _HELLO_REPLY
+            return local(name, self._noauth)
+        if protocol == self._speaking.protocol:
+            return local(name, _HELLO_REPLIES[protocol])
+        self._speaking = self._codecs[protocol]
+        return switching(name, _HELLO_REPLIES[protocol], self._speaking)
 
     def _auth(self, args) -> bytes:
         """Check an AUTH C{[username] password} and (un)lock the connection (as twemproxy)."""
@@ -601,11 +626,16 @@ class RedisRequestParser:
 
 # Reply type bytes: one line; a length line then that many bytes; a count line
 # then that many nested replies (maps: twice that many).  The RESP3 types are
-# accepted too, except push and attribute replies, which are not one reply per request.
+# accepted too: an attribute's pairs are framed with the reply they precede
+# (2N + 1 nested replies).  A push answers no request: on a shared connection
+# it breaks the one-reply-per-request order, so it is a protocol error (the
+# commands that ask for pushes are refused: see twistedproxy.protocols.resp3).
 _LINE_TYPES = frozenset(b"+-:_,#(")
 _BULK_TYPES = frozenset(b"$=!")
 _AGGREGATE_TYPES = frozenset(b"*~")
 _MAP = ord("%")
+_ATTRIBUTE = ord("|")
+_PUSH = ord(">")
 
 
 @implementer(IReplyParser)
@@ -711,14 +741,19 @@ class RedisReplyParser:
                         p = nl + 2
                     else:
                         raise ProtocolError(b"", message="bad bulk length from backend")
-                elif kind in _AGGREGATE_TYPES or kind == _MAP:
+                elif kind in _AGGREGATE_TYPES or kind == _MAP or kind == _ATTRIBUTE:
                     count = int(buf[p + 1 : nl])
                     p = nl + 2
+                    if kind == _ATTRIBUTE and count >= 0:
+                        stack.append(count * 2 + 1)  # its pairs, then the reply it is about
+                        continue
                     if count > 0:
                         stack.append(count * 2 if kind == _MAP else count)
                         continue
-                    if count < -1:
+                    if count < -1 or kind == _ATTRIBUTE:
                         raise ProtocolError(b"", message="bad array length from backend")
+                elif kind == _PUSH:
+                    raise ProtocolError(b"", message="push reply from backend (pushes are not supported)")
                 else:
                     raise ProtocolError(b"", message="unknown reply type %r from backend" % (bytes([kind]),))
                 # One element complete: close the arrays it completes.
@@ -777,11 +812,12 @@ def _array_items(reply: bytes):
     return items
 
 
-@implementer(ICodec)
+@implementer(ICodec, ISessionCodec)
 class RedisCodec:
     """The Redis protocol: parsers, MGET/MSET/DEL/UNLINK/TOUCH/EXISTS split and merge."""
 
     name = "redis"
+    protocol = 2  # what its backend connections speak (resp3.resp3_of: 3)
 
     def request_parser(self, pool_config) -> RedisRequestParser:
         return RedisRequestParser(pool_config, self)
@@ -896,6 +932,9 @@ class RedisCodec:
         if not isinstance(message, bytes):
             message = message.encode("utf-8", "replace")
         return b"-ERR " + message.replace(b"\r", b" ").replace(b"\n", b" ") + b"\r\n"
+
+    def session_reply(self, request) -> bytes:
+        return transactions.session_reply(request)
 
     def classify_reply(self, request, raw: bytes) -> int:
         if raw[:1] != b"-":

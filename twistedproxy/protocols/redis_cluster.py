@@ -26,6 +26,7 @@ from twistedproxy.protocols.redis import multibulk
 
 SLOTS = 16384
 _TAG = b"{}"
+_CROSSSLOT = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n"  # Redis 7.0's words
 
 # What replicas may answer (commands Redis flags read-only, among those the
 # proxy forwards): the rest goes to masters.
@@ -182,6 +183,9 @@ class RedisCluster:
 
     def readonly_request(self):
         return Request(multibulk((b"READONLY",)), b"readonly")
+
+    def cross_slot_reply(self, request) -> bytes:
+        return _CROSSSLOT
 
     def is_read(self, request) -> bool:
         return request.command in READ_COMMANDS

@@ -26,11 +26,15 @@ only work when all their keys live on one server: use hash tags.
 
 Not supported (answered with an error, the connection stays open): anything
 about the whole keyspace or the server (KEYS, SCAN, RANDOMKEY, DBSIZE, FLUSHDB,
-INFO, CONFIG, ...), transactions (after a refused MULTI every command up to
-EXEC or DISCARD is refused too), pub/sub, blocking commands, SELECT (the pool's
+INFO, CONFIG, ...), pub/sub, blocking commands, SELECT (the pool's
 C{redis_db} is selected on every backend connection), RENAME and RENAMENX (the
 new name may hash elsewhere; twemproxy refuses them too), MSETNX (not atomic
 once split) -- a Redis Cluster pool forwards these three (L{CLUSTER_COMMANDS}) --, SCRIPT and FUNCTION management, and every name not in this table.
+
+Transactions (MULTI, EXEC, DISCARD, WATCH, UNWATCH) pin the client to a
+backend connection of its own (L{twistedproxy.protocols.redis_transactions});
+in a pool with C{transaction_connections: 0} (and in a front) they are refused:
+after a refused MULTI every command up to EXEC or DISCARD is refused too.
 
 An entry is a tuple C{(name, kind, min_args, max_args, key_index, collect)}:
 the lower-case name (what L{twistedproxy.core.request.Request.command} is set
@@ -53,7 +57,8 @@ ECHO = 6
 QUIT = 7
 AUTH = 8
 UNSUPPORTED = 9
-HELLO = 10  # answered by the proxy: RESP2 only, as twemproxy's clients expect
+HELLO = 10  # answered by the proxy: RESP2 or RESP3 (protocols/resp3.py)
+TRANSACTION = 11  # MULTI EXEC DISCARD WATCH UNWATCH: see twistedproxy.protocols.redis_transactions
 
 NAME, KIND, MIN_ARGS, MAX_ARGS, KEY_INDEX, COLLECT = range(6)
 
@@ -245,14 +250,17 @@ _OTHER_COMMANDS = (
     ("quit", QUIT, -1),
     ("auth", AUTH, -2, 3),
     ("hello", HELLO, -1, 7),
+    ("multi", TRANSACTION, 1),
+    ("exec", TRANSACTION, 1),
+    ("discard", TRANSACTION, 1),
+    ("watch", TRANSACTION, -2),
+    ("unwatch", TRANSACTION, 1),
 )
 
 # Known commands the proxy refuses (named here so stats and errors say which).
 UNSUPPORTED_COMMANDS = (
     # keyspace-wide or two keys that may live apart
     "keys", "scan", "randomkey", "rename", "renamenx", "msetnx", "migrate", "wait", "waitaof",
-    # transactions
-    "multi", "exec", "discard", "watch", "unwatch",
     # pub/sub
     "subscribe", "unsubscribe", "psubscribe", "punsubscribe", "ssubscribe", "sunsubscribe",
     "publish", "spublish", "pubsub",
@@ -277,7 +285,7 @@ def _entry(name, kind, arity, max_args=None, key_index=1):
         collect = key_index + 1
     elif kind == EVAL:
         collect = 4  # name, script, numkeys, first key
-    elif kind in (MULTI, MSET):
+    elif kind in (MULTI, MSET, TRANSACTION):
         collect = _UNBOUNDED
     elif kind in (PING, ECHO, AUTH, HELLO):
         collect = max_args

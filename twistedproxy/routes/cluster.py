@@ -51,7 +51,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistedproxy.config.model import ServerSpec
-from twistedproxy.core.request import REPLY_FINAL, REPLY_REDIRECT, ROUTE_ANY, ROUTE_KEY, keys_of
+from twistedproxy.core.request import REPLY_FINAL, REPLY_REDIRECT, ROUTE_ANY, ROUTE_KEY, ROUTE_SESSION, keys_of
 from twistedproxy.routes.copies import decline
 from twistedproxy.routes.hash import HashRoute
 from twistedproxy.routes.interface import ICountedRoute, IServedRoute
@@ -163,6 +163,10 @@ class ClusterRoute(HashRoute):
     # -- dispatch -------------------------------------------------------------
 
     def dispatch(self, request, codec, now: float, touched: list, dirty: list) -> bool:
+        if request.route == ROUTE_SESSION:
+            # A transaction's request goes to its pinned connection and is never
+            # resent: a redirect inside MULTI must abort it there, not run elsewhere.
+            return HashRoute.dispatch(self, request, codec, now, touched, dirty)
         outer = request.resume
         request.resume = self._hook if outer is None else partial(self._resumed, outer, 0)
         if self.read_from == "master" or not self.cluster.is_read(request):
@@ -256,6 +260,18 @@ class ClusterRoute(HashRoute):
             read = self.read_from != "master" and self.cluster.is_read(request)
             server = self._reader(slot) if read else self.masters[slot]
         self._send(server, request, codec, now, touched, dirty)
+
+    # -- sessions (transactions): one slot is the group all their keys share ----
+
+    def session_group(self, key):
+        """C{(slot, its master)} for C{key}; C{(None, any master)} for None."""
+        if key is None:
+            return None, (self._random.choice(self.live) if self.live else None)
+        slot = self.cluster.slot(key)
+        return slot, self.masters[slot]
+
+    def session_conflict(self, request, codec) -> bytes:
+        return self.cluster.cross_slot_reply(request)
 
     # -- the slot map -----------------------------------------------------------
 

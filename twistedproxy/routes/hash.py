@@ -28,10 +28,11 @@ import sys
 from zope.interface import implementer
 
 from twistedproxy.core.completion import release
-from twistedproxy.core.request import ROUTE_ALL, ROUTE_ANY, ROUTE_KEY, ROUTE_KEYS, Request
+from twistedproxy.core.request import ROUTE_ALL, ROUTE_ANY, ROUTE_KEY, ROUTE_KEYS, ROUTE_SESSION, Request
 from twistedproxy.core.servers import ServerSet
 from twistedproxy.hashing import hash_function, hash_tag_key, make_distribution
 from twistedproxy.routes.interface import IServedRoute
+from twistedproxy.routes.sessions import ISessionRoute, Sessions
 
 # Keys whose server is remembered (per pool, forgotten when the placement
 # changes).  Hashing a key is a Python loop over its bytes, the largest per-key
@@ -52,7 +53,7 @@ PLACEMENT_CACHE_ENABLED = sys.implementation.name == "cpython"
 SLICE_KEYS = 512
 
 
-@implementer(IServedRoute)
+@implementer(IServedRoute, ISessionRoute)
 class HashRoute:
     """
     Hash placement of keys over the servers of one pool.
@@ -85,6 +86,7 @@ class HashRoute:
         self._index = None
         self._placement = {}  # key -> Server (deterministic distributions only)
         self._cache_placement = PLACEMENT_CACHE_ENABLED and config.distribution != "random"
+        self.sessions = Sessions(self)  # its clients' transactions, each on a server connection of its own
         server_set.watch(self.rebuild)
         self.rebuild()
 
@@ -178,6 +180,8 @@ class HashRoute:
         elif route == ROUTE_ANY:
             server = self._random.choice(self.live) if self.live else None
             self._send(server, request, codec, now, touched, dirty)
+        elif route == ROUTE_SESSION:
+            return self.sessions.dispatch(request, codec, now, touched, dirty)
         else:
             raise ValueError("unknown route %r" % (route,))
 
@@ -252,6 +256,22 @@ class HashRoute:
         for server, fragment in pairs:
             self._send(server, fragment, codec, now, touched, dirty)
 
+    # -- sessions (transactions): one server is the group all their keys share --
+
+    def session_group(self, key):
+        """C{(server, server)} for C{key} (any live server for None); C{(None, None)} when none is left."""
+        if key is None:
+            server = self._random.choice(self.live) if self.live else None
+        else:
+            server = self.server_for(key)
+        return server, server
+
+    def session_room(self) -> bool:
+        return any(server.has_room_to_pin() for server in self.live)
+
+    def session_conflict(self, request, codec) -> bytes:
+        return codec.error_reply(request, "keys of a transaction must all map to one server (use a hash tag)")
+
     # -- life cycle -----------------------------------------------------------
 
     def use_config(self, config) -> None:
@@ -272,6 +292,8 @@ class HashRoute:
 
     def client_gone(self, client) -> None:
         self.clients.discard(client)
+        if self.sessions.by_client:
+            self.sessions.client_gone(client)
 
     def retire(self) -> None:
         """

@@ -46,6 +46,12 @@ How to add a route kind:
      happen.
   4. If clients connect to it directly (a listener's root), provide
      L{IServedRoute} as well.
+  5. To serve transactions (Redis MULTI/WATCH: a client pinned to a backend
+     connection of its own), provide L{twistedproxy.routes.sessions.ISessionRoute}:
+     hold a C{Sessions}, hand it ROUTE_SESSION requests in C{dispatch} and
+     closing clients in C{client_gone}, and say where a key's transaction goes
+     (C{session_group}: a server for the hash route, a slot and its node for a
+     cluster).
 See C{tests/test_routes.py} for a failover-style route built this way, and
 the cluster routes (failover, replicate, shadow, warmup) for routes that
 nest (a hook keeps an outer route's) and send requests of their own
