@@ -417,10 +417,7 @@ def main(argv=None) -> int:
         running.stop_all()
     add_over_direct(rows)
     meta["loadavg_end"] = os.getloadavg()
-    os.makedirs(args.results, exist_ok=True)
-    path = os.path.join(args.results, "latency-" + time.strftime("%Y%m%d-%H%M%S") + ".json")
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=2)
+    path = run.save_results(args.results, "latency-", {"meta": meta, "results": rows})
     print()
     print(table(rows))
     print("\nmicroseconds, from each request's due time to its reply (open loop); +X = X minus direct's at the same rate;")

@@ -172,7 +172,7 @@ def _run(argv, timeout):
 
 
 def redis_load(port, requests, pipeline, timeout, extra=()):
-    """redis-benchmark set,get (C{extra}: more of its arguments, e.g. --tls): {test: {rps, p50_ms, p99_ms}}."""
+    """redis-benchmark set,get (C{extra}: more of its arguments, e.g. --tls or --cluster): {test: {rps, p50_ms, p99_ms}}."""
     argv = ["redis-benchmark", "-h", HOST, "-p", str(port), "-t", "set,get", "-n", str(requests),
             "-c", str(CLIENTS), "-r", str(KEYSPACE), "--csv"] + list(extra)
     if pipeline > 1:
@@ -641,6 +641,15 @@ def _git_state() -> str:
     return head + ("+changes" if dirty else "")
 
 
+def save_results(directory, prefix, doc) -> str:
+    """C{doc} as JSON in C{directory} (made if missing), named C{prefix} and the time; its path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, prefix + time.strftime("%Y%m%d-%H%M%S") + ".json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+    return path
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt()
 
@@ -686,10 +695,7 @@ def main(argv=None) -> int:
         running.stop_all()
     add_ratios(results)
     meta["loadavg_end"] = os.getloadavg()
-    os.makedirs(args.results, exist_ok=True)
-    path = os.path.join(args.results, time.strftime("%Y%m%d-%H%M%S") + ".json")
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "results": results, "ceilings": ceilings(results)}, f, indent=2)
+    path = save_results(args.results, "", {"meta": meta, "results": results, "ceilings": ceilings(results)})
     print()
     print(table(results))
     print("\nspread = (max - min) / median of the %d measured rounds; ~ = read off memaslap's log2 histogram;"

@@ -52,3 +52,25 @@ def test_latency_shortest_run(tmp_path):
             assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["p999"] <= stats["max"], stats
     assert rows[("direct", 1000)]["cold"] and rows[(name, 1000)]["cold"]
     assert set(rows[(name, 1000)]["added"]) == set(PERCENTILES) == set(rows[(name, 1000)]["cold_added"])
+
+
+def test_cluster_bench_shortest_run(tmp_path):
+    """
+    bench/cluster.py's shortest run on this interpreter: every target (the cluster
+    pool, the hash pool and redis-benchmark --cluster straight to the cluster) has
+    a row for SET and GET, pipelined and not, with the CPU figures it measures.
+    """
+    name = "pypy" if platform.python_implementation() == "PyPy" else "cpython"
+    argv = [sys.executable, os.path.join(ROOT, "bench", "cluster.py"), "-n", "3000", "--repeat", "1",
+            "--only", name, "--%s" % (name,), sys.executable, "--results", str(tmp_path)]
+    out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180, cwd=ROOT)
+    assert out.returncode == 0, out.stdout
+    [path] = glob.glob(str(tmp_path / "cluster-*.json"))
+    with open(path) as f:
+        rows = json.load(f)["results"]
+    targets = {"cluster direct", name + " cluster pool", name + " hash pool"}
+    assert {(r["target"], r["pipeline"], r["test"]) for r in rows} == {
+        (t, p, test) for t in targets for p in (16, 1) for test in ("set", "get")}
+    for row in rows:
+        assert row["rps"] > 0 and row["servers_us"] >= 0 and row["tool_us"] >= 0
+        assert (row["proxy_us"] is None) == (row["target"] == "cluster direct")
