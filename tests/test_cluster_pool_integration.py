@@ -18,7 +18,7 @@ import redis
 
 from tests.support import processes
 from tests.support.processes import HOST, free_port, pool_config
-from tests.support.small_cluster import SmallCluster
+from tests.support.cluster import Cluster
 from tests.support.workers import Master, master_config
 from twistedproxy.protocols.redis_cluster import key_slot
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def cluster():
-    started = SmallCluster(masters=3)
+    started = Cluster(masters=3, replicas=0).start()
     yield started
     started.stop()
 
@@ -69,9 +69,9 @@ def test_keys_reach_the_node_of_their_slot(cluster, proxy):
         assert client.set(key, key + "!")
     for key in keys[:20]:
         owner = cluster.owner(key_slot(key.encode()))
-        assert cluster.cli(owner, "GET", key) == key + "!"  # straight from the node: no redirect happened
-        assert int(cluster.cli(owner, "CLUSTER", "KEYSLOT", key)) == key_slot(key.encode())
-    assert client.get("{}{user}") is None and int(cluster.cli(cluster.ports[0], "CLUSTER", "KEYSLOT", "{}{user}")) == 6164
+        assert owner.call("GET", key) == (key + "!").encode()  # straight from the node: no redirect happened
+        assert owner.call("CLUSTER", "KEYSLOT", key) == key_slot(key.encode())
+    assert client.get("{}{user}") is None and cluster.nodes[0].call("CLUSTER", "KEYSLOT", "{}{user}") == 6164
     nodes = processes.read_stats_port(stats)["c"]
     for node_port in cluster.ports:  # every node found from one seed, with its counters
         assert nodes["%s:%d" % (HOST, node_port)]["requests"] > 0
@@ -115,13 +115,13 @@ def test_a_slot_being_moved_is_asked_then_moved(cluster, proxy):
     client.set(key, "before")
     client.set("{moving-key}other", "stays")  # same slot, left on the source during the move
     source = cluster.owner(slot)
-    target = next(p for p in cluster.ports if p != source)
+    target = next(n for n in cluster.nodes if n is not source)
     cluster.begin_move(slot, source, target)
     cluster.migrate_key(key, source, target)
     # The key is on the target now, the slot still the source's: -ASK, followed.
     assert client.get(key) == b"before"
     assert client.get("{moving-key}other") == b"stays"
-    assert client.set(key, "during") and cluster.cli(target, "ASKING") == "OK"
+    assert client.set(key, "during") and target.call("ASKING") == b"OK"
     cluster.migrate_key("{moving-key}other", source, target)
     cluster.end_move(slot, target)
     # The slot is the target's: the proxy's table says the source, -MOVED, followed.
@@ -149,7 +149,7 @@ def test_workers_and_cacheproxyctl_status_show_the_nodes(cluster, spawn):
                             timeout=30)
     assert result.returncode == 0, result.stderr
     nodes = json.loads(result.stdout)["clusters"]["c"]
-    owners = {"%s:%d" % (HOST, cluster.owner(slot)) for slot in (0, 8000, 16383)}
+    owners = {cluster.owner(slot).address for slot in (0, 8000, 16383)}
     assert {label for label, node in nodes.items() if node["role"] == "master"} == owners
     assert all(node["slots"] for node in nodes.values() if node["role"] == "master")
 
@@ -181,7 +181,7 @@ def _works(client) -> bool:
 
 
 def test_reads_from_replicas_and_a_failover_followed_without_errors(spawn):
-    replicated = SmallCluster(masters=3, replicas=1)
+    replicated = Cluster(masters=3, replicas=1).start()
     try:
         port, stats = free_port(), free_port()
         http = free_port()
@@ -196,21 +196,21 @@ def test_reads_from_replicas_and_a_failover_followed_without_errors(spawn):
         client = connect(port)
         key = "replicated"
         master = replicated.owner(key_slot(key.encode()))
-        replica = replicated.replica_of(master)
+        [replica] = replicated.replicas_of(master)
         assert client.set(key, "v1")
         wait_for(lambda: client.get(key) == b"v1")  # replication is asynchronous
-        assert nodes()["%s:%d" % (HOST, replica)]["role"] == "replica"
-        assert nodes()["%s:%d" % (HOST, master)]["role"] == "master"
-        assert "%s:%d<br><small>replica " % (HOST, replica) in fetch(http, "/status")
-        reads_before = processes.read_stats_port(stats)["c"]["%s:%d" % (HOST, replica)]["requests"]
+        assert nodes()[replica.address]["role"] == "replica"
+        assert nodes()[master.address]["role"] == "master"
+        assert "%s<br><small>replica " % (replica.address,) in fetch(http, "/status")
+        reads_before = processes.read_stats_port(stats)["c"][replica.address]["requests"]
         assert client.get(key) in (b"v1",)
-        assert processes.read_stats_port(stats)["c"]["%s:%d" % (HOST, replica)]["requests"] > reads_before
+        assert processes.read_stats_port(stats)["c"][replica.address]["requests"] > reads_before
         # A graceful failover under traffic: the old master redirects, the map follows; no error.
         errors = []
         written = 0
-        replicated.cli(replica, "CLUSTER", "FAILOVER")
+        replica.call_ok("CLUSTER", "FAILOVER")
         deadline = time.time() + 20
-        while time.time() < deadline and "role:master" not in replicated.cli(replica, "INFO", "replication"):
+        while time.time() < deadline and replica.role() != "master":
             try:
                 written += 1
                 client.set(key, "w%d" % written)
@@ -220,7 +220,7 @@ def test_reads_from_replicas_and_a_failover_followed_without_errors(spawn):
         for i in range(20):
             client.set(key, "after%d" % i)
         assert errors == []
-        wait_for(lambda: nodes()["%s:%d" % (HOST, replica)]["role"] == "master")
-        assert nodes()["%s:%d" % (HOST, replica)]["slots"]
+        wait_for(lambda: nodes()[replica.address]["role"] == "master")
+        assert nodes()[replica.address]["slots"]
     finally:
         replicated.stop()

@@ -3,7 +3,8 @@ A real Redis Cluster for integration tests: N redis-server processes with
 cluster-enabled on free loopback ports (each with its own directory), joined
 with C{redis-cli --cluster create}, and the topology changes the scenarios
 need: reshard, CLUSTER FAILOVER, add a master and rebalance, SIGKILL a master
-and measure how long the cluster takes to promote its replica.  Every process
+and measure how long the cluster takes to promote its replica, and one slot
+moved by hand (CLUSTER SETSLOT and MIGRATE) for the ASK and MOVED tests.  Every process
 is stopped by L{Cluster.stop} (and by tests.support.processes' exit hook).
 
 The nodes are told about each other by redis-cli and gossip; every wait here
@@ -65,6 +66,12 @@ class Node:
         """One command on a fresh connection; its reply (errors as L{ErrorReply})."""
         with Connection(self.port, timeout=5.0) as conn:
             return conn.call(*args)
+
+    def call_ok(self, *args) -> None:
+        """One command whose reply must be OK; L{ClusterError} if it is anything else."""
+        reply = self.call(*[str(a) for a in args])
+        if reply != b"OK":
+            raise ClusterError("%s on %r: %r" % (" ".join(str(a) for a in args), self, reply))
 
     def info(self, *section) -> dict:
         """INFO (or CLUSTER INFO with C{section} ("cluster",)) as a dict of strings."""
@@ -172,6 +179,10 @@ class Cluster:
 
     # -- what the cluster looks like -------------------------------------------------
 
+    @property
+    def ports(self) -> list:
+        return [n.port for n in self.nodes]
+
     def live_nodes(self) -> list:
         return [n for n in self.nodes if n.alive()]
 
@@ -252,13 +263,25 @@ class Cluster:
         old master, once the cluster is whole again with the roles swapped.
         """
         old_master = self.node(self.topology()[replica.id]["master"])
-        reply = replica.call("CLUSTER", "FAILOVER")
-        if reply != b"OK":
-            raise ClusterError("CLUSTER FAILOVER on %r: %r" % (replica, reply))
+        replica.call_ok("CLUSTER", "FAILOVER")
         poll(answered(lambda: replica.role() == "master" and old_master.role() == "slave"), 30.0,
              message="%r and %r to swap roles" % (replica, old_master))
         self.wait_ok()
         return old_master
+
+    def begin_move(self, slot: int, source: Node, target: Node) -> None:
+        """Mark C{slot} migrating from C{source} and importing at C{target} (ASK from now on)."""
+        target.call_ok("CLUSTER", "SETSLOT", slot, "IMPORTING", source.id)
+        source.call_ok("CLUSTER", "SETSLOT", slot, "MIGRATING", target.id)
+
+    def migrate_key(self, key: str, source: Node, target: Node) -> None:
+        """MIGRATE C{key} from C{source} to C{target} (a slot in the middle of a move)."""
+        source.call_ok("MIGRATE", HOST, target.port, key, 0, 5000)
+
+    def end_move(self, slot: int, target: Node) -> None:
+        """Give C{slot} to C{target} on every node (MOVED from now on)."""
+        for node in self.nodes:
+            node.call_ok("CLUSTER", "SETSLOT", slot, "NODE", target.id)
 
     def add_master(self) -> Node:
         """A new empty master joined to the cluster (redis-cli --cluster add-node), not yet given slots."""
