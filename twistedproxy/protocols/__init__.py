@@ -51,3 +51,19 @@ def codecs_of(codec) -> tuple:
     text or binary on one port) lists them in C{codecs}; others speak only themselves.
     """
     return tuple(getattr(codec, "codecs", None) or (codec,))
+
+
+# The protocols whose pools can move keys between servers online (migrate: true).
+MIGRATION_MODULES = {
+    "redis": "twistedproxy.protocols.redis_migration",
+    "memcache": "twistedproxy.protocols.memcache_migration",
+}
+
+
+def migration_for(protocol: str):
+    """The L{interface.IKeyMigration} of the protocol named C{protocol} ('redis', 'memcache')."""
+    try:
+        module_name = MIGRATION_MODULES[protocol]
+    except KeyError:
+        raise ValueError("protocol %r cannot migrate keys" % (protocol,))
+    return importlib.import_module(module_name).migration

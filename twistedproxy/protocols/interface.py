@@ -328,3 +328,49 @@ class ISessionCodec(Interface):
         command queued in a transaction already refused, EXECABORT for the EXEC
         of such a transaction, +OK for a DISCARD or UNWATCH with nothing to undo.
         """
+
+
+class IKeyMigration(Interface):
+    """
+    What online migration asks of a protocol (L{twistedproxy.routes.migrate},
+    L{twistedproxy.migration}): how the keys on one backend are listed, and
+    how keys are moved from one backend to another.  Found with
+    L{twistedproxy.protocols.migration_for}.
+
+    Requests made here are L{twistedproxy.core.request.Request}s sent as
+    internal requests (never a client's) on connections of L{codec}; their
+    replies are framed by that codec's reply parser.
+    """
+
+    codec = Attribute(
+        "The ICodec whose server connections carry these requests (Redis: the RESP2 codec;"
+        " memcached: the meta protocol's codec)."
+    )
+
+    def list_request(cursor, match, count: int):
+        """
+        The request that lists the next keys on one server: from the start for
+        C{cursor} None, else from the cursor L{list_reply} gave; C{match} a
+        glob pattern (bytes) or None; C{count} a hint of how many per reply.
+        """
+
+    def list_reply(raw: bytes):
+        """
+        C{(cursor, keys)} from the reply to L{list_request}: the cursor to go
+        on from, or None once the listing is complete; the keys in this reply
+        (those C{match} selects).
+        """
+
+    def move(keys: list, source, target, pool_config):
+        """
+        A generator that moves C{keys} (one or more) from server C{source} to
+        server C{target} (L{twistedproxy.config.model.ServerSpec}s of a pool
+        configured by C{pool_config}: its db, auth, timeout), one request at a
+        time: it yields C{(side, request)} with side C{"source"} or
+        C{"target"}, is sent C{(raw, error)} back (C{raw} None when the
+        request failed, with C{error} the failure's text) and returns a
+        L{twistedproxy.core.moves.MoveResult}.  After it returns, none of
+        C{keys} is on C{source} any more unless the result counts it failed;
+        a key that already sits on C{target} is never overwritten by an older
+        value from C{source}.
+        """
