@@ -20,7 +20,7 @@ C{aborting} set), run through the same phases.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from twistedproxy.config.model import ServerSpec
@@ -81,3 +81,40 @@ def find_plan(plans, pool: str) -> Optional[MigrationPlan]:
         if plan.pool == pool:
             return plan
     return None
+
+
+@dataclass(frozen=True)
+class MigrationState:
+    """
+    What every process of a proxy must route by besides its configuration:
+    the plans of the pools being migrated, and the server lists in force
+    instead of the file's for pools whose migration was aborted (until the
+    file's list for that pool changes).
+
+    @ivar plans: the L{MigrationPlan}s in force, one per pool at most.
+    @ivar servers: C{(pool, servers)} pairs: the list a pool runs on instead of its file's.
+    """
+
+    plans: Tuple[MigrationPlan, ...] = ()
+    servers: Tuple[Tuple[str, Tuple[ServerSpec, ...]], ...] = ()
+
+    def plan_of(self, pool: str) -> Optional[MigrationPlan]:
+        return find_plan(self.plans, pool)
+
+    def apply(self, config):
+        """C{config} (a ProxyConfig) with the server lists in force instead of the file's."""
+        if not self.servers:
+            return config
+        lists = dict(self.servers)
+        return replace(config, pools=tuple(replace(pool, servers=lists[pool.name]) if pool.name in lists else pool
+                                           for pool in config.pools))
+
+    def to_dict(self) -> dict:
+        return {"plans": [plan.to_dict() for plan in self.plans],
+                "servers": {pool: [_server_dict(s) for s in servers] for pool, servers in self.servers}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MigrationState":
+        return cls(plans=tuple(MigrationPlan.from_dict(p) for p in data.get("plans", ())),
+                   servers=tuple((pool, tuple(ServerSpec(**s) for s in servers))
+                                 for pool, servers in sorted(data.get("servers", {}).items())))
