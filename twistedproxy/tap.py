@@ -118,7 +118,7 @@ class ProxyService(service.Service):
         self.proxy = None
         self.stats_port = stats_port  # nutcracker's -s; None or 0: no stats port
         self.stats_addr = stats_addr
-        self.stats_ports = []
+        self.stats_ports = {}  # socket name -> port (stats_server.start)
         self.config_path = config_path
         self.config_text = config_text
         self.handle_signals = handle_signals
@@ -179,7 +179,8 @@ class ProxyService(service.Service):
         from twistedproxy.stats import server as stats_server
 
         self.stats_ports = stats_server.start(
-            self.reactor, self.sources, self.stats_port, self.stats_addr, self.config.global_.stats_http,
+            self.reactor, self.sources, stats_server.endpoints(self.config.global_, self.stats_port, self.stats_addr),
+            self.stats_ports,
         )
 
     def _open_control(self) -> None:
@@ -187,7 +188,7 @@ class ProxyService(service.Service):
         if path:
             from twistedproxy.control.server import listen_control
 
-            self.control_port = listen_control(self.reactor, path, self)
+            self.control_port = listen_control(self.reactor, path, self, self.config.global_.control_mode)
 
     def _close_control(self) -> None:
         if self.control_port is not None:
@@ -240,12 +241,12 @@ class ProxyService(service.Service):
             return succeed((False, str(e)))
         if config.global_.worker_processes != self.config.global_.worker_processes:
             log.warn("worker_processes changes take a restart; the pools are applied now")
-        old_stats_http = self.config.global_.stats_http
+        from twistedproxy.stats import server as stats_server
+
+        old_global = self.config.global_
         self.proxy.reconfigure(config)
         self.config, self.config_text = config, text
-        if config.global_.stats_http != old_stats_http:
-            for port in self.stats_ports:
-                port.stopListening()
+        if stats_server.moved(old_global, config.global_):
             self._serve_stats()
         log.info("reloaded {path}", path=self.config_path)
         self._record_reload(True, "")
@@ -298,9 +299,9 @@ class ProxyService(service.Service):
 
     def stopService(self):
         service.Service.stopService(self)
-        for port in self.stats_ports:
+        for port in self.stats_ports.values():
             port.stopListening()
-        self.stats_ports = []
+        self.stats_ports = {}
         self._close_control()
         if self.pid_file:
             command.remove_pid_file(self.pid_file)

@@ -26,7 +26,6 @@ from twistedproxy.config.tree import MAPPING, SCALAR, SEQUENCE, ConfigNode, Sour
 from twistedproxy.config.values import (
     DIGITS,
     INT_MAX,
-    OCTAL_PERMISSION,
     TEXT,
     BITMASK,
     Boolean,
@@ -44,7 +43,9 @@ from twistedproxy.config.values import (
     describe,
     host_and_port,
     integer_value,
+    is_int,
     number_value,
+    octal_permissions,
     is_null,
     key_name,
     quote,
@@ -145,13 +146,30 @@ class _Listen(ValueType):
         path, space, permission = text.rpartition(" ")
         if not space:
             path, permission = text, "0"
-        if not OCTAL_PERMISSION.match(permission) or int(permission, 8) > 0o777:
-            raise Invalid("invalid socket permissions %s (expected octal like 0666)"
-                           % (quote(permission),))
+        perm = octal_permissions(permission)
         path = path.rstrip()
         check_socket_path(path)
         # twemproxy only chmods the socket when the permissions are not 0.
-        return ListenSpec(path=path, perm=int(permission, 8) or None)
+        return ListenSpec(path=path, perm=perm or None)
+
+
+class _ControlMode(ValueType):
+    """The control socket's permissions: octal text (YAML's C{0660}), or the number itself from a dict."""
+
+    name = "octal permissions"
+
+    def parse(self, node: ConfigNode, report: Report) -> Any:
+        text = scalar_text(node)
+        if text is not None:
+            mode = octal_permissions(text)
+        elif node.kind == SCALAR and is_int(node.value) and 0 <= node.value <= 0o777:
+            mode = node.value
+        else:
+            raise Invalid("expected octal permissions like 0600, got %s" % (describe(node),))
+        if not mode & 0o200:
+            raise Invalid("%04o leaves the owner unable to connect (a client needs write permission:"
+                          " e.g. 0600, 0660)" % (mode,))
+        return mode
 
 
 class _Servers(ValueType):
@@ -453,7 +471,8 @@ GLOBAL_KEYS: Tuple[KeySpec, ...] = (
     KeySpec("tcp_quickack", Boolean(),
             "Set TCP_QUICKACK after reading, to avoid delayed-ACK stalls."),
     KeySpec("control", SocketPath(),
-            "Path of the control socket (`cacheproxyctl`) of the master or single process; absent disables it."),
+            "Path of the control socket (`cacheproxyctl`) of the master or single process; absent disables it."
+            " Created with control_mode's permissions."),
     KeySpec("user", Text(), "User the workers run as (the master must start as root)."),
     KeySpec("group", Text(), "Group the workers run as."),
     KeySpec("stats_http", _Listen(),
@@ -481,6 +500,14 @@ GLOBAL_KEYS: Tuple[KeySpec, ...] = (
             " after it. auto: until compiled, at most 2 s (0.1 s in a worker replacing a crashed"
             " one; a short warm-up on CPython); a number: at most that many seconds; off (or 0):"
             " none."),
+    KeySpec("control_mode", _ControlMode(),
+            "Permissions of the control socket, in octal as listen's (0600: its owner only;"
+            " connecting needs write permission, so 0660 lets its group in). The socket is created"
+            " with them, never more open even for a moment; a reload leaves them (an upgrade applies them)."),
+    KeySpec("metrics_http", _Listen(),
+            "Address of a read-only HTTP endpoint serving only GET (and HEAD) /metrics, /status and"
+            " /stats.json, any other method 405: for scrapers that must change nothing. Moved by a"
+            " reload like stats_http; absent disables it."),
 )
 
 
@@ -644,6 +671,9 @@ def _parse_global(line: Optional[int], node: ConfigNode, problems: _Problems) ->
     if "admin_token" in values and "admin_token_file" in values:
         problems.add(parsed.lines["admin_token_file"], "set admin_token or admin_token_file, not both",
                      section, "admin_token_file")
+    if values.get("metrics_http") is not None and values.get("metrics_http") == values.get("stats_http"):
+        problems.add(parsed.lines["metrics_http"], "is stats_http's address (the read-only endpoint needs one"
+                     " of its own)", section, "metrics_http")
     if len(problems) > found_before:
         return None
     affinity = values.get("worker_cpu_affinity")

@@ -149,6 +149,7 @@ class GlobalConfig:
     accept_mutex: bool = False
     tcp_quickack: bool = False
     control: Optional[str] = None  # path of the master's control socket
+    control_mode: int = 0o600  # the control socket's permissions
     user: Optional[str] = None
     group: Optional[str] = None
     stats_http: Optional[ListenSpec] = None  # HTTP /metrics, /status, /slowlog, /stats.json
@@ -159,6 +160,7 @@ class GlobalConfig:
     slowlog_log: bool = False  # also write each slow request to the log
     worker_rlimit_nofile: Optional[int] = None  # soft nofile limit; None: what the connections need
     warmup: Union[str, float] = "auto"  # "auto", or at most this many seconds (0: no warm-up)
+    metrics_http: Optional[ListenSpec] = None  # read-only HTTP: GET /metrics, /status, /stats.json
     extra: Tuple[Tuple[str, object], ...] = field(default=())  # keys for later features
 
 

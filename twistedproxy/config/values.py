@@ -146,6 +146,13 @@ def check_socket_path(path: str) -> None:
                        % (quote(path), UNIX_PATH_MAX - 1))
 
 
+def octal_permissions(text: str) -> int:
+    """A UNIX socket's permissions written in octal, as twemproxy's C{listen: /path 0666} takes them."""
+    if not OCTAL_PERMISSION.match(text) or int(text, 8) > 0o777:
+        raise Invalid("invalid socket permissions %s (expected octal like 0666)" % (quote(text),))
+    return int(text, 8)
+
+
 def parse_host(text: str) -> str:
     """A hostname or IP address; an IPv6 address loses its brackets."""
     host = text

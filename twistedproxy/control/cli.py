@@ -12,13 +12,16 @@ The socket defaults to C{global.control} of the file given with C{-c}, read
 even when the file is invalid (so C{status} can show why a reload was refused).
 
 Exit codes: L{EXIT_OK} done, L{EXIT_REFUSED} refused or failed on any worker,
-L{EXIT_UNREACHABLE} no master to talk to, L{EX_USAGE} a bad command line.
+L{EXIT_UNREACHABLE} no master to talk to (no socket, no permission to
+connect: the message says which, and what to do), L{EX_USAGE} a bad command
+line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 
@@ -146,6 +149,53 @@ def _socket_path(args) -> str:
     return path
 
 
+def _permission_hint(path: str) -> str:
+    """Who may connect to the control socket at C{path}, and how to change it (for "permission denied")."""
+    import grp
+    import pwd
+    import stat
+
+    try:
+        info = os.stat(path)
+    except OSError:
+        return "a directory on its path is not searchable by this user"
+
+    def name(lookup, number):
+        try:
+            return lookup(number)[0]
+        except KeyError:
+            return str(number)
+
+    mode = stat.S_IMODE(info.st_mode)
+    owner = name(pwd.getpwuid, info.st_uid)
+    if not mode & 0o077:
+        return "the control socket is owner-only (%04o, owner %s); run as %s or set its mode: global:" \
+               " control_mode: 0660 lets its group in" % (mode, owner, owner)
+    group = name(grp.getgrgid, info.st_gid)
+    return "the control socket is %04o, owner %s, group %s; run as %s or a member of %s, or set its mode:" \
+           " global: control_mode" % (mode, owner, group, owner, group)
+
+
+def _cannot_connect(path: str, error: OSError) -> str:
+    """Why connecting to the control socket at C{path} failed with C{error}, and what to do about it."""
+    if isinstance(error, PermissionError):
+        return "cannot connect to %s: permission denied (%s)" % (path, _permission_hint(path))
+    if isinstance(error, FileNotFoundError):
+        return "cannot connect to %s: no such socket (cannot reach the master: is it running, with this" \
+               " control path?)" % (path,)
+    if isinstance(error, ConnectionRefusedError):
+        return "cannot connect to %s: connection refused (cannot reach the master: the socket is left" \
+               " over from one that is gone)" % (path,)
+    return "cannot reach the master: cannot connect to %s: %s" % (path, error.strerror or error)
+
+
+def _connect(path: str, timeout: float) -> BlockingControlClient:
+    try:
+        return BlockingControlClient(path, timeout=timeout)
+    except OSError as e:
+        raise _NoMaster(_cannot_connect(path, e))
+
+
 def _failed_workers(report: dict) -> list:
     """The error texts of the workers that failed in a C{set} report."""
     return ["worker %s: %s" % (w.get("pid"), w["error"]) for w in report.get("workers", ()) if "error" in w]
@@ -171,7 +221,7 @@ def main(argv=None) -> int:
                 parser.error("set: expected NAME=VALUE, got %r" % (setting,))
     code = EXIT_OK
     try:
-        with BlockingControlClient(_socket_path(args), timeout=args.timeout) as client:
+        with _connect(_socket_path(args), args.timeout) as client:
             if args.command == "status":
                 result = client.status()
                 clusters = _cluster_nodes(client.stats())

@@ -78,15 +78,16 @@ def stop_control(port, path=None) -> None:
             pass
 
 
-def listen_control(reactor, path: str, proxy):
+def listen_control(reactor, path: str, proxy, mode: int = 0o600):
     """
     Serve the control commands for C{proxy} (an L{IProxyControl}) on the UNIX
-    socket C{path} (mode 0600); returns the port.  Stopping the port leaves the
-    path in place (after an upgrade it belongs to the new master); its owner
-    removes it on a normal exit.
+    socket C{path}, created with permissions C{mode} (C{global: control_mode};
+    owner only by default); returns the port.  Stopping the port leaves
+    the path in place (after an upgrade it belongs to the new master); its
+    owner removes it on a normal exit.
     """
     proxy = IProxyControl(proxy)
-    sock = bind_socket(ListenSpec(path=path, perm=0o600), 16)
+    sock = bind_socket(ListenSpec(path=path, perm=mode), 16)
     try:
         return adopt_port(reactor, sock.fileno(), quiet_factory(lambda: ControlProtocol(proxy)))
     finally:

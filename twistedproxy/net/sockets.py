@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 
 from twisted.internet import tcp, unix
 
@@ -19,7 +20,7 @@ from twisted.internet import tcp, unix
 def bind_socket(listen, backlog: int, reuseport: bool = False) -> socket.socket:
     """
     A bound, listening, non-blocking socket for a L{ListenSpec}.  UNIX sockets
-    replace a stale file and get the configured permissions.
+    replace a stale file and are created with the configured permissions.
     """
     if listen.path is not None:
         try:
@@ -27,9 +28,19 @@ def bind_socket(listen, backlog: int, reuseport: bool = False) -> socket.socket:
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(listen.path)
-        if listen.perm is not None:
-            os.chmod(listen.path, listen.perm)
+        if listen.perm is None:
+            sock.bind(listen.path)
+        else:
+            # bind() creates the file with 0777 less the umask: binding under the
+            # umask that leaves exactly these permissions, the file never has more,
+            # not even for a moment as with a chmod() after it (the control socket
+            # is owner-only).  The umask is the process's: it is changed for one
+            # bind() in the reactor's thread, which is the only one creating files.
+            previous = os.umask(0o777 & ~listen.perm)
+            try:
+                sock.bind(listen.path)
+            finally:
+                os.umask(previous)
     else:
         family = socket.AF_INET6 if ":" in (listen.host or "") else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -98,11 +109,25 @@ def adopt_port(reactor, fd: int, factory, one_accept: bool = False):
         if family == socket.AF_UNIX:
             cls = _OneAcceptUNIXPort if one_accept else _AdoptedUNIXPort
             port = cls._fromListeningDescriptor(reactor, fd, factory)
+            _keep_permissions(port)
         else:
             cls = _OneAcceptTCPPort if one_accept else tcp.Port
             port = cls._fromListeningDescriptor(reactor, fd, family, factory)
     port.startListening()
     return port
+
+
+def _keep_permissions(port) -> None:
+    """
+    Twisted's UNIX port chmods its path when it starts listening, even on an
+    adopted descriptor, to its C{mode} (0666 unless told): that opened the
+    owner-only control socket to everyone.  The mode becomes the one the path
+    has, so the permissions it was bound with (L{bind_socket}) stay.
+    """
+    try:
+        port.mode = stat.S_IMODE(os.stat(port._bindPath).st_mode)
+    except (OSError, TypeError):
+        pass  # no file at the path (abstract, or removed): Twisted's chmod says so as before
 
 
 class _AdoptedUNIXPort(unix.Port):

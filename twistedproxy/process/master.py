@@ -49,6 +49,7 @@ from twistedproxy.process.statistics import MasterStats
 from twistedproxy.process.supervisor import Supervisor, SupervisorEvents
 from twistedproxy.process.upgrade import Upgrade
 from twistedproxy.process.worker import LAYOUT_ENV
+from twistedproxy.stats import server as stats_server
 
 log = Logger()
 
@@ -253,7 +254,7 @@ class MasterService(service.Service, SupervisorEvents):
             return
         from twistedproxy.control.server import listen_control
 
-        self.control_port = listen_control(self.reactor, path, self)
+        self.control_port = listen_control(self.reactor, path, self, self.config.global_.control_mode)
 
     def _close_control(self, path=None) -> None:
         """Stop serving the control socket; with C{path}, remove its file (see L{stop_control})."""
@@ -360,7 +361,7 @@ class MasterService(service.Service, SupervisorEvents):
             applied = self.supervisor.broadcast(channel.Reconfigure, pushed, config=text, source=path)
             self._resize(config.global_.worker_processes)
 
-        if old.global_.stats_http != config.global_.stats_http:
+        if stats_server.moved(old.global_, config.global_):
             self.stats.move(config, self.listening.close)
 
         def done(results):

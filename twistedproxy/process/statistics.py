@@ -2,9 +2,10 @@
 Stats aggregation: the master's statistics room.  It asks every live worker
 for its counters over the channel (L{collect}), keeps them past the workers'
 exits (L{twistedproxy.stats.workers.Totals}), and serves the stats endpoints
-(nutcracker's stats port, C{global.stats_http}) from the merge
-(L{WorkerSources}): on its own sockets, passed on to the new master of an
-upgrade, moved when a reload changes C{stats_http}.
+(nutcracker's stats port, C{global.stats_http}, the read-only
+C{global.metrics_http}) from the merge (L{WorkerSources}): on its own sockets,
+passed on to the new master of an upgrade, moved when a reload changes
+C{stats_http} or C{metrics_http}.
 
 A new master of an upgrade serves the stats only once the old master's
 counters came (L{MasterStats.inherit}), so no counter goes backwards.
@@ -127,8 +128,7 @@ class MasterStats:
 
     def _endpoints(self, config) -> dict:
         opts = self.master.options
-        return stats_server.endpoints(opts.get("stats-port"), opts.get("stats-addr", "0.0.0.0"),
-                                      config.global_.stats_http)
+        return stats_server.endpoints(config.global_, opts.get("stats-port"), opts.get("stats-addr", "0.0.0.0"))
 
     def bind(self, config, inherited: dict) -> None:
         """Bind (or take from C{inherited}, consumed) the endpoints' sockets; before privileges are dropped."""
@@ -157,7 +157,7 @@ class MasterStats:
     def move(self, config, close) -> None:
         """
         Serve the stats endpoints where C{config} puts them (a reload changed
-        C{stats_http}): sockets that stay are kept, a new address is bound (or
+        C{stats_http} or C{metrics_http}): sockets that stay are kept, a new address is bound (or
         logged and skipped, as at start), a dropped one is closed (C{close}).
         Connections already accepted finish where they are.
         """

@@ -10,6 +10,10 @@ The stats endpoints:
     with each process's settings).  State-changing calls (C{POST}) are off
     unless C{global: admin_token} (or C{admin_token_file}) is set; they then
     need C{Authorization: Bearer TOKEN}.
+  - the read-only HTTP endpoint (C{global: metrics_http}): only C{GET} (and
+    C{HEAD}) of C{/metrics}, C{/status} and C{/stats.json}; any other method
+    on any path is 405, whatever it carries: a scraper's address that cannot
+    change anything, token or not.
 
 Both take I{sources}, callables returning Deferreds, so the same servers run in
 a single process (L{LocalSources}) and in the master, which collects from its
@@ -189,21 +193,54 @@ class _QuietSite(server.Site):
         pass
 
 
-class StatsSite:
-    """The HTTP resource tree; C{site()} is a Twisted web Site to listen with."""
+class _ReadOnlyRoot(resource.Resource):
+    """A root that answers every method but GET and HEAD with 405 before looking for the path."""
 
-    def __init__(self, sources, reactor):
+    METHODS = (b"GET", b"HEAD")
+
+    def getChildWithDefault(self, path, request):
+        if request.method not in self.METHODS:
+            return _MethodNotAllowed(self.METHODS)
+        return resource.Resource.getChildWithDefault(self, path, request)
+
+    def render(self, request):
+        return _MethodNotAllowed(self.METHODS).render(request)
+
+
+class _MethodNotAllowed(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, allowed):
+        resource.Resource.__init__(self)
+        self.allowed = allowed
+
+    def render(self, request):
+        request.setResponseCode(405)
+        request.setHeader(b"allow", b", ".join(self.allowed))
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"method not allowed\n"
+
+
+class StatsSite:
+    """
+    The HTTP resource tree; C{site()} is a Twisted web Site to listen with.
+    C{read_only}: the C{metrics_http} endpoint's tree (L{_ReadOnlyRoot}: only
+    reading, and only C{/metrics}, C{/status}, C{/stats.json}).
+    """
+
+    def __init__(self, sources, reactor, read_only=False):
         self.sources = sources
         self.reactor = reactor
         self.previous = None  # the last snapshot the status page saw (for rates)
-        root = resource.Resource()
+        root = _ReadOnlyRoot() if read_only else resource.Resource()
         page = _Deferred(self._status)
-        root.putChild(b"", page)
         root.putChild(b"status", page)
         root.putChild(b"stats.json", _Deferred(self._stats_json))
         root.putChild(b"metrics", _Deferred(self._metrics))
-        root.putChild(b"slowlog", _Deferred(self._slowlog))
-        root.putChild(b"tune", _Deferred(self._tune, methods=(b"POST",)))
+        if not read_only:
+            root.putChild(b"", page)
+            root.putChild(b"slowlog", _Deferred(self._slowlog))
+            root.putChild(b"tune", _Deferred(self._tune, methods=(b"POST",)))
         self.root = root
 
     def site(self) -> server.Site:
@@ -278,51 +315,71 @@ class StatsSite:
 def stats_key(kind: str, listen_spec) -> str:
     """
     The name of the master's listening socket for a stats endpoint (C{kind}
-    "port": nutcracker's C{-s/-a}; "http": C{global.stats_http}).  The address is
-    part of the name so a new master whose endpoint moved binds afresh.
+    "port": nutcracker's C{-s/-a}; "http": C{global.stats_http}; "metrics":
+    C{global.metrics_http}).  The address is part of the name so a new master
+    whose endpoint moved binds afresh.
     """
     return "stats#%s@%s" % (kind, listen_spec)
 
 
-def endpoints(stats_port=None, stats_addr="0.0.0.0", http_listen=None) -> dict:
+def endpoints(global_config, stats_port=None, stats_addr="0.0.0.0") -> dict:
     """
     The stats endpoints asked for: kind -> ListenSpec, kind "port" for the stats
-    port (C{stats_port}, 0 or None: none) and "http" for the HTTP endpoint
-    (C{http_listen}, a ListenSpec or None).
+    port (the command line's C{stats_port}, 0 or None: none, on C{stats_addr}),
+    "http" for C{global_config.stats_http} and "metrics" for its read-only
+    C{metrics_http} (each a ListenSpec or None: none).
     """
     from twistedproxy.config import ListenSpec
 
     found = {}
     if stats_port:
         found["port"] = ListenSpec(host=stats_addr, port=stats_port)
-    if http_listen is not None:
-        found["http"] = http_listen
+    if global_config.stats_http is not None:
+        found["http"] = global_config.stats_http
+    if global_config.metrics_http is not None:
+        found["metrics"] = global_config.metrics_http
     return found
+
+
+def moved(old_global, new_global) -> bool:
+    """Whether a reload from C{old_global} to C{new_global} (GlobalConfigs) moves an HTTP stats endpoint."""
+    return (old_global.stats_http, old_global.metrics_http) != (new_global.stats_http, new_global.metrics_http)
 
 
 def _factory(kind, sources, reactor):
     if kind == "port":
         return StatsPortFactory(sources.stats)
-    return StatsSite(sources, reactor).site()
+    return StatsSite(sources, reactor, read_only=kind == "metrics").site()
+
+
+_WHAT = {"port": "on stats port", "http": "for stats HTTP on", "metrics": "for read-only metrics HTTP on"}
 
 
 def _cannot_listen(kind, spec, error) -> None:
-    what = "on stats port" if kind == "port" else "for stats HTTP on"
-    log.error("cannot listen {what} {addr}: {error}", what=what, addr=str(spec), error=error)
+    log.error("cannot listen {what} {addr}: {error}", what=_WHAT[kind], addr=str(spec), error=error)
 
 
-def start(reactor, sources, stats_port=None, stats_addr="0.0.0.0", http_listen=None) -> list:
+def start(reactor, sources, specs: dict, running=None) -> dict:
     """
-    Listen with the stats endpoints (see L{endpoints}); returns the listening
-    ports.  One that cannot be opened is logged and skipped: the proxy keeps
-    serving.
+    Listen with the stats endpoints C{specs} (kind -> ListenSpec, from
+    L{endpoints}); returns the listening ports by socket name (L{stats_key}).
+    C{running} (what an earlier call returned) are kept where their address
+    stays and stopped otherwise: a reload moves only what moved.  One that
+    cannot be opened is logged and skipped: the proxy keeps serving.
     """
     from twistedproxy.net.sockets import listen
 
-    ports = []
-    for kind, spec in endpoints(stats_port, stats_addr, http_listen).items():
+    ports = {}
+    running = dict(running or {})
+    wanted = {stats_key(kind, spec): (kind, spec) for kind, spec in specs.items()}
+    for key in set(running) - set(wanted):
+        running.pop(key).stopListening()
+    for key, (kind, spec) in wanted.items():
+        if key in running:
+            ports[key] = running.pop(key)
+            continue
         try:
-            ports.append(listen(reactor, spec, _factory(kind, sources, reactor)))
+            ports[key] = listen(reactor, spec, _factory(kind, sources, reactor))
         except Exception as e:
             _cannot_listen(kind, spec, e)
     return ports
