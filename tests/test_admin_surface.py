@@ -22,6 +22,8 @@ import tempfile
 
 import pytest
 import yaml
+from twisted.internet.protocol import ServerFactory
+from twisted.internet.testing import MemoryReactorClock
 
 from tests.support import processes
 from tests.support.processes import HOST, free_port
@@ -136,6 +138,10 @@ def test_a_unix_socket_has_its_permissions_from_the_moment_it_exists(monkeypatch
         os.umask(previous)
     try:
         assert seen == [0o600] and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        # Served (Twisted's UNIX port chmods its path as it starts listening): still 0600.
+        port = sockets.adopt_port(MemoryReactorClock(), sock.fileno(), ServerFactory())
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        port.stopListening()
     finally:
         sock.close()
         os.unlink(path)

@@ -105,11 +105,12 @@ def adopt_port(reactor, fd: int, factory, one_accept: bool = False):
     with keep_nonblocking():
         probe = socket.socket(fileno=fd)
         family = probe.family
+        path = probe.getsockname() if family == socket.AF_UNIX else None
         probe.detach()  # the descriptor stays open; it was only inspected
         if family == socket.AF_UNIX:
             cls = _OneAcceptUNIXPort if one_accept else _AdoptedUNIXPort
             port = cls._fromListeningDescriptor(reactor, fd, factory)
-            _keep_permissions(port)
+            _keep_permissions(port, path)
         else:
             cls = _OneAcceptTCPPort if one_accept else tcp.Port
             port = cls._fromListeningDescriptor(reactor, fd, family, factory)
@@ -117,7 +118,7 @@ def adopt_port(reactor, fd: int, factory, one_accept: bool = False):
     return port
 
 
-def _keep_permissions(port) -> None:
+def _keep_permissions(port, path) -> None:
     """
     Twisted's UNIX port chmods its path when it starts listening, even on an
     adopted descriptor, to its C{mode} (0666 unless told): that opened the
@@ -125,8 +126,8 @@ def _keep_permissions(port) -> None:
     has, so the permissions it was bound with (L{bind_socket}) stay.
     """
     try:
-        port.mode = stat.S_IMODE(os.stat(port._bindPath).st_mode)
-    except (OSError, TypeError):
+        port.mode = stat.S_IMODE(os.stat(path).st_mode)
+    except (OSError, TypeError, ValueError):
         pass  # no file at the path (abstract, or removed): Twisted's chmod says so as before
 
 
