@@ -51,14 +51,6 @@ def request(port, method, path, body=None, token=None):
         conn.close()
 
 
-def answers(port) -> bool:
-    try:
-        socket.create_connection((HOST, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 def slowlog_thresholds(port, token) -> list:
     """Every process's slowlog_threshold, as a POST /tune that changes nothing reports them."""
     status, _, body = request(port, "POST", "/tune", b"", token=token)
@@ -194,7 +186,7 @@ def test_metrics_http_in_a_single_process(spawn, redis_backends):
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
     proc.signal(signal.SIGHUP)
-    poll(lambda: answers(moved_port) and not answers(metrics_port), 10, 0.05, "the metrics address to move")
+    poll(lambda: processes.listening(moved_port) and not processes.listening(metrics_port), 10, 0.05, "the metrics address to move")
     assert request(moved_port, "GET", "/metrics")[0] == 200
     assert request(http_port, "POST", "/tune", b"slowlog_threshold=0.5", token=OLD_TOKEN)[0] == 401
     assert slowlog_thresholds(http_port, NEW_TOKEN) == [0.01]
@@ -257,7 +249,7 @@ def test_admin_surface_under_a_master_through_twistd(spawn, memcached_backends, 
     assert status == 401, body
     status, _, body = request(http_port, "POST", "/tune", b"slowlog_threshold=0.25", token=NEW_TOKEN)
     assert status == 200 and [w["slowlog_threshold"] for w in json.loads(body)["workers"]] == [0.25, 0.25]
-    poll(lambda: answers(moved_port) and not answers(metrics_port), 10, 0.05, "the metrics address to move")
+    poll(lambda: processes.listening(moved_port) and not processes.listening(metrics_port), 10, 0.05, "the metrics address to move")
     assert request(moved_port, "GET", "/metrics")[0] == 200
     assert request(moved_port, "POST", "/tune", b"slowlog_threshold=0.5", token=NEW_TOKEN)[0] == 405
 

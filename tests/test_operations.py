@@ -311,16 +311,6 @@ def _demo_config(tmp_path) -> tuple:
     return str(path), int(config["redis"]["listen"].rsplit(":", 1)[1]), backends, config["global"]["control"]
 
 
-def _listening(port) -> bool:
-    import socket
-
-    try:
-        socket.create_connection((HOST, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.timeout(180)
 def test_demo_follows_the_master_through_an_upgrade(tmp_path):
     conf, port, backends, control = _demo_config(tmp_path)
@@ -355,15 +345,15 @@ def test_demo_follows_the_master_through_an_upgrade(tmp_path):
         # The demo still runs, and so do its backends: the value is still there.
         assert demo.poll() is None
         assert redis.Redis(host=HOST, port=port, socket_timeout=10, protocol=2).get("demo") == b"survives"
-        assert all(_listening(p) for ports in backends.values() for p in ports)
+        assert all(processes.listening(p) for ports in backends.values() for p in ports)
         everything = [new_pid] + [w["pid"] for w in new["workers"]]
 
         demo.send_signal(signal.SIGTERM)
         assert demo.wait(60) is not None
         poll(lambda: not any(pid_alive(pid) for pid in everything), 20, message="the proxy to stop")
-        poll(lambda: not any(_listening(p) for ports in backends.values() for p in ports), 20,
+        poll(lambda: not any(processes.listening(p) for ports in backends.values() for p in ports), 20,
              message="the backends to stop")
-        assert not _listening(port) and not pid_path.exists()
+        assert not processes.listening(port) and not pid_path.exists()
     finally:
         if demo.poll() is None:
             demo.kill()

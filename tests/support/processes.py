@@ -40,6 +40,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int, host: str = HOST) -> bool:
+    """Whether something accepts connections on C{host:port} now."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def wait_for_port(port: int, proc=None, timeout: float = 10.0, host: str = HOST) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
