@@ -65,6 +65,8 @@ def check_read_only(metrics_port, http_port, token, processes_count) -> None:
         assert status == 200 and headers["cache-control"] == "no-store", (path, status, body)
     assert b"cacheproxy_build_info" in request(metrics_port, "GET", "/metrics")[2]
     assert json.loads(request(metrics_port, "GET", "/stats.json")[2])["twistedproxy"]
+    page = request(metrics_port, "GET", "/status")[2]
+    assert b'href="/metrics"' in page and b"/slowlog" not in page  # links only to what it serves
     status, headers, body = request(metrics_port, "HEAD", "/metrics")
     assert status == 200 and body == b""
     for path in ("/", "/slowlog", "/tune", "/nothing"):

@@ -232,6 +232,8 @@ class StatsSite:
         self.sources = sources
         self.reactor = reactor
         self.previous = None  # the last snapshot the status page saw (for rates)
+        # The status page links to the other pages of its address.
+        self.links = tuple(link for link in status.LINKS if link != "/slowlog") if read_only else status.LINKS
         root = _ReadOnlyRoot() if read_only else resource.Resource()
         page = _Deferred(self._status)
         root.putChild(b"status", page)
@@ -253,7 +255,8 @@ class StatsSite:
             previous, self.previous = self.previous, merged
             if previous is not None and merged["time"] - previous["time"] > 120:
                 previous = None  # too old to give a current rate
-            return "text/html; charset=utf-8", status.render(merged, previous, self.reactor.seconds()).encode("utf-8")
+            page = status.render(merged, previous, self.reactor.seconds(), self.links)
+            return "text/html; charset=utf-8", page.encode("utf-8")
 
         return self.sources.stats().addCallback(render)
 

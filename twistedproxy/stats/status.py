@@ -151,8 +151,14 @@ def workers_table(merged: dict, now: float) -> str:
     return "\n".join(out)
 
 
-def render(merged: dict, previous=None, now=None) -> str:
-    """The status page for a merged snapshot (C{previous}: the one before, for rates)."""
+LINKS = ("/stats.json", "/metrics", "/slowlog")  # the stats HTTP endpoint's other pages
+
+
+def render(merged: dict, previous=None, now=None, links=LINKS) -> str:
+    """
+    The status page for a merged snapshot (C{previous}: the one before, for
+    rates); its footer links to C{links}, the other pages of its address.
+    """
     now = time.time() if now is None else now
     started = merged.get("started") or now
     out = [
@@ -249,6 +255,6 @@ def render(merged: dict, previous=None, now=None) -> str:
                        _fmt_ms(s["p99"]), _fmt_ms(b["p99"]), _fmt_ms(s["max"]))
                 )
             out.append("</table>")
-    out.append('<p class="meta">Also: <a href="/stats.json">/stats.json</a> &middot; <a href="/metrics">/metrics</a>'
-               ' &middot; <a href="/slowlog">/slowlog</a></p></body></html>')
+    out.append('<p class="meta">Also: %s</p></body></html>'
+               % (" &middot; ".join('<a href="%s">%s</a>' % (link, link) for link in links),))
     return "\n".join(out)
