@@ -27,7 +27,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from tests.support import processes
 from tests.support.processes import HOST, free_port
-from tests.support.workers import master_config, poll
+from tests.support.workers import Master, kill_pid, master_config, poll
 from twistedproxy.config import ConfigError, ListenSpec, config_from_dict
 from twistedproxy.control import cli
 from twistedproxy.control.client import BlockingControlClient
@@ -267,3 +267,21 @@ def test_admin_surface_under_a_master_through_twistd(spawn, memcached_backends, 
     poll(lambda: (ready_workers() or {}).get("last_reload", before) != before, 20, 0.05, "the second reload")
     assert request(http_port, "POST", "/tune", b"", token=NEW_TOKEN)[0] == 401
     assert slowlog_thresholds(http_port, "from-the-file") == [0.01, 0.01]  # the reload applied the file's
+
+
+def test_the_metrics_address_and_the_control_socket_through_an_upgrade(spawn, memcached_backends):
+    """SIGUSR2: the new master serves the read-only address on the inherited socket, still read-only."""
+    (backend,) = memcached_backends(1)
+    port, metrics_port = free_port(), free_port()
+    config = master_config({"mc": processes.pool_config([backend.port], port, redis=False)}, worker_processes=1,
+                           metrics_http="%s:%d" % (HOST, metrics_port))
+    master = Master(spawn, config, port)
+    assert request(metrics_port, "GET", "/metrics")[0] == 200
+    new_pid = master.upgrade(1)["pid"]
+    try:
+        assert new_pid != master.process.pid
+        assert request(metrics_port, "GET", "/metrics")[0] == 200
+        assert request(metrics_port, "POST", "/tune", b"slowlog_threshold=0.5")[0] == 405
+        assert stat.S_IMODE(os.stat(master.control_path).st_mode) == 0o600  # the new master's socket
+    finally:
+        kill_pid(new_pid)
