@@ -110,8 +110,14 @@ def test_control_mode_and_metrics_http_keys(tmp_path):
 # -- the control socket ------------------------------------------------------------------
 
 
-def test_a_unix_socket_has_its_permissions_from_the_moment_it_exists(monkeypatch):
-    """Even under umask 0 the file bind() creates is never more open than asked, then or later."""
+@pytest.mark.parametrize("perm, mode", [(0o600, 0o600), (0o660, 0o660), (None, 0o666)])
+def test_a_unix_socket_has_its_permissions_from_the_moment_it_exists(monkeypatch, perm, mode):
+    """
+    Even under umask 0 the file bind() creates is never more open than asked,
+    then or once served (Twisted's UNIX port chmods its path as it starts
+    listening); without permissions a socket is 0666, as Twisted's listenUNIX
+    makes it in a single process.
+    """
     import types
 
     seen = []
@@ -126,15 +132,14 @@ def test_a_unix_socket_has_its_permissions_from_the_moment_it_exists(monkeypatch
     path = tempfile.mktemp(prefix="tp-mode-", suffix=".sock")
     previous = os.umask(0)
     try:
-        sock = sockets.bind_socket(ListenSpec(path=path, perm=0o600), 8)
+        sock = sockets.bind_socket(ListenSpec(path=path, perm=perm), 8)
         assert os.umask(0) == 0  # the process's umask is back
     finally:
         os.umask(previous)
     try:
-        assert seen == [0o600] and stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        # Served (Twisted's UNIX port chmods its path as it starts listening): still 0600.
+        assert seen == [mode] and stat.S_IMODE(os.stat(path).st_mode) == mode
         port = sockets.adopt_port(MemoryReactorClock(), sock.fileno(), ServerFactory())
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode
         port.stopListening()
     finally:
         sock.close()
@@ -179,6 +184,7 @@ def test_metrics_http_in_a_single_process(spawn, redis_backends):
                          "admin_token": OLD_TOKEN, "control": control, "control_mode": "0660"}}
     proc = spawn(processes.proxy, config, port)
     processes.wait_for_port(metrics_port, proc.proc)
+    poll(lambda: os.path.exists(control), 10, 0.05, "the control socket")  # opened just after the stats
     assert stat.S_IMODE(os.stat(control).st_mode) == 0o660
     check_read_only(metrics_port, http_port, OLD_TOKEN, 1)
 

@@ -20,7 +20,8 @@ from twisted.internet import tcp, unix
 def bind_socket(listen, backlog: int, reuseport: bool = False) -> socket.socket:
     """
     A bound, listening, non-blocking socket for a L{ListenSpec}.  UNIX sockets
-    replace a stale file and are created with the configured permissions.
+    replace a stale file and are created with the configured permissions
+    (0666 when none are, as L{listen} gives them).
     """
     if listen.path is not None:
         try:
@@ -28,19 +29,8 @@ def bind_socket(listen, backlog: int, reuseport: bool = False) -> socket.socket:
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if listen.perm is None:
+        with _created_with(_permissions(listen)):
             sock.bind(listen.path)
-        else:
-            # bind() creates the file with 0777 less the umask: binding under the
-            # umask that leaves exactly these permissions, the file never has more,
-            # not even for a moment as with a chmod() after it (the control socket
-            # is owner-only).  The umask is the process's: it is changed for one
-            # bind() in the reactor's thread, which is the only one creating files.
-            previous = os.umask(0o777 & ~listen.perm)
-            try:
-                sock.bind(listen.path)
-            finally:
-                os.umask(previous)
     else:
         family = socket.AF_INET6 if ":" in (listen.host or "") else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -51,6 +41,28 @@ def bind_socket(listen, backlog: int, reuseport: bool = False) -> socket.socket:
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+def _permissions(listen) -> int:
+    """A UNIX socket's permissions: the configured ones, else 0666 as Twisted's listenUNIX gives (L{listen})."""
+    return 0o666 if listen.perm is None else listen.perm
+
+
+@contextlib.contextmanager
+def _created_with(permissions: int):
+    """
+    Within it, a UNIX socket's bind() creates its file with exactly
+    C{permissions}, so it never has more, not even for a moment as with a
+    chmod() after it (the control socket is owner-only).
+    """
+    # bind() creates the file with 0777 less the umask.  The umask is the
+    # process's: it is changed for one bind() in the reactor's thread, the only
+    # one creating files.
+    previous = os.umask(0o777 & ~permissions)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 @contextlib.contextmanager
@@ -80,10 +92,9 @@ def adopt_socket(reactor, sock: socket.socket, factory):
 def listen(reactor, listen_spec, factory, backlog: int = 512, reuseport: bool = False):
     """Listen for C{factory} on C{listen_spec}; returns the listening port object."""
     if listen_spec.path is not None and not reuseport:
-        kwargs = {"backlog": backlog}
-        if listen_spec.perm is not None:
-            kwargs["mode"] = listen_spec.perm
-        return reactor.listenUNIX(listen_spec.path, factory, **kwargs)
+        mode = _permissions(listen_spec)
+        with _created_with(mode):  # listenUNIX binds at once, then chmods to the mode it has already
+            return reactor.listenUNIX(listen_spec.path, factory, backlog=backlog, mode=mode)
     if not reuseport:
         return reactor.listenTCP(listen_spec.port, factory, backlog=backlog, interface=listen_spec.host)
     sock = bind_socket(listen_spec, backlog, reuseport=True)
