@@ -19,7 +19,7 @@ import os
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from twistedproxy.config.model import GlobalConfig, ListenSpec, PoolConfig, ProxyConfig, ServerSpec
+from twistedproxy.config.model import GlobalConfig, ListenSpec, Permissions, PoolConfig, ProxyConfig, ServerSpec
 from twistedproxy.config.routes import RouteValue, TenantsValue, route_kinds, route_pools
 from twistedproxy.config.tls import BACKEND_KEYS, check_pool_tls, tls_key_specs
 from twistedproxy.config.tree import MAPPING, SCALAR, SEQUENCE, ConfigNode, SourceError, from_python, from_yaml
@@ -169,7 +169,7 @@ class _ControlMode(ValueType):
         if not mode & 0o200:
             raise Invalid("%04o leaves the owner unable to connect (a client needs write permission:"
                           " e.g. 0600, 0660)" % (mode,))
-        return mode
+        return Permissions(mode)
 
 
 class _Servers(ValueType):

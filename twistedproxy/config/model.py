@@ -15,6 +15,13 @@ from typing import Optional, Tuple, Union
 from twistedproxy.config.routes import RouteSpec, TenantSpec
 
 
+class Permissions(int):
+    """A file's permission bits: an int that reads in octal (C{0600}), as the configuration writes it."""
+
+    def __str__(self) -> str:
+        return "%04o" % (self,)
+
+
 @dataclass(frozen=True)
 class ListenSpec:
     """Where a pool listens: TCP C{host:port} or a UNIX socket C{path} (with C{perm})."""
@@ -149,7 +156,7 @@ class GlobalConfig:
     accept_mutex: bool = False
     tcp_quickack: bool = False
     control: Optional[str] = None  # path of the master's control socket
-    control_mode: int = 0o600  # the control socket's permissions
+    control_mode: int = Permissions(0o600)  # the control socket's permissions
     user: Optional[str] = None
     group: Optional[str] = None
     stats_http: Optional[ListenSpec] = None  # HTTP /metrics, /status, /slowlog, /stats.json
