@@ -47,6 +47,11 @@ def proxy(cluster, spawn):
         keys.setdefault("timeout", 2000)
         config = {"c": pool_config([seed or cluster.ports[0]], port, redis_cluster=True, **keys)}
         spawn(processes.proxy, config, port, extra_args=["-s", str(stats), "-a", HOST])
+        # Serve tests only once the proxy has read the slot map (every node is in its stats):
+        # before that a seed answers for every slot, and a transaction pinned there would get
+        # MOVED for the keys it does not serve.
+        wait_for(lambda: len([node for node, counters in processes.read_stats_port(stats)["c"].items()
+                              if isinstance(counters, dict)]) >= len(cluster.ports))
         return port, stats
 
     return start
