@@ -422,6 +422,10 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             "twistedproxy: where a cluster pool's reads go: master; replica (a replica of the"
             " slot, the master if it has none); prefer_replica (a replica that is up, else the"
             " master). Writes always go to masters."),
+    KeySpec("redis_auth_user", Text(),
+            "twistedproxy: the Redis ACL user every new server connection logs in as (AUTH user"
+            " redis_auth); needs redis_auth. Clients still log in with redis_auth (AUTH password,"
+            " or AUTH with the user default or this user)."),
 ) + tls_key_specs(KeySpec)
 
 # Keys that describe a pool's own servers and placement: a front (route or tenants) has none,
@@ -429,7 +433,7 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
 SERVER_KEYS = ("servers", "hash", "hash_tag", "distribution", "timeout", "preconnect", "redis_auth",
                "redis_db", "server_connections", "auto_eject_hosts", "server_retry_timeout",
                "server_failure_limit", "tcpkeepalive", "transaction_connections", "redis_cluster",
-               "cluster_refresh_interval", "read_from") + BACKEND_KEYS
+               "cluster_refresh_interval", "read_from", "redis_auth_user") + BACKEND_KEYS
 # Keys of a twemproxy pool's hash placement, which a cluster pool does not use.
 CLUSTER_UNUSED_KEYS = ("hash", "hash_tag", "distribution", "auto_eject_hosts", "server_failure_limit",
                        "server_retry_timeout")
@@ -605,6 +609,9 @@ def _parse_pool(name: str, line: Optional[int], node: ConfigNode, problems: _Pro
     if parsed.values.get("redis_auth") and not parsed.values.get("redis", _POOL_DEFAULTS["redis"]):
         problems.add(parsed.lines["redis_auth"], "is only valid in a redis pool (set redis: true)",
                      section, "redis_auth")
+    if "redis_auth_user" in parsed.lines and not parsed.values.get("redis_auth"):
+        problems.add(parsed.lines["redis_auth_user"], "needs redis_auth (the user's password)",
+                     section, "redis_auth_user")
     _check_cluster(parsed, section, problems)
     check_pool_tls(parsed.values, parsed.lines, lambda at, message, key: problems.add(at, message, section, key))
     listen, listen_line = parsed.values.get("listen"), parsed.lines.get("listen")

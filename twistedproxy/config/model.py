@@ -120,6 +120,7 @@ class PoolConfig:
     backend_tls_cert: Optional[str] = None
     backend_tls_key: Optional[str] = None
     backend_tls_names: Tuple[Tuple[str, str], ...] = ()  # (server address, expected name)
+    redis_auth_user: Optional[str] = None  # the ACL user of AUTH user redis_auth to the servers
 
     @property
     def protocol(self) -> str:
