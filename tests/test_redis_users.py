@@ -8,16 +8,15 @@ the command that makes a pbkdf2 password.
 from __future__ import annotations
 
 import io
-import textwrap
 
 import pytest
 
-from twistedproxy.config import ConfigError, parse_config
 from twistedproxy.config import passwords
 from twistedproxy.config.passwords import Checker, Password
 from twistedproxy.control import cli as ctl
 from twistedproxy.protocols import redis_commands
 from tests.support.resp import cmd
+from tests.test_config_routes import parse, refusal
 from tests.test_core import Harness
 from tests.test_tenants import Front, redis_pools
 
@@ -115,16 +114,6 @@ def test_password_forms_and_their_errors():
         assert str(caught.value).startswith(message)
 
 
-def parse(text: str):
-    return parse_config(textwrap.dedent(text), "users.yml")
-
-
-def refusal(text: str) -> list:
-    with pytest.raises(ConfigError) as caught:
-        parse(text)
-    return caught.value.errors
-
-
 BACKEND = "p:\n  redis: true\n  servers:\n    - 127.0.0.1:7001:1\n"
 
 
@@ -147,12 +136,12 @@ front:
     assert acme.users[0][1].pbkdf2[0] == 1000
     head = BACKEND + "front:\n  listen: 127.0.0.1:22121\n  redis: true\n  tenants:\n    acme:\n      route: p\n      users: "
     assert refusal(head + "{alice: {read_only: true}}\n") == [
-        "users.yml:11: pool 'front': key 'tenants': tenant 'acme': user 'alice': password is missing"]
+        "routes.yml:11: pool 'front': key 'tenants': tenant 'acme': user 'alice': password is missing"]
     assert refusal(head + "{alice: {password: x, admin: true}}\n") == [
-        "users.yml:11: pool 'front': key 'tenants': tenant 'acme': user 'alice': unknown key 'admin'"
+        "routes.yml:11: pool 'front': key 'tenants': tenant 'acme': user 'alice': unknown key 'admin'"
         " (expected password, read_only)"]
     assert refusal(head + "{alice: 'pbkdf2:sha256:5:s:%s'}\n" % ("0" * 64,)) == [
-        "users.yml:11: pool 'front': key 'tenants': tenant 'acme': user 'alice': a pbkdf2 password needs at"
+        "routes.yml:11: pool 'front': key 'tenants': tenant 'acme': user 'alice': a pbkdf2 password needs at"
         " least 1000 iterations (got 5)"]
 
 
@@ -162,7 +151,7 @@ def test_redis_auth_user_needs_redis_auth_and_a_pool_with_servers():
     assert config.pool("p").redis_auth_user == "app"
     errors = refusal("p:\n  listen: 127.0.0.1:22121\n  redis: true\n  redis_auth_user: app\n"
                      "  servers:\n    - 127.0.0.1:7001:1\n")
-    assert errors == ["users.yml:4: pool 'p': key 'redis_auth_user': needs redis_auth (the user's password)"]
+    assert errors == ["routes.yml:4: pool 'p': key 'redis_auth_user': needs redis_auth (the user's password)"]
 
 
 def test_the_backend_acl_user_logs_in_on_every_connection_and_clients_may_name_it():
