@@ -26,7 +26,7 @@ from twistedproxy.protocols import redis_commands
 
 pytestmark = pytest.mark.integration
 
-TOO_MANY = b"-ERR too many failed authentication attempts from this address; try again later\r\n"
+TOO_MANY = b"-WRONGPASS too many failed authentication attempts from this address; try again later\r\n"
 
 
 def exchange(port: int, data: bytes) -> bytes:

@@ -42,8 +42,10 @@ _WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\
 _TENANT_FULL = b"-ERR max number of clients reached for tenant '%s'\r\n"
 _INVALID_PASSWORD = b"-ERR invalid password\r\n"
 _NO_PASSWORD = b"-ERR Client sent AUTH, but no password is set\r\n"
-# A login from an address with too many failed ones (core/logins.py): not checked.
-_TOO_MANY_FAILURES = b"-ERR " + TOO_MANY_FAILURES_TEXT.encode("ascii") + b"\r\n"
+# A login from an address with too many failed ones (core/logins.py): not checked.  Under
+# Redis's own prefix for a refused login, so clients take it for one (redis-py raises its
+# AuthenticationError for WRONGPASS, a plain ResponseError for -ERR).
+_TOO_MANY_FAILURES = b"-WRONGPASS " + TOO_MANY_FAILURES_TEXT.encode("ascii") + b"\r\n"
 _NOT_AN_INTEGER = b"-ERR value is not an integer or out of range\r\n"
 _NEGATIVE_KEYS = b"-ERR Number of keys can't be negative\r\n"
 _TOO_MANY_KEYS = b"-ERR Number of keys can't be greater than number of args\r\n"
