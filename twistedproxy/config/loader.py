@@ -440,6 +440,10 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             "twistedproxy: where a cluster pool's reads go: master; replica (a replica of the"
             " slot, the master if it has none); prefer_replica (a replica that is up, else the"
             " master). Writes always go to masters."),
+    KeySpec("redis_auth_user", Text(),
+            "twistedproxy: the Redis ACL user every new server connection logs in as (AUTH user"
+            " redis_auth); needs redis_auth. Clients still log in with redis_auth (AUTH password,"
+            " or AUTH with the user default or this user)."),
 ) + tls_key_specs(KeySpec)
 
 # Keys that describe a pool's own servers and placement: a front (route or tenants) has none,
@@ -447,7 +451,7 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
 SERVER_KEYS = ("servers", "hash", "hash_tag", "distribution", "timeout", "preconnect", "redis_auth",
                "redis_db", "server_connections", "auto_eject_hosts", "server_retry_timeout",
                "server_failure_limit", "tcpkeepalive", "transaction_connections", "redis_cluster",
-               "cluster_refresh_interval", "read_from") + BACKEND_KEYS
+               "cluster_refresh_interval", "read_from", "redis_auth_user") + BACKEND_KEYS
 # Keys of a twemproxy pool's hash placement, which a cluster pool does not use.
 CLUSTER_UNUSED_KEYS = ("hash", "hash_tag", "distribution", "auto_eject_hosts", "server_failure_limit",
                        "server_retry_timeout")
@@ -508,6 +512,13 @@ GLOBAL_KEYS: Tuple[KeySpec, ...] = (
             "Address of a read-only HTTP endpoint serving only GET (and HEAD) /metrics, /status and"
             " /stats.json, any other method 405: for scrapers that must change nothing. Moved by a"
             " reload like stats_http; absent disables it."),
+    KeySpec("auth_failures_limit", Integer(0),
+            "Failed logins (Redis AUTH and HELLO AUTH, memcached authentication) from one client"
+            " address within a minute, across the whole proxy, before that address's logins are"
+            " refused for auth_block_seconds (see Authentication); 0 never blocks."),
+    KeySpec("auth_block_seconds", _Seconds(),
+            "Seconds a client address that reached auth_failures_limit has its logins refused"
+            " unchecked."),
 )
 
 
@@ -625,6 +636,9 @@ def _parse_pool(name: str, line: Optional[int], node: ConfigNode, problems: _Pro
     if parsed.values.get("redis_auth") and not parsed.values.get("redis", _POOL_DEFAULTS["redis"]):
         problems.add(parsed.lines["redis_auth"], "is only valid in a redis pool (set redis: true)",
                      section, "redis_auth")
+    if "redis_auth_user" in parsed.lines and not parsed.values.get("redis_auth"):
+        problems.add(parsed.lines["redis_auth_user"], "needs redis_auth (the user's password)",
+                     section, "redis_auth_user")
     _check_cluster(parsed, section, problems)
     check_pool_tls(parsed.values, parsed.lines, lambda at, message, key: problems.add(at, message, section, key))
     listen, listen_line = parsed.values.get("listen"), parsed.lines.get("listen")

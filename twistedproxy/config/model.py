@@ -127,6 +127,7 @@ class PoolConfig:
     backend_tls_cert: Optional[str] = None
     backend_tls_key: Optional[str] = None
     backend_tls_names: Tuple[Tuple[str, str], ...] = ()  # (server address, expected name)
+    redis_auth_user: Optional[str] = None  # the ACL user of AUTH user redis_auth to the servers
 
     @property
     def protocol(self) -> str:
@@ -136,6 +137,11 @@ class PoolConfig:
     def is_front(self) -> bool:
         """Requests go through routes (C{route:} or C{tenants:}), not to servers of its own."""
         return self.route is not None or bool(self.tenants)
+
+    @property
+    def authenticates(self) -> bool:
+        """Its clients log in: a password (C{redis_auth}) or users (a tenant's C{users:})."""
+        return bool(self.redis_auth) or any(tenant.users for tenant in self.tenants)
 
     @property
     def routes(self) -> Tuple[RouteSpec, ...]:
@@ -168,6 +174,8 @@ class GlobalConfig:
     worker_rlimit_nofile: Optional[int] = None  # soft nofile limit; None: what the connections need
     warmup: Union[str, float] = "auto"  # "auto", or at most this many seconds (0: no warm-up)
     metrics_http: Optional[ListenSpec] = None  # read-only HTTP: GET /metrics, /status, /stats.json
+    auth_failures_limit: int = 10  # failed logins per client address per minute before a block (0: no block)
+    auth_block_seconds: float = 60.0  # how long a blocked address's logins are refused
     extra: Tuple[Tuple[str, object], ...] = field(default=())  # keys for later features
 
 
