@@ -30,17 +30,14 @@ from tests.support.migration import (
     HitRateProbe,
     MemcachedLoad,
     RedisMigrationLoad,
-    cacheproxyctl,
-    migration_ctl,
-    migration_record,
     placement_problems,
     preload_memcached,
     preload_redis,
     report,
     verify_memcached,
     verify_redis,
-    wait_migration,
 )
+from tests.support.migration_control import cacheproxyctl, migration_ctl, migration_record, wait_migration
 from tests.support.workers import Master, master_config, poll
 
 pytestmark = pytest.mark.integration

@@ -17,18 +17,16 @@ bench/migrate.py:
     fresh proxy with the new server list sends it to (computed with
     L{twistedproxy.hashing} from the pool's configuration, as HashRoute does),
     and no key may be left on a removed server;
-  - L{migration_ctl}: C{cacheproxyctl migration ...} as a user runs it.
+  - L{tests.support.migration_control}: C{cacheproxyctl migration ...} as a
+    user runs it (apart: bench/migrate.py uses it without the clients).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -604,77 +602,3 @@ def _gone(port, key) -> bool:
         return not client.exists(key)
     finally:
         client.close()
-
-
-# -- control ------------------------------------------------------------------------------
-
-def cacheproxyctl(control: str, *args, timeout: float = 60.0):
-    """C{cacheproxyctl -s CONTROL ARGS...} from this interpreter's bin directory: (exit code, stdout, stderr)."""
-    exe = os.path.join(os.path.dirname(sys.executable), "cacheproxyctl")
-    argv = [exe] if os.path.exists(exe) else [sys.executable, "-m", "twistedproxy.control.cli"]
-    out = subprocess.run(argv + ["-s", control] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, timeout=timeout)
-    return out.returncode, out.stdout, out.stderr
-
-
-def migration_ctl(control: str, action: str = "status", pool=None) -> dict:
-    """C{cacheproxyctl migration ACTION [POOL]}'s JSON; AssertionError with its stderr when it exits non-zero."""
-    args = ["migration", action] + ([pool] if pool else [])
-    code, out, err = cacheproxyctl(control, *args)
-    if code != 0:
-        raise AssertionError("cacheproxyctl %s exited %d: %s%s" % (" ".join(args), code, err, out))
-    return json.loads(out)
-
-
-def migration_record(control: str, pool: str):
-    """The migration record of C{pool} (None when it has none yet)."""
-    try:
-        return migration_ctl(control, "status", pool).get(pool)
-    except AssertionError:
-        return None
-
-
-def wait_migration(control: str, pool: str, states=("done",), timeout: float = 120.0, progress=None) -> dict:
-    """
-    The record of C{pool} once its state is in C{states}; AssertionError if
-    its state is "paused" with an error (unless asked for) or after C{timeout}.
-    C{progress}: wait instead until C{progress(record)} is true.
-    """
-    deadline = time.time() + timeout
-    record = None
-    while time.time() < deadline:
-        record = migration_record(control, pool)
-        if record is not None:
-            if progress is not None:
-                if progress(record):
-                    return record
-            elif record["state"] in states:
-                return record
-            if record.get("error") and "paused" not in states:
-                raise AssertionError("migration of %s paused with an error: %r" % (pool, record))
-        time.sleep(0.1)
-    raise AssertionError("migration of %s not %s after %ss: %r" % (pool, progress or "/".join(states), timeout,
-                                                                   record))
-
-
-class Sampler(threading.Thread):
-    """Calls C{sample()} every C{interval} seconds until L{stop}; keeps (time, result)."""
-
-    def __init__(self, sample, interval=0.5):
-        threading.Thread.__init__(self, daemon=True)
-        self.sample, self.interval = sample, interval
-        self.samples = []
-        self._stop_event = threading.Event()
-
-    def run(self):
-        while not self._stop_event.is_set():
-            try:
-                self.samples.append((time.time(), self.sample()))
-            except Exception as e:
-                self.samples.append((time.time(), e))
-            self._stop_event.wait(self.interval)
-
-    def stop(self):
-        self._stop_event.set()
-        self.join(10)
-
