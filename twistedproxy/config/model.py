@@ -120,6 +120,10 @@ class PoolConfig:
     backend_tls_cert: Optional[str] = None
     backend_tls_key: Optional[str] = None
     backend_tls_names: Tuple[Tuple[str, str], ...] = ()  # (server address, expected name)
+    # online migration (twistedproxy.migration): a reload that changes servers moves the keys
+    migrate: bool = False
+    migrate_rate: int = 10000  # keys a second the mover moves at most; 0 = unlimited
+    migrate_match: Optional[str] = None  # glob of the keys to move; None = every key
 
     @property
     def protocol(self) -> str:
@@ -159,6 +163,7 @@ class GlobalConfig:
     slowlog_log: bool = False  # also write each slow request to the log
     worker_rlimit_nofile: Optional[int] = None  # soft nofile limit; None: what the connections need
     warmup: Union[str, float] = "auto"  # "auto", or at most this many seconds (0: no warm-up)
+    state_dir: Optional[str] = None  # migration state files; None: the configuration file's directory
     extra: Tuple[Tuple[str, object], ...] = field(default=())  # keys for later features
 
 
