@@ -38,6 +38,7 @@ from run import BenchError, processes  # noqa: E402
 import yaml  # noqa: E402  (after run: the CPython venv has it)
 
 sys.path.insert(0, ROOT)
+from tests.support import migration_control  # noqa: E402
 from tests.support.migration_control import cacheproxyctl, wait_migration  # noqa: E402
 
 HOST = processes.HOST
@@ -216,6 +217,7 @@ def main(argv=None) -> int:
         python = run.find_python(args.python, None, "/nonexistent")
     else:
         python = run.find_python("proxy", args.python, "/nonexistent")
+    migration_control.PYTHON = python
     binary = latency.build_generator()
     protocols = ["redis", "memcache"] if args.protocol == "all" else [args.protocol]
     print("==> %d keys, %d GETs/s open loop on %d connections, migrate_rate %s, %d worker(s), proxy on %s" % (
