@@ -30,7 +30,7 @@ from twistedproxy.net.tls import listener_tls
 from twistedproxy.routes.build import build_route
 from twistedproxy.routes.cluster import ClusterRoute
 from twistedproxy.routes.hash import HashRoute
-from twistedproxy.protocols import cluster_for, codec_for, codecs_of
+from twistedproxy.protocols import cluster_for, codec_for, codecs_of, migration_for
 from twistedproxy.routes.tenants import FrontRoute
 from twistedproxy.stats.recorder import StatsRegistry
 
@@ -47,7 +47,8 @@ def build_pool(pool_config, reactor, stats=None, plan=None) -> HashRoute:
     if plan is not None:
         from twistedproxy.routes.migrate import MigratingRoute
 
-        return MigratingRoute(pool_config, codec, reactor, plan, codecs=codecs_of(codec), stats=stats)
+        return MigratingRoute(pool_config, codec, reactor, plan, migration_for(pool_config.protocol),
+                              codecs=codecs_of(codec), stats=stats)
     if pool_config.redis_cluster:
         return ClusterRoute(pool_config, codec, reactor, cluster_for(pool_config.protocol), codecs=codecs_of(codec),
                             stats=stats)
@@ -266,6 +267,9 @@ class Proxy:
                         adopt(client)
                     else:
                         pool.clients.add(client)
+                handover = getattr(old, "handover", None)  # a migrating pool's waiting requests
+                if handover is not None:
+                    handover(pool)
                 old.retire()
             if listening and (old is None or old.config.listen != pool_config.listen):
                 self._relisten(name, old)

@@ -161,9 +161,9 @@ class ProxyService(service.Service):
         """Where online migrations are kept: the state directory of the file (in memory without one)."""
         if self.config_path is None:
             return None
-        from twistedproxy.migration.state import FileStore, state_dir
+        from twistedproxy.migration.state import file_store
 
-        return FileStore(state_dir(config, self.config_path))
+        return file_store(config, self.config_path)
 
     def _serve(self, report) -> None:
         """Listen (after the warm-up C{report}, None when off); raises if a port cannot be opened."""
@@ -430,11 +430,11 @@ def _make_service(options, reactor=None):
             raise usage.UsageError("configuration file '%s' is invalid:\n%s" % (path, e))
     pid_file = options["pid-file"] and os.path.abspath(options["pid-file"])
     from twistedproxy.migration.coordinator import check_restart
-    from twistedproxy.migration.state import FileStore, state_dir
+    from twistedproxy.migration.state import file_store
 
     try:
         # Before anything starts: migrations kept in the state directory must fit the file.
-        check_restart(FileStore(state_dir(config, path)), config)
+        check_restart(file_store(config, path), config)
     except (ConfigError, ValueError) as e:
         raise usage.UsageError("cannot start: %s" % (e,))
     return ProxyService(config, reactor, stats_port=options["stats-port"], stats_addr=options["stats-addr"],

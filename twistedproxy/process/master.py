@@ -43,7 +43,7 @@ from twistedproxy import logs, signals
 from twistedproxy.config import ConfigError, load_config_text
 from twistedproxy.control.interface import IProxyControl
 from twistedproxy.migration.coordinator import Coordinator
-from twistedproxy.migration.state import FileStore, state_dir
+from twistedproxy.migration.state import file_store
 from twistedproxy.net.channels import quiet_amp_logs, quiet_factory
 from twistedproxy.process import accept_mutex, channel, command, ejection, handoff, nursery
 from twistedproxy.process.listeners import INHERIT_ENV, ListeningSockets, inherited_sockets
@@ -184,7 +184,7 @@ class MasterService(service.Service, SupervisorEvents):
         self.pid_file = os.path.abspath(options["pid-file"]) if options.get("pid-file") else None
         # Online migrations: the workers route by their state, the master runs them (and keeps
         # them in the state directory); a kept state the file contradicts refuses the start.
-        self.coordinator = Coordinator(reactor, _Workers(self), FileStore(state_dir(config, self.config_path)))
+        self.coordinator = Coordinator(reactor, _Workers(self), file_store(config, self.config_path))
         self.coordinator.restore(config)
 
     # -- what the other rooms read ------------------------------------------------
