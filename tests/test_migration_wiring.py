@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from contextlib import redirect_stdout
 
 import pytest
@@ -99,3 +100,42 @@ def test_a_reload_grows_a_redis_pool_online_with_two_workers(spawn, redis_backen
         for key in backend.scan_iter(count=1000):
             assert owner(key).port == port_of, key
     assert sum(backend.dbsize() for backend in direct.values()) == 302
+
+
+def test_a_single_process_resumes_after_a_restart_and_drains_the_removed_server(spawn, redis_backends, tmp_path):
+    backends = redis_backends(4)
+    port = free_port()
+    pool = processes.pool_config([b.port for b in backends], port, migrate=True, migrate_rate=100, timeout=5000)
+    control = str(tmp_path / "ctl.sock")
+    config = {"alpha": pool, "global": {"control": control, "state_dir": str(tmp_path)}}
+    path = processes.write_config(config, str(tmp_path))
+
+    def start():
+        argv = [sys.executable, "-m", "twistedproxy.cli", "-c", path] + processes.stats_args()
+        return spawn(processes.Process, argv, port, env=processes.proxy_env(), cwd=processes.ROOT)
+
+    proc = start()
+    client = redis.Redis(host=HOST, port=port, socket_timeout=10, protocol=2)
+    pipe = client.pipeline(transaction=False)
+    for i in range(2000):
+        pipe.set(b"key:%d" % i, b"value:%d" % i)
+    pipe.execute()
+
+    pool["servers"].pop()  # 4 -> 3: about 500 keys move, 100 a second
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    with BlockingControlClient(control) as c:
+        c.reload()
+        poll(lambda: c.migration()["alpha"]["moved"] > 0, 20, 0.05, "some keys moved")
+        assert c.migration()["alpha"]["state"] == "moving"
+    proc.stop()  # SIGTERM mid-migration: the cursors are saved
+
+    start()  # the file names the target: the migration goes on, in the move phase at once
+    assert [client.get(b"key:%d" % i) for i in range(0, 2000, 7)] == [b"value:%d" % i for i in range(0, 2000, 7)]
+    with BlockingControlClient(control) as c:
+        record = poll(lambda: c.migration()["alpha"] if c.migration()["alpha"]["drained"] else None, 30, 0.1,
+                      "the removed server drained")
+    removed = "%s:%d" % (HOST, backends[3].port)
+    assert record["state"] == "done" and record["removed"] == [removed] and record["drained"] == [removed]
+    assert redis.Redis(host=HOST, port=backends[3].port).dbsize() == 0
+    assert [client.get(b"key:%d" % i) for i in range(2000)] == [b"value:%d" % i for i in range(2000)]

@@ -191,6 +191,11 @@ class Coordinator:
             m = _Migration.from_entry(name, entry)
             pools = {pool.name: pool for pool in config.pools}
             pool = pools.get(name)
+            if pool is not None and not pool.migrate:
+                # Kept for a pool that does not migrate (any more): left alone, not routed by.
+                log.warn("pool {pool}: migration state {where} ignored: the pool has no migrate: true",
+                         pool=name, where=self._where(name))
+                continue
             if m.plan is None:
                 if pool is None or pool.is_front:
                     self.store.remove(name)

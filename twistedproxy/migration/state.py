@@ -17,7 +17,7 @@ SUFFIX = ".json"
 
 def file_store(config, config_path: str) -> "FileStore":
     """The store of the configuration C{config} read from C{config_path}: in its state directory."""
-    return FileStore(state_dir(config, config_path), config_path)
+    return FileStore(state_dir(config, config_path))
 
 
 def state_dir(config, config_path: str) -> str:
@@ -46,16 +46,10 @@ class MemoryStore:
 
 
 class FileStore:
-    """
-    Entries as files in C{directory}, each replaced whole (written aside, then
-    renamed over).  Each names the configuration file it belongs to
-    (C{config_path}): a file of another configuration that shares the
-    directory (and a pool's name) is left alone.
-    """
+    """Entries as files in C{directory}, each replaced whole (written aside, then renamed over)."""
 
-    def __init__(self, directory: str, config_path=None):
+    def __init__(self, directory: str):
         self.directory = directory
-        self.config_path = os.path.abspath(config_path) if config_path else None
 
     def path(self, pool: str) -> str:
         return os.path.join(self.directory, PREFIX + pool + SUFFIX)
@@ -79,8 +73,6 @@ class FileStore:
                     entry = json.load(f)
             except (OSError, ValueError) as e:
                 raise ValueError("migration state file %s cannot be read: %s" % (path, e))
-            if self.config_path and entry.get("config", self.config_path) != self.config_path:
-                continue
             entries[name[len(PREFIX):-len(SUFFIX)]] = entry
         return entries
 
@@ -88,8 +80,6 @@ class FileStore:
         os.makedirs(self.directory, exist_ok=True)
         path = self.path(pool)
         aside = path + ".new"
-        if self.config_path:
-            entry = dict(entry, config=self.config_path)
         with open(aside, "w", encoding="utf-8") as f:
             json.dump(entry, f, indent=1, sort_keys=True)
             f.flush()
@@ -97,8 +87,6 @@ class FileStore:
         os.replace(aside, path)
 
     def remove(self, pool: str) -> None:
-        if pool not in self.load():
-            return  # not ours
         try:
             os.unlink(self.path(pool))
         except FileNotFoundError:
