@@ -233,7 +233,7 @@ class Coordinator:
         if problems:
             raise MigrationRefused(problems)
         self.migrations = taken
-        previous, self.config = self.config, config
+        self.config = config
         for pool in config.pools:
             m = self.migrations.get(pool.name)
             if m is not None and m.plan is None:
