@@ -426,8 +426,8 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
     KeySpec("migrate", Boolean(),
             "twistedproxy: a reload that changes this pool's servers (added, removed, re-weighted,"
             " renamed) moves the keys whose server changed to it while the pool serves, instead of"
-            " rebuilding the pool (see Online migration). Hash pools only: not with redis_cluster,"
-            " backend_tls, UNIX-socket Redis servers or distribution random."),
+            " rebuilding the pool (see Online migration). Hash pools only: not with redis_cluster or"
+            " distribution random, nor for Redis with backend_tls or UNIX-socket servers."),
     KeySpec("migrate_rate", Integer(0),
             "twistedproxy: keys a second the background mover of a migration moves at most (requests"
             " of clients move the keys they touch besides); 0 is unlimited."),
@@ -657,11 +657,11 @@ def _check_migrate(parsed: "_Section", section: str, problems: _Problems) -> Non
     why = []
     if values.get("redis_cluster"):
         why.append("a Redis Cluster pool moves its slots itself")
-    if values.get("backend_tls"):
-        why.append("the servers are reached over TLS (backend_tls), which MIGRATE and the mover do not speak")
     if values.get("distribution") == "random":
         why.append("distribution random places no key on one server")
     if values.get("redis", _POOL_DEFAULTS["redis"]):
+        if values.get("backend_tls"):
+            why.append("the servers are reached over TLS (backend_tls), which Redis MIGRATE does not speak")
         unix = [server.path for server in values.get("servers", ()) if server.path is not None]
         if unix:
             why.append("Redis MIGRATE needs host:port servers, not UNIX sockets (%s)"

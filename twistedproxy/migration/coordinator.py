@@ -134,8 +134,6 @@ class Coordinator:
     """
 
     def __init__(self, reactor, participants, store, mover=None):
-        if mover is None:
-            from twistedproxy.migration.mover import Mover as mover
         self.reactor = reactor
         self.participants = participants
         self.store = store
@@ -193,6 +191,11 @@ class Coordinator:
             m = _Migration.from_entry(name, entry)
             pools = {pool.name: pool for pool in config.pools}
             pool = pools.get(name)
+            if pool is not None and not pool.migrate:
+                # Kept for a pool that does not migrate (any more): left alone, not routed by.
+                log.warn("pool {pool}: migration state {where} ignored: the pool has no migrate: true",
+                         pool=name, where=self._where(name))
+                continue
             if m.plan is None:
                 if pool is None or pool.is_front:
                     self.store.remove(name)
@@ -230,7 +233,7 @@ class Coordinator:
         if problems:
             raise MigrationRefused(problems)
         self.migrations = taken
-        previous, self.config = self.config, config
+        self.config = config
         for pool in config.pools:
             m = self.migrations.get(pool.name)
             if m is not None and m.plan is None:
@@ -252,11 +255,15 @@ class Coordinator:
             elif m.state == MOVING:
                 self._run_mover(m)
 
-    def stop(self) -> None:
-        """Stop every mover and stop saving (a stop, or an upgrade's new master took over)."""
+    def stop(self, save: bool = True) -> None:
+        """
+        Stop every mover and stop saving: a stop (C{save}: the cursors first),
+        or an upgrade's new master took over (not C{save}: the files are its).
+        """
         for m in self.migrations.values():
             if m.mover is not None:
-                self._save(m)
+                if save:
+                    self._save(m)
                 m.mover.stop()
                 m.mover = None
         self.stopped = True
@@ -432,6 +439,10 @@ class Coordinator:
         if self.stopped:
             return
         if m.mover is None:
+            if self.mover_class is None:
+                from twistedproxy.migration.mover import Mover
+
+                self.mover_class = Mover
             m.mover = self.mover_class(self.reactor, m.plan, m.config, _Events(self, m), cursors=m.cursors)
         m.mover.start()
         self._tick_soon()
@@ -600,6 +611,29 @@ class Coordinator:
         except OSError as e:
             log.error("pool {pool}: the migration state cannot be saved ({error}); a restart would not find it",
                       pool=m.name, error=str(e))
+
+
+class _ReadOnly:
+    """A store seen without changing it (L{check_restart})."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def load(self):
+        return self.store.load()
+
+    def save(self, pool, entry):
+        pass
+
+    def remove(self, pool):
+        pass
+
+
+def check_restart(store, config) -> None:
+    """Raise L{MigrationRefused} (or ValueError: an unreadable file) if what C{store} kept contradicts C{config}."""
+    from twisted.internet.task import Clock
+
+    Coordinator(Clock(), None, _ReadOnly(store)).restore(config)
 
 
 class _Events:

@@ -61,7 +61,8 @@ class Mover:
         # Its own connections: health decisions, ejection and preconnect are the workers'.
         config = replace(pool_config, servers=plan.servers, auto_eject_hosts=False, preconnect=False)
         self.server_set = ServerSet(config, reactor, (self.codec,))
-        self.by_spec = {server.spec: server for server in self.server_set.servers}
+        # A backend is its address (a re-weighted or renamed server is one backend under two specs).
+        self.by_address = {server.spec.address: server for server in self.server_set.servers}
         self.owner = placement(pool_config, plan.target)
         self.match = pool_config.migrate_match.encode("utf-8") if pool_config.migrate_match else None
         self.rate = pool_config.migrate_rate
@@ -118,7 +119,7 @@ class Mover:
         for spec in self.plan.servers:
             cursor = self.cursors[spec.address]
             if cursor != DONE:
-                self._list(self.by_spec[spec], cursor)
+                self._list(self.by_address[spec.address], cursor)
                 return
         self.running = False
         self.events.finished()
@@ -132,7 +133,7 @@ class Mover:
                 self._fail("listing the keys of %s failed: %s" % (server.spec.address, error))
                 return
             try:
-                next_cursor, keys = self.migration.list_reply(raw)
+                next_cursor, keys = self.migration.list_reply(raw, self.match)
             except Exception as e:
                 self._fail("listing the keys of %s failed: %s" % (server.spec.address, e))
                 return
@@ -149,7 +150,7 @@ class Mover:
         groups = {}
         for key in batch:
             owner = self.owner(key)
-            if owner != server.spec:
+            if owner.address != server.spec.address:
                 groups.setdefault(owner, []).append(key)
         if not groups:
             self._batch_done(server, next_cursor, rest, [])
@@ -166,7 +167,7 @@ class Mover:
 
         for target, group in groups.items():
             steps = self.migration.move(group, server.spec, target, self.pool_config)
-            run_move(steps, server, self.by_spec[target], self.codec, self.reactor, self.server_set.flusher, moved)
+            run_move(steps, server, self.by_address[target.address], self.codec, self.reactor, self.server_set.flusher, moved)
 
     def _batch_done(self, server, next_cursor, rest, results) -> None:
         errors = [result.error for result in results if result.failed]
@@ -198,7 +199,7 @@ class Mover:
 
     def count_keys(self, spec, done) -> None:
         """List C{spec}'s keys (those C{migrate_match} selects) once: C{done(count, None)} or C{done(None, error)}."""
-        server = self.by_spec[spec]
+        server = self.by_address[spec.address]
         counted = [0]
 
         def listed(raw, error):
@@ -206,7 +207,7 @@ class Mover:
                 done(None, error)
                 return
             try:
-                cursor, keys = self.migration.list_reply(raw)
+                cursor, keys = self.migration.list_reply(raw, self.match)
             except Exception as e:
                 done(None, str(e))
                 return

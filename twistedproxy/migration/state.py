@@ -15,6 +15,11 @@ PREFIX = "cacheproxy-migration-"
 SUFFIX = ".json"
 
 
+def file_store(config, config_path: str) -> "FileStore":
+    """The store of the configuration C{config} read from C{config_path}: in its state directory."""
+    return FileStore(state_dir(config, config_path))
+
+
 def state_dir(config, config_path: str) -> str:
     """The state directory of C{config}: C{global: state_dir}, or the directory of its file C{config_path}."""
     configured = config.global_.state_dir
