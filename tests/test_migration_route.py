@@ -342,3 +342,34 @@ def test_memcached_get_on_a_moving_key_moves_it_with_meta_commands_first():
     h.reactor.advance(0)
     assert t.value() == b"VALUE " + k + b" 3 1\r\nv\r\nEND\r\n"
     assert h.pool.counters()["migrate_on_access"] == 1
+
+
+def test_a_key_named_twice_waits_once_and_held_keys_move_in_one_batch():
+    h = MigHarness()
+    c, t = h.client()
+    a, b = h.moving_key(7001, 7003, "a"), h.moving_key(7001, 7003, "b")
+    h.store(7001).update({a: b"A", b: b"B"})
+    c.dataReceived(cmd("MGET", a, a) + cmd("GET", b))
+    assert h.accept() == {}
+    h.pool.set_phase(MOVE)
+    h.reactor.advance(0)
+    source = h.accept()[7001]
+    assert source.answer() == [[b"EXISTS", a, b]]
+    assert source.answer() == [migrate(a, b)]
+    assert h.backends[7003].answer() == [[b"MGET", a, a], [b"GET", b]]
+    assert t.value() == b"*2\r\n$1\r\nA\r\n$1\r\nA\r\n$1\r\nB\r\n"
+    assert h.pool.counters() == {"migrate_on_access": 2, "migrate_held": 2}
+
+
+def test_a_held_watch_keeps_the_clients_transaction_behind_it():
+    h = MigHarness()
+    c, t = h.client()
+    k = h.moving_key(7001, 7003)
+    c.dataReceived(cmd("WATCH", k) + cmd("MULTI") + cmd("PING") + cmd("EXEC"))
+    assert h.accept() == {}
+    assert t.value() == b""
+    h.pool.set_phase(MOVE)
+    h.reactor.advance(0)
+    assert h.accept()[7001].answer() == [migrate(k)]
+    pinned = h.backends[7003]
+    assert [args[0].upper() for args in pinned.pending()] == [b"WATCH", b"MULTI", b"PING", b"EXEC"]
