@@ -373,3 +373,31 @@ def test_a_held_watch_keeps_the_clients_transaction_behind_it():
     assert h.accept()[7001].answer() == [migrate(k)]
     pinned = h.backends[7003]
     assert [args[0].upper() for args in pinned.pending()] == [b"WATCH", b"MULTI", b"PING", b"EXEC"]
+
+
+def test_a_dead_source_answers_errors_to_the_requests_on_its_moving_keys():
+    h = MigHarness(phase=MOVE)
+    c, t = h.client()
+    k, s = h.moving_key(7001, 7003), h.staying_key(7002)
+    c.dataReceived(cmd("GET", k) + cmd("GET", s))
+    h.refuse()  # 7001 and 7002 both refuse: each request fails on its own
+    h.reactor.advance(0)
+    assert t.value() == b"-ERR Connection refused\r\n-ERR Connection refused\r\n"
+    assert 7003 not in h.backends and not [a for a in h.attempts() if a[1] == 7003]
+
+
+def test_memcached_binary_clients_keys_move_by_meta_commands_too():
+    import struct
+
+    h = MigHarness(redis=False, phase=MOVE)
+    k = h.moving_key(7001, 7003)
+    c, t = h.client()
+    get = struct.pack("!BBHBBHIIQ", 0x80, 0x00, len(k), 0, 0, 0, len(k), 7, 0) + k
+    c.dataReceived(get)
+    h.accept()
+    assert h.backends[7001].transport.value() == b"mg " + k + b" v f t c\r\n"
+    h.backends[7001].protocol.dataReceived(b"EN\r\n")
+    h.reactor.advance(0)
+    h.accept()
+    target = h.backends[7003]
+    assert target.transport.value() == get  # the binary get, on a binary connection of the target
