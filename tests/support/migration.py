@@ -69,7 +69,12 @@ class _ExpiryMixin:
     def _expiring_write(self, key, value, ttl, send):
         sent = time.time()
         self.expiring.pop(key, None)
-        self._write({key: value}, send)
+        try:
+            self._write({key: value}, send)
+        except Exception:
+            # Whatever the key holds now (this value or an earlier one) was written with a TTL too.
+            self.expected[key] = self.expected[key] | {None}
+            raise
         self.expiring[key] = (value, sent, self.written[key], ttl)
 
     def _plain_write(self, values, send):

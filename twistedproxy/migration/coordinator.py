@@ -99,6 +99,8 @@ class _Migration:
 
     def entry(self) -> dict:
         cursors = dict(self.mover.cursors) if self.mover is not None else dict(self.cursors)
+        # A Redis SCAN cursor is bytes (ASCII digits): JSON keeps it as text (list_request takes either).
+        cursors = {address: c.decode("ascii") if isinstance(c, bytes) else c for address, c in cursors.items()}
         return {"plan": self.plan.to_dict() if self.plan is not None else None, "record": self.record,
                 "cursors": cursors, "confirmed": self.confirmed,
                 "override": [_server_dict(s) for s in self.override] if self.override is not None else None,
