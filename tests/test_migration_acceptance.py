@@ -259,7 +259,7 @@ def test_pause_refuses_a_second_change_resume_then_abort_leaves_every_key_under_
     the pool runs on the old list again although the file names the new one,
     and every key sits where the old list places it.
     """
-    setup = Setup(spawn, tmp_path, redis_backends(5), 3, rate=SLOW_RATE)
+    setup = Setup(spawn, tmp_path, redis_backends(5), 3, rate=SLOW_RATE // 3)
     p = setup.ports
     old, new = p[:3], p[:4]
     preloaded = preload_redis(setup.port, PRELOAD)
