@@ -37,6 +37,12 @@ import run  # noqa: E402
 from run import BenchError, processes  # noqa: E402
 import yaml  # noqa: E402  (after run: the CPython venv has it)
 
+try:
+    import twisted.protocols.amp  # noqa: F401, E402  (the control client's)
+except ImportError:  # a python3 with PyYAML but not Twisted: go on under the CPython venv
+    _venv = run.find_python("cpython", None, "/nonexistent")
+    os.execv(_venv, [_venv] + sys.argv)
+
 sys.path.insert(0, ROOT)
 from tests.support import migration_control  # noqa: E402
 from tests.support.migration_control import cacheproxyctl, wait_migration  # noqa: E402

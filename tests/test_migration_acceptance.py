@@ -236,7 +236,12 @@ def test_memcached_pool_scales_out_and_in_with_the_hit_rate_reported(spawn, tmp_
 
 
 def test_a_worker_killed_mid_migration_is_replaced_and_the_migration_completes(spawn, tmp_path, redis_backends):
-    """SIGKILL one of the 2 workers while keys move: its successor joins in the move phase."""
+    """
+    SIGKILL one of the 2 workers while keys move; the migration is paused at
+    once, so that it is still on when the successor starts (a PyPy worker takes
+    seconds): the successor joins in the move phase and serves moving keys
+    under the load (migrate on access) before the migration resumes and ends.
+    """
     setup = Setup(spawn, tmp_path, redis_backends(4), 3, rate=SLOW_RATE)
     p = setup.ports
     preloaded = preload_redis(setup.port, PRELOAD)
@@ -247,11 +252,13 @@ def test_a_worker_killed_mid_migration_is_replaced_and_the_migration_completes(s
         victim = sorted(setup.master.worker_pids())[0]
         killed = time.time()
         os.kill(victim, signal.SIGKILL)
+        paused = migration_ctl(setup.control, "pause", POOL)[POOL]
+        assert paused["state"] == "paused" and paused["moved"] < paused["scanned"], paused  # landed mid-migration
         poll(lambda: victim not in setup.master.worker_pids(), 20, message="the killed worker to be replaced")
         setup.master.wait_ready(2)
         replaced = time.time()
-        record = migration_record(setup.control, POOL)
-        assert record["state"] == "moving", record  # the kill landed mid-migration
+        load.wait_ops(800)  # the successor serves (its clients' moving keys move on access)
+        assert migration_ctl(setup.control, "resume", POOL)[POOL]["state"] == "moving"
         record = wait_migration(setup.control, POOL)
         assert_done(record, p[:3], p)
         load.wait_ops(400)
