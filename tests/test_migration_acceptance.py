@@ -100,6 +100,11 @@ class Setup:
         assert code == 0, (out, err)
         return time.time()
 
+    def move_to_and_wait_moving(self, ports) -> dict:
+        """L{move_to}, then the record once keys are moving (the mover has moved some)."""
+        self.move_to(ports)
+        return wait_migration(self.control, POOL, progress=lambda r: r["state"] == "moving" and r["moved"] > 0)
+
     def placement(self, ports):
         return placement_problems(self.section(ports), self.ports, redis_pool=self.redis)
 
@@ -247,8 +252,7 @@ def test_a_worker_killed_mid_migration_is_replaced_and_the_migration_completes(s
     preloaded = preload_redis(setup.port, PRELOAD)
     with RedisMigrationLoad(setup.port) as load:
         load.wait_ops(400)
-        setup.move_to(p)
-        wait_migration(setup.control, POOL, progress=lambda r: r["state"] == "moving" and r["moved"] > 0)
+        setup.move_to_and_wait_moving(p)
         victim = sorted(setup.master.worker_pids())[0]
         killed = time.time()
         os.kill(victim, signal.SIGKILL)
@@ -281,8 +285,7 @@ def test_pause_refuses_a_second_change_resume_then_abort_leaves_every_key_under_
     preloaded = preload_redis(setup.port, PRELOAD)
     with RedisMigrationLoad(setup.port) as load:
         load.wait_ops(400)
-        setup.move_to(new)
-        wait_migration(setup.control, POOL, progress=lambda r: r["state"] == "moving" and r["moved"] > 0)
+        setup.move_to_and_wait_moving(new)
 
         paused = migration_ctl(setup.control, "pause", POOL)[POOL]
         assert paused["state"] == "paused", paused
@@ -330,8 +333,7 @@ def test_a_restart_mid_migration_resumes_it_from_the_state_dir(spawn, tmp_path, 
     preloaded = preload_redis(setup.port, PRELOAD)
     with RedisMigrationLoad(setup.port) as load:
         load.wait_ops(400)
-        setup.move_to(p)
-        before = wait_migration(setup.control, POOL, progress=lambda r: r["state"] == "moving" and r["moved"] > 0)
+        before = setup.move_to_and_wait_moving(p)
         assert any(name.startswith("cacheproxy-migration-") for name in os.listdir(str(tmp_path)))
         stopped = time.time()
         setup.restart()

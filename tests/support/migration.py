@@ -54,17 +54,24 @@ _loads = itertools.count()
 
 # -- checking clients ---------------------------------------------------------------
 
-class _ExpiryMixin:
+class _MigrationClient(CheckingClient):
     """
-    Expiring writes: a key written with a TTL must read back its value until the
-    TTL is nearly over, and no value once it is well over (a moved key that came
-    back after expiring would be a resurrection).
+    A L{CheckingClient} with keys of more kinds (C{FAMILIES}: C{families[name]}
+    is this client's keys of that kind), expiring writes and read-modify-writes.
+    A key written with a TTL must read back its value until the TTL is nearly
+    over, and no value once it is well over (a moved key that came back after
+    expiring would be a resurrection).
     """
 
+    FAMILIES = ()
     ttl_slack = REDIS_TTL_SLACK
 
-    def _init_expiry(self):
+    def __init__(self, index, connect, keys=100, rate=50.0, seed=0, prefix="mig"):
+        CheckingClient.__init__(self, index, connect, keys, rate, seed, prefix)
         self.expiring = {}  # key -> (value, sent, acknowledged, ttl seconds)
+        few = max(4, keys // 5)
+        self.families = {name: ["%s:%02d:%s:%04d" % (prefix, index, name, n) for n in range(few)]
+                         for name in self.FAMILIES}
 
     def _expiring_write(self, key, value, ttl, send):
         sent = time.time()
@@ -117,31 +124,20 @@ class _ExpiryMixin:
             self.expected[key] = {value}
 
 
-class RedisMigrationClient(_ExpiryMixin, CheckingClient):
+class RedisMigrationClient(_MigrationClient):
     """
     L{CheckingClient}'s set/get/mset+mget/del on plain keys, plus: SET with a
     2-4 s TTL on keys of their own, INCR on counters, APPEND, LPUSH + LRANGE on
     lists and HSET + HGETALL on hashes, each read back and checked.
     """
 
-    def __init__(self, index, connect, keys=100, rate=50.0, seed=0, prefix="mig"):
-        CheckingClient.__init__(self, index, connect, keys, rate, seed, prefix)
-        self._init_expiry()
-        base = "%s:%02d" % (prefix, index)
-        few = max(4, keys // 5)
-        self.families = {
-            "ttl": ["%s:ttl:%04d" % (base, n) for n in range(few)],
-            "incr": ["%s:incr:%04d" % (base, n) for n in range(few)],
-            "append": ["%s:app:%04d" % (base, n) for n in range(few)],
-            "list": ["%s:list:%04d" % (base, n) for n in range(few)],
-            "hash": ["%s:hash:%04d" % (base, n) for n in range(few)],
-        }
+    FAMILIES = ("ttl", "incr", "append", "list", "hash")
 
     def step(self):
         choice = self.random.random()
         if choice < 0.55:
             # The plain mix (set+get, get, mset+mget, del+get) through the base class's writes.
-            self._write_plain_step()
+            CheckingClient.step(self)
             return
         r = self.random
         if choice < 0.67:
@@ -192,18 +188,28 @@ class RedisMigrationClient(_ExpiryMixin, CheckingClient):
             self._check(key, got)
             self._narrow(key, got)
 
-    def _write_plain_step(self):
-        CheckingClient.step(self)
 
 
-class RedisMigrationLoad(CheckingLoad):
-    """C{clients} L{RedisMigrationClient}s (20 by default) through the proxy at C{port}."""
+class _MigrationLoad(CheckingLoad):
+    """C{clients} checking clients of class C{CLIENT} (20 by default) through the proxy at C{port}."""
+
+    CLIENT = None
 
     def __init__(self, port, clients=20, keys=60, rate=40.0, seed=0):
-        CheckingLoad.__init__(self, lambda: proxy_client(port), 0, keys, rate, seed)
+        CheckingLoad.__init__(self, None, 0)
         prefix = "mig%d.%d" % (os.getpid(), next(_loads))
-        self.clients = [RedisMigrationClient(i, lambda: proxy_client(port), keys, rate, seed, prefix)
+        self.clients = [self.CLIENT(i, lambda: self.connect(port), keys, rate, seed, prefix)
                         for i in range(clients)]
+
+
+class RedisMigrationLoad(_MigrationLoad):
+    """L{RedisMigrationClient}s (redis-py) through the proxy at C{port}."""
+
+    CLIENT = RedisMigrationClient
+
+    @staticmethod
+    def connect(port):
+        return proxy_client(port)
 
 
 class _MemcachedSerde:
@@ -224,7 +230,7 @@ def memcached_client(port: int, timeout: float = 10.0):
                             serde=_MemcachedSerde(), allow_unicode_keys=False)
 
 
-class MemcachedClient(_ExpiryMixin, CheckingClient):
+class MemcachedClient(_MigrationClient):
     """
     A checking client of a memcached pool: set+get, get, set_many+get_many,
     delete+get, expiring sets (2-4 s), incr and append, each checked.  A miss of
@@ -233,18 +239,11 @@ class MemcachedClient(_ExpiryMixin, CheckingClient):
     the hit-rate dip; here it means a key the migration lost track of).
     """
 
+    FAMILIES = ("ttl", "incr", "append")
     ttl_slack = MEMCACHED_TTL_SLACK
 
-    def __init__(self, index, connect, keys=100, rate=50.0, seed=0, prefix="mcm"):
-        CheckingClient.__init__(self, index, connect, keys, rate, seed, prefix)
-        self._init_expiry()
-        base = "%s:%02d" % (prefix, index)
-        few = max(4, keys // 5)
-        self.families = {
-            "ttl": ["%s:ttl:%04d" % (base, n) for n in range(few)],
-            "incr": ["%s:incr:%04d" % (base, n) for n in range(few)],
-            "append": ["%s:app:%04d" % (base, n) for n in range(few)],
-        }
+    def __init__(self, *args, **kwargs):
+        _MigrationClient.__init__(self, *args, **kwargs)
         self.reads = 0
         self.misses = []  # Events of misses of written keys
 
@@ -255,7 +254,7 @@ class MemcachedClient(_ExpiryMixin, CheckingClient):
 
     def _check(self, key, value):
         before = len(self.bad_values)
-        _ExpiryMixin._check(self, key, value)
+        _MigrationClient._check(self, key, value)
         if len(self.bad_values) > before and value is None:
             # Not a wrong value: the key is gone from where the proxy looked.
             event = self.bad_values.pop()
@@ -333,14 +332,14 @@ class MemcachedClient(_ExpiryMixin, CheckingClient):
             raise RuntimeError("set_many failed for %r" % (failed,))
 
 
-class MemcachedLoad(CheckingLoad):
-    """C{clients} L{MemcachedClient}s through the proxy at C{port}."""
+class MemcachedLoad(_MigrationLoad):
+    """L{MemcachedClient}s (pymemcache) through the proxy at C{port}."""
 
-    def __init__(self, port, clients=20, keys=60, rate=40.0, seed=0):
-        CheckingLoad.__init__(self, lambda: memcached_client(port), 0, keys, rate, seed)
-        prefix = "mcm%d.%d" % (os.getpid(), next(_loads))
-        self.clients = [MemcachedClient(i, lambda: memcached_client(port), keys, rate, seed, prefix)
-                        for i in range(clients)]
+    CLIENT = MemcachedClient
+
+    @staticmethod
+    def connect(port):
+        return memcached_client(port)
 
     def misses(self) -> list:
         return sorted((e for c in self.clients for e in c.misses), key=lambda e: e.at)
