@@ -45,7 +45,7 @@ except ImportError:  # a python3 with PyYAML but not Twisted: go on under the CP
 
 sys.path.insert(0, ROOT)
 from tests.support import migration_control  # noqa: E402
-from tests.support.migration_control import cacheproxyctl, wait_migration  # noqa: E402
+from tests.support.migration_control import cacheproxyctl, migration_ctl, wait_migration  # noqa: E402
 
 HOST = processes.HOST
 POOL = "bench"
@@ -128,12 +128,20 @@ def migrate(proc, config, control, ports, gen, port, args):
     if code != 0:
         load.stop()
         raise BenchError("reload refused: %s%s" % (out, err))
+    errors = []
     try:
-        record = wait_migration(control, POOL, timeout=args.timeout)
+        while True:
+            record = wait_migration(control, POOL, states=("done", "paused"), timeout=args.timeout)
+            if record["state"] == "done":
+                break
+            # Paused by a failure: say so, and go on as an operator would.
+            errors.append(record["error"])
+            print("!!! the migration paused: %s; resuming" % (record["error"],), file=sys.stderr, flush=True)
+            migration_ctl(control, "resume", POOL)
     finally:
         load.stop()
     return {"seconds": record["finished"] - record["started"], "reload_to_done": time.time() - reloaded,
-            "record": record, "before": before.figures(), "during": during.figures()}
+            "record": record, "pauses": errors, "before": before.figures(), "during": during.figures()}
 
 
 def bench_protocol(running, protocol, args, python, binary, rows):
@@ -171,25 +179,29 @@ def _ms(us):
 
 
 def table(rows) -> str:
-    head = ("protocol", "migration", "seconds", "moved", "keys/s", "phase", "p50 ms", "p99 ms", "worst p99",
-            "worst p99.9", "requests", "misses", "errors", "lost")
+    head = ("protocol", "migration", "seconds", "moved", "keys/s", "pauses", "phase", "p50 ms", "p99 ms",
+            "worst p99", "worst p99.9", "requests", "misses", "errors", "lost")
     lines = [head]
+    notes = []
     for row in rows:
         if "error" in row:
-            lines.append((row["protocol"], "FAILED", row["error"][:60]) + ("",) * (len(head) - 3))
+            notes.append("%s FAILED: %s" % (row["protocol"], row["error"]))
             continue
         rec = row["record"]
+        notes += ["%s %s paused: %s" % (row["protocol"], row["migration"], e) for e in row["pauses"]]
         for phase in ("before", "during"):
             f = row[phase]
             first = phase == "before"
             lines.append((row["protocol"] if first else "", row["migration"] if first else "",
                           "%.1f" % row["seconds"] if first else "", str(rec["moved"]) if first else "",
                           "%.0f" % (rec["moved"] / row["seconds"]) if first and row["seconds"] else "",
+                          str(len(row["pauses"])) if first else "",
                           phase, _ms(f.get("p50")), _ms(f.get("p99")), _ms(f.get("worst_p99")),
                           _ms(f.get("worst_p999")), str(f.get("requests", 0)), str(f.get("misses", 0)),
                           str(f.get("errors", 0)), str(f.get("lost", 0))))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+    text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+    return "\n".join([text] + notes)
 
 
 def parse_args(argv):
@@ -249,7 +261,7 @@ def main(argv=None) -> int:
     print("\nseconds = the migration's record, started to finished; keys/s = moved / seconds;")
     print("p50, p99 = the median one-second round's; worst = the worst round's (latgen, open loop, exact per round).")
     print("Results: %s" % (os.path.relpath(path),))
-    return 1 if any("error" in row for row in rows) else 0
+    return 1 if any("error" in row or row["pauses"] or row["during"].get("misses") for row in rows) else 0
 
 
 if __name__ == "__main__":
