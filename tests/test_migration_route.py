@@ -342,3 +342,62 @@ def test_memcached_get_on_a_moving_key_moves_it_with_meta_commands_first():
     h.reactor.advance(0)
     assert t.value() == b"VALUE " + k + b" 3 1\r\nv\r\nEND\r\n"
     assert h.pool.counters()["migrate_on_access"] == 1
+
+
+def test_a_key_named_twice_waits_once_and_held_keys_move_in_one_batch():
+    h = MigHarness()
+    c, t = h.client()
+    a, b = h.moving_key(7001, 7003, "a"), h.moving_key(7001, 7003, "b")
+    h.store(7001).update({a: b"A", b: b"B"})
+    c.dataReceived(cmd("MGET", a, a) + cmd("GET", b))
+    assert h.accept() == {}
+    h.pool.set_phase(MOVE)
+    h.reactor.advance(0)
+    source = h.accept()[7001]
+    assert source.answer() == [[b"EXISTS", a, b]]
+    assert source.answer() == [migrate(a, b)]
+    assert h.backends[7003].answer() == [[b"MGET", a, a], [b"GET", b]]
+    assert t.value() == b"*2\r\n$1\r\nA\r\n$1\r\nA\r\n$1\r\nB\r\n"
+    assert h.pool.counters() == {"migrate_on_access": 2, "migrate_held": 2}
+
+
+def test_a_held_watch_keeps_the_clients_transaction_behind_it():
+    h = MigHarness()
+    c, t = h.client()
+    k = h.moving_key(7001, 7003)
+    c.dataReceived(cmd("WATCH", k) + cmd("MULTI") + cmd("PING") + cmd("EXEC"))
+    assert h.accept() == {}
+    assert t.value() == b""
+    h.pool.set_phase(MOVE)
+    h.reactor.advance(0)
+    assert h.accept()[7001].answer() == [migrate(k)]
+    pinned = h.backends[7003]
+    assert [args[0].upper() for args in pinned.pending()] == [b"WATCH", b"MULTI", b"PING", b"EXEC"]
+
+
+def test_a_dead_source_answers_errors_to_the_requests_on_its_moving_keys():
+    h = MigHarness(phase=MOVE)
+    c, t = h.client()
+    k, s = h.moving_key(7001, 7003), h.staying_key(7002)
+    c.dataReceived(cmd("GET", k) + cmd("GET", s))
+    h.refuse()  # 7001 and 7002 both refuse: each request fails on its own
+    h.reactor.advance(0)
+    assert t.value() == b"-ERR Connection refused\r\n-ERR Connection refused\r\n"
+    assert 7003 not in h.backends and not [a for a in h.attempts() if a[1] == 7003]
+
+
+def test_memcached_binary_clients_keys_move_by_meta_commands_too():
+    import struct
+
+    h = MigHarness(redis=False, phase=MOVE)
+    k = h.moving_key(7001, 7003)
+    c, t = h.client()
+    get = struct.pack("!BBHBBHIIQ", 0x80, 0x00, len(k), 0, 0, 0, len(k), 7, 0) + k
+    c.dataReceived(get)
+    h.accept()
+    assert h.backends[7001].transport.value() == b"mg " + k + b" v f t c\r\n"
+    h.backends[7001].protocol.dataReceived(b"EN\r\n")
+    h.reactor.advance(0)
+    h.accept()
+    target = h.backends[7003]
+    assert target.transport.value() == get  # the binary get, on a binary connection of the target

@@ -185,6 +185,8 @@ class MigratingRoute(HashRoute):
         queues = self.queues
         holding = self.plan.phase == HOLD
         groups = {}  # (source, target) -> keys to move
+        if len(keys) > 1:
+            keys = dict.fromkeys(keys)  # a key named twice waits once
         for key in keys:
             queue = queues.get(key)
             if queue is None:
@@ -196,8 +198,6 @@ class MigratingRoute(HashRoute):
                         if not holding:
                             groups.setdefault((source, target), []).append(key)
                 queues[key] = queue
-            elif waiter in queue.waiters:
-                continue  # a key named twice
             queue.waiters.append(waiter)
             waiter.keys.append(key)
         if holding:
@@ -241,11 +241,11 @@ class MigratingRoute(HashRoute):
     def _advance(self, keys, dirty) -> None:
         """Run (or fail) every waiter that now heads the queues of all its keys, theirs moved; drop empty queues."""
         queues = self.queues
-        work = list(keys)
+        work = deque(keys)  # in order: waiters on different keys still leave oldest first
         touched = []
         now = self.reactor.seconds()
         while work:
-            key = work.pop()
+            key = work.popleft()
             queue = queues.get(key)
             if queue is None:
                 continue
