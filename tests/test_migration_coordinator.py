@@ -211,3 +211,17 @@ def test_state_files_survive_a_restart(tmp_path, made):
     with pytest.raises(MigrationRefused) as caught:
         Coordinator(clock, Participants(), store, mover=FakeMover).restore(config(OLD[:2]))
     assert "name one of the two lists" in str(caught.value)
+
+
+def test_a_restart_while_the_end_was_pushed_finds_it_done(tmp_path, made):
+    store = FileStore(str(tmp_path))
+    participants = Participants(auto=False)
+    c, clock = coordinator(store=store, participants=participants)
+    c.reload(config(NEW))
+    c.reloaded(True)
+    participants.waiting.pop().callback(None)
+    made[-1].events.finished()  # the end is being pushed: the process stops before the workers answer
+    c.stop()
+    again = Coordinator(clock, Participants(), store, mover=FakeMover)
+    again.restore(config(NEW))
+    assert again.state.plans == () and again.records()["alpha"]["state"] == "done"

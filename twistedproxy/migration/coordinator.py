@@ -200,6 +200,10 @@ class Coordinator:
                 if pool is None or pool.is_front:
                     self.store.remove(name)
                     continue
+                if m.state in (HOLDING, MOVING, PAUSED):
+                    # Stopped while its end was pushed: every key had moved.
+                    m.record["state"] = ABORTED if m.record.get("aborting") else DONE
+                    m.record["finished"] = self.reactor.seconds()
                 taken[name] = m
                 continue
             plan = m.plan
