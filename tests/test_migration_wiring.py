@@ -129,6 +129,9 @@ def test_a_single_process_resumes_after_a_restart_and_drains_the_removed_server(
         poll(lambda: c.migration()["alpha"]["moved"] > 0, 20, 0.05, "some keys moved")
         assert c.migration()["alpha"]["state"] == "moving"
     proc.stop()  # SIGTERM mid-migration: the cursors are saved
+    with open(str(tmp_path / "cacheproxy-migration-alpha.json")) as f:
+        saved = json.load(f)
+    assert saved["plan"]["phase"] == "move" and list(saved["cursors"].values()).count("done") >= 3
 
     start()  # the file names the target: the migration goes on, in the move phase at once
     assert [client.get(b"key:%d" % i) for i in range(0, 2000, 7)] == [b"value:%d" % i for i in range(0, 2000, 7)]

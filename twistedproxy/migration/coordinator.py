@@ -612,7 +612,7 @@ class Coordinator:
         m.saved_at = self.reactor.seconds()
         try:
             self.store.save(m.name, m.entry())
-        except OSError as e:
+        except (OSError, TypeError, ValueError) as e:
             log.error("pool {pool}: the migration state cannot be saved ({error}); a restart would not find it",
                       pool=m.name, error=str(e))
 
