@@ -207,6 +207,7 @@ def test_state_files_survive_a_restart(tmp_path, made):
     third = Coordinator(clock, Participants(), store, mover=FakeMover)
     third.restore(config(OLD))
     assert third.state.plan_of("alpha").aborting
+    assert third.reload(config(OLD)) == []  # the file names what the abort restores: nothing waits
     third.stop()
     with pytest.raises(MigrationRefused) as caught:
         Coordinator(clock, Participants(), store, mover=FakeMover).restore(config(OLD[:2]))

@@ -220,6 +220,7 @@ class Coordinator:
                 log.warn("pool {pool}: the configuration names the servers the migration moves from: aborting it",
                          pool=name)
                 self._reverse(m)
+                m.accounted = named
             elif plan.aborting and named == plan.target:
                 m.accounted = named  # the file went back to the list the abort restores
             else:
