@@ -207,27 +207,22 @@ def test_state_files_survive_a_restart(tmp_path, made):
     third = Coordinator(clock, Participants(), store, mover=FakeMover)
     third.restore(config(OLD))
     assert third.state.plan_of("alpha").aborting
+    assert third.reload(config(OLD)) == []  # the file names what the abort restores: nothing waits
     third.stop()
     with pytest.raises(MigrationRefused) as caught:
         Coordinator(clock, Participants(), store, mover=FakeMover).restore(config(OLD[:2]))
     assert "name one of the two lists" in str(caught.value)
 
 
-def test_a_redis_scan_cursor_bytes_is_saved_as_text_and_listed_from(tmp_path, made):
-    """
-    The Redis mover's cursors are SCAN's bytes: the state file keeps them as
-    text (a save used to raise TypeError, failing a pause), and SCAN takes them back.
-    """
-    from twistedproxy.protocols.redis_migration import migration
-
+def test_a_restart_while_the_end_was_pushed_finds_it_done(tmp_path, made):
     store = FileStore(str(tmp_path))
-    c, clock = coordinator(store=store)
+    participants = Participants(auto=False)
+    c, clock = coordinator(store=store, participants=participants)
     c.reload(config(NEW))
     c.reloaded(True)
-    made[-1].cursors = {"127.0.0.1:7001": "done", "127.0.0.1:7002": b"1234"}
-    ok, records = c.control("pause", "alpha")
-    assert ok and records["alpha"]["state"] == "paused"
-    saved = json.loads((tmp_path / "cacheproxy-migration-alpha.json").read_text())
-    assert saved["cursors"]["127.0.0.1:7002"] == "1234"
-    assert migration.list_request("1234", None, 100).frame == migration.list_request(b"1234", None, 100).frame
+    participants.waiting.pop().callback(None)
+    made[-1].events.finished()  # the end is being pushed: the process stops before the workers answer
     c.stop()
+    again = Coordinator(clock, Participants(), store, mover=FakeMover)
+    again.restore(config(NEW))
+    assert again.state.plans == () and again.records()["alpha"]["state"] == "done"

@@ -165,9 +165,18 @@ def test_memcache_no_expiry_and_binary_keys():
     assert result == MoveResult(moved=1, bytes=2)
 
 
-def test_memcache_newer_value_on_the_target_wins():
+def test_memcache_a_value_on_the_target_wins_and_the_original_is_marked_stale():
+    # NS: a client's newer value, or another process's copy; that process deletes the
+    # original, so it is only marked stale here (deleting it would make that process
+    # take its copy back).
     sent, result = memcache_move([b"k"], [ok(HIT), ok(b"NS c0\r\n"), ok(b"HD\r\n")])
-    assert sent[-1] == ("source", b"md k C41\r\n")
+    assert sent[1:] == [("target", b"ms k 3 F5 T99 ME c\r\nxyz\r\n"), ("source", b"md k C41 I\r\n")]
+    assert result == MoveResult(missing=1)
+
+
+def test_memcache_a_stale_original_is_left_to_its_adder():
+    sent, result = memcache_move([b"k"], [ok(b"VA 3 f5 t99 c42 X W\r\nxyz\r\n")])
+    assert sent == [("source", b"mg k v f t c\r\n")]
     assert result == MoveResult(missing=1)
 
 
@@ -177,16 +186,19 @@ def test_memcache_item_expiring_now_is_not_copied():
     assert result == MoveResult(missing=1)
 
 
-def test_memcache_source_gone_meanwhile_undoes_our_copy():
+def test_memcache_original_gone_meanwhile_undoes_our_copy():
+    # Another adder finished first: the target was emptied (a client deleted the key)
+    # before our add, so our copy would bring a deleted key back.
     sent, result = memcache_move([b"k"], [ok(HIT), ok(b"HD c7\r\n"), ok(b"NF\r\n"), ok(b"HD\r\n")])
     assert sent[2:] == [("source", b"md k C41\r\n"), ("target", b"md k C7\r\n")]
     assert result == MoveResult(missing=1)
 
 
-def test_memcache_source_changed_meanwhile_undoes_our_copy_and_fails():
-    sent, result = memcache_move([b"k"], [ok(HIT), ok(b"HD c7\r\n"), ok(b"EX\r\n"), ok(b"EX\r\n")])
-    assert sent[3] == ("target", b"md k C7\r\n")
-    assert result == MoveResult(failed=1, error="source item changed during the move")
+def test_memcache_original_marked_stale_meanwhile_keeps_our_copy():
+    # A process found our copy on the target and marked the original stale: ours stands.
+    sent, result = memcache_move([b"k"], [ok(HIT), ok(b"HD c7\r\n"), ok(b"EX\r\n"), ok(b"HD\r\n")])
+    assert sent[2:] == [("source", b"md k C41\r\n"), ("source", b"md k\r\n")]
+    assert result == MoveResult(moved=1, bytes=3)
 
 
 def test_memcache_failures():

@@ -121,8 +121,8 @@ def test_memcached_keys_move_on_access_with_flags_and_ttl(spawn, memcached_backe
     proc, port, placement = start(spawn, tmp_path, backends[:2], backends, False)
     direct = {b.port: Memcache((HOST, b.port), timeout=10) for b in backends}
     (k, src, dst), (n, n_src, n_dst) = moving_keys(placement, 2, b"mv")
-    direct[src].set(k, b"value", expire=1000, flags=42)
-    direct[n_src].set(n, b"10")
+    direct[src].set(k, b"value", expire=1000, flags=42, noreply=False)
+    direct[n_src].set(n, b"10", noreply=False)
 
     client = Memcache((HOST, port), timeout=10)
     assert client.get(k) == b"value"
@@ -158,7 +158,7 @@ def test_the_listings_of_real_servers(memcached_backends, redis_backends):
     client = Memcache((HOST, mc.port), timeout=10)
     keys = [b"user:%d" % i for i in range(300)] + [b"other:1", b"with%percent"]
     for key in keys:
-        client.set(key, b"v")
+        client.set(key, b"v", noreply=False)
     with socket.create_connection((HOST, mc.port), timeout=10) as sock:
         sock.sendall(memcache.list_request(None, None, 100).frame)
         parser = memcache.codec.reply_parser()
@@ -187,3 +187,72 @@ def test_the_listings_of_real_servers(memcached_backends, redis_backends):
             if cursor is None:
                 break
     assert sorted(set(found)) == sorted(keys[:300])
+
+
+class Stepper:
+    """A move generator driven one request at a time against real servers (to interleave two moves)."""
+
+    def __init__(self, steps, source_port, target_port):
+        self.steps = steps
+        self.socks = {"source": socket.create_connection((HOST, source_port), timeout=10),
+                      "target": socket.create_connection((HOST, target_port), timeout=10)}
+        self.parsers = {side: migration_for("memcache").codec.reply_parser() for side in self.socks}
+        self.next = next(steps)
+        self.result = None
+
+    def step(self, expect: bytes) -> bytes:
+        """Send the next request (its frame starts with C{expect}); its reply goes into the generator."""
+        side, request = self.next
+        assert request.frame.startswith(expect), request.frame
+        self.socks[side].sendall(request.frame)
+        reply = None
+        while reply is None:
+            self.parsers[side].feed(self.socks[side].recv(65536))
+            reply = self.parsers[side].next_reply(None)
+        try:
+            self.next = self.steps.send((reply, None))
+        except StopIteration as stop:
+            self.result = stop.value
+            for sock in self.socks.values():
+                sock.close()
+        return reply
+
+
+def memcache_movers(count, source, target):
+    config = config_from_dict({"p": {"listen": "127.0.0.1:1", "servers": servers([source, target])}}).pools[0]
+    memcache = migration_for("memcache")
+    return [Stepper(memcache.move([b"k"], config.servers[0], config.servers[1], config), source.port, target.port)
+            for _ in range(count)]
+
+
+def test_two_memcached_moves_of_one_key_at_once_keep_it(memcached_backends):
+    source, target = memcached_backends(2)
+    Memcache((HOST, source.port), timeout=10).set(b"k", b"value", flags=3, noreply=False)
+    adder, other = memcache_movers(2, source, target)
+    adder.step(b"mg")
+    other.step(b"mg")
+    assert adder.step(b"ms").startswith(b"HD")
+    assert other.step(b"ms").startswith(b"NS")
+    other.step(b"md k C")  # marks the original stale: the adder deletes it
+    assert adder.step(b"md k C") == b"EX\r\n"
+    adder.step(b"md k\r\n")
+    assert adder.result.moved == 1 and other.result.missing == 1
+    assert Memcache((HOST, target.port), timeout=10).get(b"k") == b"value"
+    assert raw(source.port, b"mg k v\r\n") == b"EN\r\n"
+
+
+def test_a_stale_memcached_copy_of_a_deleted_key_is_taken_back(memcached_backends):
+    source, target = memcached_backends(2)
+    Memcache((HOST, source.port), timeout=10).set(b"k", b"value", noreply=False)
+    first, late = memcache_movers(2, source, target)
+    first.step(b"mg")
+    late.step(b"mg")  # reads the original before the first move deletes it
+    first.step(b"ms")
+    first.step(b"md")
+    assert first.result.moved == 1
+    assert Memcache((HOST, target.port), timeout=10).delete(b"k", noreply=False)  # a client deletes it
+    assert late.step(b"ms").startswith(b"HD")  # the late copy would bring it back ...
+    assert late.step(b"md") == b"NF\r\n"
+    late.step(b"md k C")  # ... and is taken back
+    assert late.result.missing == 1
+    assert raw(target.port, b"mg k v\r\n") == b"EN\r\n" and raw(source.port, b"mg k v\r\n") == b"EN\r\n"

@@ -129,6 +129,9 @@ def test_a_single_process_resumes_after_a_restart_and_drains_the_removed_server(
         poll(lambda: c.migration()["alpha"]["moved"] > 0, 20, 0.05, "some keys moved")
         assert c.migration()["alpha"]["state"] == "moving"
     proc.stop()  # SIGTERM mid-migration: the cursors are saved
+    with open(str(tmp_path / "cacheproxy-migration-alpha.json")) as f:
+        saved = json.load(f)
+    assert saved["plan"]["phase"] == "move" and list(saved["cursors"].values()).count("done") >= 3
 
     start()  # the file names the target: the migration goes on, in the move phase at once
     assert [client.get(b"key:%d" % i) for i in range(0, 2000, 7)] == [b"value:%d" % i for i in range(0, 2000, 7)]
@@ -139,3 +142,32 @@ def test_a_single_process_resumes_after_a_restart_and_drains_the_removed_server(
     assert record["state"] == "done" and record["removed"] == [removed] and record["drained"] == [removed]
     assert redis.Redis(host=HOST, port=backends[3].port).dbsize() == 0
     assert [client.get(b"key:%d" % i) for i in range(2000)] == [b"value:%d" % i for i in range(2000)]
+
+
+def test_a_memcached_pool_shrinks_online_through_a_single_process(spawn, memcached_backends, tmp_path):
+    from pymemcache.client.base import Client
+
+    backends = memcached_backends(3)
+    port = free_port()
+    pool = processes.pool_config([b.port for b in backends], port, redis=False, migrate=True, migrate_rate=0,
+                                 timeout=5000)
+    control = str(tmp_path / "ctl.sock")
+    config = {"alpha": pool, "global": {"control": control, "state_dir": str(tmp_path)}}
+    path = processes.write_config(config, str(tmp_path))
+    argv = [sys.executable, "-m", "twistedproxy.cli", "-c", path] + processes.stats_args()
+    spawn(processes.Process, argv, port, env=processes.proxy_env(), cwd=processes.ROOT)
+    client = Client((HOST, port), timeout=10)
+    for i in range(300):
+        assert client.set("key:%d" % i, b"value:%d" % i, expire=600, noreply=False)
+
+    pool["servers"].pop()  # 3 -> 2
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    with BlockingControlClient(control) as c:
+        c.reload()
+        record = poll(lambda: c.migration()["alpha"] if c.migration()["alpha"]["drained"] else None, 30, 0.1,
+                      "the removed server drained")
+    assert record["state"] == "done" and record["moved"] > 0 and record["failed"] == 0
+    removed = Client((HOST, backends[2].port), timeout=10)
+    assert all(removed.get("key:%d" % i) is None for i in range(300))
+    assert [client.get("key:%d" % i) for i in range(300)] == [b"value:%d" % i for i in range(300)]

@@ -99,8 +99,6 @@ class _Migration:
 
     def entry(self) -> dict:
         cursors = dict(self.mover.cursors) if self.mover is not None else dict(self.cursors)
-        # A Redis SCAN cursor is bytes (ASCII digits): JSON keeps it as text (list_request takes either).
-        cursors = {address: c.decode("ascii") if isinstance(c, bytes) else c for address, c in cursors.items()}
         return {"plan": self.plan.to_dict() if self.plan is not None else None, "record": self.record,
                 "cursors": cursors, "confirmed": self.confirmed,
                 "override": [_server_dict(s) for s in self.override] if self.override is not None else None,
@@ -202,6 +200,10 @@ class Coordinator:
                 if pool is None or pool.is_front:
                     self.store.remove(name)
                     continue
+                if m.state in (HOLDING, MOVING, PAUSED):
+                    # Stopped while its end was pushed: every key had moved.
+                    m.record["state"] = ABORTED if m.record.get("aborting") else DONE
+                    m.record["finished"] = self.reactor.seconds()
                 taken[name] = m
                 continue
             plan = m.plan
@@ -218,6 +220,7 @@ class Coordinator:
                 log.warn("pool {pool}: the configuration names the servers the migration moves from: aborting it",
                          pool=name)
                 self._reverse(m)
+                m.accounted = named
             elif plan.aborting and named == plan.target:
                 m.accounted = named  # the file went back to the list the abort restores
             else:
@@ -610,7 +613,7 @@ class Coordinator:
         m.saved_at = self.reactor.seconds()
         try:
             self.store.save(m.name, m.entry())
-        except OSError as e:
+        except (OSError, TypeError, ValueError) as e:
             log.error("pool {pool}: the migration state cannot be saved ({error}); a restart would not find it",
                       pool=m.name, error=str(e))
 

@@ -48,7 +48,8 @@ def placement(pool_config, servers):
 class Mover:
     """
     Moves the keys of one plan.  C{cursors}: server address -> the listing
-    cursor to go on from (L{DONE} once complete), saved by the coordinator.
+    cursor to go on from (None: from the start; L{DONE} once complete), as
+    text (the protocol's bytes, latin-1), saved by the coordinator.
     """
 
     def __init__(self, reactor, plan, pool_config, events, cursors=None, migration=None):
@@ -137,11 +138,14 @@ class Mover:
             except Exception as e:
                 self._fail("listing the keys of %s failed: %s" % (server.spec.address, e))
                 return
-            self._listing = (server, DONE if next_cursor is None else next_cursor, list(keys))
+            # Kept as text (the state file is JSON): a protocol's cursor is bytes.
+            kept = DONE if next_cursor is None else next_cursor.decode("latin-1")
+            self._listing = (server, kept, list(keys))
             self.events.progress(scanned=len(keys))
             if self.running:
                 self._step()
 
+        cursor = None if cursor is None else cursor.encode("latin-1")
         send(server, self.migration.list_request(cursor, self.match, BATCH), self.codec, self.reactor, listed)
 
     def _move_batch(self) -> None:

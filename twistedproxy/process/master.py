@@ -34,7 +34,7 @@ import sys
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.error import ReactorNotRunning
+from twisted.internet.error import ConnectionDone, ConnectionLost, ReactorNotRunning
 from twisted.logger import Logger, LogLevel
 from twisted.protocols import amp
 from zope.interface import implementer
@@ -135,8 +135,10 @@ class _Workers:
         workers = [w for w in master.supervisor.all_workers() if w.hello and w.state != "gone"]
 
         def check(results):
+            # A worker that died meanwhile is no failure: its replacement gets the state in its Hello.
             failed = ["worker %s: %s" % (worker.pid, answer.getErrorMessage()) for worker, ok, answer in results
-                      if not ok and worker.state not in ("gone", "stopping") and not master.stopping]
+                      if not ok and worker.state not in ("gone", "stopping") and not master.stopping
+                      and not answer.check(ConnectionDone, ConnectionLost)]
             if failed:
                 raise RuntimeError("; ".join(failed))  # a dead worker's replacement gets the state in its Hello
 

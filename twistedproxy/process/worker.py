@@ -235,6 +235,7 @@ class Worker:
         self.slot = layout["slot"]
         self.worker_count = layout.get("workers", 1)
         self.proxy = None
+        self.migrations = None  # a state the master sent before the pools were built
         self.ports = []
         self.mutex = None
         self.quickack = False
@@ -272,7 +273,8 @@ class Worker:
             set_affinity(glob.worker_cpu_affinity[self.slot % len(glob.worker_cpu_affinity)])
         self.quickack = glob.tcp_quickack
         # The master coordinates migrations: this proxy only routes by their state.
-        self.proxy = Proxy(config, self.reactor, migrations=migrations or MigrationState())
+        migrations = self.migrations or migrations or MigrationState()
+        self.proxy = Proxy(config, self.reactor, migrations=migrations)
         self._share_out()
         # Ready means warm: backend connections are made, the sockets served and Ready
         # said only after it (a connection made before could time out meanwhile).
@@ -303,9 +305,11 @@ class Worker:
 
     def apply_migrations(self, state) -> None:
         """Route by the master's L{MigrationState} C{state} from now on (pools rebuilt get our share-out)."""
-        if self.proxy is not None:
-            self.proxy.apply_migrations(state)
-            self._share_out()
+        if self.proxy is None:
+            self.migrations = state  # before the pools are built: they are built by it
+            return
+        self.proxy.apply_migrations(state)
+        self._share_out()
 
     def set_worker_count(self, count: int) -> None:
         self.worker_count = count

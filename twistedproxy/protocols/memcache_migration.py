@@ -4,20 +4,31 @@ metadump all} lists a server's keys, meta commands move them, on the text
 protocol's connections (the warm-up route's requests: L{memcache_text.meta_get}
 and L{memcache_text.meta_add}).
 
-memcached has no atomic move; a key moves in up to four steps:
+memcached has no atomic move; a key moves in three steps, and several
+processes may move one key at once (workers on access, the mover):
 
-  1. C{mg KEY v f t c} on the source: a miss means nothing to move;
+  1. C{mg KEY v f t c} on the source: a miss means nothing to move, and so
+     does an item marked stale (step 3b: another process's copy is on the
+     target and that process deletes it);
   2. C{ms KEY LEN F<flags> T<ttl> ME c} on the target: mode E (add) never
-     overwrites a value written there since (the newer one: NS, the source's
-     copy is only deleted); an item expiring within the second is not copied;
-  3. C{md KEY C<cas>} on the source: the copy there goes, unless it changed
-     since step 1 (EX: our copy on the target is older, so it is taken back
-     and the key counts as failed, still on the source);
-  4. when step 3 finds the source's item gone (NF: another process moved it
-     meanwhile, and a client may have deleted it on the target since), our
-     copy is taken back: C{md KEY C<our cas>} on the target, which deletes only
-     what we added.  The window in which a deleted key can come back is one
-     round trip between steps 2 and 4.
+     overwrites a value there (a client's newer one, or another process's
+     copy); an item expiring within the second is not copied, only deleted;
+  3a. stored (we are the adder): C{md KEY C<cas>} on the source deletes the
+     original unless it changed since step 1.  Found gone (NF): another
+     adder finished first, so the target was emptied (a client deleted the
+     key) between its add and ours: ours would bring a deleted key back, and
+     is taken back with C{md KEY C<our cas>} on the target.  Found changed
+     (EX): a process that found our copy on the target marked it stale
+     (3b): our copy stands and the stale original goes;
+  3b. not stored (NS): the target has the key already; the original is
+     marked stale (C{md KEY C<cas> I}), never deleted: deleting it would
+     make the adder take its copy back (NF), losing the key.  The adder
+     deletes it (3a, EX).
+
+The one window left: a process that read the original (step 1) before a
+client deleted the adder's fresh copy on the target, and adds and deletes
+before the adder's own delete, brings the deleted key back (three processes
+within one backend round trip of each other).
 
 Several keys are moved one after the other, one request in flight at a time.
 """
@@ -99,33 +110,43 @@ class MemcacheMigration:
             if raw.startswith(b"EN"):
                 return "missing", 0, None
             return "failed", 0, _error_text(raw)
-        flags, ttl, data, cas = item
+        if _stale(raw):
+            return "missing", 0, None  # its adder's copy is on the target, and the adder deletes it
+        data, cas = item[2], item[3]
         add = meta_add(key, item, cas=True)
-        ours = None
-        if add is not None:  # else it expires within the second: only the source's copy goes
-            raw, error = yield TARGET, add
-            if raw is None:
-                return "failed", 0, error
-            if raw.startswith(b"HD"):
-                ours = meta_cas(raw)
-            elif not raw.startswith(b"NS"):  # NS: the target has a newer value; the source's copy goes
-                return "failed", 0, _error_text(raw)
+        if add is None:  # it expires within the second: only the original goes
+            raw, error = yield SOURCE, meta_delete(key, cas)
+            return ("missing", 0, None) if raw is not None else ("failed", 0, error)
+        raw, error = yield TARGET, add
+        if raw is None:
+            return "failed", 0, error
+        if raw.startswith(b"NS"):
+            raw, error = yield SOURCE, meta_delete(key, cas, invalidate=True)
+            return "missing", 0, None  # however that went, the target's value stands
+        if not raw.startswith(b"HD"):
+            return "failed", 0, _error_text(raw)
+        ours = meta_cas(raw)
         raw, error = yield SOURCE, meta_delete(key, cas)
         if raw is not None and raw.startswith(b"HD"):
-            return ("moved", len(data), None) if ours is not None else ("missing", 0, None)
-        if raw is not None and raw.startswith(b"NF") and ours is None:
-            return "missing", 0, None  # gone from the source and not copied by us: nothing to undo
-        # Our copy must not stay: the source's item changed (EX), vanished while
-        # we copied it (NF: moved by another process, maybe deleted since), or
-        # the delete failed (the source keeps the key; the target must not hold an older one).
-        outcome = "missing" if raw is not None and raw.startswith(b"NF") else "failed"
-        why = error if raw is None else (None if outcome == "missing" else "source item changed during the move"
-                                         if raw.startswith(b"EX") else _error_text(raw))
-        if ours is not None:
-            undo, undo_error = yield TARGET, meta_delete(key, ours)
-            if undo is None or not (undo.startswith(b"HD") or undo.startswith(b"NF") or undo.startswith(b"EX")):
-                return "failed", 0, undo_error or _error_text(undo)
+            return "moved", len(data), None
+        if raw is not None and raw.startswith(b"EX"):  # marked stale by a process that found our copy
+            raw, error = yield SOURCE, meta_delete(key)
+            return "moved", len(data), None
+        # Gone (another adder finished first: ours would bring a deleted key
+        # back), or the delete failed (the original stays: so must not our copy).
+        undo, undo_error = yield TARGET, meta_delete(key, ours)
+        if raw is not None and raw.startswith(b"NF"):
+            outcome, why = "missing", None
+        else:
+            outcome, why = "failed", error if raw is None else _error_text(raw)
+        if undo is None or not undo.startswith((b"HD", b"NF", b"EX")):
+            return "failed", 0, why or undo_error or _error_text(undo)
         return outcome, 0, why
+
+
+def _stale(raw: bytes) -> bool:
+    """Whether a meta hit is of an item marked stale (its C{X} flag)."""
+    return b"X" in raw[: raw.find(b"\r\n")].split()[2:]
 
 
 migration = MemcacheMigration()

@@ -875,10 +875,15 @@ def meta_cas(raw: bytes):
     return None
 
 
-def meta_delete(key: bytes, cas: bytes) -> Request:
-    """C{md KEY C<cas>}: delete C{key} only while its CAS is still C{cas} (HD deleted, NF none, EX changed)."""
+def meta_delete(key: bytes, cas: bytes = None, invalidate: bool = False) -> Request:
+    """
+    C{md KEY [C<cas>] [I]}: delete C{key} (only while its CAS is still C{cas},
+    if given: HD deleted, NF none, EX changed), or with C{invalidate} mark it
+    stale instead (its CAS changes; a meta get still reads it, flagged C{X}).
+    """
     token, b64 = _meta_key(key)
-    return Request(b"md " + token + b" C" + cas + b64 + _CRLF, b"md", key)
+    flags = (b" C" + cas if cas is not None else b"") + (b" I" if invalidate else b"")
+    return Request(b"md " + token + flags + b64 + _CRLF, b"md", key)
 
 
 # The listing of every item of a server (online migration): one reply of

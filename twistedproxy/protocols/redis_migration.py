@@ -57,8 +57,6 @@ class RedisMigration:
     codec = resp2
 
     def list_request(self, cursor, match, count: int):
-        if isinstance(cursor, str):  # a cursor saved in a state file (JSON text)
-            cursor = cursor.encode("ascii")
         args = [b"SCAN", b"0" if cursor is None else cursor]
         if match is not None:
             args += [b"MATCH", match]
