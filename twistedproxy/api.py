@@ -24,23 +24,32 @@ from twistedproxy.config.settings import TuningError, parse as parse_settings
 from twistedproxy.core import tuning, warmup
 from twistedproxy.core.client import ProxyFactory
 from twistedproxy.core.logins import LocalAuthLimiter
+from twistedproxy.migration.coordinator import Coordinator
+from twistedproxy.migration.state import MemoryStore
 from twistedproxy.net.sockets import listen
 from twistedproxy.net.tls import listener_tls
 from twistedproxy.routes.build import build_route
 from twistedproxy.routes.cluster import ClusterRoute
 from twistedproxy.routes.hash import HashRoute
-from twistedproxy.protocols import cluster_for, codec_for, codecs_of
+from twistedproxy.protocols import cluster_for, codec_for, codecs_of, migration_for
 from twistedproxy.routes.tenants import FrontRoute
 from twistedproxy.stats.recorder import StatsRegistry
 
 
-def build_pool(pool_config, reactor, stats=None) -> HashRoute:
+def build_pool(pool_config, reactor, stats=None, plan=None) -> HashRoute:
     """
     The route of one L{PoolConfig}: twemproxy's pool, a L{HashRoute} over its
     servers, speaking the pool's protocol (C{stats}: its recorder); a
-    L{ClusterRoute} over a cluster's nodes for a C{redis_cluster} pool.
+    L{ClusterRoute} over a cluster's nodes for a C{redis_cluster} pool; a
+    L{twistedproxy.routes.migrate.MigratingRoute} over both lists of a
+    migration C{plan} (a L{MigrationPlan}) when one is given.
     """
     codec = codec_for(pool_config.protocol)
+    if plan is not None:
+        from twistedproxy.routes.migrate import MigratingRoute
+
+        return MigratingRoute(pool_config, codec, reactor, plan, migration_for(pool_config.protocol),
+                              codecs=codecs_of(codec), stats=stats)
     if pool_config.redis_cluster:
         return ClusterRoute(pool_config, codec, reactor, cluster_for(pool_config.protocol), codecs=codecs_of(codec),
                             stats=stats)
@@ -69,9 +78,13 @@ class Proxy:
     @ivar logins: the L{twistedproxy.core.logins.IAuthLimiter} its clients' failed
         logins are counted by: its own (L{LocalAuthLimiter}), or a worker's
         (L{use_logins}).
+    @ivar migrations: the L{MigrationState} the pools route by (online migration).
+    @ivar coordinator: the L{Coordinator} of this proxy's migrations (their state
+        in C{state_store}, by default in memory), or None in a worker, whose
+        master coordinates and hands it C{migrations}.
     """
 
-    def __init__(self, config: ProxyConfig, reactor):
+    def __init__(self, config: ProxyConfig, reactor, migrations=None, state_store=None):
         self.config = config
         self.reactor = reactor
         self.pools = {}
@@ -79,6 +92,13 @@ class Proxy:
         self.stats = StatsRegistry(reactor, config.global_)
         glob = config.global_
         self.logins = LocalAuthLimiter(reactor, glob.auth_failures_limit, glob.auth_block_seconds)
+        self.coordinator = None
+        if migrations is None:
+            self.coordinator = Coordinator(reactor, _OwnPools(self), state_store or MemoryStore())
+            self.coordinator.restore(config)  # MigrationRefused: the file and the kept state disagree
+            migrations = self.coordinator.state
+        self.migrations = migrations
+        self._built = {}  # pool name -> what its route was built for (see _in_force)
         for pool_config in _fronts_last(config):
             pool = self._build(pool_config)
             self.pools[pool_config.name] = pool
@@ -87,13 +107,30 @@ class Proxy:
         self._port_by_pool = {}
         self._read_certificates()
 
+    def _in_force(self, pool_config):
+        """
+        C{(config, plan)}: the configuration a pool's route is built from (its
+        servers: those in force, which after an abort are not the file's; a
+        migrating pool's: the plan's target) and its migration plan or None.
+        """
+        plan = self.migrations.plan_of(pool_config.name)
+        if plan is not None:
+            return replace(pool_config, servers=plan.target), plan
+        servers = dict(self.migrations.servers).get(pool_config.name)
+        if servers is not None:
+            return replace(pool_config, servers=servers), None
+        return pool_config, None
+
     def _build(self, pool_config):
         """A pool's route, or a front's over L{pools} (which holds every pool it routes to by now)."""
         stats = self.stats.pool(pool_config.name)
         if pool_config.is_front:
+            self._built[pool_config.name] = (pool_config, None)
             workers = max(1, self.config.global_.worker_processes)
             return build_front(pool_config, self.reactor, self.pools, stats, workers)
-        return build_pool(pool_config, self.reactor, stats)
+        config, plan = self._in_force(pool_config)
+        self._built[pool_config.name] = (config, _plan_key(plan))
+        return build_pool(config, self.reactor, stats, plan)
 
     def use_logins(self, limiter) -> None:
         """Count failed logins with C{limiter} from now on (a worker's, which asks its master)."""
@@ -132,7 +169,12 @@ class Proxy:
         return warmup.warm_up(self.reactor, pools, build_pool, seconds)
 
     def start(self) -> list:
-        """Connect preconnect pools and listen on every pool's address; returns the ports."""
+        """
+        Connect preconnect pools and listen on every pool's address (and go on
+        with migrations a restart found); returns the ports.
+        """
+        if self.coordinator is not None:
+            self.coordinator.start()
         for name, pool in self.pools.items():
             pool.start()
             cfg = pool.config
@@ -146,7 +188,7 @@ class Proxy:
         """The listening ports this proxy opened itself (L{start})."""
         return list(self._port_by_pool.values())
 
-    def reconfigure(self, config: ProxyConfig) -> None:
+    def reconfigure(self, config: ProxyConfig, migrations=None) -> list:
         """
         Switch to C{config} between requests, keeping client connections.
 
@@ -160,22 +202,62 @@ class Proxy:
         Pools that disappeared stop listening and their clients are closed; new
         pools start listening (when this proxy listens itself, i.e. L{start}
         was used).
+
+        A pool with C{migrate: true} whose servers changed is not rebuilt on
+        them: a migration to them starts (L{twistedproxy.migration}).  A
+        coordinating proxy decides that itself and returns the refusals of
+        pools whose change must wait for their migration (raises
+        L{twistedproxy.migration.coordinator.MigrationRefused} when nothing
+        can apply); a worker is handed the master's C{migrations}.
         """
+        refusals = []
+        if self.coordinator is not None:
+            refusals = self.coordinator.reload(config)
+            migrations = self.coordinator.state
+        self._switch(config, self.migrations if migrations is None else migrations, reload=True)
+        if self.coordinator is not None:
+            self.coordinator.reloaded(True)
+        return refusals
+
+    def apply_migrations(self, state) -> None:
+        """
+        Route by the L{MigrationState} C{state} from now on: pools that start
+        or stop migrating are rebuilt (their clients move to the new route as
+        on a reload), a migrating pool switches phase in place.
+        """
+        self._switch(self.config, state, reload=False)
+
+    def migration(self, action: str = "status", pool=None):
+        """C{cacheproxyctl migration}'s actions on this proxy's migrations: (ok, records or why not)."""
+        if self.coordinator is None:
+            return False, "this process does not coordinate migrations (its master does)"
+        return self.coordinator.control(action, pool)
+
+    def _switch(self, config, migrations, reload: bool) -> None:
         listening = bool(self._port_by_pool)
         old_pools = self.pools
-        old_configs = {pool_config.name: pool_config for pool_config in self.config.pools}
+        old_built = self._built
         self.config = config
+        self.migrations = migrations
         self.pools = {}
-        self.stats.configure(config.global_)
-        self.logins.configure(config.global_.auth_failures_limit, config.global_.auth_block_seconds)
-        self.stats.prune(config)
+        self._built = {}
+        if reload:
+            self.stats.configure(config.global_)
+            self.logins.configure(config.global_.auth_failures_limit, config.global_.auth_block_seconds)
+            self.stats.prune(config)
         rebuilt = set()
         for pool_config in _fronts_last(config):
             name = pool_config.name
             old = old_pools.get(name)
-            if old is not None and old_configs.get(name) == pool_config and not (_routed_to(pool_config) & rebuilt):
-                old.use_config(pool_config)
+            in_force, plan = self._in_force(pool_config) if not pool_config.is_front else (pool_config, None)
+            built = (in_force, _plan_key(plan))
+            if old is not None and old_built.get(name) == built and not (_routed_to(pool_config) & rebuilt):
+                if reload:
+                    old.use_config(in_force)
+                if plan is not None and old.plan.phase != plan.phase:
+                    old.set_phase(plan.phase)
                 self.pools[name] = old
+                self._built[name] = built
                 continue
             rebuilt.add(name)
             pool = self._build(pool_config)
@@ -198,6 +280,9 @@ class Proxy:
                         adopt(client)
                     else:
                         pool.clients.add(client)
+                handover = getattr(old, "handover", None)  # a migrating pool's waiting requests
+                if handover is not None:
+                    handover(pool)
                 old.retire()
             if listening and (old is None or old.config.listen != pool_config.listen):
                 self._relisten(name, old)
@@ -208,7 +293,8 @@ class Proxy:
                 for client in list(old.clients):
                     client.transport.loseConnection()
                 old.retire()
-        self._read_certificates()
+        if reload:
+            self._read_certificates()
 
     def _read_certificates(self) -> None:
         """
@@ -268,12 +354,30 @@ class Proxy:
         """Stop listening, close clients and backend connections; a Deferred fires when done."""
         ports = self.ports
         self._port_by_pool = {}
+        if self.coordinator is not None:
+            self.coordinator.stop()
         waits = [maybeDeferred(port.stopListening) for port in ports]
         for pool in self.pools.values():
             for client in list(pool.clients):
                 client.transport.loseConnection()
             pool.stop()
         return DeferredList(waits)
+
+
+class _OwnPools:
+    """The coordinator's participants when this process routes its pools itself: its own proxy."""
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+
+    def apply(self, state):
+        self.proxy.apply_migrations(state)
+        return succeed(None)
+
+
+def _plan_key(plan):
+    """What tells one migration plan from another (not its phase, which a route switches in place)."""
+    return None if plan is None else (plan.id, plan.aborting, plan.source, plan.target)
 
 
 def _fronts_last(config) -> list:

@@ -148,7 +148,7 @@ class ProxyService(service.Service):
             command.write_pid_file(self.pid_file)
         if self.handle_signals:
             self._install_signals()  # before listening: a client may signal as soon as it can connect
-        self.proxy = Proxy(self.config, self.reactor)
+        self.proxy = Proxy(self.config, self.reactor, state_store=self._state_store(self.config))
         self.sources = stats_server.LocalSources(self.proxy)
         self.started_at = self.reactor.seconds()
         RefusalLog(self.reactor).start()
@@ -156,6 +156,14 @@ class ProxyService(service.Service):
         self.serving = self.proxy.warm_up()
         self.serving.addCallback(self._serve)
         self.serving.addErrback(self._cannot_serve)
+
+    def _state_store(self, config):
+        """Where online migrations are kept: the state directory of the file (in memory without one)."""
+        if self.config_path is None:
+            return None
+        from twistedproxy.migration.state import file_store
+
+        return file_store(config, self.config_path)
 
     def _serve(self, report) -> None:
         """Listen (after the warm-up C{report}, None when off); raises if a port cannot be opened."""
@@ -244,10 +252,21 @@ class ProxyService(service.Service):
         from twistedproxy.stats import server as stats_server
 
         old_global = self.config.global_
-        self.proxy.reconfigure(config)
+        try:
+            # Pools whose change waits for their migration: refused, the others apply.
+            waiting = self.proxy.reconfigure(config)
+        except ConfigError as e:
+            log.error("reload refused; the running configuration stays:\n{error}", error=str(e))
+            self._record_reload(False, str(e))
+            return succeed((False, str(e)))
         self.config, self.config_text = config, text
         if stats_server.moved(old_global, config.global_):
             self._serve_stats()
+        if waiting:
+            error = "; ".join(waiting)
+            log.error("reloaded {path} but not every pool: {error}", path=self.config_path, error=error)
+            self._record_reload(False, error)
+            return succeed((False, error))
         log.info("reloaded {path}", path=self.config_path)
         self._record_reload(True, "")
         return succeed((True, ""))
@@ -280,6 +299,11 @@ class ProxyService(service.Service):
 
     def start_upgrade(self):
         return False, "an upgrade (SIGUSR2) needs a master: set global: worker_processes"
+
+    def migration(self, action, pool=None):
+        if self.proxy is None:
+            return False, "the proxy is not started yet"
+        return self.proxy.migration(action, pool)
 
     def stop(self, graceful=True) -> None:
         """Stop the process (as SIGQUIT does): in-flight requests get their replies or errors as the pools close."""
@@ -406,6 +430,14 @@ def _make_service(options, reactor=None):
         except (ConfigError, OSError) as e:
             raise usage.UsageError("configuration file '%s' is invalid:\n%s" % (path, e))
     pid_file = options["pid-file"] and os.path.abspath(options["pid-file"])
+    from twistedproxy.migration.coordinator import check_restart
+    from twistedproxy.migration.state import file_store
+
+    try:
+        # Before anything starts: migrations kept in the state directory must fit the file.
+        check_restart(file_store(config, path), config)
+    except (ConfigError, ValueError) as e:
+        raise usage.UsageError("cannot start: %s" % (e,))
     return ProxyService(config, reactor, stats_port=options["stats-port"], stats_addr=options["stats-addr"],
                         config_path=os.path.abspath(path), config_text=text, handle_signals=True,
                         pid_file=pid_file)

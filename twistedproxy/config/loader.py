@@ -444,14 +444,28 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             "twistedproxy: the Redis ACL user every new server connection logs in as (AUTH user"
             " redis_auth); needs redis_auth. Clients still log in with redis_auth (AUTH password,"
             " or AUTH with the user default or this user)."),
-) + tls_key_specs(KeySpec)
+) + tls_key_specs(KeySpec) + (
+    KeySpec("migrate", Boolean(),
+            "twistedproxy: a reload that changes this pool's servers (added, removed, re-weighted,"
+            " renamed) moves the keys whose server changed to it while the pool serves, instead of"
+            " rebuilding the pool (see Online migration). Hash pools only: not with redis_cluster or"
+            " distribution random, nor for Redis with backend_tls or UNIX-socket servers."),
+    KeySpec("migrate_rate", Integer(0),
+            "twistedproxy: keys a second the background mover of a migration moves at most (requests"
+            " of clients move the keys they touch besides); 0 is unlimited."),
+    KeySpec("migrate_match", Text(),
+            "twistedproxy: a glob pattern (Redis SCAN MATCH; memcached fnmatch): a migration moves only"
+            " the keys it matches; absent, every key on the servers (they are assumed to hold only this"
+            " pool's keys)."),
+)
 
 # Keys that describe a pool's own servers and placement: a front (route or tenants) has none,
 # its routes' pools do.
 SERVER_KEYS = ("servers", "hash", "hash_tag", "distribution", "timeout", "preconnect", "redis_auth",
                "redis_db", "server_connections", "auto_eject_hosts", "server_retry_timeout",
                "server_failure_limit", "tcpkeepalive", "transaction_connections", "redis_cluster",
-               "cluster_refresh_interval", "read_from", "redis_auth_user") + BACKEND_KEYS
+               "cluster_refresh_interval", "read_from", "redis_auth_user") + BACKEND_KEYS + (
+               "migrate", "migrate_rate", "migrate_match")
 # Keys of a twemproxy pool's hash placement, which a cluster pool does not use.
 CLUSTER_UNUSED_KEYS = ("hash", "hash_tag", "distribution", "auto_eject_hosts", "server_failure_limit",
                        "server_retry_timeout")
@@ -519,6 +533,10 @@ GLOBAL_KEYS: Tuple[KeySpec, ...] = (
     KeySpec("auth_block_seconds", _Seconds(),
             "Seconds a client address that reached auth_failures_limit has its logins refused"
             " unchecked."),
+    KeySpec("state_dir", Text(),
+            "Directory where the single process or the master keeps the state of online migrations"
+            " (cacheproxy-migration-POOL.json), read again after a restart or an upgrade; absent: the"
+            " configuration file's directory."),
 )
 
 
@@ -640,6 +658,7 @@ def _parse_pool(name: str, line: Optional[int], node: ConfigNode, problems: _Pro
         problems.add(parsed.lines["redis_auth_user"], "needs redis_auth (the user's password)",
                      section, "redis_auth_user")
     _check_cluster(parsed, section, problems)
+    _check_migrate(parsed, section, problems)
     check_pool_tls(parsed.values, parsed.lines, lambda at, message, key: problems.add(at, message, section, key))
     listen, listen_line = parsed.values.get("listen"), parsed.lines.get("listen")
     has_listen = "listen" in parsed.lines
@@ -669,6 +688,28 @@ def _check_cluster(parsed: "_Section", section: str, problems: _Problems) -> Non
         if key in lines:
             problems.warn(lines[key], "not used by a Redis Cluster pool (keys go by hash slot, nodes by the"
                           " cluster's map)", section, key)
+
+
+def _check_migrate(parsed: "_Section", section: str, problems: _Problems) -> None:
+    """What online migration cannot do (L{twistedproxy.migration}): refused when C{migrate: true}."""
+    values, lines = parsed.values, parsed.lines
+    if not values.get("migrate"):
+        return
+    at = lines["migrate"]
+    why = []
+    if values.get("redis_cluster"):
+        why.append("a Redis Cluster pool moves its slots itself")
+    if values.get("distribution") == "random":
+        why.append("distribution random places no key on one server")
+    if values.get("redis", _POOL_DEFAULTS["redis"]):
+        if values.get("backend_tls"):
+            why.append("the servers are reached over TLS (backend_tls), which Redis MIGRATE does not speak")
+        unix = [server.path for server in values.get("servers", ()) if server.path is not None]
+        if unix:
+            why.append("Redis MIGRATE needs host:port servers, not UNIX sockets (%s)"
+                       % (", ".join(quote(path) for path in unix),))
+    for reason in why:
+        problems.add(at, "cannot move keys online: %s" % (reason,), section, "migrate")
 
 
 def _parse_global(line: Optional[int], node: ConfigNode, problems: _Problems) -> Optional[GlobalConfig]:

@@ -50,13 +50,20 @@ class MigrationPlan:
 
     @property
     def servers(self) -> Tuple[ServerSpec, ...]:
-        """Every server of either placement: the target's, then those only the source has."""
-        return self.target + tuple(s for s in self.source if s not in self.target)
+        """
+        Every backend of either placement, once each: the target's, then those
+        only the source has.  A backend is its address: a server re-weighted or
+        renamed is one backend under two specs (the target's is kept), and a
+        key whose two owners are one backend does not move.
+        """
+        addresses = set(s.address for s in self.target)
+        return self.target + tuple(s for s in self.source if s.address not in addresses)
 
     @property
     def removed(self) -> Tuple[ServerSpec, ...]:
-        """The servers only the source placement has (drained, then no longer the pool's)."""
-        return tuple(s for s in self.source if s not in self.target)
+        """The backends only the source placement has (drained, then no longer the pool's)."""
+        addresses = set(s.address for s in self.target)
+        return tuple(s for s in self.source if s.address not in addresses)
 
     def to_dict(self) -> dict:
         """JSON-safe (the AMP channel's and the state file's form)."""

@@ -128,6 +128,10 @@ class PoolConfig:
     backend_tls_key: Optional[str] = None
     backend_tls_names: Tuple[Tuple[str, str], ...] = ()  # (server address, expected name)
     redis_auth_user: Optional[str] = None  # the ACL user of AUTH user redis_auth to the servers
+    # online migration (twistedproxy.migration): a reload that changes servers moves the keys
+    migrate: bool = False
+    migrate_rate: int = 10000  # keys a second the mover moves at most; 0 = unlimited
+    migrate_match: Optional[str] = None  # glob of the keys to move; None = every key
 
     @property
     def protocol(self) -> str:
@@ -176,6 +180,7 @@ class GlobalConfig:
     metrics_http: Optional[ListenSpec] = None  # read-only HTTP: GET /metrics, /status, /stats.json
     auth_failures_limit: int = 10  # failed logins per client address per minute before a block (0: no block)
     auth_block_seconds: float = 60.0  # how long a blocked address's logins are refused
+    state_dir: Optional[str] = None  # migration state files; None: the configuration file's directory
     extra: Tuple[Tuple[str, object], ...] = field(default=())  # keys for later features
 
 

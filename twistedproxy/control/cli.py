@@ -9,6 +9,7 @@ C{cacheproxyctl}: talk to a running master through its control socket.
     cacheproxyctl -s PATH set NAME=VALUE ... [--pool NAME]   (run-time settings)
     cacheproxyctl hash-password [--iterations N] < password   (no socket: prints a
         pbkdf2:sha256:... password for a user of the configuration)
+    cacheproxyctl -s PATH migration [status|pause|resume|abort] [POOL]
 
 The socket defaults to C{global.control} of the file given with C{-c}, read
 even when the file is invalid (so C{status} can show why a reload was refused).
@@ -63,7 +64,12 @@ _COMMANDS = {
     "set": ("change run-time settings in every worker: " + ", ".join(SETTINGS),
             "Change run-time settings in every worker (" + ", ".join(SETTINGS) + "); a refused value"
             " changes nothing, and a worker that fails makes the command exit 1."),
+    "migration": ("online migrations of hash pools: [status|pause|resume|abort] [POOL]",
+                  "Print the online migration of POOL (without POOL: of every pool with a migration record)"
+                  " as JSON, after the action: status (the default), pause, resume, abort. A refused action"
+                  " (no such pool, nothing to pause ...) exits 1 with the reason."),
 }
+MIGRATION_ACTIONS = ("status", "pause", "resume", "abort")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     commands["slowlog"].add_argument("--limit", type=int, default=0, help="at most this many (0: all kept)")
     commands["set"].add_argument("settings", nargs="+", metavar="NAME=VALUE", help="a setting and its new value")
     commands["set"].add_argument("--pool", help="limit pool settings to this pool")
+    commands["migration"].add_argument("words", nargs="*", metavar="[ACTION] [POOL]",
+                                       help="status (default), pause, resume or abort; then a pool's name")
     return parser
 
 
@@ -226,6 +234,12 @@ def main(argv=None) -> int:
         for setting in args.settings:
             if "=" not in setting:
                 parser.error("set: expected NAME=VALUE, got %r" % (setting,))
+    if args.command == "migration":
+        words = list(args.words)
+        args.action = words.pop(0) if words and words[0] in MIGRATION_ACTIONS else "status"
+        if len(words) > 1:
+            parser.error("migration: expected [ACTION] [POOL], got %s" % (" ".join(args.words),))
+        args.pool = words[0] if words else None
     code = EXIT_OK
     try:
         with _connect(_socket_path(args), args.timeout) as client:
@@ -248,6 +262,8 @@ def main(argv=None) -> int:
             elif args.command == "workers":
                 client.set_workers(args.count)
                 result = "workers: %d" % args.count
+            elif args.command == "migration":
+                result = client.migration(args.action, args.pool)
             elif args.command == "slowlog":
                 result = json.loads(client.call(stats_commands.SlowLog, limit=args.limit)["entries"])
             elif args.command == "set":

@@ -4,7 +4,7 @@ Clients of the master's control socket.
 L{ControlClient} is for Twisted programs (every method returns a Deferred);
 L{BlockingControlClient} is for scripts and tests (plain blocking calls).  Both
 offer: C{status()}, C{stats()}, C{reload()}, C{upgrade()}, C{stop(graceful)},
-C{set_workers(count)} and C{set_log_level(level)}.
+C{set_workers(count)}, C{set_log_level(level)} and C{migration(action, pool)}.
 """
 
 from __future__ import annotations
@@ -68,6 +68,12 @@ class ControlClient:
 
     def set_log_level(self, level: str):
         return self._call(commands.SetLogLevel, level=str(level)).addCallback(lambda a: a["level"])
+
+    def migration(self, action: str = "status", pool=None):
+        """A Deferred firing with {pool: record} (fails with L{ControlError} when refused)."""
+        kwargs = {"pool": pool} if pool else {}
+        d = self._call(commands.Migration, action=action, **kwargs).addCallback(_checked)
+        return d.addCallback(lambda a: json.loads(a["records"]))
 
 
 class BlockingControlClient:
@@ -141,3 +147,8 @@ class BlockingControlClient:
 
     def set_log_level(self, level) -> str:
         return self.call(commands.SetLogLevel, level=str(level))["level"]
+
+    def migration(self, action: str = "status", pool=None) -> dict:
+        """{pool: record} after C{action} (status, pause, resume, abort); L{ControlError} when refused."""
+        kwargs = {"pool": pool} if pool else {}
+        return json.loads(_checked(self.call(commands.Migration, action=action, **kwargs))["records"])

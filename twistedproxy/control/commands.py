@@ -60,3 +60,13 @@ class SetLogLevel(amp.Command):
     arguments = [(b"level", amp.Unicode())]
     response = [(b"level", amp.Unicode())]
     errors = {ValueError: b"BAD_LEVEL"}
+
+
+class Migration(amp.Command):
+    """
+    An online migration's records, or an action on it (pause, resume, abort):
+    C{records} is JSON, pool -> record; C{error} says why it was refused.
+    """
+
+    arguments = [(b"action", amp.Unicode()), (b"pool", amp.Unicode(optional=True))]
+    response = [(b"ok", amp.Boolean()), (b"error", amp.Unicode()), (b"records", BigUnicode())]

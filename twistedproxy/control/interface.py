@@ -46,3 +46,10 @@ class IProxyControl(Interface):
         a Deferred firing with {"workers": [each process's settings]}, or failing
         with TuningError (then nothing changed).
         """
+
+    def migration(action, pool):
+        """
+        C{cacheproxyctl migration}: C{action} (status, pause, resume, abort) on
+        the online migration of pool C{pool} (None: every pool with a migration
+        record); (ok, {pool: record}) or (False, the reason it was refused).
+        """

@@ -61,6 +61,13 @@ class ControlProtocol(amp.AMP):
         d = self.proxy.tune(json.loads(changes), pool)
         return d.addCallback(lambda report: {"settings": json.dumps(report)})
 
+    @commands.Migration.responder
+    def migration(self, action, pool=None):
+        ok, answer = self.proxy.migration(action, pool)
+        if not ok:
+            return {"ok": False, "error": answer, "records": "{}"}
+        return {"ok": True, "error": "", "records": json.dumps(answer)}
+
     @commands.SetLogLevel.responder
     def set_log_level(self, level):
         parsed = logs.parse_level(level)

@@ -17,9 +17,15 @@ _CHUNK = 60000
 
 
 class BigUnicode(amp.Argument):
-    """Text of any length, sent as numbered chunks C{name.0}, C{name.1}, ..."""
+    """
+    Text of any length, sent as numbered chunks C{name.0}, C{name.1}, ...
+    An optional one left out (or None) is not sent, and not handed to the
+    responder (which takes its default).
+    """
 
     def fromBox(self, name, strings, objects, proto):
+        if self.optional and b"%s.0" % (name,) not in strings:
+            return
         parts = []
         index = 0
         while True:
@@ -32,6 +38,8 @@ class BigUnicode(amp.Argument):
         objects[str(name, "ascii")] = b"".join(parts).decode("utf-8")
 
     def toBox(self, name, strings, objects, proto):
+        if self.optional and objects.get(str(name, "ascii")) is None:
+            return
         data = objects[str(name, "ascii")].encode("utf-8")
         for index, start in enumerate(range(0, max(len(data), 1), _CHUNK)):
             strings[b"%s.%d" % (name, index)] = data[start:start + _CHUNK]

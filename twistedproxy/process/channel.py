@@ -5,7 +5,7 @@ the master passes to the worker as a descriptor.
 Worker -> master: L{Hello} (answered with the configuration), L{Ready},
 L{ServerFailed}, L{ServerRecovered}, L{AuthFailed}.
 Master -> worker: L{Reconfigure}, L{Stats}, L{Ping}, L{Stop}, L{SetLogLevel},
-L{WorkerCount}, L{ServerHealth}, L{ProbeServer}, L{AuthBlocked}.
+L{WorkerCount}, L{ServerHealth}, L{ProbeServer}, L{AuthBlocked}, L{ApplyMigrations}.
 Old master -> new master, during an upgrade: L{InheritTotals}.
 """
 
@@ -18,11 +18,15 @@ from twistedproxy.net.channels import BigUnicode
 class Hello(amp.Command):
     """
     A worker is up; the answer is the configuration it must run, and the
-    client addresses whose logins are blocked now (JSON: address -> seconds left).
+    A worker is up; the answer is the configuration it must run, the
+    client addresses whose logins are blocked now (JSON: address -> seconds
+    left) and the L{twistedproxy.config.migration.MigrationState} (JSON) it
+    routes by.
     """
 
     arguments = [(b"pid", amp.Integer()), (b"slot", amp.Integer())]
-    response = [(b"config", BigUnicode()), (b"source", amp.Unicode()), (b"blocked", BigUnicode())]
+    response = [(b"config", BigUnicode()), (b"source", amp.Unicode()), (b"blocked", BigUnicode()),
+                (b"migrations", BigUnicode(optional=True))]
 
 
 class Ready(amp.Command):
@@ -33,9 +37,10 @@ class Ready(amp.Command):
 
 
 class Reconfigure(amp.Command):
-    """Apply this configuration text between requests (same listen addresses)."""
+    """Apply this configuration text between requests (same listen addresses), with the migrations' state."""
 
-    arguments = [(b"config", BigUnicode()), (b"source", amp.Unicode())]
+    arguments = [(b"config", BigUnicode()), (b"source", amp.Unicode()),
+                 (b"migrations", BigUnicode(optional=True))]
     response = [(b"ok", amp.Boolean()), (b"error", amp.Unicode())]
 
 
@@ -136,3 +141,14 @@ class AuthBlocked(amp.Command):
 
     arguments = [(b"address", amp.Unicode()), (b"seconds", amp.Float())]
     requiresAnswer = False
+
+
+class ApplyMigrations(amp.Command):
+    """
+    Route by this L{twistedproxy.config.migration.MigrationState} (JSON) from
+    now on: a pool's migration starts, changes phase or ends.  Answered once
+    applied, which is what the master's coordinator waits for.
+    """
+
+    arguments = [(b"migrations", BigUnicode())]
+    response = []

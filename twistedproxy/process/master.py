@@ -34,7 +34,7 @@ import sys
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.error import ReactorNotRunning
+from twisted.internet.error import ConnectionDone, ConnectionLost, ReactorNotRunning
 from twisted.logger import Logger, LogLevel
 from twisted.protocols import amp
 from zope.interface import implementer
@@ -42,6 +42,8 @@ from zope.interface import implementer
 from twistedproxy import logs, signals
 from twistedproxy.config import ConfigError, load_config_text
 from twistedproxy.control.interface import IProxyControl
+from twistedproxy.migration.coordinator import Coordinator
+from twistedproxy.migration.state import file_store
 from twistedproxy.net.channels import quiet_amp_logs, quiet_factory
 from twistedproxy.process import accept_mutex, channel, command, ejection, handoff, logins, nursery
 from twistedproxy.process.listeners import INHERIT_ENV, ListeningSockets, inherited_sockets
@@ -98,8 +100,9 @@ class MasterChannel(amp.AMP):
     @channel.Hello.responder
     def hello(self, pid, slot):
         self.worker.hello = True
+        # From now on every change of the migrations' state reaches this worker too.
         return {"config": self.master.config_text, "source": self.master.config_path,
-                "blocked": self.master.logins.blocks()}
+                "blocked": self.master.logins.blocks(), "migrations": self.master.migrations_json()}
 
     @channel.Ready.responder
     def ready(self):
@@ -124,6 +127,29 @@ class MasterChannel(amp.AMP):
     @handoff.HandOff.responder
     def hand_off(self, fd, family, listen, pool, state):
         return handoff.relay(self.master, self.worker, fd, family, listen, pool, state)
+
+
+class _Workers:
+    """The master's migration participants: its workers, each told over its channel (L{channel.ApplyMigrations})."""
+
+    def __init__(self, master):
+        self.master = master
+
+    def apply(self, state):
+        master = self.master
+        # Every worker that has its configuration, the retiring ones too: they serve until they drain.
+        workers = [w for w in master.supervisor.all_workers() if w.hello and w.state != "gone"]
+
+        def check(results):
+            # A worker that died meanwhile is no failure: its replacement gets the state in its Hello.
+            failed = ["worker %s: %s" % (worker.pid, answer.getErrorMessage()) for worker, ok, answer in results
+                      if not ok and worker.state not in ("gone", "stopping") and not master.stopping
+                      and not answer.check(ConnectionDone, ConnectionLost)]
+            if failed:
+                raise RuntimeError("; ".join(failed))  # a dead worker's replacement gets the state in its Hello
+
+        return master.supervisor.broadcast(channel.ApplyMigrations, workers,
+                                           migrations=json.dumps(state.to_dict())).addCallback(check)
 
 
 @implementer(IProxyControl)
@@ -165,6 +191,10 @@ class MasterService(service.Service, SupervisorEvents):
         self._privileged = False
         # nutcracker's -p: this master's pid, at PATH.oldbin while an upgrade replaces it.
         self.pid_file = os.path.abspath(options["pid-file"]) if options.get("pid-file") else None
+        # Online migrations: the workers route by their state, the master runs them (and keeps
+        # them in the state directory); a kept state the file contradicts refuses the start.
+        self.coordinator = Coordinator(reactor, _Workers(self), file_store(config, self.config_path))
+        self.coordinator.restore(config)
 
     # -- what the other rooms read ------------------------------------------------
 
@@ -223,6 +253,7 @@ class MasterService(service.Service, SupervisorEvents):
         self.listening.setup_mutex(self.config)
         self.upgrade.listen_to_old_master()
         self.supervisor.start(self.worker_count)
+        self.coordinator.start()
         if not self.upgrade.inheriting:
             self.stats.serve()
         # else (an upgrade) once our workers are ready: the old master answers till then.
@@ -351,6 +382,11 @@ class MasterService(service.Service, SupervisorEvents):
             check_global(config, path)
         except (ConfigError, OSError) as e:
             return defer.succeed(self._refused(str(e)))
+        try:
+            # Pools whose change waits for their migration: refused, the others apply.
+            waiting = self.coordinator.reload(config)
+        except ConfigError as e:
+            return defer.succeed(self._refused(str(e)))
         old = self.config
         self.ejections.configure(config)
         self.logins.configure(config)
@@ -361,12 +397,15 @@ class MasterService(service.Service, SupervisorEvents):
             try:
                 self._rollover(config, text)
             except OSError as e:
+                self.coordinator.reloaded(False, "cannot listen: %s" % (e,))
                 return defer.succeed(self._refused("cannot listen: %s" % (e,)))
-            applied = defer.succeed([])
+            # The new generation gets the migrations in its Hello; the old one routes by them while it drains.
+            applied = _Workers(self).apply(self.coordinator.state).addBoth(lambda _: [])
         else:
             self.config, self.config_text = config, text
             pushed = [w for w in self.supervisor.all_workers() if w.hello and w.state in ("starting", "ready")]
-            applied = self.supervisor.broadcast(channel.Reconfigure, pushed, config=text, source=path)
+            applied = self.supervisor.broadcast(channel.Reconfigure, pushed, config=text, source=path,
+                                                migrations=self.migrations_json())
             self._resize(config.global_.worker_processes)
 
         if stats_server.moved(old.global_, config.global_):
@@ -374,6 +413,9 @@ class MasterService(service.Service, SupervisorEvents):
 
         def done(results):
             failed = [error for error in (self._reconfigured(*result) for result in results) if error]
+            # Every worker holds the new migrations' plans: they go on (or pause, with why).
+            self.coordinator.reloaded(not failed, "; ".join(failed))
+            failed += waiting
             if failed:
                 # The master and the other workers run the new file: the reload is
                 # reported as failed so that scripts (cacheproxyctl's exit 1) notice.
@@ -438,6 +480,16 @@ class MasterService(service.Service, SupervisorEvents):
     def taken_over(self) -> None:
         """The new master of an upgrade serves: its are the sockets' paths, the control path, the stats."""
         self.listening.handed_over = True
+        self.coordinator.stop(save=False)  # the new master runs the migrations from the state files now
+
+    # -- online migrations ------------------------------------------------------------
+
+    def migrations_json(self) -> str:
+        """The L{MigrationState} the workers route by, as the channel carries it."""
+        return json.dumps(self.coordinator.state.to_dict())
+
+    def migration(self, action, pool=None):
+        return self.coordinator.control(action, pool)
 
     # -- logs -------------------------------------------------------------------
 
@@ -503,6 +555,7 @@ class MasterService(service.Service, SupervisorEvents):
         self.supervisor.stop(graceful)
 
     def _finish_stop(self) -> None:
+        self.coordinator.stop(save=not self.listening.handed_over)
         self.stats.close(self.listening.close)
         self.listening.close_all()
         # After a hand-over the path is the new master's: only stop serving it.

@@ -70,6 +70,7 @@ class WorkerSources:
             result["started"] = master.started_at or result["started"]
             result["time"] = master.reactor.seconds()
             result["master"] = master.status()  # the worker table of /status and /metrics
+            result["migrations"] = master.coordinator.records()
             return result
 
         return master.stats.collect().addCallback(merged)

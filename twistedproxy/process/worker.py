@@ -36,6 +36,7 @@ from twisted.protocols import amp
 
 from twistedproxy import logs
 from twistedproxy.config import ConfigError, parse_config
+from twistedproxy.config.migration import MigrationState
 from twistedproxy.core import warmup
 from twistedproxy.core.logins import RemoteAuthLimiter
 from twistedproxy.net.channels import quiet_amp_logs, quiet_factory
@@ -159,12 +160,17 @@ class WorkerChannel(amp.AMP):
         self.worker.channel_lost()
 
     @channel.Reconfigure.responder
-    def reconfigure(self, config, source):
+    def reconfigure(self, config, source, migrations=None):
         try:
-            self.worker.reconfigure(parse_config(config, source))
+            self.worker.reconfigure(parse_config(config, source), _migration_state(migrations))
         except ConfigError as e:
             return {"ok": False, "error": str(e)}
         return {"ok": True, "error": ""}
+
+    @channel.ApplyMigrations.responder
+    def apply_migrations(self, migrations):
+        self.worker.apply_migrations(_migration_state(migrations))
+        return {}
 
     @channel.Stats.responder
     def stats(self):
@@ -235,6 +241,7 @@ class Worker:
         self.slot = layout["slot"]
         self.worker_count = layout.get("workers", 1)
         self.proxy = None
+        self.migrations = None  # a state the master sent before the pools were built
         self.ports = []
         self.mutex = None
         self.quickack = False
@@ -257,7 +264,8 @@ class Worker:
 
     def _hello(self, answer):
         logins.apply_blocks(self.logins, answer["blocked"])
-        return self.configure(parse_config(answer["config"], answer["source"]))
+        return self.configure(parse_config(answer["config"], answer["source"]),
+                              _migration_state(answer.get("migrations")))
 
     def _report_login_failure(self, address: str) -> None:
         try:
@@ -269,9 +277,10 @@ class Worker:
         log.failure("worker {pid} could not start", failure, pid=os.getpid())
         self.finish(1)
 
-    def configure(self, config):
+    def configure(self, config, migrations=None):
         """
-        Build the pools for C{config}, warm up, then serve the listening sockets
+        Build the pools for C{config} (and the master's L{MigrationState}
+        C{migrations}), warm up, then serve the listening sockets
         handed over; a Deferred fires with whether this worker serves (not if
         it was stopped while warming up).
         """
@@ -281,7 +290,9 @@ class Worker:
         if glob.worker_cpu_affinity:
             set_affinity(glob.worker_cpu_affinity[self.slot % len(glob.worker_cpu_affinity)])
         self.quickack = glob.tcp_quickack
-        self.proxy = Proxy(config, self.reactor)
+        # The master coordinates migrations: this proxy only routes by their state.
+        migrations = self.migrations or migrations or MigrationState()
+        self.proxy = Proxy(config, self.reactor, migrations=migrations)
         self.proxy.use_logins(self.logins)
         self._share_out()
         # Ready means warm: backend connections are made, the sockets served and Ready
@@ -307,8 +318,16 @@ class Worker:
             self.mutex.start()
         return True
 
-    def reconfigure(self, config) -> None:
-        self.proxy.reconfigure(config)
+    def reconfigure(self, config, migrations=None) -> None:
+        self.proxy.reconfigure(config, migrations)
+        self._share_out()
+
+    def apply_migrations(self, state) -> None:
+        """Route by the master's L{MigrationState} C{state} from now on (pools rebuilt get our share-out)."""
+        if self.proxy is None:
+            self.migrations = state  # before the pools are built: they are built by it
+            return
+        self.proxy.apply_migrations(state)
         self._share_out()
 
     def set_worker_count(self, count: int) -> None:
@@ -397,6 +416,11 @@ class Worker:
             self.reactor.stop()
         except ReactorNotRunning:
             pass  # already shutting down (SIGTERM)
+
+
+def _migration_state(text):
+    """The L{MigrationState} in the master's JSON C{text}; None when the master sent none."""
+    return MigrationState.from_dict(json.loads(text)) if text else None
 
 
 def main() -> int:

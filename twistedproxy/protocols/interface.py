@@ -354,11 +354,13 @@ class IKeyMigration(Interface):
         glob pattern (bytes) or None; C{count} a hint of how many per reply.
         """
 
-    def list_reply(raw: bytes):
+    def list_reply(raw: bytes, match=None):
         """
         C{(cursor, keys)} from the reply to L{list_request}: the cursor to go
         on from, or None once the listing is complete; the keys in this reply
-        (those C{match} selects).
+        (those C{match}, the pattern given to L{list_request}, selects: a
+        listing that cannot filter on the server filters here).  Raises
+        ValueError with the reason for a reply that is no listing (an error).
         """
 
     def move(keys: list, source, target, pool_config):

@@ -23,8 +23,9 @@ malformed but well-framed commands are answered locally.
 
 Backend side (L{TextReplyParser}): replies describe their own shape, so framing
 does not depend on the request: VALUE blocks run until the line after the last
-one (END or an error), a VA line carries one data block, anything else is one
-line.
+one (END or an error), a VA line carries one data block, the C{key=...} lines of
+a metadump listing (the proxy's own request, L{METADUMP}) run until END,
+anything else is one line.
 """
 
 from __future__ import annotations
@@ -734,6 +735,9 @@ class TextReplyParser(ReplyBuffer):
                 elif buf.startswith(b"VA ", cur):
                     length_index = 1
             if not length_index:
+                if buf[cur] == 107 and buf.startswith(b"key=", cur):
+                    cur = eol + 1  # a line of a metadump listing (METADUMP): its reply ends with END
+                    continue
                 end = eol + 1
                 break
             parts = buf[cur:eol].split()
@@ -808,6 +812,85 @@ def _value_blocks(reply: bytes):
         blocks.append((parts[1], reply[pos:end]))
         pos = end
     return blocks, reply[pos:]
+
+
+# -- meta requests the proxy makes itself (warm-up route, online migration) ------------
+
+
+def meta_get(key: bytes, cas: bool = False) -> Request:
+    """C{mg KEY v f t}: the value, client flags and remaining TTL of C{key} (C{cas}: its CAS too)."""
+    token, b64 = _meta_key(key)
+    return Request(b"mg " + token + (b" v f t c" if cas else b" v f t") + b64 + _CRLF, b"mg", key)
+
+
+def meta_item(raw: bytes):
+    """
+    C{(flags, ttl, data, cas)} from a hit of L{meta_get} (C{ttl} -1: no expiry;
+    C{cas} None unless asked for), or None for any other reply.
+    """
+    if not raw.startswith(b"VA "):
+        return None
+    eol = raw.find(b"\n")
+    tokens = raw[:eol].split()
+    flags = b"0"
+    ttl = -1
+    cas = None
+    for token in tokens[2:]:
+        if token[:1] == b"f":
+            flags = token[1:]
+        elif token[:1] == b"t":
+            ttl = int(token[1:])
+        elif token[:1] == b"c":
+            cas = token[1:]
+    return flags, ttl, raw[eol + 1 : eol + 1 + int(tokens[1])], cas
+
+
+def meta_add(key: bytes, value, cas: bool = False):
+    """
+    C{ms KEY LEN F<flags> T<ttl> ME}: add C{value} (L{meta_item}'s first three)
+    unless the server has the key (mode E: a value written there since is never
+    overwritten); C{cas}: the reply gives the new item's CAS (L{meta_cas}).
+    None for an item that expires within the second (not worth copying).
+    """
+    flags, ttl, data = value[:3]
+    if ttl == 0:
+        return None  # expires within the second
+    if ttl < 0:
+        expiry = b""
+    elif ttl <= _RELATIVE_TTL_MAX:
+        expiry = b" T%d" % (ttl,)
+    else:
+        expiry = b" T%d" % (int(time.time()) + ttl,)  # an absolute time, as memcached reads longer ones
+    token, b64 = _meta_key(key)
+    line = b"ms %s %d F%s%s ME%s%s\r\n" % (token, len(data), flags, expiry, b" c" if cas else b"", b64)
+    return Request(line + data + _CRLF, b"ms", key)
+
+
+def meta_cas(raw: bytes):
+    """The CAS token (bytes) a meta reply carries (its C{c} flag), or None."""
+    eol = raw.find(b"\n")
+    for token in raw[:eol].split()[1:]:
+        if token[:1] == b"c":
+            return token[1:]
+    return None
+
+
+def meta_delete(key: bytes, cas: bytes = None, invalidate: bool = False) -> Request:
+    """
+    C{md KEY [C<cas>] [I]}: delete C{key} (only while its CAS is still C{cas},
+    if given: HD deleted, NF none, EX changed), or with C{invalidate} mark it
+    stale instead (its CAS changes; a meta get still reads it, flagged C{X}).
+    """
+    token, b64 = _meta_key(key)
+    flags = (b" C" + cas if cas is not None else b"") + (b" I" if invalidate else b"")
+    return Request(b"md " + token + flags + b64 + _CRLF, b"md", key)
+
+
+# The listing of every item of a server (online migration): one reply of
+# "key=<url-encoded> exp=.. la=.. cas=.. fetch=.. cls=.. size=.." lines, then
+# END.  Never a client's request: clients still get the usual refusal.
+METADUMP = b"lru_crawler metadump all\r\n"
+METADUMP_COMMAND = b"lru_crawler"
 
 
 @implementer(ICodec, IClusterCodec)
@@ -957,36 +1040,14 @@ class TextCodec(object):
         return [key for key in keys_of(request) if key not in found]
 
     def warm_fetch(self, key):
-        token, b64 = _meta_key(key)
-        return Request(b"mg " + token + b" v f t" + b64 + _CRLF, b"mg", key)
+        return meta_get(key)
 
     def warm_value(self, raw):
-        if not raw.startswith(b"VA "):
-            return None
-        eol = raw.find(b"\n")
-        tokens = raw[:eol].split()
-        flags = b"0"
-        ttl = -1
-        for token in tokens[2:]:
-            if token[:1] == b"f":
-                flags = token[1:]
-            elif token[:1] == b"t":
-                ttl = int(token[1:])
-        return flags, ttl, raw[eol + 1 : eol + 1 + int(tokens[1])]
+        item = meta_item(raw)
+        return None if item is None else item[:3]
 
     def warm_fill(self, key, value):
-        flags, ttl, data = value
-        if ttl == 0:
-            return None  # expires within the second
-        if ttl < 0:
-            expiry = b""
-        elif ttl <= _RELATIVE_TTL_MAX:
-            expiry = b" T%d" % (ttl,)
-        else:
-            expiry = b" T%d" % (int(time.time()) + ttl,)  # an absolute time, as memcached reads longer ones
-        token, b64 = _meta_key(key)
-        line = b"ms %s %d F%s%s ME%s\r\n" % (token, len(data), flags, expiry, b64)  # ME: add, never replace
-        return Request(line + data + _CRLF, b"ms", key)
+        return meta_add(key, value)
 
     def warm_stored(self, raw):
         return raw.startswith(b"HD")

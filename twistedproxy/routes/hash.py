@@ -113,15 +113,15 @@ class HashRoute:
         """Recompute the placement over the servers not ejected."""
         self._placement = {}
         self.live = [s for s in self.servers if not s.ejected]
-        if self.live:
-            dist = make_distribution(
-                self.config.distribution,
-                [(s.spec.ketama_name, s.spec.weight) for s in self.live],
-                rng=self._random,
-            )
-            self._index = dist.index
-        else:
-            self._index = None
+        self._index = self._distribution([s.spec for s in self.live])
+
+    def _distribution(self, specs):
+        """The index function of the pool's distribution over servers C{specs} (None for none)."""
+        if not specs:
+            return None
+        return make_distribution(
+            self.config.distribution, [(spec.ketama_name, spec.weight) for spec in specs], rng=self._random
+        ).index
 
     def server_for(self, key: bytes):
         """The server that holds C{key}, or None when every server is ejected."""
@@ -168,15 +168,7 @@ class HashRoute:
                 return not self.dispatch_slice(request, codec, now, touched, dirty)
             self._dispatch_keys(request, codec, now, touched, dirty)
         elif route == ROUTE_ALL:
-            servers = self.live
-            if not servers:
-                self._send(None, request, codec, now, touched, dirty)  # fails it: no server
-                return
-            request.fragments = fragments = []
-            for server in servers:
-                fragment = self._fragment(request, request.frame, None)
-                fragments.append((server, fragment))
-            self._send_fragments(request, codec, now, touched, dirty)
+            self._broadcast(request, self.live, codec, now, touched, dirty)
         elif route == ROUTE_ANY:
             server = self._random.choice(self.live) if self.live else None
             self._send(server, request, codec, now, touched, dirty)
@@ -184,6 +176,14 @@ class HashRoute:
             return self.sessions.dispatch(request, codec, now, touched, dirty)
         else:
             raise ValueError("unknown route %r" % (route,))
+
+    def _broadcast(self, request, servers, codec, now, touched, dirty) -> None:
+        """Send C{request} to every one of C{servers} (its replies merged), or fail it when there is none."""
+        if not servers:
+            self._send(None, request, codec, now, touched, dirty)  # fails it: no server
+            return
+        request.fragments = [(server, self._fragment(request, request.frame, None)) for server in servers]
+        self._send_fragments(request, codec, now, touched, dirty)
 
     def _dispatch_keys(self, request, codec, now, touched, dirty) -> None:
         order, groups = self._place(request.keys, 0, len(request.keys))

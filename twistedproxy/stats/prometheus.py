@@ -176,6 +176,7 @@ class SnapshotCollector:
         yield quantiles
         yield server_quantiles
         yield from _tenant_families(pools)
+        yield from _migration_families(merged.get("migrations") or {}, pools)
 
 
 def _tenant_families(pools: dict):
@@ -205,6 +206,42 @@ _TENANT_COUNTERS = (
     ("errors", "A tenant's requests answered with an error (backend failures and the proxy's refusals)."),
     ("rate_limited", "A tenant's requests refused by its rate limit."),
 )
+
+
+_MIGRATION_STATES = ("holding", "moving", "paused", "done", "aborted")
+
+
+def _migration_families(records: dict, pools: dict):
+    """Online migrations (pool -> record) and the workers' counters of migrating pools."""
+    if records:
+        keys = CounterMetricFamily("twistedproxy_migration_keys", "Keys of a pool's migration: scanned by the"
+                                   " mover, moved, skipped (nothing to move), failed.", labels=["pool", "what"])
+        moved_bytes = CounterMetricFamily("twistedproxy_migration_bytes", "Bytes of values a migration moved.",
+                                          labels=["pool"])
+        state = GaugeMetricFamily("twistedproxy_migration_state", "1 for the state a pool's migration is in.",
+                                  labels=["pool", "state"])
+        eta = GaugeMetricFamily("twistedproxy_migration_eta_seconds", "Estimated seconds until a migration"
+                                " ends (NaN: unknown).", labels=["pool"])
+        for name, record in sorted(records.items()):
+            for what in ("scanned", "moved", "skipped", "failed"):
+                keys.add_metric([name, what], record.get(what, 0))
+            moved_bytes.add_metric([name], record.get("bytes", 0))
+            for one in _MIGRATION_STATES:
+                state.add_metric([name, one], 1 if record.get("state") == one else 0)
+            value = record.get("eta_seconds")
+            eta.add_metric([name], float("nan") if value is None else value)
+        yield keys
+        yield moved_bytes
+        yield state
+        yield eta
+    for field, doc in (("migrate_on_access", "Keys a migrating pool's workers moved for clients' requests."),
+                       ("migrate_held", "Requests a migrating pool's workers held while the workers switched.")):
+        counted = [(name, pool[field]) for name, pool in pools.items() if field in pool]
+        if counted:
+            family = CounterMetricFamily("twistedproxy_" + field, doc, labels=["pool"])
+            for name, value in counted:
+                family.add_metric([name], value)
+            yield family
 
 
 def render(merged: dict, now: float) -> bytes:

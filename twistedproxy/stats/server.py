@@ -51,7 +51,11 @@ class LocalSources:
         self.proxy = proxy
 
     def stats(self):
-        return succeed(snapshots.merge([snapshots.snapshot(self.proxy)]))
+        merged = snapshots.merge([snapshots.snapshot(self.proxy)])
+        coordinator = getattr(self.proxy, "coordinator", None)
+        if coordinator is not None:
+            merged["migrations"] = coordinator.records()
+        return succeed(merged)
 
     def slowlog(self, limit=None):
         return succeed(snapshots.merge_slowlogs([snapshots.slowlog(self.proxy)], limit or None))

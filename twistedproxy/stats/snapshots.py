@@ -165,6 +165,8 @@ def snapshot(proxy, settings=True) -> dict:
         route_counters = getattr(pool, "route_counters", None)  # a front's routes, a cluster pool
         if route_counters is not None:
             pools[name].update(route_counters())
+        if getattr(pool, "plan", None) is not None:  # a migrating pool: migrate_on_access, migrate_held
+            pools[name].update(pool.counters())
         if stats.tenants:
             pools[name]["tenants"] = {
                 tenant: {
@@ -346,6 +348,8 @@ def report(merged: dict, now=None, source=None) -> dict:
         "settings": merged.get("settings", {}),
         "pools": pools,
     }
+    if "migrations" in merged:
+        doc["migrations"] = merged["migrations"]  # pool -> its online migration's record
     return doc
 
 

@@ -154,6 +154,28 @@ def workers_table(merged: dict, now: float) -> str:
 LINKS = ("/stats.json", "/metrics", "/slowlog")  # the stats HTTP endpoint's other pages
 
 
+def migrations_table(records: dict) -> str:
+    """The online migrations (pool -> record, as C{cacheproxyctl migration} prints them); empty without any."""
+    if not records:
+        return ""
+    out = ['<h2>Migrations</h2><table id="migrations"><tr><th class="name">pool</th><th>state</th><th>servers</th>'
+           "<th>scanned</th><th>moved</th><th>skipped</th><th>failed</th><th>MB</th><th>keys/s</th>"
+           "<th>eta s</th><th>drained</th><th>error</th></tr>"]
+    for name, record in sorted(records.items()):
+        eta = record.get("eta_seconds")
+        out.append(
+            '<tr><td class="name">%s</td><td>%s%s</td><td>%d &rarr; %d</td><td>%d</td><td>%d</td><td>%d</td>'
+            "<td>%d</td><td>%.1f</td><td>%.1f</td><td>%s</td><td>%s</td><td>%s</td></tr>"
+            % (escape(name), escape(record["state"]), " (abort)" if record.get("aborting") else "",
+               len(record["source"]), len(record["target"]), record["scanned"], record["moved"], record["skipped"],
+               record["failed"], record["bytes"] / 1e6, record.get("rate") or 0.0,
+               "-" if eta is None else "%.0f" % eta, escape(", ".join(record.get("drained", ()))),
+               escape(record.get("error") or ""))
+        )
+    out.append("</table>")
+    return "\n".join(out)
+
+
 def render(merged: dict, previous=None, now=None, links=LINKS) -> str:
     """
     The status page for a merged snapshot (C{previous}: the one before, for
@@ -255,6 +277,7 @@ def render(merged: dict, previous=None, now=None, links=LINKS) -> str:
                        _fmt_ms(s["p99"]), _fmt_ms(b["p99"]), _fmt_ms(s["max"]))
                 )
             out.append("</table>")
+    out.append(migrations_table(merged.get("migrations") or {}))
     out.append('<p class="meta">Also: %s</p></body></html>'
                % (" &middot; ".join('<a href="%s">%s</a>' % (link, link) for link in links),))
     return "\n".join(out)
