@@ -20,7 +20,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from twistedproxy.config.model import GlobalConfig, ListenSpec, PoolConfig, ProxyConfig, ServerSpec
-from twistedproxy.config.routes import RouteValue, TenantsValue, route_kinds, route_pools
+from twistedproxy.config.routes import RouteValue, TenantsValue, UsersValue, route_kinds, route_pools
 from twistedproxy.config.tls import BACKEND_KEYS, check_pool_tls, tls_key_specs
 from twistedproxy.config.tree import MAPPING, SCALAR, SEQUENCE, ConfigNode, SourceError, from_python, from_yaml
 from twistedproxy.config.values import (
@@ -422,6 +422,16 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             "twistedproxy: where a cluster pool's reads go: master; replica (a replica of the"
             " slot, the master if it has none); prefer_replica (a replica that is up, else the"
             " master). Writes always go to masters."),
+    KeySpec("users", UsersValue(),
+            "twistedproxy: memcached pools: clients must log in as one of these users (user name ->"
+            " password, the text or sha256:HEX) before anything else: binary SASL PLAIN or the text"
+            " protocol's login (as memcached -S and -Y; see memcached logins)."),
+    KeySpec("memcache_auth_user", Text(),
+            "twistedproxy: memcached pools: the user every new server connection logs in as (binary"
+            " connections with SASL PLAIN, text and meta ones as memcached -Y expects); needs"
+            " memcache_auth_password."),
+    KeySpec("memcache_auth_password", Text(),
+            "twistedproxy: the password of memcache_auth_user."),
 ) + tls_key_specs(KeySpec)
 
 # Keys that describe a pool's own servers and placement: a front (route or tenants) has none,
@@ -429,7 +439,8 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
 SERVER_KEYS = ("servers", "hash", "hash_tag", "distribution", "timeout", "preconnect", "redis_auth",
                "redis_db", "server_connections", "auto_eject_hosts", "server_retry_timeout",
                "server_failure_limit", "tcpkeepalive", "transaction_connections", "redis_cluster",
-               "cluster_refresh_interval", "read_from") + BACKEND_KEYS
+               "cluster_refresh_interval", "read_from", "users", "memcache_auth_user",
+               "memcache_auth_password") + BACKEND_KEYS
 # Keys of a twemproxy pool's hash placement, which a cluster pool does not use.
 CLUSTER_UNUSED_KEYS = ("hash", "hash_tag", "distribution", "auto_eject_hosts", "server_failure_limit",
                        "server_retry_timeout")
@@ -598,6 +609,7 @@ def _parse_pool(name: str, line: Optional[int], node: ConfigNode, problems: _Pro
     if parsed.values.get("redis_auth") and not parsed.values.get("redis", _POOL_DEFAULTS["redis"]):
         problems.add(parsed.lines["redis_auth"], "is only valid in a redis pool (set redis: true)",
                      section, "redis_auth")
+    _check_memcache_logins(parsed, section, problems)
     _check_cluster(parsed, section, problems)
     check_pool_tls(parsed.values, parsed.lines, lambda at, message, key: problems.add(at, message, section, key))
     listen, listen_line = parsed.values.get("listen"), parsed.lines.get("listen")
@@ -605,6 +617,21 @@ def _parse_pool(name: str, line: Optional[int], node: ConfigNode, problems: _Pro
     if len(problems) > found_before:
         return _ParsedPool(None, listen, listen_line, has_listen)
     return _ParsedPool(PoolConfig(name=name, **parsed.values), listen, listen_line, has_listen)
+
+
+def _check_memcache_logins(parsed: "_Section", section: str, problems: _Problems) -> None:
+    """The memcached login keys: memcached pools only; a backend login needs its user and password both."""
+    values, lines = parsed.values, parsed.lines
+    keys = [key for key in ("users", "memcache_auth_user", "memcache_auth_password") if key in lines]
+    if values.get("redis", _POOL_DEFAULTS["redis"]):
+        for key in keys:
+            problems.add(lines[key], "is only valid in a memcached pool (Redis pools: redis_auth, or tenants"
+                         " chosen by users)", section, key)
+        return
+    for key, other in (("memcache_auth_user", "memcache_auth_password"),
+                       ("memcache_auth_password", "memcache_auth_user")):
+        if key in lines and other not in lines:
+            problems.add(lines[key], "needs %s too" % (other,), section, key)
 
 
 def _check_cluster(parsed: "_Section", section: str, problems: _Problems) -> None:
@@ -686,8 +713,6 @@ def _check_routes(pools: Sequence[Tuple[str, _ParsedPool]], lines: Dict[str, Opt
                     if kind in ("replicate", "warmup"):
                         problems.add(lines.get(name), "%s routes are for memcached pools only (a Redis"
                                      " command's effect cannot be copied safely)" % (kind,), section, key)
-        if front.tenants and not front.redis and any(tenant.users for tenant in front.tenants):
-            problems.add(lines.get(name), "tenants chosen by users need a Redis pool (AUTH)", section, key)
     if any(parsed.pool is None for _, parsed in pools):
         return  # a refused front's routes are unknown: which pools they name is too
     for name, parsed in pools:

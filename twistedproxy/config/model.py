@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
-from twistedproxy.config.routes import RouteSpec, TenantSpec
+from twistedproxy.config.routes import Password, RouteSpec, TenantSpec
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,11 @@ class PoolConfig:
     backend_tls_cert: Optional[str] = None
     backend_tls_key: Optional[str] = None
     backend_tls_names: Tuple[Tuple[str, str], ...] = ()  # (server address, expected name)
+    # memcached logins (protocols/memcache_login.py): the users its clients log in as, and the
+    # login to its servers (binary SASL PLAIN, or the text protocol's as memcached -Y)
+    users: Tuple[Tuple[str, Password], ...] = ()
+    memcache_auth_user: Optional[str] = None
+    memcache_auth_password: Optional[str] = None
 
     @property
     def protocol(self) -> str:

@@ -351,6 +351,23 @@ def parse_password(node: ConfigNode, user: str) -> Password:
     return Password(text=text)
 
 
+def parse_users(node: ConfigNode) -> Tuple[Tuple[str, Password], ...]:
+    """A C{users:} mapping (user name -> password) as (name, L{Password}) pairs."""
+    users = _mapping(node, "a mapping of user names to passwords")
+    if not users:
+        raise Invalid("users: no users", node.line)
+    return tuple((user, parse_password(password, user)) for user, (_, password) in users.items())
+
+
+class UsersValue(ValueType):
+    """The C{users:} key of a memcached pool with servers: who may log in to it."""
+
+    name = "mapping of user name -> password (the text or sha256:HEX)"
+
+    def parse(self, node: ConfigNode, report: Report) -> Any:
+        return parse_users(node)
+
+
 _TENANT_KEYS = ("prefix", "default", "users", "strip_prefix", "route", "rate_limit", "rate_burst",
                 "max_client_connections")
 
@@ -372,11 +389,7 @@ def parse_tenant(name: str, node: ConfigNode) -> TenantSpec:
             if key in entries:
                 values[key] = _bool(entries[key][1], key)
         if "users" in entries:
-            users = _mapping(entries["users"][1], "a mapping of user names to passwords")
-            if not users:
-                raise Invalid("users: no users", entries["users"][1].line)
-            values["users"] = tuple((user, parse_password(password, user))
-                                    for user, (_, password) in users.items())
+            values["users"] = parse_users(entries["users"][1])
         if "rate_limit" in entries:
             rate = _number(entries["rate_limit"][1], "rate_limit")
             if rate <= 0:
