@@ -290,6 +290,27 @@ class HashRoute:
         """Open backend connections now if the pool asks for C{preconnect}."""
         self.server_set.start()
 
+    # The users its clients must log in as (memcached C{users:}): a
+    # L{twistedproxy.routes.tenants.UserDirectory} its builder sets, or None.
+    users = None
+
+    def request_parser(self, codec):
+        """A parser for a new client (told the users when they must log in)."""
+        parser = codec.request_parser(self.config)
+        if self.users is not None:
+            parser.use_users(self.users)
+        return parser
+
+    def adopt(self, client) -> None:
+        """C{client} moves here from the pool this one replaces (a reload): it logs in to these users."""
+        self.clients.add(client)
+        parser = client.parser
+        if self.users is not None:
+            self.users.adopt(parser)
+            parser.use_users(self.users, locked=parser.user is None)
+        elif getattr(parser, "users", None) is not None:
+            parser.use_users(None, locked=False)  # the pool's clients need no login any more
+
     def client_gone(self, client) -> None:
         self.clients.discard(client)
         if self.sessions.by_client:

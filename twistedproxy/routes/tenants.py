@@ -121,6 +121,17 @@ class UserDirectory:
             for user, password in tenant.spec.users:
                 self.users[user.encode("utf-8")] = (password, tenant)
 
+    @classmethod
+    def of_pool(cls, users) -> "UserDirectory":
+        """
+        The users of a pool with servers whose clients must log in (memcached
+        C{users:}): name -> password, no tenants (a connection's C{tenant} stays None).
+        """
+        directory = cls(())
+        for user, password in users:
+            directory.users[user.encode("utf-8")] = (password, None)
+        return directory
+
     def login(self, parser, user: bytes, password: bytes):
         """
         Check C{user}'s C{password}; on success the connection of C{parser}
@@ -133,6 +144,9 @@ class UserDirectory:
             return LOGIN_WRONGPASS, None
         tenant = entry[1]
         current = parser.tenant
+        if tenant is None:  # a pool's user (of_pool)
+            parser.user = user
+            return LOGIN_OK, None
         if current is not tenant:
             if tenant.max_connections and tenant.stats.connections >= tenant.max_connections:
                 return LOGIN_FULL, tenant.name
@@ -149,7 +163,8 @@ class UserDirectory:
         if entry is None:
             return False
         tenant = entry[1]
-        tenant.stats.connections += 1
+        if tenant is not None:
+            tenant.stats.connections += 1
         parser.tenant = tenant
         parser.user = user
         return True
@@ -158,6 +173,8 @@ class UserDirectory:
         """A connection that logged in under an older front (a reload): its tenant here, by user."""
         old = parser.tenant
         if old is None:
+            if parser.user is not None and parser.user not in self.users:
+                parser.user = None  # a pool's user that is gone: log the connection out
             return
         entry = self.users.get(parser.user or b"")
         tenant = entry[1] if entry is not None and entry[1].name == old.name else None
