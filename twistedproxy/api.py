@@ -23,6 +23,7 @@ from twistedproxy.config.routes import route_pools
 from twistedproxy.config.settings import TuningError, parse as parse_settings
 from twistedproxy.core import tuning, warmup
 from twistedproxy.core.client import ProxyFactory
+from twistedproxy.core.logins import LocalAuthLimiter
 from twistedproxy.net.sockets import listen
 from twistedproxy.net.tls import listener_tls
 from twistedproxy.routes.build import build_route
@@ -68,6 +69,9 @@ class Proxy:
     @ivar factories: pool name -> L{ProxyFactory} (a Twisted ServerFactory), for
         pools with a C{listen:} address.
     @ivar stats: the L{StatsRegistry} every pool records into (kept across reloads).
+    @ivar logins: the L{twistedproxy.core.logins.IAuthLimiter} its clients' failed
+        logins are counted by: its own (L{LocalAuthLimiter}), or a worker's
+        (L{use_logins}).
     """
 
     def __init__(self, config: ProxyConfig, reactor):
@@ -76,11 +80,13 @@ class Proxy:
         self.pools = {}
         self.factories = {}
         self.stats = StatsRegistry(reactor, config.global_)
+        glob = config.global_
+        self.logins = LocalAuthLimiter(reactor, glob.auth_failures_limit, glob.auth_block_seconds)
         for pool_config in _fronts_last(config):
             pool = self._build(pool_config)
             self.pools[pool_config.name] = pool
             if pool_config.listen is not None:
-                self.factories[pool_config.name] = ProxyFactory(pool)
+                self.factories[pool_config.name] = ProxyFactory(pool, self.logins)
         self._port_by_pool = {}
         self._read_certificates()
 
@@ -91,6 +97,12 @@ class Proxy:
             workers = max(1, self.config.global_.worker_processes)
             return build_front(pool_config, self.reactor, self.pools, stats, workers)
         return build_pool(pool_config, self.reactor, stats)
+
+    def use_logins(self, limiter) -> None:
+        """Count failed logins with C{limiter} from now on (a worker's, which asks its master)."""
+        self.logins = limiter
+        for factory in self.factories.values():
+            factory.logins = limiter
 
     @classmethod
     def from_file(cls, path: str, reactor) -> "Proxy":
@@ -158,6 +170,7 @@ class Proxy:
         self.config = config
         self.pools = {}
         self.stats.configure(config.global_)
+        self.logins.configure(config.global_.auth_failures_limit, config.global_.auth_block_seconds)
         self.stats.prune(config)
         rebuilt = set()
         for pool_config in _fronts_last(config):
@@ -174,7 +187,7 @@ class Proxy:
             if pool_config.listen is None:
                 self.factories.pop(name, None)
             elif factory is None:
-                factory = self.factories[name] = ProxyFactory(pool)
+                factory = self.factories[name] = ProxyFactory(pool, self.logins)
             else:
                 factory.switch_pool(pool)
             pool.start()

@@ -492,6 +492,13 @@ GLOBAL_KEYS: Tuple[KeySpec, ...] = (
             " after it. auto: until compiled, at most 2 s (0.1 s in a worker replacing a crashed"
             " one; a short warm-up on CPython); a number: at most that many seconds; off (or 0):"
             " none."),
+    KeySpec("auth_failures_limit", Integer(0),
+            "Failed logins (Redis AUTH and HELLO AUTH, memcached authentication) from one client"
+            " address within a minute, across the whole proxy, before that address's logins are"
+            " refused for auth_block_seconds (see Authentication); 0 never blocks."),
+    KeySpec("auth_block_seconds", _Seconds(),
+            "Seconds a client address that reached auth_failures_limit has its logins refused"
+            " unchecked."),
 )
 
 

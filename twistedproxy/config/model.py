@@ -136,6 +136,11 @@ class PoolConfig:
         return self.route is not None or bool(self.tenants)
 
     @property
+    def authenticates(self) -> bool:
+        """Its clients log in: a password (C{redis_auth}) or users (a tenant's C{users:})."""
+        return bool(self.redis_auth) or any(tenant.users for tenant in self.tenants)
+
+    @property
     def routes(self) -> Tuple[RouteSpec, ...]:
         """A front's routes: its C{route:}, or each tenant's (none for a pool with servers)."""
         if self.route is not None:
@@ -164,6 +169,8 @@ class GlobalConfig:
     slowlog_log: bool = False  # also write each slow request to the log
     worker_rlimit_nofile: Optional[int] = None  # soft nofile limit; None: what the connections need
     warmup: Union[str, float] = "auto"  # "auto", or at most this many seconds (0: no warm-up)
+    auth_failures_limit: int = 10  # failed logins per client address per minute before a block (0: no block)
+    auth_block_seconds: float = 60.0  # how long a blocked address's logins are refused
     extra: Tuple[Tuple[str, object], ...] = field(default=())  # keys for later features
 
 

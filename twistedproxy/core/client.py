@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistedproxy.core.completion import flush_clients
+from twistedproxy.core.logins import LoginGuard
 from twistedproxy.core.reads import fast_reads
 from twistedproxy.core.request import ROUTE_LOCAL, ProtocolError, local
 from twistedproxy.core.writes import immediate_writer
@@ -357,15 +358,20 @@ class ProxyFactory(ServerFactory):
 
     C{tls}: None, or what puts each new client behind TLS (its C{wrap(protocol)},
     L{twistedproxy.net.tls.ListenerTLS}); the client itself never knows.
+
+    C{logins}: the proxy's L{twistedproxy.core.logins.IAuthLimiter} (or None):
+    a parser that authenticates clients (one with a C{login_guard} attribute)
+    gets a L{LoginGuard} for its connection.
     """
 
     noisy = False
 
-    def __init__(self, route):
+    def __init__(self, route, logins=None):
         self.route = route
         self.codec = route.codec
         self.share = None
         self.tls = None
+        self.logins = logins
 
     def client_limit(self):
         """The connections this process may hold for the pool: None when unlimited."""
@@ -383,7 +389,7 @@ class ProxyFactory(ServerFactory):
         if limit is not None and len(route.clients) >= limit:
             log.warn("pool {pool}: client_connections limit {limit} reached", pool=route.name, limit=limit)
             return None
-        client = ClientConnection(route, self._parser(route))
+        client = self._client(route)
         route.clients.add(client)
         route.stats.clients_accepted += 1
         if self.tls is not None:
@@ -396,8 +402,15 @@ class ProxyFactory(ServerFactory):
         already) and not counted as accepted again (its first worker did).
         """
         route = self.route
-        client = ClientConnection(route, self._parser(route))
+        client = self._client(route)
         route.clients.add(client)
+        return client
+
+    def _client(self, route) -> ClientConnection:
+        client = ClientConnection(route, self._parser(route))
+        parser = client.parser
+        if self.logins is not None and hasattr(parser, "login_guard"):
+            parser.login_guard = LoginGuard(self.logins, client, route.stats)
         return client
 
     def _parser(self, route):

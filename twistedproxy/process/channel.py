@@ -3,9 +3,9 @@ The AMP commands spoken between the master and each worker, over a socketpair
 the master passes to the worker as a descriptor.
 
 Worker -> master: L{Hello} (answered with the configuration), L{Ready},
-L{ServerFailed}, L{ServerRecovered}.
+L{ServerFailed}, L{ServerRecovered}, L{AuthFailed}.
 Master -> worker: L{Reconfigure}, L{Stats}, L{Ping}, L{Stop}, L{SetLogLevel},
-L{WorkerCount}, L{ServerHealth}, L{ProbeServer}.
+L{WorkerCount}, L{ServerHealth}, L{ProbeServer}, L{AuthBlocked}.
 Old master -> new master, during an upgrade: L{InheritTotals}.
 """
 
@@ -16,10 +16,13 @@ from twisted.protocols import amp
 from twistedproxy.net.channels import BigUnicode
 
 class Hello(amp.Command):
-    """A worker is up; the answer is the configuration it must run."""
+    """
+    A worker is up; the answer is the configuration it must run, and the
+    client addresses whose logins are blocked now (JSON: address -> seconds left).
+    """
 
     arguments = [(b"pid", amp.Integer()), (b"slot", amp.Integer())]
-    response = [(b"config", BigUnicode()), (b"source", amp.Unicode())]
+    response = [(b"config", BigUnicode()), (b"source", amp.Unicode()), (b"blocked", BigUnicode())]
 
 
 class Ready(amp.Command):
@@ -115,3 +118,21 @@ class ProbeServer(amp.Command):
 
     arguments = [(b"pool", amp.Unicode()), (b"server", amp.Unicode())]
     response = [(b"ok", amp.Boolean())]
+
+
+# Failed logins with workers (process/logins.py): each failure is reported, the
+# master counts per client address and tells every worker of a block.
+
+
+class AuthFailed(amp.Command):
+    """A login from client address C{address} failed in this worker."""
+
+    arguments = [(b"address", amp.Unicode())]
+    requiresAnswer = False
+
+
+class AuthBlocked(amp.Command):
+    """Refuse logins from C{address} unchecked for C{seconds}."""
+
+    arguments = [(b"address", amp.Unicode()), (b"seconds", amp.Float())]
+    requiresAnswer = False

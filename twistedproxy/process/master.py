@@ -43,7 +43,7 @@ from twistedproxy import logs, signals
 from twistedproxy.config import ConfigError, load_config_text
 from twistedproxy.control.interface import IProxyControl
 from twistedproxy.net.channels import quiet_amp_logs, quiet_factory
-from twistedproxy.process import accept_mutex, channel, command, ejection, handoff, nursery
+from twistedproxy.process import accept_mutex, channel, command, ejection, handoff, logins, nursery
 from twistedproxy.process.listeners import INHERIT_ENV, ListeningSockets, inherited_sockets
 from twistedproxy.process.statistics import MasterStats
 from twistedproxy.process.supervisor import Supervisor, SupervisorEvents
@@ -97,7 +97,8 @@ class MasterChannel(amp.AMP):
     @channel.Hello.responder
     def hello(self, pid, slot):
         self.worker.hello = True
-        return {"config": self.master.config_text, "source": self.master.config_path}
+        return {"config": self.master.config_text, "source": self.master.config_path,
+                "blocked": self.master.logins.blocks()}
 
     @channel.Ready.responder
     def ready(self):
@@ -112,6 +113,11 @@ class MasterChannel(amp.AMP):
     @channel.ServerRecovered.responder
     def server_recovered(self, pool, server):
         self.master.ejections.recovered(pool, server)
+        return {}
+
+    @channel.AuthFailed.responder
+    def auth_failed(self, address):
+        self.master.logins.failed(address)
         return {}
 
     @handoff.HandOff.responder
@@ -149,6 +155,7 @@ class MasterService(service.Service, SupervisorEvents):
         self.stats = MasterStats(self, reactor)
         self.upgrade = Upgrade(self, reactor)
         self.ejections = ejection.Ejections(self)  # backend failures counted across workers
+        self.logins = logins.MasterLogins(self)  # failed logins counted across workers
         self.handoff_turn = -1  # the last worker (index) a handed-over client went to
         self.started_at = 0.0
         self.control_port = None
@@ -345,6 +352,7 @@ class MasterService(service.Service, SupervisorEvents):
             return defer.succeed(self._refused(str(e)))
         old = self.config
         self.ejections.configure(config)
+        self.logins.configure(config)
         self.supervisor.shutdown_timeout = config.global_.worker_shutdown_timeout
         rollover = _listen_layout(old) != _listen_layout(config) or any(
             getattr(old.global_, key) != getattr(config.global_, key) for key in _ROLLOVER_KEYS)

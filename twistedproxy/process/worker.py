@@ -37,9 +37,10 @@ from twisted.protocols import amp
 from twistedproxy import logs
 from twistedproxy.config import ConfigError, parse_config
 from twistedproxy.core import warmup
+from twistedproxy.core.logins import RemoteAuthLimiter
 from twistedproxy.net.channels import quiet_amp_logs, quiet_factory
 from twistedproxy.net.sockets import adopt_port
-from twistedproxy.process import channel, command, ejection, handoff
+from twistedproxy.process import channel, command, ejection, handoff, logins
 from twistedproxy.process.accept_mutex import AcceptMutex
 from twistedproxy.process.limits import RefusalLog
 from twistedproxy.stats import commands as stats_commands, workers as stats_workers
@@ -210,6 +211,11 @@ class WorkerChannel(amp.AMP):
             ejection.apply_verdict(found, state)
         return {}
 
+    @channel.AuthBlocked.responder
+    def auth_blocked(self, address, seconds):
+        self.worker.logins.block(address, seconds)
+        return {}
+
     @channel.ProbeServer.responder
     def probe_server(self, pool, server):
         found = ejection.find_server(self.worker.proxy, pool, server)
@@ -235,6 +241,8 @@ class Worker:
         self.channel = None
         self.stopping = False
         self.finished = False
+        # Failed logins go to the master, which counts them across workers (process/logins.py).
+        self.logins = RemoteAuthLimiter(reactor, self._report_login_failure)
 
     def start(self) -> None:
         fd = self.layout["channel"]
@@ -243,9 +251,19 @@ class Worker:
         os.set_blocking(fd, False)  # PyPy's adoption made it blocking
         os.close(fd)
         d = self.channel.callRemote(channel.Hello, pid=os.getpid(), slot=self.slot)
-        d.addCallback(lambda answer: self.configure(parse_config(answer["config"], answer["source"])))
+        d.addCallback(self._hello)
         d.addCallback(lambda serving: self.channel.callRemote(channel.Ready) if serving else None)
         d.addErrback(self._failed)
+
+    def _hello(self, answer):
+        logins.apply_blocks(self.logins, answer["blocked"])
+        return self.configure(parse_config(answer["config"], answer["source"]))
+
+    def _report_login_failure(self, address: str) -> None:
+        try:
+            self.channel.callRemote(channel.AuthFailed, address=address)
+        except Exception:
+            pass  # the master's channel is gone: the worker stops anyway
 
     def _failed(self, failure) -> None:
         log.failure("worker {pid} could not start", failure, pid=os.getpid())
@@ -264,6 +282,7 @@ class Worker:
             set_affinity(glob.worker_cpu_affinity[self.slot % len(glob.worker_cpu_affinity)])
         self.quickack = glob.tcp_quickack
         self.proxy = Proxy(config, self.reactor)
+        self.proxy.use_logins(self.logins)
         self._share_out()
         # Ready means warm: backend connections are made, the sockets served and Ready
         # said only after it (a connection made before could time out meanwhile).

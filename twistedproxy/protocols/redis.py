@@ -20,6 +20,7 @@ import hmac
 
 from zope.interface import implementer
 
+from twistedproxy.core.logins import TOO_MANY_FAILURES_TEXT
 from twistedproxy.core.request import REPLY_FINAL, REPLY_REDIRECT, REPLY_RETRY, ROUTE_ANY, ROUTE_KEYS, ProtocolError, Request, local, switching
 from twistedproxy.protocols import WARMUP_KEYS, redis_commands as commands, redis_transactions as transactions, resp3
 from twistedproxy.protocols.interface import ICodec, IReplyParser, IRequestParser, ISessionCodec
@@ -38,6 +39,8 @@ _WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\
 _TENANT_FULL = b"-ERR max number of clients reached for tenant '%s'\r\n"
 _INVALID_PASSWORD = b"-ERR invalid password\r\n"
 _NO_PASSWORD = b"-ERR Client sent AUTH, but no password is set\r\n"
+# A login from an address with too many failed ones (core/logins.py): not checked.
+_TOO_MANY_FAILURES = b"-ERR " + TOO_MANY_FAILURES_TEXT.encode("ascii") + b"\r\n"
 _NOT_AN_INTEGER = b"-ERR value is not an integer or out of range\r\n"
 _NEGATIVE_KEYS = b"-ERR Number of keys can't be negative\r\n"
 _TOO_MANY_KEYS = b"-ERR Number of keys can't be greater than number of args\r\n"
@@ -225,6 +228,9 @@ class RedisRequestParser:
         self._users = None
         self.user = None
         self.tenant = None
+        # The connection's LoginGuard (core/logins.py), set by the ProxyFactory: failed
+        # logins are counted per client address, and refused unchecked past the limit.
+        self.login_guard = None
         self._closed = False  # after QUIT: ignore whatever follows
         self._refusing = False  # after a refused MULTI, until EXEC or DISCARD
         # Transactions pin a client to a connection of its own (redis_transactions):
@@ -593,28 +599,34 @@ class RedisRequestParser:
         return switching(name, _HELLO_REPLIES[protocol], self._speaking)
 
     def _auth(self, args) -> bytes:
-        """Check an AUTH C{[username] password} and (un)lock the connection (as twemproxy)."""
-        if self._users is not None:
-            return self._login(args)
-        if self._password is None:
+        """
+        Check an AUTH C{[username] password} and (un)lock the connection (as
+        twemproxy); from an address with too many failed logins, refuse it
+        unchecked (L{twistedproxy.core.logins}).
+        """
+        if self._users is None and self._password is None:
             return _NO_PASSWORD
+        guard = self.login_guard
+        if guard is not None and guard.refused():
+            return _TOO_MANY_FAILURES
         if len(args) == 2:
             username, password = b"default", args[1]
         else:
             username, password = args[1], args[2]
-        if username == b"default" and hmac.compare_digest(password, self._password):
+        if self._users is not None:
+            reply = self._login(username, password)
+        elif username == b"default" and hmac.compare_digest(password, self._password):
             self._locked = False
             return _OK
-        self._locked = True
-        return _INVALID_PASSWORD
-
-
-    def _login(self, args) -> bytes:
-        """AUTH against the front's users, as Redis 7 (a failed AUTH leaves the connection as it was)."""
-        if len(args) == 2:
-            username, password = b"default", args[1]
         else:
-            username, password = args[1], args[2]
+            self._locked = True
+            reply = _INVALID_PASSWORD
+        if guard is not None and (reply is _WRONGPASS or reply is _INVALID_PASSWORD):
+            guard.failed()
+        return reply
+
+    def _login(self, username: bytes, password: bytes) -> bytes:
+        """AUTH against the front's users, as Redis 7 (a failed AUTH leaves the connection as it was)."""
         result, tenant = self._users.login(self, username, password)
         if result == "ok":
             self._locked = False

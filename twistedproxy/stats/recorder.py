@@ -19,6 +19,8 @@ Counters follow twemproxy 0.5.0 (src/nc_stats.h) where it has them:
     server_timedout (timeout events), server_ejected_at (microseconds since the
     epoch of the last ejection), requests / request_bytes (frames written),
     responses / response_bytes (replies read).
+twistedproxy's own: auth_failures / auth_blocked (failed logins of a pool's
+clients / logins refused unchecked because their address failed too often).
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ class PoolStats:
         self.server_ejects = 0
         self.forward_error = 0
         self.fragments = 0
+        self.auth_failures = 0  # failed logins of its clients (core/logins.py)
+        self.auth_blocked = 0  # logins refused unchecked: their address had too many failures
         self.servers = {}  # label -> ServerStats
         self.tenants = {}  # name -> TenantStats (a front's tenants)
         self.commands = {}  # command (bytes) -> CommandStats

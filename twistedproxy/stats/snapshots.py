@@ -28,8 +28,8 @@ SERVER_FIELDS = (
     "requests", "request_bytes", "responses", "response_bytes",
     "in_queue", "in_queue_bytes", "out_queue", "out_queue_bytes",
 )
-# The counters of a front's routes (twistedproxy's, in a front pool's entry
-# only), and what they count.
+# The counters of a front's routes and a pool's logins (twistedproxy's, in the
+# entry of a pool that has them only), and what they count.
 ROUTE_FIELDS = (
     ("failovers", "Requests (or parts of one) a failover route sent on to its next route."),
     ("replica_copies", "Copies a replicate route sent to its other replicas."),
@@ -45,6 +45,9 @@ ROUTE_FIELDS = (
     ("cluster_redirects", "MOVED and ASK redirects a Redis Cluster pool followed (the client saw none)."),
     ("cluster_retries", "Requests a Redis Cluster pool resent after TRYAGAIN or CLUSTERDOWN."),
     ("cluster_map_reads", "Times a Redis Cluster pool read its cluster's slot map."),
+    ("auth_failures", "Failed logins of the pool's clients (a wrong user or password)."),
+    ("auth_blocked", "Logins refused unchecked: their client address had too many failed logins"
+                     " (auth_failures_limit)."),
 )
 # What a cluster pool's servers (its nodes) carry besides counters: the last
 # slot map's view, "master"/"replica"/"unknown" and Redis-style slot ranges.
@@ -156,6 +159,9 @@ def snapshot(proxy, settings=True) -> dict:
             "commands": commands,
             "servers": servers,
         }
+        if stats.auth_failures or stats.auth_blocked or pool.config.authenticates:
+            pools[name]["auth_failures"] = stats.auth_failures
+            pools[name]["auth_blocked"] = stats.auth_blocked
         route_counters = getattr(pool, "route_counters", None)  # a front's routes, a cluster pool
         if route_counters is not None:
             pools[name].update(route_counters())
