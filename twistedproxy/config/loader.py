@@ -639,6 +639,9 @@ def _check_memcache_logins(parsed: "_Section", section: str, problems: _Problems
                        ("memcache_auth_password", "memcache_auth_user")):
         if key in lines and other not in lines:
             problems.add(lines[key], "needs %s too" % (other,), section, key)
+        if len((values.get(key) or "x").split()) != 1:
+            problems.add(lines[key], "no spaces (the text protocol's login sends user and password"
+                         " separated by one)", section, key)
 
 
 def _check_cluster(parsed: "_Section", section: str, problems: _Problems) -> None:

@@ -149,6 +149,8 @@ class ServerConnection(Protocol):
                         self.n_expired -= 1
                     else:
                         self._internal_reply(request, raw, dirty)
+                        if self.closed:  # a refused login: nothing after it is read
+                            break
                     continue
                 stats.reply(len(raw), now - request.sent_at)
                 request.replied_at = now
@@ -191,6 +193,12 @@ class ServerConnection(Protocol):
                 return
         if error is not None:
             log.error("backend {server} refused the handshake: {error}", server=self.server.label, error=error)
+            if request.close_after:
+                # A refused login after which the server's replies cannot be
+                # trusted to follow the requests (memcached): the connection's
+                # requests fail with the refusal instead.
+                self.server.last_error = "backend refused the login: %s" % (error,)
+                self.close()
 
     def connectionLost(self, reason):
         self.connected = False
