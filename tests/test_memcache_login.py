@@ -245,8 +245,9 @@ def test_a_memcached_front_sends_each_user_to_its_tenants_pool():
 # -- logging in to servers (memcache_auth_user) ------------------------------------
 
 
-def test_each_new_server_connection_logs_in_first_text_and_binary():
-    proxy = proxy_with({"memcache_auth_user": "proxy", "memcache_auth_password": "pw2"})
+def get_from_both(password):
+    """A pool that logs in to its server; a text and a binary client's get sent to it (their server connections)."""
+    proxy = proxy_with({"memcache_auth_user": "proxy", "memcache_auth_password": password})
     text, text_transport = client_of(proxy)
     binary, binary_transport = client_of(proxy)
     text.dataReceived(b"get k\r\n")
@@ -254,6 +255,12 @@ def test_each_new_server_connection_logs_in_first_text_and_binary():
     proxy.reactor.advance(0)
     (_, text_backend, text_sent), (_, binary_backend, binary_sent) = backends(proxy)
     proxy.reactor.advance(0)
+    return proxy, (text_transport, text_backend, text_sent), (binary_transport, binary_backend, binary_sent)
+
+
+def test_each_new_server_connection_logs_in_first_text_and_binary():
+    proxy, text, binary = get_from_both("pw2")
+    (text_transport, text_backend, text_sent), (binary_transport, binary_backend, binary_sent) = text, binary
     assert text_sent.value() == b"set auth 0 0 9\r\nproxy pw2\r\nget k\r\n"
     plain = b"\0proxy\0pw2"
     assert binary_sent.value() == (struct.pack(">BBHBBHIIQ", 0x80, SASL_AUTH, 5, 0, 0, 0, 5 + len(plain), 0, 0)
@@ -267,14 +274,8 @@ def test_each_new_server_connection_logs_in_first_text_and_binary():
 
 
 def test_a_refused_server_login_fails_the_connections_requests_with_its_words():
-    proxy = proxy_with({"memcache_auth_user": "proxy", "memcache_auth_password": "wrong"})
-    text, text_transport = client_of(proxy)
-    binary, binary_transport = client_of(proxy)
-    text.dataReceived(b"get k\r\n")
-    binary.dataReceived(packet(GET, b"k"))
-    proxy.reactor.advance(0)
-    (_, text_backend, text_sent), (_, binary_backend, binary_sent) = backends(proxy)
-    proxy.reactor.advance(0)
+    proxy, text, binary = get_from_both("wrong")
+    (text_transport, text_backend, text_sent), (binary_transport, binary_backend, binary_sent) = text, binary
     # memcached -Y answers one line for a refused login and the command read with it
     text_backend.dataReceived(AUTH_FAILURE)
     assert text_sent.disconnecting

@@ -46,6 +46,7 @@ from twistedproxy.core.request import ROUTE_KEY, ROUTE_KEYS, Request
 from twistedproxy.routes.build import compound_routes
 from twistedproxy.routes.hash import SLICE_KEYS
 from twistedproxy.routes.interface import IServedRoute
+from twistedproxy.routes.logins import LoginRoute
 from twistedproxy.routes.prefix import Branch, Node, compile_route, keyless, prefix_node, resolve
 
 # What a login (AUTH user password) comes to (L{UserDirectory.login}).
@@ -195,7 +196,7 @@ class UserDirectory:
 
 
 @implementer(IServedRoute)
-class FrontRoute:
+class FrontRoute(LoginRoute):
     """
     The route a front pool's listener serves (what a client connection is tied
     to): requests resolved by key prefix, or by the connection's user, to other
@@ -397,20 +398,7 @@ class FrontRoute:
 
     # -- clients and life cycle ----------------------------------------------
 
-    def request_parser(self, codec):
-        """A parser for a new client of this front (given the users when tenants are chosen by user)."""
-        parser = codec.request_parser(self.config)
-        if self.users is not None:
-            parser.use_users(self.users)
-        return parser
-
-    def adopt(self, client) -> None:
-        """C{client} moves here from an older version of this front (a reload)."""
-        self.clients.add(client)
-        if self.users is not None and hasattr(client.parser, "use_users"):
-            parser = client.parser
-            self.users.adopt(parser)
-            parser.use_users(self.users, locked=parser.tenant is None)
+    # request_parser and adopt (a reload): LoginRoute's, with the users when tenants are chosen by user
 
     def client_gone(self, client) -> None:
         self.clients.discard(client)
