@@ -424,14 +424,18 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             " master). Writes always go to masters."),
     KeySpec("users", UsersValue(),
             "twistedproxy: memcached pools: clients must log in as one of these users (user name ->"
-            " password, the text or sha256:HEX) before anything else: binary SASL PLAIN or the text"
-            " protocol's login (as memcached -S and -Y; see memcached logins)."),
+            " password, written as in tenants' users) before anything else: binary SASL PLAIN or the"
+            " text protocol's login, as memcached -S and -Y (see memcached logins)."),
     KeySpec("memcache_auth_user", Text(),
             "twistedproxy: memcached pools: the user every new server connection logs in as (binary"
             " connections with SASL PLAIN, text and meta ones as memcached -Y expects); needs"
             " memcache_auth_password."),
     KeySpec("memcache_auth_password", Text(),
             "twistedproxy: the password of memcache_auth_user."),
+    KeySpec("redis_auth_user", Text(),
+            "twistedproxy: the Redis ACL user every new server connection logs in as (AUTH user"
+            " redis_auth); needs redis_auth. Clients still log in with redis_auth (AUTH password,"
+            " or AUTH with the user default or this user)."),
 ) + tls_key_specs(KeySpec)
 
 # Keys that describe a pool's own servers and placement: a front (route or tenants) has none,
@@ -439,7 +443,7 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
 SERVER_KEYS = ("servers", "hash", "hash_tag", "distribution", "timeout", "preconnect", "redis_auth",
                "redis_db", "server_connections", "auto_eject_hosts", "server_retry_timeout",
                "server_failure_limit", "tcpkeepalive", "transaction_connections", "redis_cluster",
-               "cluster_refresh_interval", "read_from", "users", "memcache_auth_user",
+               "cluster_refresh_interval", "read_from", "redis_auth_user", "users", "memcache_auth_user",
                "memcache_auth_password") + BACKEND_KEYS
 # Keys of a twemproxy pool's hash placement, which a cluster pool does not use.
 CLUSTER_UNUSED_KEYS = ("hash", "hash_tag", "distribution", "auto_eject_hosts", "server_failure_limit",
@@ -617,6 +621,9 @@ def _parse_pool(name: str, line: Optional[int], node: ConfigNode, problems: _Pro
         problems.add(parsed.lines["redis_auth"], "is only valid in a redis pool (set redis: true)",
                      section, "redis_auth")
     _check_memcache_logins(parsed, section, problems)
+    if "redis_auth_user" in parsed.lines and not parsed.values.get("redis_auth"):
+        problems.add(parsed.lines["redis_auth_user"], "needs redis_auth (the user's password)",
+                     section, "redis_auth_user")
     _check_cluster(parsed, section, problems)
     check_pool_tls(parsed.values, parsed.lines, lambda at, message, key: problems.add(at, message, section, key))
     listen, listen_line = parsed.values.get("listen"), parsed.lines.get("listen")
@@ -723,6 +730,9 @@ def _check_routes(pools: Sequence[Tuple[str, _ParsedPool]], lines: Dict[str, Opt
                     if kind in ("replicate", "warmup"):
                         problems.add(lines.get(name), "%s routes are for memcached pools only (a Redis"
                                      " command's effect cannot be copied safely)" % (kind,), section, key)
+        if not front.redis and any(tenant.read_only_users for tenant in front.tenants):
+            problems.add(lines.get(name), "read_only users are for Redis fronts (memcached users may write)",
+                         section, key)
     if any(parsed.pool is None for _, parsed in pools):
         return  # a refused front's routes are unknown: which pools they name is too
     for name, parsed in pools:

@@ -125,6 +125,7 @@ class PoolConfig:
     users: Tuple[Tuple[str, Password], ...] = ()
     memcache_auth_user: Optional[str] = None
     memcache_auth_password: Optional[str] = None
+    redis_auth_user: Optional[str] = None  # the ACL user of AUTH user redis_auth to the servers
 
     @property
     def protocol(self) -> str:

@@ -28,7 +28,9 @@ and tenants (one listener, several users of the cache) as::
       NAME:                                # the tenant's name in every stats output
         prefix: "PREFIX"                   # keys with this prefix are the tenant's, or
         default: true                      # the tenant of keys no prefix claims, or
-        users: {NAME: PASSWORD, ...}       # Redis: the AUTH users whose connections it owns
+        users: {NAME: PASSWORD, ...}       # Redis: the AUTH users whose connections it owns;
+                                           # NAME: {password: PASSWORD, read_only: true}
+                                           # for a user whose writes are refused
         strip_prefix: false                # send keys without the prefix (and put it back
                                            # on replies that carry keys)
         route: ROUTE                       # where its requests go
@@ -36,7 +38,8 @@ and tenants (one listener, several users of the cache) as::
         rate_burst: 1000                   # the bucket's size (default: one second's worth)
         max_client_connections: 0          # users' tenants: connections at once; 0 unlimited
 
-A password is the text itself or C{sha256:} and the hex SHA-256 of it.
+A password is the text itself, C{sha256:} and the hex SHA-256 of it, or
+C{pbkdf2:sha256:ITERATIONS:SALT:HEX} (L{twistedproxy.config.passwords}).
 
 This module holds the immutable objects those become and the value types that
 read them; which pool names exist and which protocol each speaks is checked
@@ -46,10 +49,11 @@ by the loader once every pool has been read (L{route_pools}).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from twistedproxy.config import passwords
+from twistedproxy.config.passwords import Password
 from twistedproxy.config.tree import MAPPING, SCALAR, SEQUENCE, ConfigNode
 from twistedproxy.config.values import (
     INT_MAX,
@@ -68,7 +72,6 @@ from twistedproxy.config.values import (
 
 ROUTE_KINDS = ("failover", "replicate", "shadow", "warmup", "prefix")
 DEFAULT_SHADOW_QUEUE = 1024  # requests waiting for the shadow pool, at most
-_SHA256 = re.compile(r"sha256:[0-9a-fA-F]{64}\Z")
 
 
 # --------------------------------------------------------------------------
@@ -134,14 +137,6 @@ RouteSpec = Union[PoolRoute, FailoverRoute, ReplicateRoute, ShadowRoute, WarmupR
 
 
 @dataclass(frozen=True)
-class Password:
-    """A user's password as the file gives it: the text, or its SHA-256 (hex, lowercase)."""
-
-    text: Optional[str] = field(default=None, repr=False)
-    sha256: Optional[str] = None
-
-
-@dataclass(frozen=True)
 class TenantSpec:
     """One tenant of a listening pool: which requests are its, where they go, its limits."""
 
@@ -150,6 +145,7 @@ class TenantSpec:
     prefix: Optional[bytes] = None
     default: bool = False
     users: Tuple[Tuple[str, Password], ...] = ()
+    read_only_users: Tuple[str, ...] = ()  # of its users, those whose writes are refused
     strip_prefix: bool = False
     rate_limit: Optional[float] = None  # requests a second; None: no limit
     rate_burst: Optional[int] = None  # the token bucket's size; None: one second's worth
@@ -341,31 +337,49 @@ def parse_password(node: ConfigNode, user: str) -> Password:
     if text is None and node.kind == SCALAR and is_int(node.value):
         text = str(node.value)
     if not text:
-        raise Invalid("user %s: expected a password (the text, or sha256:HEX), got %s"
+        raise Invalid("user %s: expected a password (the text, sha256:HEX or pbkdf2:sha256:...), got %s"
                       % (quote(user), describe(node)), node.line)
-    if text.startswith("sha256:"):
-        if not _SHA256.match(text):
-            raise Invalid("user %s: a sha256: password is 64 hex digits after 'sha256:'" % (quote(user),),
-                          node.line)
-        return Password(sha256=text[len("sha256:"):].lower())
-    return Password(text=text)
+    try:
+        return passwords.parse(text)
+    except ValueError as e:
+        raise Invalid("user %s: %s" % (quote(user), e), node.line)
 
 
-def parse_users(node: ConfigNode) -> Tuple[Tuple[str, Password], ...]:
-    """A C{users:} mapping (user name -> password) as (name, L{Password}) pairs."""
+def parse_user(node: ConfigNode, user: str) -> Tuple[Password, bool]:
+    """A user's entry: C{PASSWORD}, or C{{password: PASSWORD, read_only: BOOL}}; (password, read-only)."""
+    if node.kind != MAPPING:
+        return parse_password(node, user), False
+    entries = _mapping(node, "a user's password and read_only")
+    for key, (key_node, _) in entries.items():
+        if key not in ("password", "read_only"):
+            raise Invalid("user %s: unknown key %s (expected password, read_only)" % (quote(user), quote(key)),
+                          key_node.line)
+    if "password" not in entries:
+        raise Invalid("user %s: password is missing" % (quote(user),), node.line)
+    read_only = _bool(entries["read_only"][1], "read_only") if "read_only" in entries else False
+    return parse_password(entries["password"][1], user), read_only
+
+
+def parse_users(node: ConfigNode) -> List[Tuple[str, Tuple[Password, bool]]]:
+    """A C{users:} mapping (user name -> its entry) as (name, (L{Password}, read-only)) pairs."""
     users = _mapping(node, "a mapping of user names to passwords")
     if not users:
         raise Invalid("users: no users", node.line)
-    return tuple((user, parse_password(password, user)) for user, (_, password) in users.items())
+    return [(user, parse_user(entry, user)) for user, (_, entry) in users.items()]
 
 
 class UsersValue(ValueType):
     """The C{users:} key of a memcached pool with servers: who may log in to it."""
 
-    name = "mapping of user name -> password (the text or sha256:HEX)"
+    name = "mapping of user name -> password (the text, sha256:HEX or pbkdf2:sha256:...)"
 
     def parse(self, node: ConfigNode, report: Report) -> Any:
-        return parse_users(node)
+        parsed = parse_users(node)
+        for user, (_, read_only) in parsed:
+            if read_only:
+                raise Invalid("user %s: read_only is for Redis users (a memcached pool's users may write)"
+                              % (quote(user),), node.line)
+        return tuple((user, password) for user, (password, _) in parsed)
 
 
 _TENANT_KEYS = ("prefix", "default", "users", "strip_prefix", "route", "rate_limit", "rate_burst",
@@ -389,7 +403,9 @@ def parse_tenant(name: str, node: ConfigNode) -> TenantSpec:
             if key in entries:
                 values[key] = _bool(entries[key][1], key)
         if "users" in entries:
-            values["users"] = parse_users(entries["users"][1])
+            parsed = parse_users(entries["users"][1])
+            values["users"] = tuple((user, password) for user, (password, _) in parsed)
+            values["read_only_users"] = tuple(user for user, (_, read_only) in parsed if read_only)
         if "rate_limit" in entries:
             rate = _number(entries["rate_limit"][1], "rate_limit")
             if rate <= 0:

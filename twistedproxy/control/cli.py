@@ -7,6 +7,8 @@ C{cacheproxyctl}: talk to a running master through its control socket.
     cacheproxyctl -s PATH log-level debug|info|warn|error|critical|0..11
     cacheproxyctl -s PATH slowlog [--limit N]
     cacheproxyctl -s PATH set NAME=VALUE ... [--pool NAME]   (run-time settings)
+    cacheproxyctl hash-password [--iterations N] < password   (no socket: prints a
+        pbkdf2:sha256:... password for a user of the configuration)
 
 The socket defaults to C{global.control} of the file given with C{-c}, read
 even when the file is invalid (so C{status} can show why a reload was refused).
@@ -163,6 +165,11 @@ def _cluster_nodes(stats: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["hash-password"]:  # talks to no master: twistedproxy.config.passwords' own command line
+        from twistedproxy.config import passwords
+
+        return passwords.main(argv[1:], prog="cacheproxyctl hash-password")
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "set":

@@ -35,6 +35,9 @@ _PONG = b"+PONG\r\n"
 _NOAUTH = b"-NOAUTH Authentication required\r\n"
 # Redis 7's words, where AUTH names users (a front whose tenants are chosen by user).
 _NOAUTH_USERS = b"-NOAUTH Authentication required.\r\n"
+_HELLO_NOAUTH_USERS = (b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the"
+                       b" HELLO AUTH <user> <pass> option can be used to authenticate the client and select"
+                       b" the RESP protocol version at the same time\r\n")
 _WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
 _TENANT_FULL = b"-ERR max number of clients reached for tenant '%s'\r\n"
 _INVALID_PASSWORD = b"-ERR invalid password\r\n"
@@ -47,6 +50,8 @@ _TOO_MANY_KEYS = b"-ERR Number of keys can't be greater than number of args\r\n"
 _BAD_BACKEND_REPLY = b"-ERR unexpected reply from the server\r\n"
 # Redis 7's words for a key outside the user's ACL key patterns (a tenant's routes).
 _NOPERM = b"-NOPERM this user has no permissions to access one of the keys used as arguments\r\n"
+# Redis 7's words for a command outside the user's ACL (a read-only user's write).
+_NOPERM_COMMAND = b"-NOPERM this user has no permissions to run the '%s' command\r\n"
 _NOPROTO = b"-NOPROTO sorry, this protocol version is not supported\r\n"
 _BAD_PROTOVER = b"-ERR Protocol version is not an integer or out of range\r\n"
 # Between a refused MULTI and its EXEC or DISCARD (see RedisRequestParser._refused).
@@ -66,6 +71,7 @@ _AUTH = commands.AUTH
 _HELLO = commands.HELLO
 _UNSUPPORTED = commands.UNSUPPORTED
 _TRANSACTION = commands.TRANSACTION
+_WRITE = commands.WRITE
 
 
 def _protocol_error(message: bytes, requests: list) -> ProtocolError:
@@ -221,13 +227,17 @@ class RedisRequestParser:
         self._commands = commands.CLUSTER_COMMANDS if getattr(pool_config, "redis_cluster", False) else commands.COMMANDS
         password = pool_config.redis_auth
         self._password = password.encode("utf-8") if password else None
+        # The user names AUTH accepts with it: default, and the pool's backend ACL user.
+        user = getattr(pool_config, "redis_auth_user", None)
+        self._password_users = (b"default", user.encode("utf-8")) if user else (b"default",)
         self._locked = self._password is not None  # until a successful AUTH
-        self._noauth = _NOAUTH
+        self._noauth = self._hello_noauth = _NOAUTH
         # A front whose tenants are chosen by AUTH user (use_users): the users, and
         # this connection's user and tenant once it logged in.
         self._users = None
         self.user = None
         self.tenant = None
+        self.read_only = False  # logged in as a read-only user: writes get NOPERM
         # The connection's LoginGuard (core/logins.py), set by the ProxyFactory: failed
         # logins are counted per client address, and refused unchecked past the limit.
         self.login_guard = None
@@ -292,6 +302,7 @@ class RedisRequestParser:
         self._users = users
         self._locked = locked
         self._noauth = _NOAUTH_USERS
+        self._hello_noauth = _HELLO_NOAUTH_USERS
 
     def state(self) -> dict:
         """This connection's state, for L{restore} in another worker."""
@@ -329,7 +340,7 @@ class RedisRequestParser:
         lookup = self._commands.get
         max_bytes = self._max_request_bytes
         key_kind = _KEY
-        locked = self._locked or self._refusing or self._txn  # every command goes through _dispatch
+        locked = self._locked or self._refusing or self._txn or self.read_only  # every command goes through _dispatch
         partial = self._partial
         self._partial = None
         while True:
@@ -352,7 +363,7 @@ class RedisRequestParser:
                         if request.close_after:
                             self._closed = True
                             return pos
-                        locked = self._locked or self._refusing or self._txn
+                        locked = self._locked or self._refusing or self._txn or self.read_only
                     continue
                 if pos + 4 <= blen and buf[pos + 2] == 13 and buf[pos + 3] == 10 and 49 <= buf[pos + 1] <= 57:
                     nargs = buf[pos + 1] - 48  # fast path: *N\r\n
@@ -458,7 +469,7 @@ class RedisRequestParser:
                 if request.close_after:
                     self._closed = True
                     return pos
-                locked = self._locked or self._refusing or self._txn
+                locked = self._locked or self._refusing or self._txn or self.read_only
                 continue
             # Cut short inside the frame: keep what was scanned, wait for `need` bytes
             # (refused at once when the frame would outgrow the limit).
@@ -498,7 +509,7 @@ class RedisRequestParser:
         transaction it is L{transactions.request}'s to make, which asks for the
         C{plain} request (the one outside a transaction) here.
         """
-        name, kind, min_args, max_args, key_index, _ = entry
+        name, kind, min_args, max_args, key_index = entry[:5]
         if self._refusing and kind != _QUIT:
             return self._refused(name)
         if (self._txn or kind == _TRANSACTION) and not plain:
@@ -519,6 +530,8 @@ class RedisRequestParser:
             return self._hello(name, args)
         if self._locked:
             return local(name, self._noauth)
+        if self.read_only and entry[_WRITE]:
+            return local(name, _NOPERM_COMMAND % name)
         if kind == _PING:
             return local(name, _PONG if nargs == 1 else _bulk(args[1]))
         if kind == _ECHO:
@@ -587,12 +600,12 @@ class RedisRequestParser:
         if b"auth" in options:
             at = 2 + options.index(b"auth")
             if at + 2 >= len(args):
-                return local(name, b"-ERR Syntax error in HELLO option 'auth'\r\n")
+                return local(name, b"-ERR Syntax error in HELLO option '%s'\r\n" % _printable(args[at]))
             reply = self._auth([b"auth", args[at + 1], args[at + 2]])
             if reply != _OK:
                 return local(name, reply)
         if self._locked:
-            return local(name, self._noauth)
+            return local(name, self._hello_noauth)
         if protocol == self._speaking.protocol:
             return local(name, _HELLO_REPLIES[protocol])
         self._speaking = self._codecs[protocol]
@@ -615,7 +628,7 @@ class RedisRequestParser:
             username, password = args[1], args[2]
         if self._users is not None:
             reply = self._login(username, password)
-        elif username == b"default" and hmac.compare_digest(password, self._password):
+        elif username in self._password_users and hmac.compare_digest(password, self._password):
             self._locked = False
             return _OK
         else:
@@ -964,7 +977,9 @@ class RedisCodec:
         requests = []
         if pool_config.redis_auth:
             password = pool_config.redis_auth.encode("utf-8")
-            requests.append(Request(multibulk((b"AUTH", password)), b"auth"))
+            user = getattr(pool_config, "redis_auth_user", None)  # a Redis ACL user
+            login = (b"AUTH", user.encode("utf-8"), password) if user else (b"AUTH", password)
+            requests.append(Request(multibulk(login), b"auth"))
         if pool_config.redis_db:
             requests.append(Request(multibulk((b"SELECT", b"%d" % pool_config.redis_db)), b"select"))
         return requests

@@ -36,12 +36,13 @@ backend connection of its own (L{twistedproxy.protocols.redis_transactions});
 in a pool with C{transaction_connections: 0} (and in a front) they are refused:
 after a refused MULTI every command up to EXEC or DISCARD is refused too.
 
-An entry is a tuple C{(name, kind, min_args, max_args, key_index, collect)}:
+An entry is a tuple C{(name, kind, min_args, max_args, key_index, collect, write)}:
 the lower-case name (what L{twistedproxy.core.request.Request.command} is set
 to), one of the kinds below, the allowed argument counts (the name included),
-the index of the routing key among the arguments, and how many leading
+the index of the routing key among the arguments, how many leading
 arguments the request parser must keep to handle the command (the others are
-only framed, never copied).
+only framed, never copied), and whether a read-only user is refused it
+(L{WRITE_COMMANDS}).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ UNSUPPORTED = 9
 HELLO = 10  # answered by the proxy: RESP2 or RESP3 (protocols/resp3.py)
 TRANSACTION = 11  # MULTI EXEC DISCARD WATCH UNWATCH: see twistedproxy.protocols.redis_transactions
 
-NAME, KIND, MIN_ARGS, MAX_ARGS, KEY_INDEX, COLLECT = range(6)
+NAME, KIND, MIN_ARGS, MAX_ARGS, KEY_INDEX, COLLECT, WRITE = range(7)
 
 _UNBOUNDED = 1 << 62
 
@@ -277,6 +278,24 @@ UNSUPPORTED_COMMANDS = (
 )
 
 
+# What a read-only user (a tenant's C{read_only: true} user) may not run: the
+# commands Redis 7 flags C{write} (COMMAND INFO), XGROUP (whose subcommands but
+# HELP write), and EVAL, EVALSHA and FCALL, whose scripts may write (Redis flags
+# them C{may_replicate}; their _RO variants run read-only scripts only).
+WRITE_COMMANDS = frozenset((
+    "append", "bitfield", "bitop", "copy", "decr", "decrby", "del", "expire", "expireat", "geoadd",
+    "georadius", "georadiusbymember", "geosearchstore", "getdel", "getex", "getset", "hdel", "hincrby",
+    "hincrbyfloat", "hmset", "hset", "hsetnx", "incr", "incrby", "incrbyfloat", "linsert", "lmove", "lmpop",
+    "lpop", "lpush", "lpushx", "lrem", "lset", "ltrim", "move", "mset", "msetnx", "persist", "pexpire",
+    "pexpireat", "pfadd", "pfmerge", "psetex", "rename", "renamenx", "restore", "rpop", "rpoplpush", "rpush",
+    "rpushx", "sadd", "sdiffstore", "set", "setbit", "setex", "setnx", "setrange", "sinterstore", "smove",
+    "sort", "spop", "srem", "sunionstore", "unlink", "xack", "xadd", "xautoclaim", "xclaim", "xdel",
+    "xsetid", "xtrim", "zadd", "zdiffstore", "zincrby", "zinterstore", "zmpop", "zpopmax", "zpopmin",
+    "zrangestore", "zrem", "zremrangebylex", "zremrangebyrank", "zremrangebyscore", "zunionstore",
+    "xgroup", "eval", "evalsha", "fcall",
+))
+
+
 def _entry(name, kind, arity, max_args=None, key_index=1):
     min_args = arity if arity > 0 else -arity
     if max_args is None:
@@ -291,7 +310,7 @@ def _entry(name, kind, arity, max_args=None, key_index=1):
         collect = max_args
     else:
         collect = 1
-    return (name.encode("ascii"), kind, min_args, max_args, key_index, collect)
+    return (name.encode("ascii"), kind, min_args, max_args, key_index, collect, name in WRITE_COMMANDS)
 
 
 # An unknown name: refused like the unsupported ones, counted under one name.

@@ -34,12 +34,11 @@ charges the tenant's token bucket and hands the request to the pool's route.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import math
 
 from zope.interface import implementer
 
+from twistedproxy.config.passwords import Checker
 from twistedproxy.core.batching import TurnFlusher
 from twistedproxy.core.completion import refuse
 from twistedproxy.core.request import ROUTE_KEY, ROUTE_KEYS, Request
@@ -100,27 +99,24 @@ class Tenant:
         self.limited_reply_text = "tenant '%s' rate limit exceeded" % (spec.name,)
 
 
-def _password_ok(password, given: bytes) -> bool:
-    """C{given} is the user's password (a L{twistedproxy.config.routes.Password})."""
-    if password.sha256 is not None:
-        return hmac.compare_digest(hashlib.sha256(given).hexdigest(), password.sha256)
-    return hmac.compare_digest(given, password.text.encode("utf-8"))
-
-
 class UserDirectory:
     """
     The AUTH users of a front whose tenants are chosen by user.  A Redis request
     parser given one (its C{users}) answers AUTH through L{login} and keeps
-    the connection's tenant in its C{tenant}.
+    the connection's user, tenant and whether the user is read-only in its
+    C{user}, C{tenant} and C{read_only}.
     """
 
     def __init__(self, tenants):
         self.users = {}  # user name (bytes) -> (Password, Tenant)
+        self.read_only = set()  # user names (bytes) whose writes are refused
         self.by_name = {}
+        self.checker = Checker()  # remembers slow passwords that passed
         for tenant in tenants:
             self.by_name[tenant.name] = tenant
             for user, password in tenant.spec.users:
                 self.users[user.encode("utf-8")] = (password, tenant)
+            self.read_only.update(user.encode("utf-8") for user in tenant.spec.read_only_users)
 
     @classmethod
     def of_pool(cls, users) -> "UserDirectory":
@@ -141,7 +137,7 @@ class UserDirectory:
         L{LOGIN_FULL} and the tenant's name.
         """
         entry = self.users.get(user)
-        if entry is None or not _password_ok(entry[0], password):
+        if entry is None or not self.checker.check(user, entry[0], password):
             return LOGIN_WRONGPASS, None
         tenant = entry[1]
         current = parser.tenant
@@ -156,6 +152,7 @@ class UserDirectory:
             tenant.stats.connections += 1
             parser.tenant = tenant
         parser.user = user
+        parser.read_only = user in self.read_only
         return LOGIN_OK, tenant.name
 
     def resume(self, parser, user: bytes) -> bool:
@@ -168,6 +165,7 @@ class UserDirectory:
             tenant.stats.connections += 1
         parser.tenant = tenant
         parser.user = user
+        parser.read_only = user in self.read_only
         return True
 
     def adopt(self, parser) -> None:
@@ -183,9 +181,12 @@ class UserDirectory:
         if tenant is None:  # the user or its tenant is gone: log the connection out
             old.stats.connections -= 1
             parser.user = None
-        elif tenant.stats is not old.stats:
+            parser.read_only = False
+            return
+        if tenant.stats is not old.stats:
             old.stats.connections -= 1
             tenant.stats.connections += 1
+        parser.read_only = parser.user in self.read_only  # the reload may have changed it
 
     def logout(self, parser) -> None:
         """The connection closed."""
