@@ -308,3 +308,51 @@ def test_login_keys_are_memcached_pools_and_a_server_login_needs_both_halves():
     assert "expected a password" in problems({"users": {"a": ""}})
     assert "no spaces" in problems({"memcache_auth_user": "a", "memcache_auth_password": "b c"})
     assert problems({"users": {"a": "b"}, "memcache_auth_user": "u", "memcache_auth_password": "p"}) == ""
+
+
+# -- hand-offs and reloads -------------------------------------------------------------
+
+
+def test_a_login_survives_a_hand_off_to_another_worker_text_and_binary():
+    proxy = proxy_with({"users": USERS})
+    text, _ = client_of(proxy)
+    binary, _ = client_of(proxy)
+    text.dataReceived(login() + b"get ")  # half a command still unframed
+    binary.dataReceived(sasl(b"bob", b"hunter2"))
+    other = proxy_with({"users": USERS})  # the worker taking the connections over
+    for client, rest, expected in ((text, b"k\r\n", b"get k\r\n"), (binary, packet(GET, b"k"), packet(GET, b"k"))):
+        adopted = other.factories["front"].adopt()
+        adopted_transport = StringTransport()
+        adopted.makeConnection(adopted_transport)
+        adopted.import_state(client.export_state())
+        adopted.dataReceived(rest)
+        assert adopted_transport.value() == b""
+    other.reactor.advance(0)
+    connected = backends(other)
+    other.reactor.advance(0)
+    assert sorted(transport.value() for _, _, transport in connected) == sorted([b"get k\r\n", packet(GET, b"k")])
+
+
+def test_a_reload_that_adds_users_or_removes_one_makes_its_clients_log_in():
+    proxy = proxy_with({})
+    before, transport = client_of(proxy)
+    before.dataReceived(b"get ")
+    with_users = {"front": {"listen": "127.0.0.1:22121", "servers": ["127.0.0.1:7001:1"], "users": USERS}}
+    proxy.reconfigure(config_from_dict(with_users))
+    before.dataReceived(b"k\r\n")
+    assert transport.value() == UNAUTHENTICATED
+    before.dataReceived(login(b"bob", b"hunter2"))
+    alice, alice_transport = client_of(proxy)
+    alice.dataReceived(login())
+    assert transport.value().endswith(b"STORED\r\n") and alice_transport.value() == b"STORED\r\n"
+    with_users["front"]["users"] = {"bob": "hunter2"}
+    proxy.reconfigure(config_from_dict(with_users))
+    alice.dataReceived(b"get k\r\n")
+    assert alice_transport.value() == b"STORED\r\n" + UNAUTHENTICATED  # alice is gone
+    transport.clear()
+    before.dataReceived(b"get k\r\n")
+    assert transport.value() == b""  # bob is still logged in: sent on
+    del with_users["front"]["users"]
+    proxy.reconfigure(config_from_dict(with_users))
+    alice.dataReceived(b"get k\r\n")
+    assert alice_transport.value() == b"STORED\r\n" + UNAUTHENTICATED  # no login needed: sent on

@@ -408,7 +408,7 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             " shadow, warmup and prefix routes over pools (see Routes and tenants)."),
     KeySpec("tenants", TenantsValue(),
             "twistedproxy: instead of servers, the tenants sharing this listener, each chosen by key"
-            " prefix (or as the default) or, in a Redis pool, by AUTH user, each with its route,"
+            " prefix (or as the default) or by user (Redis AUTH, memcached logins), each with its route,"
             " rate limit and counters (see Routes and tenants)."),
     KeySpec("redis_cluster", Boolean(),
             "twistedproxy: the servers are seed nodes of a Redis Cluster (any of its nodes; the"
