@@ -21,6 +21,8 @@ from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
 from tests.support import processes
+from tests.support.workers import master_config, poll
+from twistedproxy.control.client import BlockingControlClient
 
 pytestmark = pytest.mark.integration
 
@@ -271,3 +273,47 @@ def test_the_proxy_logs_in_to_a_memcached_S_server_with_sasl_plain(spawn, sasl_m
         conn.close()
     assert struct.unpack_from(">H", reply, 6)[0] == 0x86
     assert reply[24:] == b"backend refused the login: status 0x0020 (Auth failure.)"
+
+
+# -- failed logins across workers ---------------------------------------------------------
+
+
+def test_failed_text_and_binary_logins_add_up_across_two_workers(spawn, memcached_backends):
+    [plain] = memcached_backends(1)
+    port = processes.free_port()
+    config = master_config({"alpha": processes.pool_config([plain.port], port, redis=False,
+                                                           users={"alice": "secret"})},
+                           auth_failures_limit=3, auth_block_seconds=600)
+    control = config["global"]["control"]
+    spawn(processes.twistd, config, port)
+
+    def worker_failures():
+        with BlockingControlClient(control) as ctl:
+            stats = ctl.stats()
+        return len(stats), sum(s["pools"]["alpha"].get("auth_failures", 0) for s in stats.values())
+
+    poll(lambda: os.path.exists(control) and worker_failures()[0] == 2, 20, 0.1, "two workers")
+    for attempt in range(2):  # each on a connection of its own, whichever worker takes it
+        conn = Conn(port)
+        conn.send(login(b"alice", b"bad"))
+        assert conn.line() == b"CLIENT_ERROR authentication failure\r\n"
+        conn.close()
+    conn = Conn(port)
+    conn.send(packet(SASL_AUTH, b"PLAIN", b"\0mallory\0secret"))
+    assert conn.packet()[24:] == b"Auth failure."
+    conn.close()
+    assert poll(lambda: worker_failures()[1] == 3, 10, 0.05, "three failures counted")
+    too_many = b"too many failed authentication attempts from this address; try again later"
+
+    def refused() -> bool:
+        text, binary = Conn(port), Conn(port)
+        try:
+            text.send(login())
+            binary.send(packet(SASL_AUTH, b"PLAIN", b"\0alice\0secret"))
+            return text.line() == b"CLIENT_ERROR " + too_many + b"\r\n" and binary.packet()[24:] == too_many
+        finally:
+            text.close()
+            binary.close()
+
+    for _ in range(6):  # new connections reach both workers: each knows the block
+        poll(refused, 10, 0.05, "the block in every worker")
