@@ -15,7 +15,7 @@ from twistedproxy.core.logins import FailureCounter, LocalAuthLimiter, RemoteAut
 from twistedproxy.stats import prometheus, snapshots
 from tests.support.resp import cmd
 
-TOO_MANY = b"-ERR too many failed authentication attempts from this address; try again later\r\n"
+TOO_MANY = b"-WRONGPASS too many failed authentication attempts from this address; try again later\r\n"
 INVALID = b"-ERR invalid password\r\n"
 WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
 

@@ -42,8 +42,10 @@ _WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\
 _TENANT_FULL = b"-ERR max number of clients reached for tenant '%s'\r\n"
 _INVALID_PASSWORD = b"-ERR invalid password\r\n"
 _NO_PASSWORD = b"-ERR Client sent AUTH, but no password is set\r\n"
-# A login from an address with too many failed ones (core/logins.py): not checked.
-_TOO_MANY_FAILURES = b"-ERR " + TOO_MANY_FAILURES_TEXT.encode("ascii") + b"\r\n"
+# A login from an address with too many failed ones (core/logins.py): not checked.  Under
+# Redis's own prefix for a refused login, so clients take it for one (redis-py raises its
+# AuthenticationError for WRONGPASS, a plain ResponseError for -ERR).
+_TOO_MANY_FAILURES = b"-WRONGPASS " + TOO_MANY_FAILURES_TEXT.encode("ascii") + b"\r\n"
 _NOT_AN_INTEGER = b"-ERR value is not an integer or out of range\r\n"
 _NEGATIVE_KEYS = b"-ERR Number of keys can't be negative\r\n"
 _TOO_MANY_KEYS = b"-ERR Number of keys can't be greater than number of args\r\n"
@@ -52,7 +54,7 @@ _BAD_BACKEND_REPLY = b"-ERR unexpected reply from the server\r\n"
 _NOPERM = b"-NOPERM this user has no permissions to access one of the keys used as arguments\r\n"
 # Redis 7's words for a command outside the user's ACL (a read-only user's write).
 _NOPERM_COMMAND = b"-NOPERM this user has no permissions to run the '%s' command\r\n"
-_NOPROTO = b"-NOPROTO sorry, this protocol version is not supported\r\n"
+_NOPROTO = b"-NOPROTO unsupported protocol version\r\n"  # Redis 7's words
 _BAD_PROTOVER = b"-ERR Protocol version is not an integer or out of range\r\n"
 # Between a refused MULTI and its EXEC or DISCARD (see RedisRequestParser._refused).
 _IN_REFUSED_MULTI = b"-ERR MULTI is not supported by the proxy: command refused inside the refused transaction\r\n"
@@ -596,14 +598,20 @@ class RedisRequestParser:
             protocol = int(version)
             if protocol not in self._codecs:
                 return local(name, _NOPROTO)
-        options = [a.lower() for a in args[2:]]
-        if b"auth" in options:
-            at = 2 + options.index(b"auth")
-            if at + 2 >= len(args):
+        # The options in order, as Redis 7 reads them: each AUTH logs in there and then.
+        at = 2
+        while at < len(args):
+            option = args[at].lower()
+            more = len(args) - 1 - at
+            if option == b"auth" and more >= 2:
+                reply = self._auth([b"auth", args[at + 1], args[at + 2]])
+                if reply != _OK:
+                    return local(name, reply)
+                at += 3
+            elif option == b"setname" and more:
+                at += 2  # the proxy's backend connections are shared: the name is not passed on
+            else:
                 return local(name, b"-ERR Syntax error in HELLO option '%s'\r\n" % _printable(args[at]))
-            reply = self._auth([b"auth", args[at + 1], args[at + 2]])
-            if reply != _OK:
-                return local(name, reply)
         if self._locked:
             return local(name, self._hello_noauth)
         if protocol == self._speaking.protocol:

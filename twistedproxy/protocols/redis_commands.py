@@ -250,7 +250,7 @@ _OTHER_COMMANDS = (
     ("echo", ECHO, 2),
     ("quit", QUIT, -1),
     ("auth", AUTH, -2, 3),
-    ("hello", HELLO, -1, 7),
+    ("hello", HELLO, -1, 16),
     ("multi", TRANSACTION, 1),
     ("exec", TRANSACTION, 1),
     ("discard", TRANSACTION, 1),
