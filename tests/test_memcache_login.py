@@ -356,3 +356,11 @@ def test_a_reload_that_adds_users_or_removes_one_makes_its_clients_log_in():
     proxy.reconfigure(config_from_dict(with_users))
     alice.dataReceived(b"get k\r\n")
     assert alice_transport.value() == b"STORED\r\n" + UNAUTHENTICATED  # no login needed: sent on
+
+
+def test_a_framing_error_right_after_a_login_still_answers_the_login_first():
+    proxy = proxy_with({"users": USERS})
+    client, transport = client_of(proxy)
+    client.dataReceived(login() + b"x" * 9000 + b"\r\n")
+    assert transport.value() == b"STORED\r\nCLIENT_ERROR line too long\r\n"
+    assert transport.disconnecting

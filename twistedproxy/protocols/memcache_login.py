@@ -178,7 +178,11 @@ class TextLoginParser(StreamBuffer):
             pos = block_end
             if not self.login.locked:
                 if pos < end:
-                    requests.extend(self.text.feed(buf[pos:]))
+                    try:
+                        requests.extend(self.text.feed(buf[pos:]))
+                    except ProtocolError as e:
+                        e.requests[:0] = requests  # the login's reply goes out before the error
+                        raise
                 break
         return requests
 
