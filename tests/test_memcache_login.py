@@ -11,6 +11,7 @@ real memcached -Y and -S).
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 
 from twisted.internet.address import IPv4Address
@@ -20,7 +21,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from tests.test_memcache_binary import OPAQUE, header, packet, packets, reply_packet, store_extras
 from twistedproxy.api import Proxy
-from twistedproxy.config import ConfigError, config_from_dict
+from twistedproxy.config import ConfigError, config_from_dict, load_config
 
 GET, SET, QUIT, NOOP, VERSION, GETQ = 0x00, 0x01, 0x07, 0x0A, 0x0B, 0x09
 SASL_LIST, SASL_AUTH, SASL_STEP = 0x20, 0x21, 0x22
@@ -364,3 +365,11 @@ def test_a_framing_error_right_after_a_login_still_answers_the_login_first():
     client.dataReceived(login() + b"x" * 9000 + b"\r\n")
     assert transport.value() == b"STORED\r\nCLIENT_ERROR line too long\r\n"
     assert transport.disconnecting
+
+
+def test_the_example_file_reads():
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf", "memcache_logins.yml"))
+    pools = {pool.name: pool for pool in config.pools}
+    assert [user for user, _ in pools["sessions"].users] == ["web", "batch"]
+    assert pools["sessions"].memcache_auth_user == "proxy"
+    assert [tenant.name for tenant in pools["shared"].tenants] == ["shop", "blog"]
