@@ -11,7 +11,7 @@ from twisted.internet.address import IPv4Address
 
 from twistedproxy.api import Proxy
 from twistedproxy.config import config_from_dict
-from twistedproxy.core.logins import FailureCounter, LocalAuthLimiter, RemoteAuthLimiter
+from twistedproxy.core.logins import FailureCounter, LocalAuthLimiter, RecentAttempts, RemoteAuthLimiter
 from twistedproxy.stats import prometheus, snapshots
 from tests.support.resp import cmd
 
@@ -44,12 +44,29 @@ def test_a_limit_of_zero_never_blocks_and_many_addresses_are_swept():
     assert len(counter._failures) < 5000  # the ones older than the window went
 
 
+def test_a_repeated_attempt_counts_once_towards_the_limit_until_a_minute_without_it():
+    reactor = MemoryReactorClock()
+    limiter = LocalAuthLimiter(reactor, limit=2, block_seconds=60)
+    for _ in range(11):  # a client library retrying one wrong password by itself
+        limiter.failed("10.0.0.1", b"alice\0typo")
+    assert not limiter.blocked("10.0.0.1")
+    limiter.failed("10.0.0.2", b"alice\0typo")  # another address's attempts are its own
+    assert not limiter.blocked("10.0.0.2")
+    reactor.advance(30)
+    limiter.failed("10.0.0.1", b"alice\0guess")  # a new guess: the second failure
+    assert limiter.blocked("10.0.0.1")
+    recent = RecentAttempts()
+    assert [recent.first("a", b"x", t) for t in (0, 59, 118, 179)] == [True, False, False, True]
+
+
 def test_a_workers_limiter_reports_failures_and_holds_the_masters_blocks():
     reactor = MemoryReactorClock()
     reported = []
     limiter = RemoteAuthLimiter(reactor, reported.append)
-    limiter.failed("10.0.0.1")
-    assert reported == ["10.0.0.1"] and not limiter.blocked("10.0.0.1")
+    limiter.failed("10.0.0.1", b"alice\0guess")
+    limiter.failed("10.0.0.1", b"alice\0guess")  # a repeat: not reported again
+    limiter.failed("10.0.0.1", b"alice\0other")
+    assert reported == ["10.0.0.1", "10.0.0.1"] and not limiter.blocked("10.0.0.1")
     limiter.block("10.0.0.1", 30.0)
     assert limiter.blocked("10.0.0.1")
     reactor.advance(30.0)
@@ -79,7 +96,7 @@ def client_of(proxy, host="10.0.0.1"):
 def test_redis_auth_is_refused_unchecked_once_an_address_failed_too_often():
     proxy = proxy_with({"redis_auth": "secret"}, auth_failures_limit=2, auth_block_seconds=30)
     client, transport = client_of(proxy)
-    client.dataReceived(cmd("AUTH", "nope") + cmd("AUTH", "nope") + cmd("AUTH", "secret") + cmd("GET", "k"))
+    client.dataReceived(cmd("AUTH", "nope") + cmd("AUTH", "nope2") + cmd("AUTH", "secret") + cmd("GET", "k"))
     assert transport.value() == INVALID + INVALID + TOO_MANY + b"-NOAUTH Authentication required\r\n"
     other, other_transport = client_of(proxy, "10.0.0.1")  # the same address, another connection
     other.dataReceived(cmd("HELLO", "3", "AUTH", "default", "secret"))
@@ -104,7 +121,7 @@ def test_users_wrong_passwords_and_unknown_users_count_as_failures():
     proxy = proxy_with(tenants, auth_failures_limit=3)
     client, transport = client_of(proxy)
     client.dataReceived(cmd("AUTH", "alice", "bad") + cmd("AUTH", "mallory", "pw")
-                        + cmd("HELLO", "2", "AUTH", "alice", "bad") + cmd("AUTH", "alice", "pw"))
+                        + cmd("HELLO", "2", "AUTH", "alice", "bad2") + cmd("AUTH", "alice", "pw"))
     assert transport.value() == WRONGPASS * 3 + TOO_MANY
     assert proxy.stats.pool("front").auth_failures == 3
 

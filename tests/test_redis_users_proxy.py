@@ -200,14 +200,15 @@ def test_failed_logins_add_up_across_two_workers_and_a_respawned_worker_knows_th
         return sock.recv(65536)
 
     wrongpass = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
-    for sock in (a1, b1, a2):  # three failures over two workers: not blocked yet
-        assert auth(sock, "bad") == wrongpass
+    for sock, guess in ((a1, "guess1"), (b1, "guess2"), (a2, "guess3")):  # three over two workers
+        assert auth(sock, guess) == wrongpass
+    assert auth(a2, "guess3") == wrongpass  # a repeat: not counted towards the limit
     assert auth(b2, "wonder") == b"+OK\r\n"
-    assert auth(b2, "bad") == wrongpass  # the fourth, in the second worker: the address is blocked
+    assert auth(b2, "guess4") == wrongpass  # the fourth, in the second worker: the address is blocked
     poll(lambda: auth(a1, "wonder") == TOO_MANY, 10, 0.05, "the block in the first worker")
     assert auth(b1, "wonder") == TOO_MANY
     failures = pool_counter(control, "auth_failures")
-    assert sorted(failures.values()) == [2, 2]
+    assert sorted(failures.values()) == [2, 3]  # the repeat is in the stats
     # A worker killed now is respawned and learns the block from the master.
     victim = next(iter(by_worker))
     os.kill(int(victim), signal.SIGKILL)

@@ -16,10 +16,11 @@ prints the line to put in the file.
 
 Checking a pbkdf2 password takes milliseconds of CPU in a single-threaded
 worker, so a L{Checker} remembers, per user, the last password that passed
-(as a salted SHA-256 with a salt of the process's own, never the text):
-reconnecting clients cost one fast hash each.  Failures are not remembered;
-the failed-login limit (L{twistedproxy.core.logins}) bounds how many an
-address can make.
+and the last few that failed (as salted SHA-256s with a salt of the process's
+own, never the text): reconnecting clients, and clients retrying a wrong
+password by themselves, cost one fast hash each.  New guesses cost the full
+check; the failed-login limit (L{twistedproxy.core.logins}) bounds how many
+an address can make.
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ import hmac
 import os
 import re
 import sys
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
 DEFAULT_ITERATIONS = 100000
+# Wrong passwords remembered per user (the Checker's).
+FAILED_KEPT = 8
+
 # At least this many rounds for a pbkdf2 password (fewer would be a sha256 with extra steps).
 MIN_ITERATIONS = 1000
 
@@ -88,11 +93,12 @@ def matches(password: Password, given: bytes) -> bool:
 
 
 class Checker:
-    """Checks logins against L{Password}s, remembering each user's last successful slow one."""
+    """Checks logins against L{Password}s, remembering each user's last successful and failed slow ones."""
 
     def __init__(self):
         self._salt = os.urandom(16)
         self._passed = {}  # user -> salted SHA-256 of the password that last passed
+        self._failed = {}  # user -> the salted SHA-256s of the last FAILED_KEPT that failed
 
     def check(self, user: bytes, password: Password, given: bytes) -> bool:
         if not password.slow:
@@ -101,7 +107,13 @@ class Checker:
         known = self._passed.get(user)
         if known is not None and hmac.compare_digest(known, fast):
             return True
+        failed = self._failed.get(user)
+        if failed is not None and fast in failed:
+            return False
         if not matches(password, given):
+            if failed is None:
+                failed = self._failed[user] = deque(maxlen=FAILED_KEPT)
+            failed.append(fast)
             return False
         self._passed[user] = fast
         return True

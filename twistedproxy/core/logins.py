@@ -10,7 +10,7 @@ checking a password and tells it about each failure:
         reply TOO_MANY_FAILURES_TEXT (the password is not even checked)
     elif password is wrong:
         if guard is not None:
-            guard.failed()
+            guard.failed(user + b"\0" + password)   # what was tried: repeats count once
         reply the protocol's own "wrong password" error
 
 Behind the guard is an L{IAuthLimiter}: L{LocalAuthLimiter} in a single
@@ -22,11 +22,18 @@ the blocks it was told of.
 
 An address is blocked for C{auth_block_seconds} once it failed
 C{auth_failures_limit} times within a minute (global keys; a limit of 0 counts
-but never blocks).  Nothing here runs per request: only logins do.
+but never blocks).  A failure that repeats one the address made within the
+minute (the same user and password: a client library retrying a refused login
+by itself, as redis-py 8 does ten times) is counted in the stats but not
+towards the limit, which is there against guessing; each process knows the
+attempts made to it (as a salted hash), so with N workers a repeat counts at
+most N times.  Nothing here runs per request: only logins do.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import deque
 
 from twisted.logger import Logger
@@ -36,6 +43,9 @@ log = Logger()
 
 # The window failures are counted in, seconds.
 WINDOW = 60.0
+
+# Distinct failed attempts remembered per address (the oldest half goes past it).
+MAX_ATTEMPTS_KEPT = 256
 
 # What a blocked address's login attempts are answered (each protocol wraps it in its error form).
 TOO_MANY_FAILURES_TEXT = "too many failed authentication attempts from this address; try again later"
@@ -47,8 +57,11 @@ class IAuthLimiter(Interface):
     def blocked(address):
         """True while logins from C{address} (a str) are refused without being checked."""
 
-    def failed(address):
-        """A login from C{address} failed (a wrong user or password)."""
+    def failed(address, attempt):
+        """
+        A login from C{address} failed (a wrong user or password); C{attempt}
+        (bytes) is what was tried: a repeat within the minute is not counted again.
+        """
 
 
 class FailureCounter:
@@ -121,6 +134,43 @@ class FailureCounter:
         self._sweep_at = max(1024, 2 * len(self._failures))
 
 
+class RecentAttempts:
+    """
+    The failed attempts each address made within the last L{WINDOW} seconds,
+    kept as hashes salted with a secret of the process's own (never the
+    password), so that a repeat is told from a new guess.
+    """
+
+    def __init__(self):
+        self._salt = os.urandom(16)
+        self._seen = {}  # address -> {digest: time}
+        self._sweep_at = 1024
+
+    def first(self, address: str, attempt: bytes, now: float) -> bool:
+        """True unless C{address} tried C{attempt} within the window (then only its time is renewed)."""
+        if len(self._seen) >= self._sweep_at:
+            self._sweep(now)
+        digest = hashlib.sha256(self._salt + attempt).digest()
+        seen = self._seen.get(address)
+        if seen is None:
+            seen = self._seen[address] = {}
+        elif len(seen) >= MAX_ATTEMPTS_KEPT:  # an address guessing without a limit to stop it
+            for old in sorted(seen, key=seen.get)[:len(seen) // 2]:
+                del seen[old]
+        when = seen.get(digest)
+        seen[digest] = now
+        return when is None or when <= now - WINDOW
+
+    def _sweep(self, now: float) -> None:
+        stale = now - WINDOW
+        for address, seen in list(self._seen.items()):
+            for digest in [d for d, when in seen.items() if when <= stale]:
+                del seen[digest]
+            if not seen:
+                del self._seen[address]
+        self._sweep_at = max(1024, 2 * len(self._seen))
+
+
 def log_block(address: str, seconds: float, limit: int) -> None:
     log.warn("authentication: {limit} failed logins from {address} within a minute; its logins are refused"
              " for {seconds:g} s", address=address, limit=limit, seconds=seconds)
@@ -133,6 +183,7 @@ class LocalAuthLimiter:
     def __init__(self, reactor, limit: int = 10, block_seconds: float = 60.0):
         self.reactor = reactor
         self.counter = FailureCounter(limit, block_seconds)
+        self.recent = RecentAttempts()
 
     def configure(self, limit: int, block_seconds: float) -> None:
         self.counter.configure(limit, block_seconds)
@@ -140,9 +191,10 @@ class LocalAuthLimiter:
     def blocked(self, address: str) -> bool:
         return self.counter.blocked(address, self.reactor.seconds())
 
-    def failed(self, address: str) -> None:
+    def failed(self, address: str, attempt: bytes) -> None:
+        now = self.reactor.seconds()
         counter = self.counter
-        if counter.failed(address, self.reactor.seconds()):
+        if self.recent.first(address, attempt, now) and counter.failed(address, now):
             log_block(address, counter.block_seconds, counter.limit)
 
 
@@ -157,6 +209,7 @@ class RemoteAuthLimiter:
         self.reactor = reactor
         self.report = report
         self.counter = FailureCounter()  # only its blocks are used
+        self.recent = RecentAttempts()
 
     def configure(self, limit: int, block_seconds: float) -> None:
         pass  # the master counts
@@ -164,8 +217,9 @@ class RemoteAuthLimiter:
     def blocked(self, address: str) -> bool:
         return self.counter.blocked(address, self.reactor.seconds())
 
-    def failed(self, address: str) -> None:
-        self.report(address)
+    def failed(self, address: str, attempt: bytes) -> None:
+        if self.recent.first(address, attempt, self.reactor.seconds()):
+            self.report(address)
 
     def block(self, address: str, seconds: float) -> None:
         """The master blocked C{address} for C{seconds} more."""
@@ -201,10 +255,10 @@ class LoginGuard:
             return True
         return False
 
-    def failed(self) -> None:
-        """The login failed (wrong user or password); counted, and reported to the limiter."""
+    def failed(self, attempt: bytes) -> None:
+        """The login failed (wrong user or password: C{attempt}); counted, and reported to the limiter."""
         self.stats.auth_failures += 1
-        self.limiter.failed(self.address)
+        self.limiter.failed(self.address, attempt)
 
 
 def client_address(transport) -> str:

@@ -643,7 +643,7 @@ class RedisRequestParser:
             self._locked = True
             reply = _INVALID_PASSWORD
         if guard is not None and (reply is _WRONGPASS or reply is _INVALID_PASSWORD):
-            guard.failed()
+            guard.failed(username + b"\0" + password)
         return reply
 
     def _login(self, username: bytes, password: bytes) -> bytes:
