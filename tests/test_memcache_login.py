@@ -195,7 +195,7 @@ def test_text_and_binary_failures_add_up_per_address_and_then_logins_are_refused
     text, text_transport = client_of(proxy)
     binary, binary_transport = client_of(proxy)
     text.dataReceived(login(b"alice", b"x") + login(b"mallory", b"secret"))
-    binary.dataReceived(sasl(password=b"x") + sasl())
+    binary.dataReceived(sasl(password=b"y") + sasl())
     assert text_transport.value() == AUTH_FAILURE * 2
     assert packets(binary_transport.value()) == [
         reply_packet(SASL_AUTH, status=AUTH_ERROR, value=b"Auth failure."),

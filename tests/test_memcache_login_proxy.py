@@ -293,9 +293,9 @@ def test_failed_text_and_binary_logins_add_up_across_two_workers(spawn, memcache
         return len(stats), sum(s["pools"]["alpha"].get("auth_failures", 0) for s in stats.values())
 
     poll(lambda: os.path.exists(control) and worker_failures()[0] == 2, 20, 0.1, "two workers")
-    for attempt in range(2):  # each on a connection of its own, whichever worker takes it
+    for attempt in (b"bad1", b"bad2"):  # each on a connection of its own, whichever worker takes it
         conn = Conn(port)
-        conn.send(login(b"alice", b"bad"))
+        conn.send(login(b"alice", attempt))
         assert conn.line() == b"CLIENT_ERROR authentication failure\r\n"
         conn.close()
     conn = Conn(port)

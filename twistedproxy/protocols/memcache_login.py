@@ -96,14 +96,14 @@ class Login:
         if result == LOGIN_OK:
             self.locked = False
         elif result == LOGIN_WRONGPASS and guard is not None:
-            guard.failed()
+            guard.failed(user + b"\0" + password)
         return result, tenant
 
-    def failed(self) -> None:
-        """A login that names no user and password (a malformed one): counted as a failure."""
+    def failed(self, attempt: bytes) -> None:
+        """A login that names no user and password (a malformed one, C{attempt}): counted as a failure."""
         guard = self.login_guard
         if guard is not None:
-            guard.failed()
+            guard.failed(attempt)
 
     def log_out(self) -> None:
         """A failed login after a successful one (binary, as memcached): locked again."""
@@ -189,11 +189,11 @@ class TextLoginParser(StreamBuffer):
     def _log_in(self, block: bytes) -> bytes:
         """The reply to a login whose data block (its CRLF included) is C{block}."""
         if block[-2:] != b"\r\n":
-            self.login.failed()
+            self.login.failed(block)
             return _BAD_TERMINATION
         credentials = block[:-2].split()
         if len(credentials) < 2:
-            self.login.failed()
+            self.login.failed(block)
             return _BAD_TOKEN_FORMAT
         result, tenant = self.login.log_in(credentials[0], credentials[1])
         if result == LOGIN_OK:
@@ -253,7 +253,7 @@ class BinaryLoginParser(BinaryRequestParser):
         login = self.login
         parts = message.split(b"\0")
         if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
-            login.failed()
+            login.failed(message)
             result = LOGIN_WRONGPASS
         else:
             result, tenant = login.log_in(parts[1], parts[2])
