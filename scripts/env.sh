@@ -5,10 +5,11 @@
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-# Debian packages: backends and peers the tests and the demo run for real
+# Debian packages: backends and peers the tests and the demo run for real (sasl2-bin:
+# saslpasswd2, for a memcached -S backend)
 # (chromium renders the status page headless, as a person's browser would;
 # pypy3-dev carries the headers pylibmc's C extension builds against on PyPy).
-DEBIAN_PACKAGES="redis-server redis-tools memcached nutcracker libmemcached-tools libmemcached-dev
+DEBIAN_PACKAGES="redis-server redis-tools memcached sasl2-bin nutcracker libmemcached-tools libmemcached-dev
   pypy3 pypy3-dev pypy3-venv python3-venv python3-dev zlib1g-dev gcc chromium"
 
 die() {

@@ -229,13 +229,15 @@ def test_tenant_errors():
         "routes.yml:27: pool 'front': key 'tenants': tenant 'd': rate_limit: requests a second, above 0"
         " (got '0')",
     ]
-    errors = refusal(head + """\
+    # Issue 14 made memcached fronts take tenants chosen by user (memcached logins:
+    # tests/test_memcache_login.py); until then this file was refused.
+    config = parse(head + """\
     a:
       users: {alice: pw}
       route: {failover: [warm, cold]}
 """)
-    assert errors == ["routes.yml:11: pool 'front': key 'tenants': tenants chosen by users need a Redis"
-                      " pool (AUTH)"]
+    [front] = [pool for pool in config.pools if pool.name == "front"]
+    assert not front.redis and [user for user, _ in front.tenants[0].users] == ["alice"]
 
 
 def test_tenants_by_user_and_by_prefix_do_not_mix():

@@ -32,7 +32,7 @@ from twistedproxy.routes.build import build_route
 from twistedproxy.routes.cluster import ClusterRoute
 from twistedproxy.routes.hash import HashRoute
 from twistedproxy.protocols import cluster_for, codec_for, codecs_of, migration_for
-from twistedproxy.routes.tenants import FrontRoute
+from twistedproxy.routes.tenants import FrontRoute, UserDirectory
 from twistedproxy.stats.recorder import StatsRegistry
 
 
@@ -48,12 +48,16 @@ def build_pool(pool_config, reactor, stats=None, plan=None) -> HashRoute:
     if plan is not None:
         from twistedproxy.routes.migrate import MigratingRoute
 
-        return MigratingRoute(pool_config, codec, reactor, plan, migration_for(pool_config.protocol),
-                              codecs=codecs_of(codec), stats=stats)
-    if pool_config.redis_cluster:
+        route = MigratingRoute(pool_config, codec, reactor, plan, migration_for(pool_config.protocol),
+                               codecs=codecs_of(codec), stats=stats)
+    elif pool_config.redis_cluster:
         return ClusterRoute(pool_config, codec, reactor, cluster_for(pool_config.protocol), codecs=codecs_of(codec),
                             stats=stats)
-    return HashRoute(pool_config, codec, reactor, codecs=codecs_of(codec), stats=stats)
+    else:
+        route = HashRoute(pool_config, codec, reactor, codecs=codecs_of(codec), stats=stats)
+    if pool_config.users:
+        route.users = UserDirectory.of_pool(pool_config.users)  # its clients log in (memcached)
+    return route
 
 
 def build_front(pool_config, reactor, pools: dict, stats=None, workers: int = 1) -> FrontRoute:

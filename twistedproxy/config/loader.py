@@ -20,7 +20,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from twistedproxy.config.model import GlobalConfig, ListenSpec, Permissions, PoolConfig, ProxyConfig, ServerSpec
-from twistedproxy.config.routes import RouteValue, TenantsValue, route_kinds, route_pools
+from twistedproxy.config.routes import RouteValue, TenantsValue, UsersValue, route_kinds, route_pools
 from twistedproxy.config.tls import BACKEND_KEYS, check_pool_tls, tls_key_specs
 from twistedproxy.config.tree import MAPPING, SCALAR, SEQUENCE, ConfigNode, SourceError, from_python, from_yaml
 from twistedproxy.config.values import (
@@ -426,7 +426,7 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             " shadow, warmup and prefix routes over pools (see Routes and tenants)."),
     KeySpec("tenants", TenantsValue(),
             "twistedproxy: instead of servers, the tenants sharing this listener, each chosen by key"
-            " prefix (or as the default) or, in a Redis pool, by AUTH user, each with its route,"
+            " prefix (or as the default) or by user (Redis AUTH, memcached logins), each with its route,"
             " rate limit and counters (see Routes and tenants)."),
     KeySpec("redis_cluster", Boolean(),
             "twistedproxy: the servers are seed nodes of a Redis Cluster (any of its nodes; the"
@@ -440,6 +440,16 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
             "twistedproxy: where a cluster pool's reads go: master; replica (a replica of the"
             " slot, the master if it has none); prefer_replica (a replica that is up, else the"
             " master). Writes always go to masters."),
+    KeySpec("users", UsersValue(),
+            "twistedproxy: memcached pools: clients must log in as one of these users (user name ->"
+            " password, written as in tenants' users) before anything else: binary SASL PLAIN or the"
+            " text protocol's login, as memcached -S and -Y (see memcached logins)."),
+    KeySpec("memcache_auth_user", Text(),
+            "twistedproxy: memcached pools: the user every new server connection logs in as (binary"
+            " connections with SASL PLAIN, text and meta ones as memcached -Y expects); needs"
+            " memcache_auth_password."),
+    KeySpec("memcache_auth_password", Text(),
+            "twistedproxy: the password of memcache_auth_user."),
     KeySpec("redis_auth_user", Text(),
             "twistedproxy: the Redis ACL user every new server connection logs in as (AUTH user"
             " redis_auth); needs redis_auth. Clients still log in with redis_auth (AUTH password,"
@@ -464,8 +474,8 @@ POOL_KEYS: Tuple[KeySpec, ...] = (
 SERVER_KEYS = ("servers", "hash", "hash_tag", "distribution", "timeout", "preconnect", "redis_auth",
                "redis_db", "server_connections", "auto_eject_hosts", "server_retry_timeout",
                "server_failure_limit", "tcpkeepalive", "transaction_connections", "redis_cluster",
-               "cluster_refresh_interval", "read_from", "redis_auth_user") + BACKEND_KEYS + (
-               "migrate", "migrate_rate", "migrate_match")
+               "cluster_refresh_interval", "read_from", "redis_auth_user", "users", "memcache_auth_user",
+               "memcache_auth_password") + BACKEND_KEYS + ("migrate", "migrate_rate", "migrate_match")
 # Keys of a twemproxy pool's hash placement, which a cluster pool does not use.
 CLUSTER_UNUSED_KEYS = ("hash", "hash_tag", "distribution", "auto_eject_hosts", "server_failure_limit",
                        "server_retry_timeout")
@@ -654,6 +664,7 @@ def _parse_pool(name: str, line: Optional[int], node: ConfigNode, problems: _Pro
     if parsed.values.get("redis_auth") and not parsed.values.get("redis", _POOL_DEFAULTS["redis"]):
         problems.add(parsed.lines["redis_auth"], "is only valid in a redis pool (set redis: true)",
                      section, "redis_auth")
+    _check_memcache_logins(parsed, section, problems)
     if "redis_auth_user" in parsed.lines and not parsed.values.get("redis_auth"):
         problems.add(parsed.lines["redis_auth_user"], "needs redis_auth (the user's password)",
                      section, "redis_auth_user")
@@ -665,6 +676,24 @@ def _parse_pool(name: str, line: Optional[int], node: ConfigNode, problems: _Pro
     if len(problems) > found_before:
         return _ParsedPool(None, listen, listen_line, has_listen)
     return _ParsedPool(PoolConfig(name=name, **parsed.values), listen, listen_line, has_listen)
+
+
+def _check_memcache_logins(parsed: "_Section", section: str, problems: _Problems) -> None:
+    """The memcached login keys: memcached pools only; a backend login needs its user and password both."""
+    values, lines = parsed.values, parsed.lines
+    keys = [key for key in ("users", "memcache_auth_user", "memcache_auth_password") if key in lines]
+    if values.get("redis", _POOL_DEFAULTS["redis"]):
+        for key in keys:
+            problems.add(lines[key], "is only valid in a memcached pool (Redis pools: redis_auth, or tenants"
+                         " chosen by users)", section, key)
+        return
+    for key, other in (("memcache_auth_user", "memcache_auth_password"),
+                       ("memcache_auth_password", "memcache_auth_user")):
+        if key in lines and other not in lines:
+            problems.add(lines[key], "needs %s too" % (other,), section, key)
+        if len((values.get(key) or "x").split()) != 1:
+            problems.add(lines[key], "no spaces (the text protocol's login sends user and password"
+                         " separated by one)", section, key)
 
 
 def _check_cluster(parsed: "_Section", section: str, problems: _Problems) -> None:
@@ -771,8 +800,9 @@ def _check_routes(pools: Sequence[Tuple[str, _ParsedPool]], lines: Dict[str, Opt
                     if kind in ("replicate", "warmup"):
                         problems.add(lines.get(name), "%s routes are for memcached pools only (a Redis"
                                      " command's effect cannot be copied safely)" % (kind,), section, key)
-        if front.tenants and not front.redis and any(tenant.users for tenant in front.tenants):
-            problems.add(lines.get(name), "tenants chosen by users need a Redis pool (AUTH)", section, key)
+        if not front.redis and any(tenant.read_only_users for tenant in front.tenants):
+            problems.add(lines.get(name), "read_only users are for Redis fronts (memcached users may write)",
+                         section, key)
     if any(parsed.pool is None for _, parsed in pools):
         return  # a refused front's routes are unknown: which pools they name is too
     for name, parsed in pools:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
-from twistedproxy.config.routes import RouteSpec, TenantSpec
+from twistedproxy.config.routes import Password, RouteSpec, TenantSpec
 
 
 class Permissions(int):
@@ -127,6 +127,11 @@ class PoolConfig:
     backend_tls_cert: Optional[str] = None
     backend_tls_key: Optional[str] = None
     backend_tls_names: Tuple[Tuple[str, str], ...] = ()  # (server address, expected name)
+    # memcached logins (protocols/memcache_login.py): the users its clients log in as, and the
+    # login to its servers (binary SASL PLAIN, or the text protocol's as memcached -Y)
+    users: Tuple[Tuple[str, Password], ...] = ()
+    memcache_auth_user: Optional[str] = None
+    memcache_auth_password: Optional[str] = None
     redis_auth_user: Optional[str] = None  # the ACL user of AUTH user redis_auth to the servers
     # online migration (twistedproxy.migration): a reload that changes servers moves the keys
     migrate: bool = False

@@ -360,6 +360,28 @@ def parse_user(node: ConfigNode, user: str) -> Tuple[Password, bool]:
     return parse_password(entries["password"][1], user), read_only
 
 
+def parse_users(node: ConfigNode) -> List[Tuple[str, Tuple[Password, bool]]]:
+    """A C{users:} mapping (user name -> its entry) as (name, (L{Password}, read-only)) pairs."""
+    users = _mapping(node, "a mapping of user names to passwords")
+    if not users:
+        raise Invalid("users: no users", node.line)
+    return [(user, parse_user(entry, user)) for user, (_, entry) in users.items()]
+
+
+class UsersValue(ValueType):
+    """The C{users:} key of a memcached pool with servers: who may log in to it."""
+
+    name = "mapping of user name -> password (the text, sha256:HEX or pbkdf2:sha256:...)"
+
+    def parse(self, node: ConfigNode, report: Report) -> Any:
+        parsed = parse_users(node)
+        for user, (_, read_only) in parsed:
+            if read_only:
+                raise Invalid("user %s: read_only is for Redis users (a memcached pool's users may write)"
+                              % (quote(user),), node.line)
+        return tuple((user, password) for user, (password, _) in parsed)
+
+
 _TENANT_KEYS = ("prefix", "default", "users", "strip_prefix", "route", "rate_limit", "rate_burst",
                 "max_client_connections")
 
@@ -381,10 +403,7 @@ def parse_tenant(name: str, node: ConfigNode) -> TenantSpec:
             if key in entries:
                 values[key] = _bool(entries[key][1], key)
         if "users" in entries:
-            users = _mapping(entries["users"][1], "a mapping of user names to passwords")
-            if not users:
-                raise Invalid("users: no users", entries["users"][1].line)
-            parsed = [(user, parse_user(entry, user)) for user, (_, entry) in users.items()]
+            parsed = parse_users(entries["users"][1])
             values["users"] = tuple((user, password) for user, (password, _) in parsed)
             values["read_only_users"] = tuple(user for user, (_, read_only) in parsed if read_only)
         if "rate_limit" in entries:

@@ -83,7 +83,9 @@ class Request:
       - reply: for ROUTE_LOCAL, the reply bytes; the core fills it for the others.
       - filter: when true the core passes the backend reply through
         C{codec.filter_reply(request, raw)} (which may return b"" to send nothing).
-      - close_after: close the client connection once this reply is written.
+      - close_after: close the client connection once this reply is written;
+        on a handshake request, close the server connection (failing its
+        requests) when the handshake is refused (a memcached login).
       - data: codec-private state (parsed arguments for split/merge, opaque ...).
 
     Fields owned by the core: done, client, parent, fragments, pending,

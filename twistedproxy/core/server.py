@@ -148,7 +148,8 @@ class ServerConnection(Protocol):
                     if request.expired:
                         self.n_expired -= 1
                     else:
-                        self._internal_reply(request, raw, dirty)
+                        if self._internal_reply(request, raw, dirty):
+                            break  # a refused login closed the connection: nothing after it is read
                     continue
                 stats.reply(len(raw), now - request.sent_at)
                 request.replied_at = now
@@ -179,18 +180,27 @@ class ServerConnection(Protocol):
         if self.closing_when_idle and not inflight:
             self.close()
 
-    def _internal_reply(self, request, raw: bytes, dirty: list) -> None:
+    def _internal_reply(self, request, raw: bytes, dirty: list) -> bool:
+        """Take the reply to the proxy's own C{request}; True when it closed the connection."""
         if request.resume is not None:  # a route's own request (ASKING, a migration command ...)
             request.resume(request, raw, None, self.codec, dirty)
-            return
+            return False
         # A handshake or probe request.
         error = self.codec.handshake_error(raw)
         if request is self.probe:
             self.server.probe_answered(self, error is None)
             if error is None:
-                return
+                return False
         if error is not None:
             log.error("backend {server} refused the handshake: {error}", server=self.server.label, error=error)
+            if request.close_after:
+                # A refused login after which the server's replies cannot be
+                # trusted to follow the requests (memcached): the connection's
+                # requests fail with the refusal instead.
+                self.server.last_error = "backend refused the login: %s" % (error,)
+                self.close()
+                return True
+        return False
 
     def connectionLost(self, reason):
         self.connected = False

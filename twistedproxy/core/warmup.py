@@ -123,6 +123,8 @@ class _Rig:
 
     def __init__(self, pool_config, build_pool, first_reads_only: bool = False):
         self.clock = clock = MemoryReactorClock()
+        # The samples are what clients send once logged in: the copy asks for no login.
+        pool_config = replace(pool_config, users=())
         self.pool = pool = build_pool(pool_config, clock, PoolStats(pool_config.name))
         factory = ProxyFactory(pool)
         self.answers = {}  # codec -> answer(frame), learnt as each client's parser picks its codec

@@ -187,8 +187,10 @@ class ICodec(Interface):
 
     def handshake(pool_config) -> list:
         """
-        Requests sent first on every new backend connection (Redis AUTH and SELECT);
-        their replies are checked with L{handshake_error} and never reach a client.
+        Requests sent first on every new backend connection (Redis AUTH and SELECT,
+        memcached logins); their replies are checked with L{handshake_error} and
+        never reach a client.  One with C{close_after} set closes the connection
+        when refused, failing its requests with the refusal.
         """
 
     def handshake_error(raw: bytes) -> str | None:

@@ -14,19 +14,26 @@ from __future__ import annotations
 from zope.interface import implementer
 
 from twistedproxy.core.request import REPLY_FINAL
-from twistedproxy.protocols import memcache_binary, memcache_text
+from twistedproxy.protocols import memcache_binary, memcache_login, memcache_text
 from twistedproxy.protocols.interface import ICodec, IRequestParser
 
 text_codec = memcache_text.codec
 binary_codec = memcache_binary.codec
 
+# The parsers of clients that must log in (memcache_login), per codec.
+_LOGIN_PARSERS = {text_codec: memcache_login.TextLoginParser, binary_codec: memcache_login.BinaryLoginParser}
+_LOGIN_PARSER_TYPES = tuple(_LOGIN_PARSERS.values())
+
 
 @implementer(IRequestParser)
-class SniffingRequestParser(object):
+class SniffingRequestParser(memcache_login.Login):
     """
     A client parser that becomes the text or the binary parser on the first byte.
 
     Until that byte arrives C{codec} is the text codec, memcached's default.
+    It holds the connection's login (L{memcache_login.Login}) when its pool's
+    or front's clients must log in (L{use_users}): the chosen parser is then
+    the codec's login parser.
     """
 
     def __init__(self, pool_config):
@@ -42,18 +49,38 @@ class SniffingRequestParser(object):
         return self._parser.feed(data)
 
     def _choose(self, chosen) -> None:
-        self._parser = chosen.request_parser(self._pool_config)
+        if self.users is not None:
+            self._parser = _LOGIN_PARSERS[chosen](chosen, self._pool_config, self)
+        else:
+            self._parser = chosen.request_parser(self._pool_config)
         self.codec = chosen
         self.feed = self._parser.feed  # later reads go straight to the chosen parser
 
+    def use_users(self, users, locked: bool = True) -> None:
+        """
+        Clients log in as one of C{users} (None: they need not); a parser chosen
+        already (a reload) is replaced by the one that fits, its unframed bytes kept.
+        """
+        memcache_login.Login.use_users(self, users, locked)
+        parser = self._parser
+        if parser is not None and isinstance(parser, _LOGIN_PARSER_TYPES) != (users is not None):
+            rest = parser.unparsed()
+            self._choose(self.codec)
+            if rest:
+                self._parser.feed(rest)  # not a whole frame: nothing comes out of it
+
     def state(self) -> dict:
-        """The protocol sniffed (None before the first byte) and the chosen parser's state."""
+        """The protocol sniffed (None before the first byte), the chosen parser's state, the login."""
+        state = self.login_state()
         if self._parser is None:
-            return {"binary": None}
-        return {"binary": self.codec is binary_codec, "parser": self._parser.state()}
+            state["binary"] = None
+        else:
+            state.update(binary=self.codec is binary_codec, parser=self._parser.state())
+        return state
 
     def restore(self, state: dict) -> None:
         """Go on from L{state} taken in another worker."""
+        self.restore_login(state)
         if state.get("binary") is not None:
             self._choose(binary_codec if state["binary"] else text_codec)
             self._parser.restore(state.get("parser", {}))
@@ -118,13 +145,13 @@ class MemcacheCodec(object):
         return (binary_codec if raw[:1] == b"\x81" else text_codec).reply_failed(raw)
 
     def handshake(self, pool_config):
-        return []
+        return text_codec.handshake(pool_config)  # connections made for this codec speak text
 
     def probe_request(self):
         return text_codec.probe_request()
 
     def handshake_error(self, raw):
-        return None
+        return (binary_codec if raw[:1] == b"\x81" else text_codec).handshake_error(raw)
 
     def warmup_samples(self, pool_config):
         return text_codec.warmup_samples(pool_config) + binary_codec.warmup_samples(pool_config)

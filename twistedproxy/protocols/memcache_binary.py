@@ -84,6 +84,9 @@ GAT = 0x1D
 GATQ = 0x1E
 GATK = 0x23
 GATKQ = 0x24
+SASL_LIST_MECHS = 0x20
+SASL_AUTH = 0x21
+SASL_STEP = 0x22
 
 # Response statuses.
 STATUS_OK = 0x0000
@@ -92,6 +95,8 @@ STATUS_KEY_EXISTS = 0x0002
 STATUS_TOO_LARGE = 0x0003
 STATUS_INVALID_ARGUMENTS = 0x0004
 STATUS_NOT_STORED = 0x0005
+STATUS_AUTH_ERROR = 0x0020
+STATUS_AUTH_CONTINUE = 0x0021
 STATUS_UNKNOWN_COMMAND = 0x0081
 STATUS_OUT_OF_MEMORY = 0x0082
 STATUS_INTERNAL_ERROR = 0x0084
@@ -474,11 +479,20 @@ class BinaryCodec(object):
         return [request.key] if _status(raw) == STATUS_KEY_NOT_FOUND else []
 
     def handshake(self, pool_config):
-        return []
+        user = pool_config.memcache_auth_user
+        if not user:
+            return []
+        # SASL PLAIN (authzid, authcid, password); a refused login closes the
+        # connection (close_after), as memcached fails what comes after it anyway.
+        plain = b"\0" + user.encode("utf-8") + b"\0" + pool_config.memcache_auth_password.encode("utf-8")
+        return [Request(_packet(SASL_AUTH, b"PLAIN", value=plain), b"sasl_auth", close_after=True)]
 
     def handshake_error(self, raw):
         status = _status(raw)
-        return None if status == STATUS_OK else "status 0x%04x" % (status,)
+        if status == STATUS_OK:
+            return None
+        text = raw[HEADER_LENGTH + raw[4] + _KEY_LENGTH.unpack_from(raw, 2)[0] :]
+        return "status 0x%04x (%s)" % (status, text.decode("utf-8", "replace")) if text else "status 0x%04x" % (status,)
 
     def probe_request(self):
         return Request(_REQUEST_HEADER.pack(REQUEST_MAGIC, VERSION_OPCODE, 0, 0, 0) + bytes(12), b"version")

@@ -1061,7 +1061,15 @@ class TextCodec(object):
         return raw[: -len(_END)] + b"".join(blocks) + _END
 
     def handshake(self, pool_config):
-        return []
+        user = pool_config.memcache_auth_user
+        if not user:
+            return []
+        # memcached -Y's login: a set whose data is "user password"; a refused
+        # one closes the connection (close_after): memcached answers the commands
+        # read with it out of step.
+        credentials = user.encode("utf-8") + b" " + pool_config.memcache_auth_password.encode("utf-8")
+        frame = b"set auth 0 0 %d\r\n%s\r\n" % (len(credentials), credentials)
+        return [Request(frame, b"set", b"auth", close_after=True)]
 
     def handshake_error(self, raw):
         if raw.startswith(_ERROR_REPLIES):

@@ -32,6 +32,7 @@ from twistedproxy.core.request import ROUTE_ALL, ROUTE_ANY, ROUTE_KEY, ROUTE_KEY
 from twistedproxy.core.servers import ServerSet
 from twistedproxy.hashing import hash_function, hash_tag_key, make_distribution
 from twistedproxy.routes.interface import IServedRoute
+from twistedproxy.routes.logins import LoginRoute
 from twistedproxy.routes.sessions import ISessionRoute, Sessions
 
 # Keys whose server is remembered (per pool, forgotten when the placement
@@ -54,7 +55,7 @@ SLICE_KEYS = 512
 
 
 @implementer(IServedRoute, ISessionRoute)
-class HashRoute:
+class HashRoute(LoginRoute):
     """
     Hash placement of keys over the servers of one pool.
 
@@ -63,6 +64,8 @@ class HashRoute:
     @ivar live: the servers in the placement (not ejected).
     @ivar codecs: the codecs this pool's clients speak (backend connections are
         kept per codec); the first is the pool's main codec.
+    @ivar users: the users its clients must log in as (memcached C{users:}, set
+        by L{twistedproxy.api.build_pool}), or None (L{LoginRoute}).
     """
 
     def __init__(self, config, codec, reactor, codecs=None, stats=None, server_set=None):

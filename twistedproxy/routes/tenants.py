@@ -45,6 +45,7 @@ from twistedproxy.core.request import ROUTE_KEY, ROUTE_KEYS, Request
 from twistedproxy.routes.build import compound_routes
 from twistedproxy.routes.hash import SLICE_KEYS
 from twistedproxy.routes.interface import IServedRoute
+from twistedproxy.routes.logins import LoginRoute
 from twistedproxy.routes.prefix import Branch, Node, compile_route, keyless, prefix_node, resolve
 
 # What a login (AUTH user password) comes to (L{UserDirectory.login}).
@@ -117,6 +118,17 @@ class UserDirectory:
                 self.users[user.encode("utf-8")] = (password, tenant)
             self.read_only.update(user.encode("utf-8") for user in tenant.spec.read_only_users)
 
+    @classmethod
+    def of_pool(cls, users) -> "UserDirectory":
+        """
+        The users of a pool with servers whose clients must log in (memcached
+        C{users:}): name -> password, no tenants (a connection's C{tenant} stays None).
+        """
+        directory = cls(())
+        for user, password in users:
+            directory.users[user.encode("utf-8")] = (password, None)
+        return directory
+
     def login(self, parser, user: bytes, password: bytes):
         """
         Check C{user}'s C{password}; on success the connection of C{parser}
@@ -129,6 +141,9 @@ class UserDirectory:
             return LOGIN_WRONGPASS, None
         tenant = entry[1]
         current = parser.tenant
+        if tenant is None:  # a pool's user (of_pool)
+            parser.user = user
+            return LOGIN_OK, None
         if current is not tenant:
             if tenant.max_connections and tenant.stats.connections >= tenant.max_connections:
                 return LOGIN_FULL, tenant.name
@@ -146,7 +161,8 @@ class UserDirectory:
         if entry is None:
             return False
         tenant = entry[1]
-        tenant.stats.connections += 1
+        if tenant is not None:
+            tenant.stats.connections += 1
         parser.tenant = tenant
         parser.user = user
         parser.read_only = user in self.read_only
@@ -156,6 +172,8 @@ class UserDirectory:
         """A connection that logged in under an older front (a reload): its tenant here, by user."""
         old = parser.tenant
         if old is None:
+            if parser.user is not None and parser.user not in self.users:
+                parser.user = None  # a pool's user that is gone: log the connection out
             return
         entry = self.users.get(parser.user or b"")
         tenant = entry[1] if entry is not None and entry[1].name == old.name else None
@@ -179,7 +197,7 @@ class UserDirectory:
 
 
 @implementer(IServedRoute)
-class FrontRoute:
+class FrontRoute(LoginRoute):
     """
     The route a front pool's listener serves (what a client connection is tied
     to): requests resolved by key prefix, or by the connection's user, to other
@@ -381,20 +399,7 @@ class FrontRoute:
 
     # -- clients and life cycle ----------------------------------------------
 
-    def request_parser(self, codec):
-        """A parser for a new client of this front (given the users when tenants are chosen by user)."""
-        parser = codec.request_parser(self.config)
-        if self.users is not None:
-            parser.use_users(self.users)
-        return parser
-
-    def adopt(self, client) -> None:
-        """C{client} moves here from an older version of this front (a reload)."""
-        self.clients.add(client)
-        if self.users is not None and hasattr(client.parser, "use_users"):
-            parser = client.parser
-            self.users.adopt(parser)
-            parser.use_users(self.users, locked=parser.tenant is None)
+    # request_parser and adopt (a reload): LoginRoute's, with the users when tenants are chosen by user
 
     def client_gone(self, client) -> None:
         self.clients.discard(client)
