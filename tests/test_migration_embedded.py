@@ -20,7 +20,9 @@ def config(servers, **keys):
 
 
 class Client:
-    """What a pool asks of its clients here: their route, and a transport to close."""
+    """What a pool asks of its clients here: their route, their parser (none: no login), and a transport to close."""
+
+    parser = None
 
     def __init__(self, route):
         self.route = route
