@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -33,11 +34,33 @@ def _kill_leftovers():
 atexit.register(_kill_leftovers)
 
 
+# Ports the tests hand to the backends and proxies they start: below the kernel's
+# ephemeral range (32768 and up here), never one the kernel hands out for bind(0)
+# or for an outgoing connection, so nothing a test starts (a proxy's warm-up
+# listening on port 0, a client connecting) can take a port meanwhile; and a band
+# of their own per interpreter, since scripts/test.sh runs both suites at once.
+_PORT_BANDS = {"CPython": (12000, 22000), "PyPy": (22000, 32000)}
+_band = _PORT_BANDS.get(platform.python_implementation(), (12000, 32000))
+_next_port = [_band[0] + (os.getpid() * 7919) % (_band[1] - _band[0])]
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """
+    A TCP port on 127.0.0.1 that nothing uses right now: the next free one of
+    this interpreter's band, in turn (a port comes back only after the whole
+    band was handed out).
+    """
+    low, high = _band
+    for _ in range(high - low):
+        port = _next_port[0]
+        _next_port[0] = low + (port + 1 - low) % (high - low)
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port in %d..%d" % (low, high))
 
 
 def listening(port: int, host: str = HOST) -> bool:
