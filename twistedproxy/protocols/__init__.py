@@ -23,11 +23,17 @@ WARMUP_KEYS = [b"warmup:" + hashlib.md5(b"%d" % i).hexdigest()[:10].encode("asci
 
 def codec_for(protocol: str):
     """The codec object of the protocol named C{protocol} ('redis', 'memcache')."""
+    return _provided(PROTOCOL_MODULES, protocol, "codec",
+                     "unknown protocol %r (known: %s)" % (protocol, ", ".join(sorted(PROTOCOL_MODULES))))
+
+
+def _provided(modules: dict, protocol: str, name: str, refusal: str):
+    """The object C{name} of the module C{modules} maps C{protocol} to; ValueError(C{refusal}) if none."""
     try:
-        module_name = PROTOCOL_MODULES[protocol]
+        module_name = modules[protocol]
     except KeyError:
-        raise ValueError("unknown protocol %r (known: %s)" % (protocol, ", ".join(sorted(PROTOCOL_MODULES))))
-    return importlib.import_module(module_name).codec
+        raise ValueError(refusal)
+    return getattr(importlib.import_module(module_name), name)
 
 
 # The protocols whose servers may form a slot cluster (a pool with redis_cluster: true).
@@ -38,11 +44,7 @@ CLUSTER_MODULES = {
 
 def cluster_for(protocol: str):
     """The L{interface.ISlotCluster} of the protocol named C{protocol} ('redis')."""
-    try:
-        module_name = CLUSTER_MODULES[protocol]
-    except KeyError:
-        raise ValueError("protocol %r has no cluster mode" % (protocol,))
-    return importlib.import_module(module_name).cluster
+    return _provided(CLUSTER_MODULES, protocol, "cluster", "protocol %r has no cluster mode" % (protocol,))
 
 
 def codecs_of(codec) -> tuple:
@@ -62,8 +64,4 @@ MIGRATION_MODULES = {
 
 def migration_for(protocol: str):
     """The L{interface.IKeyMigration} of the protocol named C{protocol} ('redis', 'memcache')."""
-    try:
-        module_name = MIGRATION_MODULES[protocol]
-    except KeyError:
-        raise ValueError("protocol %r cannot migrate keys" % (protocol,))
-    return importlib.import_module(module_name).migration
+    return _provided(MIGRATION_MODULES, protocol, "migration", "protocol %r cannot migrate keys" % (protocol,))
