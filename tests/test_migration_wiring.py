@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import sys
 from contextlib import redirect_stdout
 
@@ -21,6 +20,7 @@ import redis
 import yaml
 
 from tests.support import processes
+from tests.support.migration import memcached_keys
 from tests.support.processes import HOST, free_port
 from tests.support.workers import master_config, poll
 from twistedproxy.config import config_from_dict
@@ -37,16 +37,6 @@ def ctl(path, *argv):
     with redirect_stdout(out):
         code = cli.main(["-s", path] + list(argv))
     return code, out.getvalue()
-
-
-def metadump_keys(port) -> list:
-    """The keys memcached on C{port} holds (lru_crawler metadump all)."""
-    with socket.create_connection((HOST, port), timeout=10) as sock:
-        sock.sendall(b"lru_crawler metadump all\r\n")
-        data = b""
-        while not data.endswith(b"END\r\n"):
-            data += sock.recv(65536)
-    return [line.split(b" ", 1)[0][4:] for line in data.split(b"\n") if line.startswith(b"key=")]
 
 
 def test_a_reload_grows_a_redis_pool_online_with_two_workers(spawn, redis_backends, tmp_path):
@@ -180,7 +170,7 @@ def test_a_memcached_pool_shrinks_online_through_a_single_process(spawn, memcach
     for i in range(300):
         assert client.set("key:%d" % i, b"value:%d" % i, expire=600, noreply=False)
 
-    on_removed = len(metadump_keys(backends[2].port))
+    on_removed = len(memcached_keys(backends[2].port))
     pool["servers"].pop()  # 3 -> 2
     with open(path, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
@@ -189,7 +179,7 @@ def test_a_memcached_pool_shrinks_online_through_a_single_process(spawn, memcach
         record = poll(lambda: c.migration()["alpha"] if c.migration()["alpha"]["drained"] else None, 30, 0.1,
                       "the removed server drained")
     assert record["state"] == "done" and record["moved"] == on_removed and record["failed"] == 0, record
-    assert metadump_keys(backends[2].port) == []
+    assert memcached_keys(backends[2].port) == []
     removed = Client((HOST, backends[2].port), timeout=10)
     assert all(removed.get("key:%d" % i) is None for i in range(300))
     assert [client.get("key:%d" % i) for i in range(300)] == [b"value:%d" % i for i in range(300)]
