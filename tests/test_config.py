@@ -222,6 +222,17 @@ def test_twemproxy_example_parses(tmp_path):
     assert [s.weight for s in omega.servers] == [100000, 1]
 
 
+@pytest.mark.parametrize("name", ["admin.yml", "migrate.yml"])
+def test_example_confs_of_the_security_and_migration_keys_load(name):
+    config = load_config(REPO / "conf" / name)
+    if name == "migrate.yml":
+        assert [(pool.name, pool.migrate) for pool in config.pools] == [("cache", True), ("sessions", True)]
+        assert config.global_.state_dir == "/var/lib/twistedproxy"
+    else:
+        assert config.global_.control_mode == 0o600 and config.global_.metrics_http is not None
+        assert config.pools[0].redis_auth_user == "proxy"
+
+
 def test_example_conf_in_repo_parses():
     config = load_config(REPO / "conf" / "nutcracker.yml")
     protocols = {pool.protocol for pool in config.pools}
