@@ -50,11 +50,19 @@ def proxy(cluster, spawn):
         # Serve tests only once the proxy has read the slot map (every node is in its stats):
         # before that a seed answers for every slot, and a transaction pinned there would get
         # MOVED for the keys it does not serve.
-        wait_for(lambda: len([node for node, counters in processes.read_stats_port(stats)["c"].items()
-                              if isinstance(counters, dict)]) >= len(cluster.ports))
+        wait_for(lambda: len(known_nodes(stats)) >= len(cluster.ports))
         return port, stats
 
     return start
+
+
+def known_nodes(stats: int) -> list:
+    """The nodes in the proxy's stats (none while its stats port does not answer yet)."""
+    try:
+        pool = processes.read_stats_port(stats)["c"]
+    except OSError:
+        return []
+    return [node for node, counters in pool.items() if isinstance(counters, dict)]
 
 
 def connect(port: int) -> redis.Redis:
