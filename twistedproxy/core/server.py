@@ -133,35 +133,17 @@ class ServerConnection(Protocol):
         parser = self.parser
         parser.feed(data)
         inflight = self.inflight
-        codec = self.codec
         dirty = []
-        stats = self.server.stats
         now = self.reactor.seconds()
         try:
-            while inflight:
-                request = inflight[0]
-                raw = parser.next_reply(request)
-                if raw is None:
-                    break
-                inflight.popleft()
-                if request.internal:  # the proxy's own request: no counter, no client
-                    if request.expired:
-                        self.n_expired -= 1
-                    else:
-                        if self._internal_reply(request, raw, dirty):
-                            break  # a refused login closed the connection: nothing after it is read
-                    continue
-                stats.reply(len(raw), now - request.sent_at)
-                request.replied_at = now
-                if request.parent is not None:
-                    request.parent.replied_at = now
-                if request.expired:
-                    self.n_expired -= 1
-                else:
-                    complete(request, raw, codec, dirty)
-            else:
-                if parser.buffered():
-                    raise ProtocolError(b"", message="unexpected data from backend")
+            # The first reply outside the loop: at low load a read holds one, and
+            # on PyPy each entry into a loop the JIT compiled apart allocates a
+            # frame on the heap (see L{twistedproxy.core.client.ClientConnection._take}).
+            more = self._take_reply(parser, inflight, now, dirty) if inflight else True
+            while more and inflight:
+                more = self._take_reply(parser, inflight, now, dirty)
+            if more and parser.buffered():
+                raise ProtocolError(b"", message="unexpected data from backend")
         except ProtocolError as e:
             log.error(
                 "backend {server} sent bad data ({error}); closing",
@@ -173,12 +155,40 @@ class ServerConnection(Protocol):
             self.server.last_error = BAD_REPLY
             self.transport.abortConnection()
             return
-        if self.server.failures:
-            self.server.succeeded()
+        server = self.server
+        if server.failures:
+            server.succeeded()
         # Replies for a client from several backends in one turn leave in one write.
-        self.server.pool.flusher.add(dirty)
+        if dirty:
+            server.pool.flusher.add(dirty)
         if self.closing_when_idle and not inflight:
             self.close()
+
+    def _take_reply(self, parser, inflight, now: float, dirty: list) -> bool:
+        """
+        Give the oldest request in flight its reply if C{parser} has it whole;
+        False when it has not, or when a refused login closed the connection
+        (nothing after it is read).
+        """
+        request = inflight[0]
+        raw = parser.next_reply(request)
+        if raw is None:
+            return False
+        inflight.popleft()
+        if request.internal:  # the proxy's own request: no counter, no client
+            if request.expired:
+                self.n_expired -= 1
+                return True
+            return not self._internal_reply(request, raw, dirty)
+        self.server.stats.reply(len(raw), now - request.sent_at)
+        request.replied_at = now
+        if request.parent is not None:
+            request.parent.replied_at = now
+        if request.expired:
+            self.n_expired -= 1
+        else:
+            complete(request, raw, self.codec, dirty)
+        return True
 
     def _internal_reply(self, request, raw: bytes, dirty: list) -> bool:
         """Take the reply to the proxy's own C{request}; True when it closed the connection."""
