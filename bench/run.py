@@ -58,6 +58,8 @@ CPU_TARGETS = {"pypy": 1.0}
 # No proxy can beat it (a proxy only adds work on the same cores), so its ratio
 # to nutcracker is the highest ratio any proxy can reach on this machine.
 DIRECT = "direct"
+# The suffix of a target that runs another checkout's code (--baseline): "pypy@base".
+BASE = "@base"
 TOOLS = ["redis-server", "redis-benchmark", "memcached", "memcaslap", "nutcracker"]
 
 
@@ -146,12 +148,19 @@ def _unlink(path):
         pass
 
 
-def start_target(running, target, pool, python=None, workers=0):
-    """Start C{target} ("nutcracker" or a proxy interpreter name) in front of C{pool}."""
+def start_target(running, target, pool, python=None, workers=0, baseline=None):
+    """
+    Start C{target} ("nutcracker" or a proxy interpreter name) in front of C{pool};
+    a name ending in L{BASE} runs the code of the checkout C{baseline} instead of this one.
+    """
     port = processes.free_port()
     pool = dict(pool, listen="%s:%d" % (HOST, port))
     if target == "nutcracker":
         proc = processes.nutcracker({"bench": pool}, port)
+    elif target.endswith(BASE):
+        config = processes.write_config({"bench": pool, "global": {"worker_processes": workers}})
+        argv = [python, "-m", "twistedproxy.cli", "-c", config, "-s", str(processes.free_port()), "-a", HOST]
+        proc = processes.Process(argv, port, env=dict(os.environ, PYTHONPATH=baseline), cwd=baseline)
     else:
         config = {"bench": pool, "global": {"worker_processes": workers}}
         stats = ["-s", str(processes.free_port()), "-a", HOST]
@@ -420,7 +429,9 @@ def bench_protocol(running, protocol, args, pythons, results):
     pool = processes.pool_config([s.port for s in servers], 0, redis=(protocol == "redis"))
     runs = [("nutcracker", 0)] + ([] if args.no_direct else [(DIRECT, 0)])
     for workers in args.workers:
-        runs += [(name, workers) for name in ("pypy", "cpython") if name in pythons]
+        # With --baseline each interpreter's run of this checkout is followed by one of the
+        # baseline's, so that the rounds interleave them (A/B under the same load).
+        runs += [(name, workers) for name in ("pypy", "pypy" + BASE, "cpython", "cpython" + BASE) if name in pythons]
     live = []  # [target, workers, label, proc, port]
     samples = {}  # (target, workers, pipeline, test) -> [result]
     failed = {}  # (target, workers) -> error
@@ -450,7 +461,7 @@ def bench_protocol(running, protocol, args, pythons, results):
                 live.append(entry)
                 continue
             try:
-                entry[3], entry[4] = start_target(running, target, pool, pythons.get(target), workers)
+                entry[3], entry[4] = start_target(running, target, pool, pythons.get(target), workers, args.baseline)
             except RuntimeError as e:
                 attempt(entry, "start", _raise, BenchError(str(e)))
                 continue
@@ -617,6 +628,8 @@ def parse_args(argv):
                         help="unpipelined memcached load: memaslap (default) or bench/mcload.py")
     parser.add_argument("--no-direct", action="store_true",
                         help="skip the baseline straight against one backend with no proxy (the ceiling)")
+    parser.add_argument("--baseline", help="another checkout (e.g. git archive main | tar -x -C DIR) whose code "
+                        "runs as the targets pypy@base and cpython@base, interleaved with this one's (A/B)")
     parser.add_argument("--results", default=os.path.join(HERE, "results"), help="where the JSON goes")
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
@@ -663,6 +676,10 @@ def main(argv=None) -> int:
         pythons["pypy"] = find_python("pypy", args.pypy, "/tmp/vpy")
     if "cpython" in args.only:
         pythons["cpython"] = find_python("cpython", args.cpython, "/tmp/vcp")
+    if args.baseline:
+        args.baseline = os.path.abspath(args.baseline)
+        for name in list(pythons):
+            pythons[name + BASE] = pythons[name]
     # The memcached load generator is Python: PyPy runs it about twice as fast.
     args.loader_python = shutil.which("pypy3") or pythons.get("pypy") or sys.executable
     protocols = ["redis", "memcache"] if args.protocol == "all" else [args.protocol]
@@ -673,7 +690,7 @@ def main(argv=None) -> int:
         "interpreters": {name: {"python": py, "version": describe(py)} for name, py in pythons.items()},
         "nutcracker": subprocess.run(["nutcracker", "-V"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True).stdout.strip(),
-        "git": _git_state(),
+        "git": _git_state(), "baseline": args.baseline,
         "memcache_unpipelined_loader": args.mc_loader, "memcache_pipelined_loader": "bench/mcload.py",
         "mcload_python": args.loader_python,
     }
