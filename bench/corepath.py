@@ -117,7 +117,9 @@ def main(argv=None) -> int:
     parser.add_argument("-P", "--pipeline", type=int, default=1)
     parser.add_argument("-n", "--requests", type=int, default=200000, help="requests per round (SET+GET)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--keys", type=int, default=KEYSPACE, help="the key space (and the warm-up: 4 passes over it)")
     args = parser.parse_args(argv)
+    keyspace = args.keys
 
     reactor = Reactor()
     pool = {"listen": "127.0.0.1:22121", "redis": args.protocol == "redis",
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     factory = ProxyFactory(route)
     client = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
     client.makeConnection(Sink())
-    keys = [b"key:%012d" % i for i in range(KEYSPACE)]
+    keys = [b"key:%012d" % i for i in range(keyspace)]
     depth = args.pipeline
     # Every backend connection made and connected before the load (the proxy's warm-up does the same).
     make_set, set_reply, make_get, get_reply = frames(args.protocol)
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
 
     def batches(make, reply):
         out = []
-        for start in range(0, KEYSPACE, depth):
+        for start in range(0, keyspace, depth):
             group = keys[start:start + depth]
             replies = {}
             for key in group:
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
                         for conn, raw in replies:
                             conn.dataReceived(raw)
                     turn()
-                done += KEYSPACE
+                done += keyspace
         return done
 
     minor = [0]
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
             minor[0] += stats.count
 
         gc.hooks.on_gc_minor = on_minor
-    run(KEYSPACE * 4)  # warm-up (PyPy's JIT)
+    run(keyspace * 4)  # warm-up (PyPy's JIT)
     best = None
     minors = []
     for _ in range(args.rounds):

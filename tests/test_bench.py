@@ -74,3 +74,16 @@ def test_cluster_bench_shortest_run(tmp_path):
     for row in rows:
         assert row["rps"] > 0 and row["servers_us"] >= 0 and row["tool_us"] >= 0
         assert (row["proxy_us"] is None) == (row["target"] == "cluster direct")
+
+
+@pytest.mark.parametrize("protocol", ["redis", "memcache"])
+@pytest.mark.parametrize("pipeline", ["1", "16"])
+def test_core_path_bench_shortest_run(protocol, pipeline):
+    """bench/corepath.py (the core's work per request, in memory) runs and answers every request."""
+    argv = [sys.executable, os.path.join(ROOT, "bench", "corepath.py"), "--protocol", protocol, "-P", pipeline,
+            "--keys", "512", "-n", "1024", "--rounds", "1"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120, cwd=ROOT,
+                         env=env)
+    assert out.returncode == 0, out.stdout
+    assert "us/request" in out.stdout, out.stdout

@@ -353,3 +353,16 @@ def test_call_after_events_runs_once_the_polls_events_are_handled(logged):
     for p in reactor.test_ports:
         p.stopListening()
     reactor.iterate(0)
+
+
+def test_a_failing_first_call_after_events_does_not_stop_the_others(logged):
+    """The first call after a poll's events runs outside the loop over the others: its error is theirs too."""
+    threadable.registerAsIOThread()
+    reactor = fast.EPollReactor()
+    calls = []
+    reactor._after_events = [lambda: 1 / 0, lambda: calls.append("second"), lambda: calls.append("third")]
+    reactor.doPoll(0)
+    assert calls == ["second", "third"]
+    assert [e["log_failure"].type for e in logged if e.get("log_failure") is not None] == [ZeroDivisionError]
+    reactor.doPoll(0)  # nothing left to call
+    assert calls == ["second", "third"]

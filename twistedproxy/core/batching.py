@@ -12,6 +12,11 @@ reactor waits again, so this adds no waiting, and it costs one timer per turn,
 not one per request.  On the proxy's own reactor
 (L{twistedproxy.reactor.EPollReactor}) its C{callAfterEvents} does the same
 without making a timer at all.
+
+A turn usually flushes one connection at low load; L{TurnFlusher.run} calls it
+without a loop then: on PyPy each entry into a loop that the JIT compiled apart
+allocates a frame on the heap, and at one request per turn those frames were a
+large part of what the proxy allocated (bench/README.md, "Allocation per request").
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ class TurnFlusher:
         pending = self.pending
         self.pending = []
         if len(pending) == 1:
-            pending[0].flush()  # no loop for the common case: see the module's docstring
+            pending[0].flush()  # no loop for the common case (see the module's docstring)
             return
         for conn in pending:
             conn.flush()
