@@ -34,7 +34,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-COUNTERS = ("minor", "steps", "step_seconds", "gen0")
+COUNTERS = ("minor", "steps", "step_seconds", "gen0", "jit_aborts", "jit_compiled")
 
 
 def child(out: str, argv: list) -> int:
@@ -56,6 +56,34 @@ def child(out: str, argv: list) -> int:
                 counts["gen0"] += 1
 
         gc.callbacks.append(on_collect)
+
+    try:
+        import pypyjit
+    except ImportError:
+        pass
+    else:
+        aborts = {}
+
+        def on_abort(driver, greenkey, reason, operations=None):
+            counts["jit_aborts"] += 1
+            key = "%s %s" % (reason, repr(greenkey)[:120])
+            aborts[key] = aborts.get(key, 0) + 1
+
+        def on_compile(info):
+            counts["jit_compiled"] += 1
+
+        if os.environ.get("ALLOCS_JIT"):  # JIT parameters to try, e.g. trace_limit=12000
+            pypyjit.set_param(os.environ["ALLOCS_JIT"])
+        pypyjit.set_abort_hook(on_abort)
+        pypyjit.set_compile_hook(on_compile, operations=False)
+        if os.environ.get("ALLOCS_ABORTS"):  # where to list the aborted traces at exit
+            import atexit
+
+            @atexit.register
+            def list_aborts():
+                with open(os.environ["ALLOCS_ABORTS"], "w") as f:
+                    for key, n in sorted(aborts.items(), key=lambda item: -item[1]):
+                        f.write("%d %s\n" % (n, key))
 
     def dump(signum, frame):
         with open(out + ".tmp", "w") as f:
@@ -91,6 +119,9 @@ def main(argv=None) -> int:
     parser.add_argument("--protocol", choices=("redis", "memcache"), default="redis")
     parser.add_argument("--python", help="interpreter (default: the PyPy venv bench/run.py finds)")
     parser.add_argument("--baseline", help="another checkout to measure the same way, interleaved")
+    parser.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="set in the baseline's environment only (e.g. ALLOCS_JIT=trace_limit=12000: JIT "
+                        "parameters its child sets; the baseline may be this very checkout)")
     parser.add_argument("-n", "--requests", type=int, default=100000)
     parser.add_argument("--pipeline", type=int, choices=(1, run.PIPELINE), help="only this pipelining")
     parser.add_argument("--rounds", type=int, default=1)
@@ -114,6 +145,8 @@ def main(argv=None) -> int:
             conf = processes.write_config({"bench": pool})
             out = "%s/tp-allocs-%d-%s.txt" % (run.tempfile.gettempdir(), os.getpid(), name)
             env = dict(os.environ, PYTHONPATH=root)
+            if name == "baseline":
+                env.update(item.split("=", 1) for item in args.baseline_env)
             env.setdefault(nursery.ENV, nursery.SIZE)  # what the command's re-exec would set
             cmd = [python, os.path.join(HERE, "allocs.py"), "--child", out, "--", "-c", conf,
                    "-s", str(processes.free_port()), "-a", processes.HOST]
@@ -136,9 +169,10 @@ def main(argv=None) -> int:
                     row["rps"] = statistics.median(t["rps"] for t in tests.values())
                     results.setdefault((name, pipeline), []).append(row)
                     print("    round %d %-8s P=%-2d minor/100k %7.1f  steps/100k %5.1f  gen0/100k %7.1f"
-                          "  cpu %6.2f us/req  %8.0f req/s (load %.2f)" % (
+                          "  cpu %6.2f us/req  %8.0f req/s  jit aborts %d compiled %d (load %.2f)" % (
                               round_ + 1, name, pipeline, row["minor"], row["steps"], row["gen0"],
-                              row["cpu_us"], row["rps"], os.getloadavg()[0]), flush=True)
+                              row["cpu_us"], row["rps"], row["jit_aborts"] * count / 100000.0,
+                              row["jit_compiled"] * count / 100000.0, os.getloadavg()[0]), flush=True)
     finally:
         running.stop_all()
     print("\n%s on %s, %d requests a run, medians over %d rounds (nursery %s):" % (

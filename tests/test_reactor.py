@@ -356,7 +356,7 @@ def test_call_after_events_runs_once_the_polls_events_are_handled(logged):
 
 
 def test_a_failing_first_call_after_events_does_not_stop_the_others(logged):
-    """The first call after a poll's events runs outside the loop over the others: its error is theirs too."""
+    """A call after a poll's events that fails is logged; the ones after it still run."""
     threadable.registerAsIOThread()
     reactor = fast.EPollReactor()
     calls = []

@@ -80,48 +80,31 @@ if epollreactor is not None:
                 if e.errno == errno.EINTR:
                     return
                 raise
-            # The first event and the first call after them outside a loop: at
-            # low load a poll has one of each, and on PyPy every entry into a
-            # loop the JIT compiled apart allocates a frame on the heap.
-            if events:
-                self._serve(events[0])
-                i = 1
-                while i < len(events):
-                    self._serve(events[i])
-                    i += 1
-                self.serving = None
+            selectables = self._selectables
+            dispatch = self._doReadOrWrite
+            for fd, event in events:
+                selectable = selectables.get(fd)
+                if selectable is None:
+                    continue  # removed while an earlier event of this batch was handled
+                self.serving = selectable
+                try:
+                    dispatch(selectable, fd, event)
+                except KeyboardInterrupt:
+                    self.serving = None
+                    raise
+                except BaseException:
+                    # What callWithLogger does with an error that escaped
+                    # _doReadOrWrite (one from connectionLost, say): log it
+                    # under the descriptor's prefix and go on with the others.
+                    log.err()
+            self.serving = None
             if self._after_events:
                 calls, self._after_events = self._after_events, []
-                self._call_after(calls[0])
-                i = 1
-                while i < len(calls):
-                    self._call_after(calls[i])
-                    i += 1
-
-        def _serve(self, event) -> None:
-            """Handle one C{(fd, event)} of a poll."""
-            fd, event = event
-            selectable = self._selectables.get(fd)
-            if selectable is None:
-                return  # removed while an earlier event of this batch was handled
-            self.serving = selectable
-            try:
-                self._doReadOrWrite(selectable, fd, event)
-            except KeyboardInterrupt:
-                self.serving = None
-                raise
-            except BaseException:
-                # What callWithLogger does with an error that escaped
-                # _doReadOrWrite (one from connectionLost, say): log it
-                # under the descriptor's prefix and go on with the others.
-                log.err()
-
-        @staticmethod
-        def _call_after(f) -> None:
-            try:
-                f()
-            except Exception:
-                _log.failure("while calling {f} after the poll's events", f=f)
+                for f in calls:
+                    try:
+                        f()
+                    except Exception:
+                        _log.failure("while calling {f} after the poll's events", f=f)
 
         doIteration = doPoll
 
