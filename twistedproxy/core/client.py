@@ -177,22 +177,24 @@ class ClientConnection(Protocol):
         now = self.route.reactor.seconds()
         close = False
         reply = None
-        if queue and queue[0].done:
-            # The first reply without a loop (unpipelined: the only one; see _take).
-            request = queue.popleft()
-            reply = self._written(request, stats, now)
-            close = request.close_after
-            if not close and queue and queue[0].done:
-                out = [reply] if reply else []
-                while queue and queue[0].done:
-                    request = queue.popleft()
-                    part = self._written(request, stats, now)
-                    if part:
-                        out.append(part)
-                    if request.close_after:
-                        close = True
-                        break
-                reply = b"".join(out)
+        if len(queue) == 1:
+            # Unpipelined: the only request, written without a loop (see _take).
+            if queue[0].done:
+                request = queue.popleft()
+                reply = self._written(request, stats, now)
+                close = request.close_after
+        else:
+            out = []
+            while queue and queue[0].done:
+                request = queue.popleft()
+                part = self._written(request, stats, now)
+                if part:
+                    out.append(part)
+                if request.close_after:
+                    close = True
+                    break
+            if out:
+                reply = out[0] if len(out) == 1 else b"".join(out)
         if reply:
             self.write(reply)
         if close or (self.read_closed and not queue):

@@ -134,14 +134,18 @@ class ServerConnection(Protocol):
         parser.feed(data)
         inflight = self.inflight
         dirty = []
+        stats = self.server.stats
         now = self.reactor.seconds()
         try:
-            # The first reply outside the loop: at low load a read holds one, and
-            # on PyPy each entry into a loop the JIT compiled apart allocates a
-            # frame on the heap (see L{twistedproxy.core.client.ClientConnection._take}).
-            more = self._take_reply(parser, inflight, now, dirty) if inflight else True
-            while more and inflight:
-                more = self._take_reply(parser, inflight, now, dirty)
+            if len(inflight) == 1:
+                # One request in flight (low load): its reply without a loop, as on
+                # PyPy each entry into a loop the JIT compiled apart allocates a
+                # frame on the heap (see L{twistedproxy.core.client.ClientConnection._take}).
+                more = self._take_reply(parser, inflight, stats, now, dirty)
+            else:
+                more = True
+                while more and inflight:
+                    more = self._take_reply(parser, inflight, stats, now, dirty)
             if more and parser.buffered():
                 raise ProtocolError(b"", message="unexpected data from backend")
         except ProtocolError as e:
@@ -164,7 +168,7 @@ class ServerConnection(Protocol):
         if self.closing_when_idle and not inflight:
             self.close()
 
-    def _take_reply(self, parser, inflight, now: float, dirty: list) -> bool:
+    def _take_reply(self, parser, inflight, stats, now: float, dirty: list) -> bool:
         """
         Give the oldest request in flight its reply if C{parser} has it whole;
         False when it has not, or when a refused login closed the connection
@@ -180,7 +184,7 @@ class ServerConnection(Protocol):
                 self.n_expired -= 1
                 return True
             return not self._internal_reply(request, raw, dirty)
-        self.server.stats.reply(len(raw), now - request.sent_at)
+        stats.reply(len(raw), now - request.sent_at)
         request.replied_at = now
         if request.parent is not None:
             request.parent.replied_at = now
