@@ -137,15 +137,15 @@ class ServerConnection(Protocol):
         stats = self.server.stats
         now = self.reactor.seconds()
         try:
+            more = True
             if len(inflight) == 1:
-                # One request in flight (low load): its reply without a loop, as on
-                # PyPy each entry into a loop the JIT compiled apart allocates a
-                # frame on the heap (see L{twistedproxy.core.client.ClientConnection._take}).
+                # One request in flight (low load): its reply without entering the
+                # loop, as on PyPy each entry into a loop the JIT compiled apart
+                # allocates a frame on the heap (see
+                # L{twistedproxy.core.client.ClientConnection._take}).
                 more = self._take_reply(parser, inflight, stats, now, dirty)
-            else:
-                more = True
-                while more and inflight:
-                    more = self._take_reply(parser, inflight, stats, now, dirty)
+            while more and inflight:  # more in flight (or a reply sent its request again here)
+                more = self._take_reply(parser, inflight, stats, now, dirty)
             if more and parser.buffered():
                 raise ProtocolError(b"", message="unexpected data from backend")
         except ProtocolError as e:
