@@ -19,6 +19,11 @@ def pool_config(max_request_bytes=1024 * 1024):
     return PoolConfig(name="test", listen=ListenSpec(host="127.0.0.1", port=22121), max_request_bytes=max_request_bytes)
 
 
+# Local answers that read the clock (uptime, time): two feeds a second apart differ in them, so
+# the framing checks compare everything but these replies; their tests check the reply itself.
+CLOCK_REPLIES = (b"stats", b"stat")
+
+
 def summary(request):
     return (
         request.frame,
@@ -26,7 +31,7 @@ def summary(request):
         request.key,
         request.keys,
         request.route,
-        request.reply,
+        None if request.command in CLOCK_REPLIES else request.reply,
         request.filter,
         request.data,
         request.close_after,
