@@ -1,7 +1,8 @@
 """
 twistedproxy.process.nursery: on PyPy the cacheproxy command's process (run
-again in place: same pid) and every worker get PYPY_GC_NURSERY=8MB unless the
-operator set it; on CPython nothing changes.
+again in place: same pid) and every worker get PYPY_GC_NURSERY=8MB and
+PYPY_GC_INCREMENT_STEP=1MB unless the operator set them; on CPython nothing
+changes.
 """
 
 from __future__ import annotations
@@ -48,12 +49,40 @@ def test_the_command_runs_with_the_nursery_size(spawn, redis_backends, monkeypat
 
 def test_workers_get_the_nursery_size_unless_the_environment_names_one():
     # (A worker's own /proc environ is overwritten by its title: the master's spawn environment is checked.)
+    # (Each setting is given on its own: the marking step's is checked in the next test.)
     env = {}
     nursery.child_environ(env)
-    assert env == ({nursery.ENV: nursery.SIZE} if PYPY else {})
+    assert {k: v for k, v in env.items() if k == nursery.ENV} == ({nursery.ENV: nursery.SIZE} if PYPY else {})
     env = {nursery.ENV: "2MB"}
     nursery.child_environ(env)
-    assert env == {nursery.ENV: "2MB"}
+    assert env[nursery.ENV] == "2MB"
+
+
+def test_workers_get_the_marking_step_unless_the_environment_names_one():
+    env = {}
+    nursery.child_environ(env)
+    assert env == ({nursery.ENV: "8MB", nursery.STEP_ENV: "1MB"} if PYPY else {})
+    env = {nursery.STEP_ENV: "4MB"}
+    nursery.child_environ(env)
+    assert env == ({nursery.ENV: "8MB", nursery.STEP_ENV: "4MB"} if PYPY else {nursery.STEP_ENV: "4MB"})
+
+
+@pytest.mark.parametrize("operator", [None, "4MB"])
+def test_the_command_runs_with_the_marking_step(spawn, redis_backends, monkeypatch, operator):
+    """Missing only the marking step (the nursery size named) is enough to run the command again with it."""
+    (backend,) = redis_backends(1)
+    monkeypatch.setenv(nursery.ENV, "2MB")
+    if operator is None:
+        monkeypatch.delenv(nursery.STEP_ENV, raising=False)
+    else:
+        monkeypatch.setenv(nursery.STEP_ENV, operator)
+    port = free_port()
+    proc = spawn(processes.proxy, {"alpha": pool_config([backend.port], port)}, port)
+    _serves(port)
+    environ = _environ(proc.pid)
+    assert environ.get(nursery.ENV) == "2MB"
+    assert environ.get(nursery.STEP_ENV) == (operator or (nursery.STEP if PYPY else None))
+    assert proc.alive()
 
 
 def test_reexec_runs_the_command_again_in_place():
