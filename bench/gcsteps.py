@@ -1,20 +1,27 @@
 """
 PyPy's major-collection steps under open-loop load, A/B: one proxy process per
-variant (environment settings and proxy options), run under bench/pauses.py's
-hooks, the variants interleaved turn by turn.
+variant (its environment settings), run under bench/pauses.py's hooks, the
+variants interleaved turn by turn.
 
     python3 bench/gcsteps.py --protocol redis --rates 20000,5000 --turns 2 \\
-        --variant base: --variant step1m:PYPY_GC_INCREMENT_STEP=1MB
+        --variant before:PYPY_GC_INCREMENT_STEP=32MB --variant after:
 
-A variant is C{NAME:VAR=VALUE,VAR=VALUE...} (an empty list: the proxy as it
-is).  Per turn and variant: a fresh proxy (PyPy, one process) in front of one
-preloaded backend, C{--warmup} requests closed-loop, then per rate C{--rounds}
-rounds of C{--seconds} open-loop (bench/latgen.c, as bench/latency.py).  For
-the measured window of each rate it prints the latency (p50, p99, p99.9, max,
-microseconds) and, from the GC hooks, the collector's work: minor collections,
-major-collection steps by the state they started in (count, longest, total,
-milliseconds), completed major collections, and the heap (C{total_memory_used}
-at the last minor collection, MB).  Raw results go to
+A variant is C{NAME:VAR=VALUE,VAR=VALUE...}: environment settings of the
+proxy (none: the proxy as it is; C{GCSTEPS_COLLECT=1}: a full collection
+between the warm-up and the load).  Per turn and variant: a fresh proxy (PyPy,
+one process, under bench/pauses.py) in front of one preloaded backend,
+C{--warmup} requests closed-loop, then per rate C{--rounds} rounds of
+C{--seconds} open-loop (bench/latgen.c, as bench/latency.py), then C{--probes}
+whole major collections stepped by hand with no load (pauses.py's SIGWINCH).
+
+Printed per rate: the latency (p50, p99, p99.9, max, microseconds); from the
+GC hooks over the measured window, minor collections, completed major
+collections, major-collection steps by the state they started in (count,
+longest and total wall milliseconds), the heap (C{total_memory_used} at the
+last minor collection, MB), reactor iterations over 1 ms, JIT compilations,
+and the proxy's CPU per request (/proc).  Per probe: the steps of each state
+with their longest and total thread CPU milliseconds, the figure that other
+work on the machine does not stretch.  Raw results go to
 C{bench/results/gcsteps-<time>.json}.  Hold the bench lock around it:
 C{flock /tmp/bench.lock python3 bench/gcsteps.py ...}.
 """
@@ -124,6 +131,11 @@ def one_run(running, gen, python, pool, name, env, args):
         run.wait_ready(port, args.protocol)
         warm = gen.closed(port, args.warmup)
         latency.check(warm, "warm-up")
+        if env.get("GCSTEPS_COLLECT"):
+            # A full collection between the warm-up and the measured load (pauses.py's probe: the
+            # collection in progress finished, then one whole one), as a proxy could run before serving.
+            proc.signal(signal.SIGWINCH)
+            time.sleep(1.5)
         for rate in args.rates:
             t0, cpu0 = time.monotonic(), cpu_seconds(proc.pid)
             result = gen.open(port, rate, args.seconds, args.rounds)
@@ -157,8 +169,9 @@ def one_run(running, gen, python, pool, name, env, args):
                      "rounds": [{k: r[k] for k in ("p99", "max")} for r in result["rounds"]],
                      "gc": gcs, "probes": probed, "loadavg": os.getloadavg()[0]})
         o = gcs
-        print("%-10s %6d/s  p50 %5.0f p99 %6.0f p99.9 %6.0f max %6.0f | minor %4d major %d "
-              "scan %d/%.1f mark %d/%.1f/%.1f sweep %d/%.1f/%.1f heap %s MB long>1ms %d (%.1f) jit %d cpu %.1f us/req la %.2f" % (
+        print("%-10s %6d/s  p50 %5.0f p99 %6.0f p99.9 %6.0f max %6.0f | minor %4d major %d scan %d/%.1f "
+              "mark %d/%.1f/%.1f sweep %d/%.1f/%.1f heap %s MB long>1ms %d (%.1f) jit %d cpu %.1f us/req "
+              "la %.2f" % (
                   name, rate, result["overall"]["p50"], result["overall"]["p99"], result["overall"]["p999"],
                   result["overall"]["max"], o["minor"], o["major"], o["scanning"]["n"], o["scanning"]["max_ms"],
                   o["marking"]["n"], o["marking"]["max_ms"], o["marking"]["sum_ms"], o["sweeping"]["n"],
