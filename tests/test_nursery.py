@@ -7,7 +7,6 @@ changes.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
