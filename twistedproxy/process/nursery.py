@@ -14,8 +14,8 @@ nurseries' worth of objects per step, 32 MiB at 8 MiB, about the whole heap of
 a serving proxy (40-50 MiB live, mostly imported code), so a major collection
 marked it in two steps, the first ~25 ms of CPU during which no request moves.
 With steps of 1 MiB the same marking takes about as much CPU in all, spread
-over ~40 steps (one after each minor collection) of under 1 ms each
-(bench/README.md, "PyPy's major-collection steps").
+over ~45 steps (one after each minor collection) of 0.5-1 ms, the last (which
+PyPy cannot divide) ~1.5 ms (bench/README.md, "PyPy's major-collection steps").
 
 PyPy reads both (C{PYPY_GC_NURSERY}, C{PYPY_GC_INCREMENT_STEP}) only when it
 starts, so the C{cacheproxy} command runs itself again once with them
