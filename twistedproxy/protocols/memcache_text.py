@@ -152,15 +152,6 @@ _GETS = b"gets"
 _DELETE = b"delete"
 _SET = b"set"
 
-def _plain(key: bytes) -> bool:
-    """
-    Whether C{key} is one token free of control bytes, as the handlers' checks
-    want it (isprintable() of the latin-1 text is False for every control byte,
-    and for a few high bytes, which just take the handlers' exact check).
-    """
-    return key.decode("latin-1").isprintable() and 32 not in key
-
-
 # Commands followed by a data block, and which token holds its length; a
 # malformed line of these still skips the block when that token is readable.
 _DATA_LENGTH_TOKEN = {
@@ -333,60 +324,64 @@ class TextRequestParser(ClientStreamParser):
             # Fast paths for the shapes nearly all traffic has ("get|gets|delete
             # <key>", "set <key> <flags> <exptime> <bytes>" with its block
             # complete): they accept exactly what the handlers below would accept
-            # and frame it the same way, found with find() and slices, without
-            # the line, its token list and a decoded copy per request; anything
-            # else (noreply, errors, a block still arriving) goes on to the
-            # handlers.
+            # and frame it the same way; anything else (noreply, errors, a block
+            # still arriving) goes on to the handlers.  A one-key line is cut at
+            # its command word, not split: on PyPy that saves the line, its token
+            # list and copies per request (a key with no space and a printable
+            # latin-1 text has no control byte; a few high bytes are not
+            # "printable" and just take the handlers' exact check).  A set line
+            # is split, which CPython does fastest.
             first = buf[pos]
             if first == 103 or first == 100:  # "g", "d"
-                if buf.startswith(b"get ", pos):
-                    start = pos + 4
-                    command = _GET
-                elif buf.startswith(b"gets ", pos):
-                    start = pos + 5
-                    command = _GETS
+                start = line_end  # not a fast path
+                if first == 103 and buf[pos + 1] == 101 and buf[pos + 2] == 116:  # "get"
+                    if buf[pos + 3] == 32:
+                        start = pos + 4
+                        command = _GET
+                    elif buf[pos + 3] == 115 and buf[pos + 4] == 32:
+                        start = pos + 5
+                        command = _GETS
                 elif buf.startswith(b"delete ", pos):
                     start = pos + 7
                     command = _DELETE
-                else:
-                    start = line_end
                 if 0 < line_end - start <= MAX_KEY_LENGTH:
                     key = buf[start:line_end]
-                    if _plain(key) and (command is not _DELETE or key != _NOREPLY):
+                    if (
+                        32 not in key
+                        and key.decode("latin-1").isprintable()
+                        and (command is not _DELETE or key != _NOREPLY)
+                    ):
                         append(Request(buf[pos:after], command, key))
                         pos = after
                         continue
-            elif first == 115 and buf.startswith(b"set ", pos):
-                key_end = buf.find(b" ", pos + 4, line_end)
-                flags_end = buf.find(b" ", key_end + 1, line_end) if key_end > 0 else -1
-                exptime_end = buf.find(b" ", flags_end + 1, line_end) if flags_end > 0 else -1
-                if 0 < key_end - pos - 4 <= MAX_KEY_LENGTH and exptime_end > 0:
-                    key = buf[pos + 4 : key_end]
-                    flags = buf[key_end + 1 : flags_end]
-                    exptime = buf[flags_end + 1 : exptime_end]
-                    length = buf[exptime_end + 1 : line_end]
-                    if (
-                        _plain(key)
-                        and len(flags) < 10
-                        and flags.isdigit()
-                        and len(exptime) < 10
-                        and exptime.isdigit()
-                        and len(length) < 20
-                        and length.isdigit()
-                    ):
-                        size = int(length)
-                        block_end = after + size + 2
-                        if (
-                            block_end <= end
-                            and size <= self._max_request
-                            and buf[block_end - 2] == 13
-                            and buf[block_end - 1] == 10
-                        ):
-                            append(Request(buf[pos:block_end], _SET, key))
-                            pos = block_end
-                            continue
             line = buf[pos:line_end]
             tokens = line.split()
+            if len(tokens) == 5 and first == 115 and tokens[0] == _SET:
+                key = tokens[1]
+                flags = tokens[2]
+                exptime = tokens[3]
+                length = tokens[4]
+                if (
+                    len(key) <= MAX_KEY_LENGTH
+                    and len(flags) < 10
+                    and flags.isdigit()
+                    and len(exptime) < 10
+                    and exptime.isdigit()
+                    and length.isdigit()
+                    and len(length) < 20
+                    and line.decode("latin-1").isprintable()
+                ):
+                    size = int(length)
+                    block_end = after + size + 2
+                    if (
+                        block_end <= end
+                        and size <= self._max_request
+                        and buf[block_end - 2] == 13
+                        and buf[block_end - 1] == 10
+                    ):
+                        append(Request(buf[pos:block_end], _SET, key))
+                        pos = block_end
+                        continue
             if not tokens:
                 append(local(b"unknown", _ERROR))
                 pos = after
@@ -766,21 +761,10 @@ class TextReplyParser(ReplyBuffer):
                     continue
                 end = eol + 1
                 break
-            # The length token, found without splitting the line: memcached
-            # writes "VALUE <key> <flags> <bytes>[ <cas>]" and "VA <bytes>[ <flags>]"
-            # with single spaces; anything else takes the general split below.
-            if length_index == 3:
-                space = buf.find(b" ", cur + 6, eol)
-                first = buf.find(b" ", space + 1, eol) + 1 if space > 0 else 0
-            else:
-                first = cur + 3
-            stop = buf.find(b" ", first, eol) if first else -1
-            if stop < 0:
-                stop = eol - 1 if buf[eol - 1] == 13 else eol
-            length = buf[first:stop] if first else b""
-            if not (length.isdigit() and len(length) <= 20):
-                length = _length_token(buf, cur, eol, length_index)
-            end = eol + 3 + int(length)  # the line's LF, the block, its CRLF
+            parts = buf[cur:eol].split()
+            if len(parts) <= length_index or not parts[length_index].isdigit() or len(parts[length_index]) > 20:
+                raise ProtocolError(b"", [], "bad value line from backend: %r" % (buf[cur:eol][:80],))
+            end = eol + 3 + int(parts[length_index])  # the line's LF, the block, its CRLF
             if end > len(buf):
                 self._resume = cur - start
                 self._need = end - start
@@ -795,14 +779,6 @@ class TextReplyParser(ReplyBuffer):
             cur = end
         self._resume = 0
         return self._cut(end)
-
-
-def _length_token(buf: bytes, cur: int, eol: int, index: int) -> bytes:
-    """The data length token (C{index}) of the reply line C{buf[cur:eol]}, however spaced; refused if not digits."""
-    parts = buf[cur:eol].split()
-    if len(parts) <= index or not parts[index].isdigit() or len(parts[index]) > 20:
-        raise ProtocolError(b"", [], "bad value line from backend: %r" % (buf[cur:eol][:80],))
-    return parts[index]
 
 
 # Replicate routes (IClusterCodec.replication), by command: reads go to the
