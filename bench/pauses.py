@@ -18,7 +18,13 @@ clock a load generator can stamp its slow requests with):
     1 marking, 2 sweeping, 3 finalizing; completed major collections);
   - C{EV t jit loop|bridge|entry bridge N}: PyPy compiled a loop or a bridge;
     C{EV t jitabort key reason}: it gave up tracing;
-  - C{EV t cpy-start|cpy-stop generation ...}: CPython's cyclic collections.
+  - C{EV t cpy-start|cpy-stop generation ...}: CPython's cyclic collections;
+  - C{PROBE k cpu_ms wall_ms old new}: on PyPy, each SIGWINCH runs one whole
+    major collection (the one in progress first) step by step with
+    C{gc.collect_step()} in a reactor iteration of its own, and records each
+    step's thread CPU time and wall time: how long the steps the collector
+    would take under load are, measured when nothing else competes (the CPU
+    time is what the other processes on the machine cannot stretch).
 
 The hooks cost some time themselves: compare runs made the same way.  See
 README.md, "Where the pauses came from", for what they showed.
@@ -105,6 +111,29 @@ else:
     pypyjit.set_abort_hook(on_abort)
 
 
+probes = []
+
+
+def probe():
+    """One whole major collection, step by step (see C{PROBE} above)."""
+    k = len({p[0] for p in probes})
+    while not gc.collect_step().major_is_done:  # finish the collection in progress, unrecorded
+        pass
+    done = False
+    while not done:
+        cpu, wall = time.thread_time(), mono()
+        stats = gc.collect_step()
+        probes.append((k, (time.thread_time() - cpu) * 1000.0, (mono() - wall) * 1000.0,
+                       stats.oldstate, stats.newstate))
+        done = stats.major_is_done
+
+
+if hasattr(gc, "collect_step"):
+    import signal
+
+    signal.signal(signal.SIGWINCH, lambda *a: reactor.callFromThread(probe))
+
+
 def dump():
     with open(OUT, "w") as f:
         f.write("iters %d busy %.3f\n" % (state["iterations"], state["busy"]))
@@ -112,6 +141,8 @@ def dump():
             f.write("LONG %.6f %.3fms nev=%d\n" % (returned, busy * 1000.0, nev))
         for event in events:
             f.write("EV %.6f %s\n" % (event[0], " ".join(str(x) for x in event[1:])))
+        for p in probes:
+            f.write("PROBE %d %.3f %.3f %d %d\n" % p)
 
 
 reactor.addSystemEventTrigger("after", "shutdown", dump)

@@ -10,10 +10,11 @@ from tests.support import processes
 
 # Every proxy the suite starts inherits these; none is timed, and hundreds start.
 # A short warm-up (tests/test_warmup.py sets its own where it matters), and PyPy's
-# nursery size given up front, so the command does not run itself again to set it
-# (tests/test_nursery.py removes it where that is what it checks).
+# nursery size and marking step given up front, so the command does not run itself
+# again to set them (tests/test_nursery.py removes them where that is what it checks).
 os.environ.setdefault("TWISTEDPROXY_WARMUP_AUTO", "0.2")
 os.environ.setdefault("PYPY_GC_NURSERY", "8MB")
+os.environ.setdefault("PYPY_GC_INCREMENT_STEP", "1MB")
 
 
 @pytest.fixture

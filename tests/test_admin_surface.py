@@ -27,10 +27,9 @@ from twisted.internet.testing import MemoryReactorClock
 
 from tests.support import processes
 from tests.support.processes import HOST, free_port
-from tests.support.workers import Master, kill_pid, master_config, poll
+from tests.support.workers import Master, kill_pid, master_config, poll, ready_status
 from twistedproxy.config import ConfigError, ListenSpec, config_from_dict
 from twistedproxy.control import cli
-from twistedproxy.control.client import BlockingControlClient
 from twistedproxy.net import sockets
 
 OLD_TOKEN = "old-admin-token"
@@ -215,12 +214,7 @@ def test_admin_surface_under_a_master_through_twistd(spawn, memcached_backends, 
     path = proc.argv[proc.argv.index("-c") + 1]
 
     def ready_workers():
-        try:
-            with BlockingControlClient(control) as ctl:
-                status = ctl.status()
-        except OSError:
-            return None
-        return len([w for w in status["workers"] if w["state"] == "ready"]) == 2 and status
+        return ready_status(control, 2)
 
     poll(ready_workers, 30, 0.05, "2 ready workers")
     processes.wait_for_port(metrics_port, proc.proc)

@@ -22,7 +22,7 @@ import yaml
 from tests.support import processes
 from tests.support.migration import memcached_keys
 from tests.support.processes import HOST, free_port
-from tests.support.workers import master_config, poll
+from tests.support.workers import master_config, poll, ready_status
 from twistedproxy.config import config_from_dict
 from twistedproxy.control import cli
 from twistedproxy.control.client import BlockingControlClient, ControlError
@@ -48,15 +48,7 @@ def test_a_reload_grows_a_redis_pool_online_with_two_workers(spawn, redis_backen
     proc = spawn(processes.twistd, config, port)
     path = proc.argv[proc.argv.index("-c") + 1]
 
-    def ready():
-        try:
-            with BlockingControlClient(control) as c:
-                workers = c.status()["workers"]
-        except OSError:
-            return None
-        return len([w for w in workers if w["state"] == "ready"]) == 2
-
-    poll(ready, 30, 0.05, "2 ready workers")
+    poll(lambda: ready_status(control, 2), 30, 0.05, "2 ready workers")
     client = redis.Redis(host=HOST, port=port, socket_timeout=10, protocol=2)
     pipe = client.pipeline(transaction=False)
     for i in range(300):

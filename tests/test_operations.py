@@ -22,8 +22,7 @@ import yaml
 
 from tests.support import processes
 from tests.support.processes import HOST, ROOT, free_port, pool_config, write_config
-from tests.support.workers import kill_pid, master_config, pid_alive, poll
-from twistedproxy.control.client import BlockingControlClient
+from tests.support.workers import kill_pid, master_config, pid_alive, poll, ready_status
 
 pytestmark = pytest.mark.integration
 
@@ -139,21 +138,6 @@ def _read_pid(path):
     return int(text) if text.strip().isdigit() else None
 
 
-def _status(control):
-    try:
-        with BlockingControlClient(control) as ctl:
-            return ctl.status()
-    except OSError:
-        return None
-
-
-def _ready(control, count):
-    status = _status(control)
-    if status and len([w for w in status["workers"] if w["state"] == "ready"]) == count:
-        return status
-    return None
-
-
 def _check_titles(status, conf_name):
     master = _cmdline(status["pid"])
     assert master.startswith("cacheproxy: master process "), master
@@ -191,7 +175,7 @@ def test_upgrade_pid_file_oldbin_titles_and_command_line(launcher, redis_backend
     proc = processes.Process(argv, port, env=processes.proxy_env(), cwd=str(tmp_path))
     new_pid = None
     try:
-        old = poll(lambda: _ready(control, 2), 30, message="2 workers")
+        old = poll(lambda: ready_status(control, 2), 30, message="2 workers")
         assert old["pid"] == proc.pid
         assert _read_pid(pid_path) == proc.pid
         _check_titles(old, conf_name)
@@ -210,7 +194,7 @@ def test_upgrade_pid_file_oldbin_titles_and_command_line(launcher, redis_backend
         if launcher == "twistd":
             assert _read_pid(tmp_path / "twistd.pid") == new_pid
             poll(lambda: not (tmp_path / "twistd.pid.oldbin").exists(), 10, message="twistd's .oldbin removed")
-        new = poll(lambda: _ready(control, 2), 30, message="the new master's workers")
+        new = poll(lambda: ready_status(control, 2), 30, message="the new master's workers")
         assert new["pid"] == new_pid
         _check_titles(new, conf_name)
         assert argv[0] in _cmdline(new_pid) and " ".join(args) in _cmdline(new_pid)
@@ -237,7 +221,7 @@ def test_failed_upgrade_gives_the_pid_file_back(spawn, redis_backends, tmp_path)
     log_path = tmp_path / "proxy.log"
     config = master_config({"alpha": pool_config([backend.port], port)})
     proc = spawn(processes.proxy, config, port, extra_args=["-p", str(pid_path), "-o", str(log_path)])
-    poll(lambda: _ready(config["global"]["control"], 2), 30, message="2 workers")
+    poll(lambda: ready_status(config["global"]["control"], 2), 30, message="2 workers")
     path = proc.argv[proc.argv.index("-c") + 1]
     with open(path, "a") as f:
         f.write("broken: [\n")  # the new master cannot start on this
@@ -331,7 +315,7 @@ def test_demo_follows_the_master_through_an_upgrade(tmp_path):
     everything = []
     try:
         processes.wait_for_port(port, demo, timeout=90)
-        old = poll(lambda: _ready(control, 2), 30, message="2 workers")
+        old = poll(lambda: ready_status(control, 2), 30, message="2 workers")
         assert _read_pid(pid_path) == old["pid"]
         client = redis.Redis(host=HOST, port=port, socket_timeout=10, protocol=2)
         assert client.set("demo", "survives")
@@ -340,7 +324,7 @@ def test_demo_follows_the_master_through_an_upgrade(tmp_path):
         poll(lambda: not pid_alive(old["pid"]), 60, message="the old master to leave")
         new_pid = _read_pid(pid_path)
         assert new_pid and new_pid != old["pid"]
-        new = poll(lambda: _ready(control, 2), 30, message="the new master's workers")
+        new = poll(lambda: ready_status(control, 2), 30, message="the new master's workers")
         assert new["pid"] == new_pid
         # The demo still runs, and so do its backends: the value is still there.
         assert demo.poll() is None

@@ -300,8 +300,7 @@ def test_status_page_and_metrics_show_workers(spawn, redis_backends):
     import os
     import signal
 
-    from tests.support.workers import master_config, poll
-    from twistedproxy.control.client import BlockingControlClient
+    from tests.support.workers import master_config, poll, ready_status
 
     (backend,) = redis_backends(1)
     port, http_port = free_port(), free_port()
@@ -311,12 +310,7 @@ def test_status_page_and_metrics_show_workers(spawn, redis_backends):
     spawn(processes.proxy, config, port)
 
     def workers(count):
-        try:
-            with BlockingControlClient(control) as ctl:
-                found = ctl.status()["workers"]
-        except OSError:
-            return None
-        return len([w for w in found if w["state"] == "ready"]) == count and found
+        return (ready_status(control, count) or {}).get("workers")
 
     before = poll(lambda: workers(2), 20, 0.05, "2 ready workers")
     victim = before[1]

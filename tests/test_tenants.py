@@ -381,3 +381,17 @@ def test_binary_rate_limit_and_prefix_replies_exact_bytes():
         packet(0x81, binary.GETK, b"t:key", b"\x00\x00\x00\x00", b"v", opaque=b"\x00\x00\x00\x01")
         + packet(0x81, binary.GETK, value=text, status=0x0086, opaque=b"\x00\x00\x00\x02")
     )
+
+
+def test_a_front_groups_keys_by_server_only_for_pools_that_place_keys_themselves():
+    """A hash pool takes keys grouped by server; a cluster or a migrating pool sees every key itself."""
+    from twistedproxy.routes.cluster import ClusterRoute
+    from twistedproxy.routes.hash import HashRoute
+    from twistedproxy.routes.interface import IKeyPlacingRoute, IServedRoute
+    from twistedproxy.routes.migrate import MigratingRoute
+    from twistedproxy.routes.sessions import ISessionRoute
+
+    assert IKeyPlacingRoute.implementedBy(HashRoute)
+    for route in (ClusterRoute, MigratingRoute):
+        assert not IKeyPlacingRoute.implementedBy(route)
+        assert IServedRoute.implementedBy(route) and ISessionRoute.implementedBy(route)

@@ -40,6 +40,21 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def ready_status(control_path: str, count: int, generation=None):
+    """
+    The status from the control socket at C{control_path} when exactly C{count} of the master's
+    workers (of C{generation}, if given) are ready, else None (also while the socket does not answer).
+    """
+    try:
+        with BlockingControlClient(control_path) as ctl:
+            status = ctl.status()
+    except OSError:
+        return None
+    ready = [w for w in status["workers"] if w["state"] == "ready"
+             and (generation is None or w["generation"] == generation)]
+    return status if len(ready) == count else None
+
+
 def master_config(pools: dict, **global_keys) -> dict:
     """A configuration with C{pools} and a global section (control socket in a temp dir)."""
     glob = {"worker_processes": 2, "worker_shutdown_timeout": 3,
@@ -76,13 +91,8 @@ class Master:
         """The status once C{count} workers of the current (or given) generation are ready."""
 
         def ready():
-            try:
-                status = self.current_status()
-            except OSError:
-                return None
-            workers = [w for w in status["workers"] if w["state"] == "ready"
-                       and (generation is None or w["generation"] == generation)]
-            return status if len(workers) == count and len(status["workers"]) == count else None
+            status = ready_status(self.control_path, count, generation)
+            return status if status and len(status["workers"]) == count else None
 
         return poll(ready, timeout, 0.05, "%d ready workers" % count)
 

@@ -146,6 +146,12 @@ _META_QUIET_CODES = {
 _BYTE_Q = ord("q")
 _BYTE_B = ord("b")
 
+# The command words of TextRequestParser.feed's fast paths.
+_GET = b"get"
+_GETS = b"gets"
+_DELETE = b"delete"
+_SET = b"set"
+
 # Commands followed by a data block, and which token holds its length; a
 # malformed line of these still skips the block when that token is readable.
 _DATA_LENGTH_TOKEN = {
@@ -314,33 +320,43 @@ class TextRequestParser(ClientStreamParser):
             if eol - pos > MAX_LINE_LENGTH:  # refused the same when it arrives whole
                 self._check_line(buf, pos, eol - pos, requests)
             after = eol + 1
-            line = buf[pos : eol - 1] if eol > pos and buf[eol - 1] == 13 else buf[pos:eol]
-            tokens = line.split()
-            if not tokens:
-                append(local(b"unknown", _ERROR))
-                pos = after
-                continue
-            command = tokens[0]
+            line_end = eol - 1 if eol > pos and buf[eol - 1] == 13 else eol
             # Fast paths for the shapes nearly all traffic has ("get|gets|delete
             # <key>", "set <key> <flags> <exptime> <bytes>" with its block
             # complete): they accept exactly what the handlers below would accept
             # and frame it the same way; anything else (noreply, errors, a block
-            # still arriving) goes on to the handlers.  isprintable() on the
-            # latin-1 text is False for every control byte (and for a few high
-            # bytes, which just take the handlers' exact check), and cheaper than
-            # the translate() below.
-            ntokens = len(tokens)
-            if ntokens == 2:
-                key = tokens[1]
-                if (
-                    (command == b"get" or command == b"gets" or (command == b"delete" and key != _NOREPLY))
-                    and len(key) <= MAX_KEY_LENGTH
-                    and line.decode("latin-1").isprintable()
-                ):
-                    append(Request(buf[pos:after], command, key))
-                    pos = after
-                    continue
-            elif ntokens == 5 and command == b"set":
+            # still arriving) goes on to the handlers.  A one-key line is cut at
+            # its command word, not split: on PyPy that saves the line, its token
+            # list and copies per request (a key with no space and a printable
+            # latin-1 text has no control byte; a few high bytes are not
+            # "printable" and just take the handlers' exact check).  A set line
+            # is split, which CPython does fastest.
+            first = buf[pos]
+            if first == 103 or first == 100:  # "g", "d"
+                start = line_end  # not a fast path
+                if first == 103 and buf[pos + 1] == 101 and buf[pos + 2] == 116:  # "get"
+                    if buf[pos + 3] == 32:
+                        start = pos + 4
+                        command = _GET
+                    elif buf[pos + 3] == 115 and buf[pos + 4] == 32:
+                        start = pos + 5
+                        command = _GETS
+                elif buf.startswith(b"delete ", pos):
+                    start = pos + 7
+                    command = _DELETE
+                if 0 < line_end - start <= MAX_KEY_LENGTH:
+                    key = buf[start:line_end]
+                    if (
+                        32 not in key
+                        and key.decode("latin-1").isprintable()
+                        and (command is not _DELETE or key != _NOREPLY)
+                    ):
+                        append(Request(buf[pos:after], command, key))
+                        pos = after
+                        continue
+            line = buf[pos:line_end]
+            tokens = line.split()
+            if len(tokens) == 5 and first == 115 and tokens[0] == _SET:
                 key = tokens[1]
                 flags = tokens[2]
                 exptime = tokens[3]
@@ -363,9 +379,14 @@ class TextRequestParser(ClientStreamParser):
                         and buf[block_end - 2] == 13
                         and buf[block_end - 1] == 10
                     ):
-                        append(Request(buf[pos:block_end], command, key))
+                        append(Request(buf[pos:block_end], _SET, key))
                         pos = block_end
                         continue
+            if not tokens:
+                append(local(b"unknown", _ERROR))
+                pos = after
+                continue
+            command = tokens[0]
             handler = self._handlers.get(command)
             if handler is None:
                 append(local(b"unknown", _ERROR))

@@ -48,13 +48,14 @@ import dataclasses
 from functools import partial
 
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import implementer_only
 
 from twistedproxy.config.model import ServerSpec
 from twistedproxy.core.request import REPLY_FINAL, REPLY_REDIRECT, ROUTE_ANY, ROUTE_KEY, ROUTE_SESSION, keys_of
 from twistedproxy.routes.copies import decline
 from twistedproxy.routes.hash import HashRoute
 from twistedproxy.routes.interface import ICountedRoute, IServedRoute
+from twistedproxy.routes.sessions import ISessionRoute
 
 log = Logger()
 
@@ -66,7 +67,8 @@ REFRESH_GAP = 0.1  # seconds between two reads of the map asked for by replies o
 MAP_WAIT = 2.0  # seconds a map read may take before another node is asked (a pool without a timeout)
 
 
-@implementer(IServedRoute, ICountedRoute)
+# Not IKeyPlacingRoute, which HashRoute provides: a front sends it whole requests (see the interface).
+@implementer_only(IServedRoute, ICountedRoute, ISessionRoute)
 class ClusterRoute(HashRoute):
     """
     Slot placement over the nodes of one cluster.

@@ -31,7 +31,7 @@ from twistedproxy.core.completion import release
 from twistedproxy.core.request import ROUTE_ALL, ROUTE_ANY, ROUTE_KEY, ROUTE_KEYS, ROUTE_SESSION, Request
 from twistedproxy.core.servers import ServerSet
 from twistedproxy.hashing import hash_function, hash_tag_key, make_distribution
-from twistedproxy.routes.interface import IServedRoute
+from twistedproxy.routes.interface import IKeyPlacingRoute, IServedRoute
 from twistedproxy.routes.logins import LoginRoute
 from twistedproxy.routes.sessions import ISessionRoute, Sessions
 
@@ -54,7 +54,7 @@ PLACEMENT_CACHE_ENABLED = sys.implementation.name == "cpython"
 SLICE_KEYS = 512
 
 
-@implementer(IServedRoute, ISessionRoute)
+@implementer(IServedRoute, ISessionRoute, IKeyPlacingRoute)
 class HashRoute(LoginRoute):
     """
     Hash placement of keys over the servers of one pool.

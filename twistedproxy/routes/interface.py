@@ -95,6 +95,20 @@ class ICountedRoute(IRoute):
         """Counter name -> value; the names are L{twistedproxy.stats.snapshots.ROUTE_FIELDS}'."""
 
 
+class IKeyPlacingRoute(IRoute):
+    """
+    A route that places every key on one server of its own and has nothing
+    else to do for a key (a twemproxy pool: L{twistedproxy.routes.hash.HashRoute}),
+    so that a front (L{twistedproxy.routes.tenants.FrontRoute}) may send it a
+    multi-key request's keys already grouped by server.  A route that must see
+    every key itself (a Redis Cluster pool resends per slot, a migrating pool
+    holds the keys that move) does not provide it.
+    """
+
+    def server_for(key: bytes):
+        """The server that holds C{key}, or None when every server is ejected."""
+
+
 class IServedRoute(IRoute):
     """
     The route a listener serves: the one a client connection is tied to.  What

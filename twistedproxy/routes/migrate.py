@@ -45,7 +45,7 @@ from collections import deque
 from dataclasses import replace
 from functools import partial
 
-from zope.interface import implementer
+from zope.interface import implementer_only
 
 from twistedproxy.config.migration import HOLD, MOVE
 from twistedproxy.core.completion import CLOSED, fail
@@ -53,6 +53,7 @@ from twistedproxy.core.moves import run_move
 from twistedproxy.core.request import ROUTE_ALL, ROUTE_KEY, ROUTE_KEYS, ROUTE_SESSION
 from twistedproxy.routes.hash import HashRoute
 from twistedproxy.routes.interface import ICountedRoute, IServedRoute
+from twistedproxy.routes.sessions import ISessionRoute
 
 # Keys this worker knows it moved (per route).  When full, the newest entry
 # makes room; a key forgotten costs one move that finds nothing to move.
@@ -105,7 +106,8 @@ class _Placement:
         self._cache_placement = route._cache_placement
 
 
-@implementer(IServedRoute, ICountedRoute)
+# Not IKeyPlacingRoute, which HashRoute provides: a front sends it whole requests (see the interface).
+@implementer_only(IServedRoute, ICountedRoute, ISessionRoute)
 class MigratingRoute(HashRoute):
     """
     A hash pool under a L{twistedproxy.config.migration.MigrationPlan}.

@@ -17,7 +17,8 @@ charges the tenant's token bucket and hands the request to the pool's route.
     split into fragments across them (C{codec.split} with a strip per
     group) in one go; the fragments merge in key order as any split
     request's do.  A group bound for a route of another kind (failover,
-    replicate ...: built by C{build_route}) becomes fragments that are
+    replicate ...: built by C{build_route}; a cluster or migrating pool)
+    becomes fragments that are
     multi-key requests of their own, which that route places and splits
     again.
   - No prefix matches and no default: the request gets an error reply in the
@@ -44,7 +45,7 @@ from twistedproxy.core.completion import refuse
 from twistedproxy.core.request import ROUTE_KEY, ROUTE_KEYS, Request
 from twistedproxy.routes.build import compound_routes
 from twistedproxy.routes.hash import SLICE_KEYS
-from twistedproxy.routes.interface import IServedRoute
+from twistedproxy.routes.interface import IKeyPlacingRoute, IServedRoute
 from twistedproxy.routes.logins import LoginRoute
 from twistedproxy.routes.prefix import Branch, Node, compile_route, keyless, prefix_node, resolve
 
@@ -332,9 +333,10 @@ class FrontRoute(LoginRoute):
 
     def _split(self, request, targets, codec, now, touched, dirty) -> None:
         """
-        One fragment per server of each (pool, prefix) group whose route is a
-        hash pool (its keys placed here); for a group whose route is of another
-        kind (failover, replicate ..., or a Redis Cluster pool), fragments that are multi-key requests
+        One fragment per server of each (pool, prefix) group whose route places
+        keys on servers of its own (L{IKeyPlacingRoute}: a hash pool; its keys
+        placed here); for a group whose route is of another kind (failover,
+        replicate ..., a Redis Cluster or a migrating pool), fragments that are multi-key requests
         of their own, of at most C{SLICE_KEYS} keys each (that route splits
         them again, and may resend them), merged into the reply like the others.
         """
@@ -344,8 +346,7 @@ class FrontRoute(LoginRoute):
         sends = []  # (pool, server or None for a part the pool dispatches itself, prefix)
         for (pool, prefix), indices in targets:
             cut = len(prefix) if prefix is not None else 0
-            # A cluster pool (routes/cluster.py) splits per slot and resends its parts itself.
-            if hasattr(pool, "server_for") and not hasattr(pool, "cluster"):
+            if IKeyPlacingRoute.providedBy(pool):
                 for server, group in _grouped([(pool.server_for(keys[index][cut:]), index) for index in indices]):
                     groups.append(group)
                     strips.append(cut)
