@@ -19,6 +19,10 @@ millisecond apart, each sending one GET; the slowest reply is the wait of the
 connections queued on the dead worker's socket (the respawn: process start,
 imports, configuration, warm-up).  Repeated --repeat times per setting.
 
+--jit (first, PyPy): count the loops and bridges the JIT compiles during the
+warm-up and in each of the first 3 seconds of traffic (bench/jithook, a compile
+hook loaded as sitecustomize); --jit-names lists each with the guard that failed.
+
 The load generator runs in this process (CPython is steadier here): its own
 figures straight against the backend are printed first, as the floor.
 Run it under the bench lock on a shared machine: flock /work/bench.lock ...
