@@ -266,13 +266,14 @@ def warm_up(reactor, pool_configs, build_pool, seconds: float = AUTO_SECONDS, ti
     live_deadline = started + seconds * LIVE_SHARE
     result = Deferred()
     lives = []
+    ended = []  # not empty once the loopback rounds are over
     sparse = []
     left = [len(pool_configs)]
 
     def end_lives():
-        if lives and not report.live_rounds:
-            rounds = [live.close() for live in lives]
-            report.live_rounds = min(rounds) if rounds else 0
+        if lives and not ended:  # once: their listeners stop listening once
+            ended.append(True)
+            report.live_rounds = min([live.close() for live in lives])
 
     def finish():
         if result.called:
