@@ -19,6 +19,10 @@ millisecond apart, each sending one GET; the slowest reply is the wait of the
 connections queued on the dead worker's socket (the respawn: process start,
 imports, configuration, warm-up).  Repeated --repeat times per setting.
 
+--jit (first, PyPy): count the loops and bridges the JIT compiles during the
+warm-up and in each of the first 3 seconds of traffic (bench/jithook, a compile
+hook loaded as sitecustomize); --jit-names lists each with the guard that failed.
+
 The load generator runs in this process (CPython is steadier here): its own
 figures straight against the backend are printed first, as the floor.
 Run it under the bench lock on a shared machine: flock /work/bench.lock ...
@@ -34,6 +38,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -183,8 +188,44 @@ def wait_accepting(port: int, proc, timeout: float = 30.0) -> float:
             time.sleep(0.002)
 
 
+def jit_log(path: str, traffic_started: float, verbose: bool) -> dict:
+    """
+    What the proxy's JIT compiled (bench/jithook: one line per loop or bridge)
+    during the warm-up and in each of the first 3 seconds of traffic.
+    """
+    counts = {"before": [0, 0], 0: [0, 0], 1: [0, 0], 2: [0, 0]}
+    names = {0: [], 1: [], 2: []}
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return counts
+    for line in lines:
+        parts = line.split(" ", 6)
+        when = float(parts[0]) - traffic_started
+        kind = 1 if parts[1] == "bridge" else 0
+        key = "before" if when < 0 else int(when)
+        if key in counts:
+            counts[key][kind] += 1
+            if key != "before":
+                names[key].append("%+.3f %s %s ops=%s %s" % (when, parts[1], parts[5], parts[4], parts[6]))
+    if verbose:
+        for second in (0, 1, 2):
+            for name in names[second]:
+                print("    " + name)
+    return counts
+
+
+def describe_jit(counts) -> str:
+    return "JIT (loops/bridges): warm-up %d/%d, 1st s %d/%d, 2nd s %d/%d, 3rd s %d/%d" % tuple(
+        counts[key][kind] for key in ("before", 0, 1, 2) for kind in (0, 1))
+
+
 def first(args) -> dict:
     out = {}
+    if args.jit:
+        hook = os.path.join(HERE, "jithook")
+        os.environ["PYTHONPATH"] = hook + os.pathsep + os.environ.get("PYTHONPATH", "")
     for protocol in args.protocol:
         backend = start_backend(protocol)
         try:
@@ -196,19 +237,38 @@ def first(args) -> dict:
                 for setting in args.warmup:
                     port = processes.free_port()
                     config = config_for(protocol, backend.port, port, setting)
+                    log_path = None
+                    if args.jit:
+                        fd, log_path = tempfile.mkstemp(prefix="tp-jit-", suffix=".log")
+                        os.close(fd)
+                        os.environ["TP_JIT_LOG"] = log_path
                     proc = processes.proxy(config, port, python=python, wait_port=False)
                     try:
                         took = wait_accepting(port, proc)
+                        traffic_started = time.monotonic()
                         results = open_loop(port, protocol, args.rate, args.seconds, args.conns)
                     finally:
                         proc.stop()
+                        os.environ.pop("TP_JIT_LOG", None)
+                    warmed = [line for line in proc.output().splitlines() if "warmed up in" in line]
                     one, two, last = windows(results, args.seconds)
                     label = "%-8s %-7s warmup %-4s" % (protocol, name, setting)
                     print("%s first s: %s   (listening after %.2f s)" % (label, summary(one), took))
+                    if warmed:
+                        print("%s %s" % (" " * len(label), warmed[0].split("] ", 1)[-1]))
                     print("%s 2nd s:   %s" % (" " * len(label), summary(two)))
                     print("%s last s:  %s" % (" " * len(label), summary(last)))
-                    out["%s/%s/%s" % (protocol, name, setting)] = {
+                    out["%s/%s/%s" % (protocol, name, setting)] = entry = {
                         "listening_after": took, "first": figures(one), "second": figures(two), "last": figures(last)}
+                    if log_path is not None:
+                        if name == "pypy":
+                            counts = jit_log(log_path, traffic_started, args.jit_names)
+                            print("%s %s" % (" " * len(label), describe_jit(counts)))
+                            entry["jit"] = counts
+                        if args.jit_names:
+                            print("%s (the whole log: %s)" % (" " * len(label), log_path))
+                        else:
+                            os.unlink(log_path)
                     sys.stdout.flush()
         finally:
             backend.stop()
@@ -288,6 +348,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pypy", help="the PyPy interpreter (default: the repo's .venv-pypy)")
     parser.add_argument("--cpython", help="the CPython interpreter (default: the repo's .venv-cpython)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--jit", action="store_true",
+                        help="first: count the loops and bridges PyPy compiles (bench/jithook) in each of the first 3 s")
+    parser.add_argument("--jit-names", action="store_true", help="with --jit: also list them, and keep the log")
     args = parser.parse_args(argv)
     args.protocol = args.protocol.split(",")
     args.python = args.python.split(",")

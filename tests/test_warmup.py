@@ -179,6 +179,56 @@ def test_warm_up_over_loopback_reaches_no_backend_and_no_statistics():
     assert listening() == before
 
 
+@pytest_twisted.inlineCallbacks
+def test_loopback_rounds_cut_short_by_their_deadline_close_once(monkeypatch):
+    from twisted.internet import reactor, tcp
+
+    # The loopback rounds end at their first deadline check, whatever they got done, and
+    # are closed once (their listeners stopped twice failed in Twisted's Port), then the
+    # single requests run (on PyPy) or the warm-up is over.
+    monkeypatch.setattr(warmup, "LIVE_SHARE", 0.0)
+    closed = []
+    close = warmup._Live.close
+    monkeypatch.setattr(warmup._Live, "close", lambda live: closed.append(live) or close(live))
+    listening = lambda: {r for r in reactor.getReaders() if isinstance(r, tcp.Port)}
+    before = listening()
+    report = yield Proxy(pools(warmup=1.0), reactor).warm_up()
+    assert len(closed) == len(set(closed)) == 2 and report.seconds < 10
+    assert listening() == before
+
+
+@pytest_twisted.inlineCallbacks
+def test_single_requests_from_a_thread_are_answered_and_reach_no_backend():
+    from twisted.internet import reactor
+
+    # The Redis pool logs in to its backends (AUTH, SELECT) and times requests out: the
+    # thread's backends answer the handshake too, and every request comes back.
+    proxy = Proxy(pools(), reactor)
+    lives = []
+    ready = Deferred()
+    left = [len(proxy.config.pools)]
+
+    def live_done():
+        left[0] -= 1
+        if not left[0]:
+            ready.callback(None)
+
+    for pool_config in proxy.config.pools:
+        lives.append(warmup._Live(reactor, pool_config, build_pool, 1, live_done))
+    yield ready
+    for live in lives:
+        live.close()
+    over = Deferred()
+    timer = warmup.time.monotonic
+    phase = warmup._Sparse(reactor, lives, build_pool, 200, timer() + 30, timer, lambda: over.callback(None))
+    yield over
+    sent = phase.close()
+    assert phase.ended == "done" and sent >= 200
+    assert not phase.thread.is_alive()
+    assert all(live.singles for live in lives) and all(live.frames for live in lives)
+    untouched(proxy)
+
+
 def test_warm_up_off():
     assert Proxy(pools(warmup="off"), MemoryReactorClock()).warm_up().result is None
 

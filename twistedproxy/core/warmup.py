@@ -18,7 +18,14 @@ client: the throwaway pools record into statistics of their own, never into
 the counters, histograms or slow log users read.  Then the same traffic runs
 through the real reactor over loopback sockets (throwaway clients and fake
 backends listening on 127.0.0.1, port 0), so that Twisted's reads and writes
-and the reactor loop compile with the proxy's code inside.
+and the reactor loop compile with the proxy's code inside.  Last, single
+requests go over loopback sockets to a throwaway pool from clients and backends
+that a thread plays, off the reactor: the reactor then sees only the proxy's
+own sockets, as when it serves, in the shapes of real traffic the closed-loop
+rounds never make (a poll with one event or a few, a reply arriving in two
+reads or after a pause, a reactor with no timer pending).  On PyPy most of
+what the JIT still compiled in the first second of real traffic was bridges
+for exactly these (bench/README.md, "Ready means warm").
 
 Nothing here runs per request once the process serves.
 """
@@ -27,7 +34,10 @@ from __future__ import annotations
 
 import gc
 import os
+import select
+import socket
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -62,8 +72,23 @@ LIVE_ROUNDS = 1500 if PYPY else 20
 # rounds: a reactor turn then reads several sockets, as under real traffic.
 SINGLE_CLIENTS = 8
 
-# The in-memory rounds take at most this share of the time; the loopback ones the rest.
+# The in-memory rounds take at most this share of the time, the loopback rounds end by
+# the second one, the single requests take the rest.
 MEMORY_SHARE = 0.5
+LIVE_SHARE = 0.75
+
+# Single requests the thread-played clients send last (L{_Sparse}), in all: on PyPy
+# enough for each guard of a new shape to fail the 200 times that compile its bridge.
+# CPython compiles nothing for a new shape: it skips them (they cost it 0.1 s of start).
+SPARSE_REQUESTS = 4000 if PYPY else 0
+SPARSE_CLIENTS = 20  # connections they take turns on (bench/warmup.py's load: 20)
+# How many requests go out at once, in turn: mostly one (a poll with one event), some more.
+SPARSE_BURSTS = (1, 1, 2, 1, 1, 3, 1, 1, 5, 1, 2, 1, 1, 8, 1, 4)
+SPARSE_STALL = 0.5  # seconds without a byte from the proxy that end the phase (a failure)
+PAUSE = 0.0001  # seconds: long enough for the reactor to finish its turn and wait in its poll
+# The loopback rounds' deadline check runs this often (a timer that is not re-armed once they
+# are over: the reactor is left with no timer pending, as in a process that serves).
+TICK = 0.05
 
 LOOPBACK = "127.0.0.1"
 
@@ -85,29 +110,35 @@ class WarmupReport:
     (frames) the in-memory backends answered, C{live_rounds} run over loopback.
     """
 
-    def __init__(self, seconds: float = 0.0, rounds: int = 0, requests: int = 0, live_rounds: int = 0):
+    def __init__(self, seconds: float = 0.0, rounds: int = 0, requests: int = 0, live_rounds: int = 0,
+                 sparse: int = 0):
         self.seconds = seconds
         self.rounds = rounds
         self.requests = requests
         self.live_rounds = live_rounds
+        self.sparse = sparse  # single requests the thread-played clients got answered
 
     def describe(self) -> str:
-        """What the log says: C{warmed up in 1.40 s (2000 rounds in memory, 1500 over loopback)}."""
-        return "warmed up in %.2f s (%d rounds in memory, %d over loopback)" % (
-            self.seconds, self.rounds, self.live_rounds)
+        """
+        What the log says: C{warmed up in 1.40 s (2000 rounds in memory, 1500 over
+        loopback, 4000 single requests)}.
+        """
+        return "warmed up in %.2f s (%d rounds in memory, %d over loopback, %d single requests)" % (
+            self.seconds, self.rounds, self.live_rounds, self.sparse)
 
     def __repr__(self) -> str:
-        return "<WarmupReport %.3fs, %d rounds, %d requests, %d live rounds>" % (
-            self.seconds, self.rounds, self.requests, self.live_rounds)
+        return "<WarmupReport %.3fs, %d rounds, %d requests, %d live rounds, %d single requests>" % (
+            self.seconds, self.rounds, self.requests, self.live_rounds, self.sparse)
 
 
 class _Backend(StringTransport):
     """The in-memory transport of one throwaway backend connection."""
 
-    def __init__(self, connection, answers: dict):
+    def __init__(self, connection, answers: dict, frames=None):
         StringTransport.__init__(self)
         self.connection = connection
         self.answers = answers  # codec -> answer(frame)
+        self.frames = frames  # None, or a dict to note each frame written and its answer in
 
     def answer(self) -> None:
         """Answer every request written and not answered yet, in one read."""
@@ -115,7 +146,10 @@ class _Backend(StringTransport):
         conn = self.connection
         if conn.inflight:
             answer = self.answers[conn.codec]
-            conn.dataReceived(b"".join([answer(request.frame) for request in conn.inflight]))
+            replies = [answer(request.frame) for request in conn.inflight]
+            if self.frames is not None:
+                self.frames.update(zip([request.frame for request in conn.inflight], replies))
+            conn.dataReceived(b"".join(replies))
 
 
 class _Rig:
@@ -131,6 +165,8 @@ class _Rig:
         self.conversations = []
         self.backends = []
         self.connecting = 0  # connection attempts seen in the clock so far
+        self.first_reads_only = first_reads_only
+        self.frames = {}  # with first_reads_only: each frame a backend got -> its answer
         for reads, answer in pool.codec.warmup_samples(pool_config):
             if first_reads_only:
                 reads = reads[:1]
@@ -159,7 +195,7 @@ class _Rig:
         for attempt in attempts[self.connecting:]:
             factory = attempt[2]
             conn = factory.buildProtocol(None)
-            backend = _Backend(conn, self.answers)
+            backend = _Backend(conn, self.answers, self.frames if self.first_reads_only else None)
             conn.makeConnection(backend)
             self.backends.append(backend)
         self.connecting = len(attempts)
@@ -217,38 +253,67 @@ def warm_up(reactor, pool_configs, build_pool, seconds: float = AUTO_SECONDS, ti
     Warm the request path of C{pool_configs} up, for at most C{seconds}: the
     in-memory rounds (L{warm_up_in_memory}, at most L{MEMORY_SHARE} of the
     time), then L{LIVE_ROUNDS} rounds through C{reactor} over loopback
-    sockets (the rest of the time), which also compile the reactor's and
-    Twisted's own part of the walk.  A Deferred fires with the
-    L{WarmupReport} once done; a failure of the loopback rounds is logged
-    and ends the warm-up, never the process.
+    sockets, which also compile the reactor's and Twisted's own part of the
+    walk (until L{LIVE_SHARE} of the time at most), then L{SPARSE_REQUESTS}
+    single requests from clients and backends that a thread plays
+    (L{_Sparse}; the rest of the time).  A Deferred fires
+    with the L{WarmupReport} once done; a failure over loopback is logged and
+    ends the warm-up, never the process.
     """
     started = timer()
     report = warm_up_in_memory(pool_configs, build_pool, seconds * MEMORY_SHARE, ROUNDS, timer)
-    remaining = seconds - (timer() - started)
+    deadline = started + seconds
+    live_deadline = started + seconds * LIVE_SHARE
     result = Deferred()
     lives = []
+    ended = []  # not empty once the loopback rounds are over
+    sparse = []
     left = [len(pool_configs)]
+
+    def end_lives():
+        if lives and not ended:  # once: their listeners stop listening once
+            ended.append(True)
+            report.live_rounds = min([live.close() for live in lives])
 
     def finish():
         if result.called:
             return
-        if timeout.active():
-            timeout.cancel()
-        rounds = [live.close() for live in lives]
-        report.live_rounds = min(rounds) if rounds else 0
+        end_lives()
+        for phase in sparse:
+            report.sparse = phase.close()
         gc.collect()  # the warm-up's garbage goes now, not in the first seconds of serving
         report.seconds = timer() - started
         result.callback(report)
 
     def pool_done():
         left[0] -= 1
-        if not left[0]:
+        if left[0]:
+            return
+        end_lives()
+        if not SPARSE_REQUESTS:
+            finish()
+            return
+        try:
+            sparse.append(_Sparse(reactor, lives, build_pool, SPARSE_REQUESTS, deadline, timer, finish))
+        except Exception:
+            log.failure("warm-up with single requests over loopback sockets failed; serving anyway")
             finish()
 
-    timeout = reactor.callLater(max(remaining, 0.0), finish)
-    if remaining <= 0 or not pool_configs:
+    def tick():
+        # The loopback rounds' deadline.  Not re-armed once they are over: the single
+        # requests run with no timer pending (their thread keeps the deadline).
+        if result.called or sparse:
+            return
+        if timer() >= live_deadline:
+            left[0] = 1
+            pool_done()
+        else:
+            reactor.callLater(TICK, tick)
+
+    if timer() >= deadline or not pool_configs:
         finish()
         return result
+    reactor.callLater(TICK, tick)
     try:
         for pool_config in pool_configs:
             lives.append(_Live(reactor, pool_config, build_pool, LIVE_ROUNDS, pool_done))
@@ -359,6 +424,7 @@ class _Live:
         # One in-memory round: which codec each conversation speaks, and how many reply
         # bytes it gets; the same for the conversations' first reads alone (one request:
         # that is what most clients send), which L{SINGLE_CLIENTS} clients each repeat.
+        self.pool_config = pool_config
         self.answers = {}
         samples = []
         for first_only, copies in ((False, 1), (True, SINGLE_CLIENTS)):
@@ -368,6 +434,11 @@ class _Live:
             for client, reads, _ in rig.conversations:
                 samples.extend([(reads, len(client.transport.value()))] * copies)
             rig.close()
+        # For L{_Sparse}: the single requests with the bytes of their replies, and the
+        # frames the backends got for them with their answers.
+        self.singles = [(b"".join(reads), len(client.transport.value()))
+                        for client, reads, _ in rig.conversations if client.transport.value()]
+        self.frames = rig.frames
         self.clients = len(samples)
         self.pending = self.clients * rounds
         self.ports = []
@@ -421,3 +492,201 @@ class _Live:
         for port in self.ports:
             port.stopListening()
         return sum(client.rounds for client in self.connections) // max(self.clients, 1)
+
+
+# -- single requests from a thread: the shapes of real traffic -------------------------------------
+
+
+class _Sparse:
+    """
+    Single requests to throwaway pools over loopback sockets, from clients and
+    backends that a thread plays (L{_play}), so that the reactor sees only the
+    pools' sockets, as when it serves: mostly one request at a time taking
+    turns over L{SPARSE_CLIENTS} connections, some at once (a poll with several
+    events), and backends that answer sometimes at once, sometimes after a
+    pause, sometimes in two parts (two reads).  The thread ends the phase after
+    C{requests} answers, at C{deadline} or once the proxy stays silent for
+    L{SPARSE_STALL} seconds, and connects to C{done} (L{_Over}).
+    """
+
+    def __init__(self, reactor, lives, build_pool, requests, deadline, timer, done):
+        self.reactor = reactor
+        self.requests = requests
+        self.deadline = deadline
+        self.timer = timer
+        self.done = done
+        self.answered = 0
+        self.stopped = False
+        self.ended = "done"  # or why the thread ended the phase early
+        self.ports = []
+        self.pools = []
+        self.backends = []  # (listening socket, frame -> answer)
+        self.targets = []  # (proxy port, [(request, reply size)])
+        try:
+            for live in lives:
+                if not live.singles:
+                    continue
+                specs = []
+                for spec in live.pool_config.servers:
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    self.backends.append((sock, live.frames))
+                    sock.bind((LOOPBACK, 0))
+                    sock.listen(64)
+                    specs.append(ServerSpec(LOOPBACK, sock.getsockname()[1], spec.weight, "warm-up " + spec.label))
+                timeout = live.pool_config.timeout
+                config = replace(live.pool_config, servers=tuple(specs), preconnect=False, users=(),
+                                 timeout=max(timeout, 1000) if timeout else timeout,
+                                 auto_eject_hosts=False, client_connections=0)
+                pool = build_pool(config, reactor, PoolStats(config.name))
+                self.pools.append(pool)
+                accept = ProxyFactory(pool).buildProtocol
+                port = reactor.listenTCP(0, _Factory(lambda accept=accept: accept(None)), interface=LOOPBACK)
+                self.ports.append(port)
+                self.targets.append((port.getHost().port, live.singles))
+        except Exception:
+            self.close()
+            raise
+        if not self.targets:
+            self.close()
+            reactor.callLater(0, done)
+            return
+        # The thread connects here when it is over.
+        port = reactor.listenTCP(0, _Factory(lambda: _Over(done)), interface=LOOPBACK)
+        self.ports.append(port)
+        self.over = port.getHost().port
+        self.thread = threading.Thread(target=self._play, name="warm-up clients and backends", daemon=True)
+        self.thread.start()
+
+    def _play(self) -> None:
+        """The thread: clients and backends on blocking sockets and their own epoll."""
+        poller = select.epoll()
+        socks = {}  # fd -> (socket, role, frame -> answer or None, [buffered bytes])
+        try:
+            for sock, frames in self.backends:
+                socks[sock.fileno()] = (sock, "listen", frames, None)
+                poller.register(sock.fileno(), select.EPOLLIN)
+            clients = []
+            for index in range(SPARSE_CLIENTS):
+                port, singles = self.targets[index % len(self.targets)]
+                sock = socket.create_connection((LOOPBACK, port), timeout=SPARSE_STALL)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                socks[sock.fileno()] = (sock, "client", None, None)
+                poller.register(sock.fileno(), select.EPOLLIN)
+                # Each client its own of the requests (a connection speaks one protocol:
+                # memcached's text or binary), or its share of them when there are more.
+                mine = index // len(self.targets)
+                clients.append((sock, singles[mine % len(singles)::SPARSE_CLIENTS] or singles[:1]))
+            turn = 0
+            answers = 0  # backend answers sent, whose number picks how the next goes out
+            burst = 0
+            while self.answered < self.requests and not self.stopped and self.timer() < self.deadline:
+                waiting = 0  # reply bytes the clients wait for
+                for _ in range(SPARSE_BURSTS[burst % len(SPARSE_BURSTS)]):
+                    sock, singles = clients[turn % len(clients)]
+                    request, size = singles[(turn // len(clients)) % len(singles)]
+                    turn += 1
+                    sock.sendall(request)
+                    waiting += size
+                    self.answered += 1
+                burst += 1
+                while waiting > 0:
+                    events = poller.poll(SPARSE_STALL)
+                    if not events or self.stopped:
+                        self.ended = "no reply within %s s" % (SPARSE_STALL,) if not events else "stopped"
+                        return
+                    for fd, _ in events:
+                        sock, role, frames, buffered = socks[fd]
+                        if role == "listen":
+                            conn, _ = sock.accept()
+                            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                            socks[conn.fileno()] = (conn, "backend", frames, [b""])
+                            poller.register(conn.fileno(), select.EPOLLIN)
+                            continue
+                        data = sock.recv(65536)
+                        if not data:
+                            self.ended = "the proxy closed a connection"  # not the traffic planned
+                            return
+                        if role == "client":
+                            waiting -= len(data)
+                            continue
+                        buffered[0] += data
+                        reply = _answer(buffered, frames)
+                        if reply is None:
+                            self.ended = "a frame no single request made: %r" % (buffered[0][:60],)
+                            return
+                        if reply:
+                            answers += 1
+                            _send_reply(sock, reply, answers)
+                if burst % 4 == 0:
+                    time.sleep(PAUSE)  # the reactor waits in its poll, as between real requests
+        except OSError as e:
+            self.ended = "%s" % (e,)  # the proxy's side went away: the phase ends
+        finally:
+            for sock, _, _, _ in socks.values():
+                sock.close()
+            poller.close()
+            # Tell the reactor by connecting to it (callFromThread would leave its thread-call
+            # queue in a state the JIT then compiles bridges for, in the first seconds of serving).
+            try:
+                socket.create_connection((LOOPBACK, self.over), timeout=SPARSE_STALL).close()
+            except OSError:
+                pass  # closed already: the warm-up is over
+
+    def close(self) -> int:
+        """Stop the thread, close everything; the single requests sent."""
+        self.stopped = True
+        thread = getattr(self, "thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(SPARSE_STALL * 2)
+        for pool in self.pools:
+            pool.retire()
+        for port in self.ports:
+            port.stopListening()
+        for sock, _ in self.backends:
+            sock.close()
+        return self.answered
+
+
+class _Over(Protocol):
+    """The connection that says the single requests' thread is over: calls C{done}."""
+
+    def __init__(self, done):
+        self.done = done
+
+    def connectionMade(self):
+        self.transport.loseConnection()
+        self.done()
+
+
+def _answer(buffered: list, frames: dict):
+    """
+    The answers to the whole frames at the start of C{buffered[0]} (taken off
+    it): b"" while a frame is incomplete, None for bytes no frame starts.
+    """
+    data = buffered[0]
+    out = []
+    while data:
+        for frame, answer in frames.items():
+            if data.startswith(frame):
+                out.append(answer)
+                data = data[len(frame):]
+                break
+        else:
+            if any(frame.startswith(data) for frame in frames):
+                break  # the rest of a frame is still on its way
+            return None
+    buffered[0] = data
+    return b"".join(out)
+
+
+def _send_reply(sock, reply: bytes, count: int) -> None:
+    """A backend's answer: at once, after a pause, or in two parts (two reads for the proxy)."""
+    how = count % 3
+    if how == 1:
+        time.sleep(PAUSE)
+    if how == 2 and len(reply) > 1:
+        sock.sendall(reply[:len(reply) // 2])
+        time.sleep(PAUSE)
+        sock.sendall(reply[len(reply) // 2:])
+    else:
+        sock.sendall(reply)
