@@ -413,6 +413,24 @@ class _Factory(ClientFactory):
         return "warm-up"
 
 
+def _served_copy(reactor, pool_config, build_pool, backend_ports, **changes):
+    """
+    A throwaway copy of C{pool_config}'s pool, with C{changes}, over fake
+    backends at C{backend_ports} on loopback (one per configured server, of the
+    same weight), and the loopback listener that serves it through C{reactor}.
+    The copy records into statistics of its own, connects only when a request
+    needs it, never ejects a server and takes any number of clients.
+    """
+    # Named so that a log line of theirs, should there be one, says what they are.
+    specs = tuple(ServerSpec(LOOPBACK, port, spec.weight, "warm-up " + spec.label)
+                  for spec, port in zip(pool_config.servers, backend_ports))
+    config = replace(pool_config, servers=specs, preconnect=False, auto_eject_hosts=False,
+                     client_connections=0, **changes)
+    pool = build_pool(config, reactor, PoolStats(pool_config.name))
+    accept = ProxyFactory(pool).buildProtocol
+    return pool, reactor.listenTCP(0, _Factory(lambda: accept(None)), interface=LOOPBACK)
+
+
 class _Live:
     """One pool's throwaway copy served over loopback sockets by the real reactor."""
 
@@ -441,19 +459,12 @@ class _Live:
         self.frames = rig.frames
         self.clients = len(samples)
         self.pending = self.clients * rounds
-        self.ports = []
-        specs = []
-        for spec in pool_config.servers:
-            port = reactor.listenTCP(0, _Factory(lambda: _FakeBackend(self)), interface=LOOPBACK)
-            self.ports.append(port)
-            # Named so that a log line of theirs, should there be one, says what they are.
-            specs.append(ServerSpec(LOOPBACK, port.getHost().port, spec.weight, "warm-up " + spec.label))
-        # One connection per server, no timeout (a compilation may take longer), no ejection.
-        config = replace(pool_config, servers=tuple(specs), server_connections=1, preconnect=False,
-                         timeout=None, auto_eject_hosts=False, client_connections=0)
-        self.pool = build_pool(config, reactor, PoolStats(pool_config.name))
-        accept = ProxyFactory(self.pool).buildProtocol
-        listener = reactor.listenTCP(0, _Factory(lambda: accept(None)), interface=LOOPBACK)
+        self.ports = [reactor.listenTCP(0, _Factory(lambda: _FakeBackend(self)), interface=LOOPBACK)
+                      for _ in pool_config.servers]
+        # One connection per server, no timeout (a compilation may take longer).
+        self.pool, listener = _served_copy(reactor, pool_config, build_pool,
+                                           [port.getHost().port for port in self.ports],
+                                           server_connections=1, timeout=None)
         self.ports.append(listener)
         self.connections = []
         for reads, size in samples:
@@ -526,21 +537,17 @@ class _Sparse:
             for live in lives:
                 if not live.singles:
                     continue
-                specs = []
-                for spec in live.pool_config.servers:
+                backend_ports = []
+                for _ in live.pool_config.servers:
                     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                     self.backends.append((sock, live.frames))
                     sock.bind((LOOPBACK, 0))
                     sock.listen(64)
-                    specs.append(ServerSpec(LOOPBACK, sock.getsockname()[1], spec.weight, "warm-up " + spec.label))
+                    backend_ports.append(sock.getsockname()[1])
                 timeout = live.pool_config.timeout
-                config = replace(live.pool_config, servers=tuple(specs), preconnect=False, users=(),
-                                 timeout=max(timeout, 1000) if timeout else timeout,
-                                 auto_eject_hosts=False, client_connections=0)
-                pool = build_pool(config, reactor, PoolStats(config.name))
+                pool, port = _served_copy(reactor, live.pool_config, build_pool, backend_ports, users=(),
+                                          timeout=max(timeout, 1000) if timeout else timeout)
                 self.pools.append(pool)
-                accept = ProxyFactory(pool).buildProtocol
-                port = reactor.listenTCP(0, _Factory(lambda accept=accept: accept(None)), interface=LOOPBACK)
                 self.ports.append(port)
                 self.targets.append((port.getHost().port, live.singles))
         except Exception:
