@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
 import redis
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from tests.support import processes
 from tests.support.processes import HOST, free_port
@@ -104,6 +105,57 @@ def test_memcache_text_and_binary_samples_are_answered_in_full():
     served = {(b.connection.server.label, b.connection.codec.name) for b in r.backends}
     assert len([label for label, codec in served if codec == "memcache_text"]) == 3
     assert len([label for label, codec in served if codec == "memcache_binary"]) >= 2
+
+
+@pytest.mark.parametrize("name", ["red", "mem"])
+def test_warm_up_clients_are_built_as_the_proxys_own(name):
+    # The same attributes set in the same order (on PyPy: the same map, so what the
+    # warm-up compiled fits the clients served), a login guard included; but the
+    # guard's limiter is the warm-up's own, never the one real clients are counted by.
+    proxy = Proxy(pools(), MemoryReactorClock())
+    served = proxy.factories[name].buildProtocol(None)
+    served.makeConnection(StringTransport())
+    warm = rig(name).conversations[0][0]
+    assert list(vars(warm)) == list(vars(served))
+    assert list(vars(warm.parser)) == list(vars(served.parser))
+    assert served.parser.login_guard.limiter is proxy.logins
+    assert warm.parser.login_guard is not None and warm.parser.login_guard.limiter is not proxy.logins
+
+
+class _FakeJit:
+    """Records PyPy's C{pypyjit.set_param} calls."""
+
+    def __init__(self):
+        self.eagerness = []
+
+    def set_param(self, trace_eagerness):
+        self.eagerness.append(trace_eagerness)
+
+
+@pytest_twisted.inlineCallbacks
+def test_bridges_are_compiled_eagerly_only_while_warming_up(monkeypatch):
+    from twisted.internet import reactor
+
+    jit = _FakeJit()
+    monkeypatch.setitem(sys.modules, "pypyjit", jit)
+    monkeypatch.setattr(warmup, "PYPY", True)
+    done = Proxy(pools(warmup=1.0), reactor).warm_up()
+    assert jit.eagerness == [warmup.WARMUP_EAGERNESS]
+    yield done
+    assert jit.eagerness == [warmup.WARMUP_EAGERNESS, warmup.SERVING_EAGERNESS]
+
+
+def test_a_failed_warm_up_serves_with_the_default_eagerness(monkeypatch):
+    jit = _FakeJit()
+    monkeypatch.setitem(sys.modules, "pypyjit", jit)
+    monkeypatch.setattr(warmup, "PYPY", True)
+
+    def broken(*args):
+        raise RuntimeError("no pool")
+
+    with pytest.raises(RuntimeError):
+        warmup.warm_up(MemoryReactorClock(), pools().pools, broken, 1.0)
+    assert jit.eagerness == [warmup.WARMUP_EAGERNESS, warmup.SERVING_EAGERNESS]
 
 
 def test_in_memory_rounds_stop_at_their_time_limit_or_round_count():

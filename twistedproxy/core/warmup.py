@@ -50,6 +50,7 @@ from twisted.python.failure import Failure
 
 from twistedproxy.config.model import ServerSpec
 from twistedproxy.core.client import ProxyFactory
+from twistedproxy.core.logins import LocalAuthLimiter
 from twistedproxy.stats.recorder import PoolStats
 
 log = Logger()
@@ -102,6 +103,26 @@ AUTO_ENV = "TWISTEDPROXY_WARMUP_AUTO"  # seconds that "auto" means instead, if s
 REPLACING_SECONDS = 0.1
 
 _DONE = Failure(ConnectionDone("warm-up over"))
+
+# PyPy compiles a bridge for a side exit once its guard failed C{trace_eagerness}
+# times: this many during a warm-up, PyPy's default once serving (L{_trace_eagerness}).
+WARMUP_EAGERNESS = 20
+SERVING_EAGERNESS = 200
+
+
+def _trace_eagerness(value: int) -> None:
+    """
+    Set PyPy's C{trace_eagerness} (nothing on CPython).  During the warm-up it
+    is L{WARMUP_EAGERNESS}: a shape of traffic the warm-up makes a few dozen
+    times (a poll with some events, a reply in two reads) then gets its bridge
+    compiled before the process serves, not in its first seconds of traffic
+    (bench/README.md, "Ready means warm").  Once serving it is PyPy's default
+    again, so rare paths go on running in the interpreter instead of being compiled.
+    """
+    if PYPY:
+        import pypyjit
+
+        pypyjit.set_param(trace_eagerness=value)
 
 
 class WarmupReport:
@@ -160,7 +181,7 @@ class _Rig:
         # The samples are what clients send once logged in: the copy asks for no login.
         pool_config = replace(pool_config, users=())
         self.pool = pool = build_pool(pool_config, clock, PoolStats(pool_config.name))
-        factory = ProxyFactory(pool)
+        factory = _factory(pool, clock)
         self.answers = {}  # codec -> answer(frame), learnt as each client's parser picks its codec
         self.conversations = []
         self.backends = []
@@ -261,7 +282,12 @@ def warm_up(reactor, pool_configs, build_pool, seconds: float = AUTO_SECONDS, ti
     ends the warm-up, never the process.
     """
     started = timer()
-    report = warm_up_in_memory(pool_configs, build_pool, seconds * MEMORY_SHARE, ROUNDS, timer)
+    _trace_eagerness(WARMUP_EAGERNESS)
+    try:
+        report = warm_up_in_memory(pool_configs, build_pool, seconds * MEMORY_SHARE, ROUNDS, timer)
+    except BaseException:
+        _trace_eagerness(SERVING_EAGERNESS)
+        raise
     deadline = started + seconds
     live_deadline = started + seconds * LIVE_SHARE
     result = Deferred()
@@ -281,6 +307,7 @@ def warm_up(reactor, pool_configs, build_pool, seconds: float = AUTO_SECONDS, ti
         end_lives()
         for phase in sparse:
             report.sparse = phase.close()
+        _trace_eagerness(SERVING_EAGERNESS)
         gc.collect()  # the warm-up's garbage goes now, not in the first seconds of serving
         report.seconds = timer() - started
         result.callback(report)
@@ -413,6 +440,17 @@ class _Factory(ClientFactory):
         return "warm-up"
 
 
+def _factory(pool, reactor) -> ProxyFactory:
+    """
+    The client factory of a throwaway pool, built as the proxy builds its own: with a
+    limiter of failed logins, so each client's parser gets its login guard.  On PyPy
+    the parsers then have the layout (map) they have when serving; without it every
+    request of the first seconds failed a map guard the warm-up compiled.  The
+    limiter is a throwaway too (limit 0: it counts, never blocks, and nobody reads it).
+    """
+    return ProxyFactory(pool, LocalAuthLimiter(reactor, 0))
+
+
 def _served_copy(reactor, pool_config, build_pool, backend_ports, **changes):
     """
     A throwaway copy of C{pool_config}'s pool, with C{changes}, over fake
@@ -427,7 +465,7 @@ def _served_copy(reactor, pool_config, build_pool, backend_ports, **changes):
     config = replace(pool_config, servers=specs, preconnect=False, auto_eject_hosts=False,
                      client_connections=0, **changes)
     pool = build_pool(config, reactor, PoolStats(pool_config.name))
-    accept = ProxyFactory(pool).buildProtocol
+    accept = _factory(pool, reactor).buildProtocol
     return pool, reactor.listenTCP(0, _Factory(lambda: accept(None)), interface=LOOPBACK)
 
 
