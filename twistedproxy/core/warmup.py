@@ -25,7 +25,10 @@ own sockets, as when it serves, in the shapes of real traffic the closed-loop
 rounds never make (a poll with one event or a few, a reply arriving in two
 reads or after a pause, a reactor with no timer pending).  On PyPy most of
 what the JIT still compiled in the first second of real traffic was bridges
-for exactly these (bench/README.md, "Ready means warm").
+for exactly these (bench/README.md, "Ready means warm").  While it warms up,
+PyPy compiles a side exit after 20 failures instead of 200 (L{_trace_eagerness}),
+and its throwaway clients are built as the proxy builds its own (L{_factory}), so
+that what it compiles fits the objects the process then serves.
 
 Nothing here runs per request once the process serves.
 """
