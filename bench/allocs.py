@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("-n", "--requests", type=int, default=100000)
     parser.add_argument("--pipeline", type=int, choices=(1, run.PIPELINE), help="only this pipelining")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--mc-loader", choices=("memaslap", "mcload"), default="mcload")
+    parser.add_argument("--mc-loader", choices=run.MC_LOADERS, default="mcload")
     args = parser.parse_args(argv)
     python = os.path.abspath(args.python) if args.python else run.find_python("pypy", None, "/tmp/vpy")
     loader = run.shutil.which("pypy3") or sys.executable

@@ -17,10 +17,8 @@ bench/README.md ("Latency") for what each run does and how to read it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,14 +28,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import run  # noqa: E402  (bench/run.py: re-runs this script under the CPython venv if PyYAML is missing)
-from run import BenchError, processes  # noqa: E402
+from run import BenchError, build_generator, processes  # noqa: E402
 
 HOST = processes.HOST
 DIRECT = run.DIRECT
 GENERATOR = "generator"  # the no-op baseline: the generator's own schedule, no socket
 PROXIES = ("pypy", "cpython")
-SOURCE = os.path.join(HERE, "latgen.c")
-BUILD_DIR = os.path.join(HERE, ".build")
 PERCENTILES = ("p50", "p90", "p99", "p999", "max")
 REALTIME_PRIORITY = 10  # SCHED_FIFO; the kernel's RT throttling still leaves 5% of each core to the rest
 
@@ -53,25 +49,6 @@ def realtime_allowed() -> bool:
 
 
 # -- the generator ------------------------------------------------------------------
-
-def build_generator() -> str:
-    """bench/latgen.c compiled into bench/.build/ (git-ignored), once per version of the source."""
-    with open(SOURCE, "rb") as f:
-        digest = hashlib.sha1(f.read()).hexdigest()[:12]
-    binary = os.path.join(BUILD_DIR, "latgen-" + digest)
-    if os.access(binary, os.X_OK):
-        return binary
-    if not shutil.which("gcc"):
-        subprocess.check_call(["bash", "-c", "source scripts/env.sh && ensure_debian_packages"], cwd=ROOT)
-    os.makedirs(BUILD_DIR, exist_ok=True)
-    partial = "%s.%d" % (binary, os.getpid())
-    out = subprocess.run(["gcc", "-O2", "-Wall", "-o", partial, SOURCE], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-    if out.returncode != 0:
-        raise BenchError("gcc could not build %s:\n%s" % (SOURCE, out.stdout))
-    os.rename(partial, binary)  # atomic: a concurrent build finds a whole binary or none
-    return binary
-
 
 class Generator:
     """Runs latgen against one port; each method returns latgen's JSON (latencies in microseconds)."""

@@ -12,13 +12,21 @@
  *   latgen open   HOST PORT PROTO CONNS KEYS RATE SECONDS ROUNDS
  *   latgen closed HOST PORT PROTO CONNS KEYS REQUESTS
  *   latgen preload HOST PORT PROTO CONNS KEYS VALUE_SIZE
+ *   latgen batch  HOST PORT PROTO CONNS KEYS REQUESTS DEPTH
  *
  * PROTO is redis (GET) or memcache (get).  Keys are "lat:%08d" for 0 <= n < KEYS,
  * in turn.  PORT 0 opens no connection: each request "completes" when the
  * generator gets round to sending it, so the figures are the generator's own
  * scheduling jitter (the no-op baseline).  "closed" keeps one request in flight
  * per connection (the maximum rate at that depth); "preload" is "closed" with
- * one SET of a VALUE_SIZE-byte value per key.  One JSON object on stdout.
+ * one SET of a VALUE_SIZE-byte value per key.
+ *
+ * "batch" is bench/run.py's pipelined load, the shape of redis-benchmark -P
+ * DEPTH -r KEYS: each connection sends DEPTH requests at once and waits for all
+ * their replies before the next batch; requests are SET (3-byte value) and GET
+ * in turn, each on a random key "key:%012d" below KEYS; a request's latency is
+ * its batch's round trip.  It prints what bench/mcload.py prints (requests,
+ * seconds, rps, p50_ms, p99_ms, errors) and more.  One JSON object on stdout.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -40,6 +48,7 @@
 
 #define DRAIN_NS 5000000000ULL /* replies still missing this long after the last due time are lost */
 #define MAX_QUEUE (1u << 20)   /* outstanding requests per connection before we give up */
+#define MIX_VALUE_SIZE 3        /* batch's SET values: redis-benchmark's default -d 3 */
 
 enum { REDIS, MEMCACHE };
 
@@ -51,12 +60,22 @@ typedef struct {
     size_t wlen, wcap;
     uint64_t *queue; /* request indexes awaiting a reply, FIFO */
     uint32_t head, tail, qcap;
-    int out; /* EPOLLOUT watched */
+    int out;              /* EPOLLOUT watched */
+    uint64_t batch_first; /* closed loop: the requests sent together, waited for together */
+    uint32_t batch_size;
 } conn_t;
 
+/* One request per key, built before the run. */
+typedef struct {
+    char **data;
+    size_t *len;
+} table_t;
+
 static int proto;
-static char **requests;
-static size_t *request_len;
+static table_t requests; /* open, closed, preload: request i is key i % nkeys's */
+static int mixed;        /* batch: SET and GET in turn on random keys instead */
+static table_t sets, gets;
+static uint64_t random_state = 1;
 static uint64_t nkeys;
 static uint64_t *latency;   /* per request: ns from due (open) or sent (closed) to reply */
 static uint64_t *start_ns;  /* per request: when its clock started */
@@ -94,12 +113,12 @@ static void grow(char **buf, size_t *cap, size_t need) {
     *cap = cap2;
 }
 
-static void make_requests(size_t value_size) {
-    requests = xalloc(nkeys * sizeof(char *));
-    request_len = xalloc(nkeys * sizeof(size_t));
+/* GETs (value_size 0) or SETs of a value_size-byte value, one per key PREFIX%0WIDTHd. */
+static table_t make_table(const char *prefix, int width, size_t value_size) {
+    table_t t = {xalloc(nkeys * sizeof(char *)), xalloc(nkeys * sizeof(size_t))};
     for (uint64_t k = 0; k < nkeys; k++) {
-        char key[32], buf[128];
-        int klen = snprintf(key, sizeof key, "lat:%08llu", (unsigned long long)k);
+        char key[48], buf[128];
+        int klen = snprintf(key, sizeof key, "%s%0*llu", prefix, width, (unsigned long long)k);
         int n;
         if (!value_size)
             n = proto == REDIS ? snprintf(buf, sizeof buf, "*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n", klen, key)
@@ -109,14 +128,35 @@ static void make_requests(size_t value_size) {
                                           value_size)
                                : snprintf(buf, sizeof buf, "set %s 0 0 %zu\r\n", key, value_size);
         size_t len = (size_t)n + (value_size ? value_size + 2 : 0);
-        requests[k] = xalloc(len + 1);
-        memcpy(requests[k], buf, (size_t)n);
+        t.data[k] = xalloc(len + 1);
+        memcpy(t.data[k], buf, (size_t)n);
         if (value_size) {
-            memset(requests[k] + n, 'v', value_size);
-            memcpy(requests[k] + n + value_size, "\r\n", 2);
+            memset(t.data[k] + n, 'v', value_size);
+            memcpy(t.data[k] + n + value_size, "\r\n", 2);
         }
-        request_len[k] = len;
+        t.len[k] = len;
     }
+    return t;
+}
+
+/* xorshift64*: the same keys every run, and cheap enough to draw while sending. */
+static uint64_t next_random(void) {
+    random_state ^= random_state >> 12;
+    random_state ^= random_state << 25;
+    random_state ^= random_state >> 27;
+    return random_state * 0x2545F4914F6CDD1DULL;
+}
+
+/* Request i's bytes: key i's in turn, or (mixed) a SET or a GET, in turn, of a random key. */
+static const char *request_for(uint64_t i, size_t *len) {
+    const table_t *t = &requests;
+    uint64_t k = i % nkeys;
+    if (mixed) {
+        t = i & 1 ? &gets : &sets;
+        k = (next_random() >> 11) % nkeys;
+    }
+    *len = t->len[k];
+    return t->data[k];
 }
 
 /* Length of one complete reply at buf (0: incomplete); *kind: 0 hit, 1 miss, 2 error. */
@@ -241,8 +281,8 @@ static void enqueue(conn_t *c, uint64_t i, uint64_t start) {
     }
     c->queue[c->tail++ & (c->qcap - 1)] = i;
     start_ns[i] = start;
-    const char *req = requests[i % nkeys];
-    size_t len = request_len[i % nkeys];
+    size_t len;
+    const char *req = request_for(i, &len);
     grow(&c->wbuf, &c->wcap, c->wlen + len);
     memcpy(c->wbuf + c->wlen, req, len);
     c->wlen += len;
@@ -473,23 +513,33 @@ static int run_open(const char *host, int port, double rate, double seconds, int
     return 0;
 }
 
-static int run_closed(const char *host, int port, uint64_t total) {
-    if (!port || !total) {
-        fprintf(stderr, "latgen: closed needs a port and requests\n");
-        return 2;
-    }
+/* The next batch on c: up to depth requests from *next on, sent together. */
+static void send_batch(conn_t *c, uint64_t *next, uint64_t total, uint32_t depth) {
+    uint64_t now = now_ns();
+    c->batch_first = *next;
+    for (c->batch_size = 0; c->batch_size < depth && *next < total; c->batch_size++, (*next)++)
+        enqueue(c, *next, now);
+    flush(c);
+}
+
+/*
+ * Closed loop: each connection sends depth requests at once and the next batch
+ * once all their replies are in, total requests in all, for at most 300 s.  A
+ * request's latency is its batch's round trip (its last reply's).  Returns how
+ * many were sent; *t0 and *end: when it started and ended.
+ */
+static uint64_t closed_loop(const char *host, int port, uint64_t total, uint32_t depth, uint64_t *t0,
+                            uint64_t *end) {
     latency = xalloc(total * sizeof(uint64_t));
     memset(latency, 0xff, total * sizeof(uint64_t));
     start_ns = xalloc(total * sizeof(uint64_t));
-    uint64_t *tmp = xalloc(total * sizeof(uint64_t));
     open_conns(host, port);
-    uint64_t next = 0, t0 = now_ns();
-    for (int k = 0; k < nconns && next < total; k++, next++) {
-        enqueue(&conns[k], next, t0);
-        flush(&conns[k]);
-    }
+    uint64_t next = 0;
+    *t0 = now_ns();
+    for (int k = 0; k < nconns && next < total; k++)
+        send_batch(&conns[k], &next, total, depth);
     struct epoll_event events[64];
-    uint64_t deadline = t0 + 300 * 1000000000ULL;
+    uint64_t deadline = *t0 + 300 * 1000000000ULL;
     while (completed < total) {
         int n = epoll_wait(ep, events, 64, 1000);
         if (n < 0) {
@@ -502,19 +552,29 @@ static int run_closed(const char *host, int port, uint64_t total) {
         for (int k = 0; k < n; k++) {
             conn_t *c = events[k].data.ptr;
             if (events[k].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
-                uint64_t done = readable(c);
-                if (done && next < total) {
-                    uint64_t now = now_ns();
-                    for (; done && next < total; done--, next++)
-                        enqueue(c, next, now);
-                    flush(c);
+                if (readable(c) && c->head == c->tail) {
+                    uint64_t last = latency[c->batch_first + c->batch_size - 1];
+                    for (uint32_t j = 0; j + 1 < c->batch_size; j++)
+                        latency[c->batch_first + j] = last;
+                    if (next < total)
+                        send_batch(c, &next, total, depth);
                 }
             }
             if (events[k].events & EPOLLOUT)
                 flush(c);
         }
     }
-    uint64_t end = now_ns();
+    *end = now_ns();
+    return next;
+}
+
+static int run_closed(const char *host, int port, uint64_t total) {
+    if (!port || !total) {
+        fprintf(stderr, "latgen: closed needs a port and requests\n");
+        return 2;
+    }
+    uint64_t t0, end, next = closed_loop(host, port, total, 1, &t0, &end);
+    uint64_t *tmp = xalloc(total * sizeof(uint64_t));
     uint64_t lost = mark_lost(next, end);
     double elapsed = (end - t0) / 1e9;
     printf("{\"mode\": \"closed\", \"connections\": %d, \"requests\": %llu, \"rps\": %.1f, ", nconns,
@@ -526,10 +586,32 @@ static int run_closed(const char *host, int port, uint64_t total) {
     return 0;
 }
 
+static int run_batch(const char *host, int port, uint64_t total, uint32_t depth) {
+    if (!port || !total || !depth) {
+        fprintf(stderr, "latgen: batch needs a port, requests and a depth\n");
+        return 2;
+    }
+    mixed = 1;
+    uint64_t t0, end, next = closed_loop(host, port, total, depth, &t0, &end);
+    uint64_t lost = mark_lost(next, end) + (total - next);
+    uint64_t *tmp = xalloc(next * sizeof(uint64_t));
+    memcpy(tmp, latency, next * sizeof(uint64_t));
+    qsort(tmp, next, sizeof(uint64_t), cmp_u64);
+    double elapsed = (end - t0) / 1e9;
+    printf("{\"mode\": \"batch\", \"connections\": %d, \"depth\": %u, \"requests\": %llu, \"seconds\": %.4f, "
+           "\"rps\": %.1f, \"p50_ms\": %.3f, \"p99_ms\": %.3f, \"errors\": %llu, \"lost\": %llu, "
+           "\"hits\": %llu, \"misses\": %llu}\n",
+           nconns, depth, (unsigned long long)completed, elapsed, completed / elapsed, pct(tmp, next, 0.50) / 1000.0,
+           pct(tmp, next, 0.99) / 1000.0, (unsigned long long)errors, (unsigned long long)lost,
+           (unsigned long long)hits, (unsigned long long)misses);
+    return 0;
+}
+
 static void usage(void) {
     fprintf(stderr, "usage: latgen open HOST PORT redis|memcache CONNS KEYS RATE SECONDS ROUNDS\n"
                     "       latgen closed HOST PORT redis|memcache CONNS KEYS REQUESTS\n"
-                    "       latgen preload HOST PORT redis|memcache CONNS KEYS VALUE_SIZE\n");
+                    "       latgen preload HOST PORT redis|memcache CONNS KEYS VALUE_SIZE\n"
+                    "       latgen batch HOST PORT redis|memcache CONNS KEYS REQUESTS DEPTH\n");
     exit(2);
 }
 
@@ -551,7 +633,11 @@ int main(int argc, char **argv) {
     /* Wake-ups on time: the default timer slack (50 us) would be jitter of our own. */
     prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
     int preload = strcmp(mode, "preload") == 0;
-    make_requests(preload ? strtoull(argv[7], NULL, 10) : 0);
+    if (strcmp(mode, "batch") == 0) {
+        sets = make_table("key:", 12, MIX_VALUE_SIZE);
+        gets = make_table("key:", 12, 0);
+    } else
+        requests = make_table("lat:", 8, preload ? strtoull(argv[7], NULL, 10) : 0);
     ep = epoll_create1(0);
     if (ep < 0)
         die("epoll_create1");
@@ -562,6 +648,8 @@ int main(int argc, char **argv) {
         rc = run_closed(host, port, strtoull(argv[7], NULL, 10));
     else if (preload && argc == 8)
         rc = run_closed(host, port, nkeys);
+    else if (strcmp(mode, "batch") == 0 && argc == 9)
+        rc = run_batch(host, port, strtoull(argv[7], NULL, 10), (uint32_t)atoi(argv[8]));
     else
         usage();
     fflush(stdout);

@@ -1,5 +1,7 @@
 """
-A small memcached text-protocol load generator for the pipelined memcached runs.
+A small memcached text-protocol load generator, in Python: bench/run.py's
+pipelined memcached load before bench/latgen.c's batch mode did the same in C
+(C{bench/run.py --mc-pipelined-loader mcload} runs it again, for older figures).
 
 Debian has no memcached load tool that pipelines (memaslap, memcslap send one
 request per connection at a time), so this one does: C{--clients} connections,

@@ -16,6 +16,7 @@ See bench/README.md for what each run does and how to read it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -61,6 +62,12 @@ DIRECT = "direct"
 # The suffix of a target that runs another checkout's code (--baseline): "pypy@base".
 BASE = "@base"
 TOOLS = ["redis-server", "redis-benchmark", "memcached", "memcaslap", "nutcracker"]
+# The memcached load tools: memaslap (C, one request in flight per connection), bench/mcload.py
+# (Python) and bench/latgen.c's batch mode (C); the pipelined run takes either of the last two.
+MC_LOADERS = ("memaslap", "mcload", "latgen")
+MC_PIPELINED_LOADERS = ("latgen", "mcload")
+LATGEN_SOURCE = os.path.join(HERE, "latgen.c")
+BUILD_DIR = os.path.join(HERE, ".build")
 
 
 class BenchError(Exception):
@@ -97,6 +104,25 @@ def ensure_tools() -> None:
     missing = [tool for tool in TOOLS if not shutil.which(tool)]
     if missing:
         raise BenchError("missing after install: %s" % (", ".join(missing),))
+
+
+def build_generator() -> str:
+    """bench/latgen.c compiled into bench/.build/ (git-ignored), once per version of the source."""
+    with open(LATGEN_SOURCE, "rb") as f:
+        digest = hashlib.sha1(f.read()).hexdigest()[:12]
+    binary = os.path.join(BUILD_DIR, "latgen-" + digest)
+    if os.access(binary, os.X_OK):
+        return binary
+    if not shutil.which("gcc"):
+        subprocess.check_call(["bash", "-c", "source scripts/env.sh && ensure_debian_packages"], cwd=ROOT)
+    os.makedirs(BUILD_DIR, exist_ok=True)
+    partial = "%s.%d" % (binary, os.getpid())
+    out = subprocess.run(["gcc", "-O2", "-Wall", "-o", partial, LATGEN_SOURCE], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    if out.returncode != 0:
+        raise BenchError("gcc could not build %s:\n%s" % (LATGEN_SOURCE, out.stdout))
+    os.rename(partial, binary)  # atomic: a concurrent build finds a whole binary or none
+    return binary
 
 
 def describe(python: str) -> str:
@@ -211,9 +237,26 @@ def mcload(loader_python, port, requests, pipeline, timeout):
     """bench/mcload.py's set/get mix: {"set+get": {rps, p50_ms, p99_ms}}."""
     argv = [loader_python, os.path.join(HERE, "mcload.py"), "--port", str(port), "-n", str(requests),
             "-c", str(CLIENTS), "-P", str(pipeline), "-r", str(KEYSPACE), "--timeout", str(timeout)]
-    result = json.loads(_run(argv, timeout + 30).strip().splitlines()[-1])
+    return _set_get_result("mcload", _run(argv, timeout + 30), requests)
+
+
+def latgen_batch(port, requests, pipeline, timeout):
+    """
+    The same load as L{mcload} from bench/latgen.c's batch mode (C, so it takes
+    less of the cores the target shares): {"set+get": {rps, p50_ms, p99_ms}}.
+    """
+    argv = [build_generator(), "batch", HOST, str(port), "memcache", str(CLIENTS), str(KEYSPACE), str(requests),
+            str(pipeline)]
+    return _set_get_result("latgen", _run(argv, timeout), requests)
+
+
+def _set_get_result(name, out, requests):
+    """mcload's or latgen batch's JSON line; any error reply, or a request never answered, fails the run."""
+    result = json.loads(out.strip().splitlines()[-1])
     if result["errors"]:
-        raise BenchError("mcload: %d error replies" % (result["errors"],))
+        raise BenchError("%s: %d error replies" % (name, result["errors"]))
+    if result["requests"] != requests:
+        raise BenchError("%s: %d of %d requests answered" % (name, result["requests"], requests))
     return {"set+get": {k: result[k] for k in ("rps", "p50_ms", "p99_ms")}}
 
 
@@ -271,11 +314,12 @@ def _log2_percentile(counts, p):
 class Load:
     """One protocol's load: warm-up and measured runs against a listening port."""
 
-    def __init__(self, protocol, requests, quick, loader_python, mc_loader):
+    def __init__(self, protocol, requests, quick, loader_python, mc_loader, mc_pipelined_loader="latgen"):
         self.protocol = protocol
         self.requests = requests
         self.loader_python = loader_python
-        self.mc_loader = mc_loader
+        self.mc_loader = mc_loader  # the unpipelined run's: one of MC_LOADERS
+        self.mc_pipelined_loader = mc_pipelined_loader  # one of MC_PIPELINED_LOADERS
         self.warm = (10000, 30000) if quick else (30000, 100000)  # (unpipelined, pipelined)
 
     def run(self, port, pipeline, requests):
@@ -284,8 +328,11 @@ class Load:
         timeout = max(60, requests // 5000)
         if self.protocol == "redis":
             return redis_load(port, requests, pipeline, timeout)
-        if pipeline == 1 and self.mc_loader == "memaslap":
+        loader = self.mc_loader if pipeline == 1 else self.mc_pipelined_loader
+        if loader == "memaslap":
             return memaslap(port, requests, timeout)
+        if loader == "latgen":
+            return latgen_batch(port, requests, pipeline, timeout)
         return mcload(self.loader_python, port, requests, pipeline, timeout)
 
     def warm_up(self, port, workers=1):
@@ -424,7 +471,7 @@ def bench_protocol(running, protocol, args, pythons, results):
     A target that fails (does not start, does not answer, a load errors or hangs)
     is stopped and reported as failed; the others go on.
     """
-    load = Load(protocol, args.requests, args.quick, args.loader_python, args.mc_loader)
+    load = Load(protocol, args.requests, args.quick, args.loader_python, args.mc_loader, args.mc_pipelined_loader)
     servers = backends(running, protocol)
     pool = processes.pool_config([s.port for s in servers], 0, redis=(protocol == "redis"))
     runs = [("nutcracker", 0)] + ([] if args.no_direct else [(DIRECT, 0)])
@@ -624,8 +671,10 @@ def parse_args(argv):
     parser.add_argument("--pypy", help="PyPy venv directory or interpreter")
     parser.add_argument("--cpython", help="CPython venv directory or interpreter")
     parser.add_argument("--only", default="pypy,cpython", help="which proxies to run: pypy,cpython (default both)")
-    parser.add_argument("--mc-loader", choices=("memaslap", "mcload"), default="memaslap",
-                        help="unpipelined memcached load: memaslap (default) or bench/mcload.py")
+    parser.add_argument("--mc-loader", choices=MC_LOADERS, default="memaslap",
+                        help="unpipelined memcached load: memaslap (default), bench/mcload.py or bench/latgen.c")
+    parser.add_argument("--mc-pipelined-loader", choices=MC_PIPELINED_LOADERS, default="latgen",
+                        help="pipelined memcached load: bench/latgen.c's batch mode (default) or bench/mcload.py")
     parser.add_argument("--no-direct", action="store_true",
                         help="skip the baseline straight against one backend with no proxy (the ceiling)")
     parser.add_argument("--baseline", help="another checkout (e.g. git archive main | tar -x -C DIR) whose code "
@@ -680,7 +729,7 @@ def main(argv=None) -> int:
         args.baseline = os.path.abspath(args.baseline)
         for name in list(pythons):
             pythons[name + BASE] = pythons[name]
-    # The memcached load generator is Python: PyPy runs it about twice as fast.
+    # bench/mcload.py is Python: PyPy runs it about twice as fast.
     args.loader_python = shutil.which("pypy3") or pythons.get("pypy") or sys.executable
     protocols = ["redis", "memcache"] if args.protocol == "all" else [args.protocol]
     meta = {
@@ -691,8 +740,8 @@ def main(argv=None) -> int:
         "nutcracker": subprocess.run(["nutcracker", "-V"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True).stdout.strip(),
         "git": _git_state(), "baseline": args.baseline,
-        "memcache_unpipelined_loader": args.mc_loader, "memcache_pipelined_loader": "bench/mcload.py",
-        "mcload_python": args.loader_python,
+        "memcache_unpipelined_loader": args.mc_loader, "memcache_pipelined_loader": args.mc_pipelined_loader,
+        "mcload_python": args.loader_python if "mcload" in (args.mc_loader, args.mc_pipelined_loader) else None,
     }
     print("==> %d requests/run, %d clients, -r %d, pipelined P=%d and unpipelined; %s" % (
         args.requests, CLIENTS, KEYSPACE, PIPELINE,
@@ -722,6 +771,9 @@ def main(argv=None) -> int:
     print("cpu x nut = the CPU per request / nutcracker's;")
     if not args.no_direct:
         print("direct = the same load straight against one backend, no proxy: the ceiling no proxy can beat here.")
+    if "memcache" in protocols:
+        print("memcache load: %s pipelined, %s unpipelined (--mc-pipelined-loader, --mc-loader)." % (
+            args.mc_pipelined_loader, args.mc_loader))
     print("Results: %s" % (os.path.relpath(path),))
     return 0
 
