@@ -121,6 +121,8 @@ def _trace_eagerness(value: int) -> None:
     compiled before the process serves, not in its first seconds of traffic
     (bench/README.md, "Ready means warm").  Once serving it is PyPy's default
     again, so rare paths go on running in the interpreter instead of being compiled.
+    PyPy cannot tell what it was before: a PyPy started with C{--jit
+    trace_eagerness=N} serves with the default, not N, after a warm-up.
     """
     if PYPY:
         import pypyjit
