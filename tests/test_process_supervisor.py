@@ -1,7 +1,7 @@
 """
 The supervisor on a MemoryReactorClock with a fake spawner: spawn, respawn
 after a crash, crash-loop backoff (on the fake clock), resize, rollover, stop,
-and one broadcast that reaches the live workers only.
+one broadcast that reaches the live workers only, and the spare worker.
 """
 
 from __future__ import annotations
@@ -53,9 +53,28 @@ class FakeSpawner:
         self.next_pid += 1
         worker.pid = self.next_pid
         worker.transport = FakeTransport()
+        self.spawned.append((worker.slot, worker.generation, replacing))
+        if worker.slot is not None:  # a spare gets its channel with its slot
+            self.talk(worker)
+
+    def talk(self, worker):
         worker.channel = FakeChannel()
         worker.hello = True
-        self.spawned.append((worker.slot, worker.generation, replacing))
+
+
+class FakeAssigner:
+    """Gives a spare its slot: records (pid, slot), then its channel says hello; C{error} makes it fail."""
+
+    def __init__(self, spawner):
+        self.spawner = spawner
+        self.assigned = []
+        self.error = None
+
+    def __call__(self, worker, slot):
+        if self.error is not None:
+            raise self.error
+        self.assigned.append((worker.pid, slot))
+        self.spawner.talk(worker)
 
 
 class Owner(SupervisorEvents):
@@ -78,13 +97,19 @@ class Owner(SupervisorEvents):
         self.events.append(("all stopped",))
 
 
-def make(count=2, timeout=5.0):
+def make(count=2, timeout=5.0, spare=False):
     clock = MemoryReactorClock()
     spawner = FakeSpawner()
     owner = Owner()
-    supervisor = Supervisor(clock, spawner, owner, shutdown_timeout=timeout)
+    supervisor = Supervisor(clock, spawner, owner, shutdown_timeout=timeout, assign=FakeAssigner(spawner))
     supervisor.start(count)
+    supervisor.want_spare(spare)
     return supervisor, clock, spawner, owner
+
+
+def ready_all(supervisor):
+    for worker in list(supervisor.workers.values()):
+        supervisor.worker_ready(worker)
 
 
 def crash(worker, code=1):
@@ -238,3 +263,84 @@ def test_stop_respawns_nothing_and_kills_what_outlives_its_deadline():
     assert ("all stopped",) not in owner.events
     crash(first, code=9)
     assert ("all stopped",) in owner.events and supervisor.workers == {} and len(spawner.spawned) == 3
+
+
+def test_the_spare_starts_once_every_worker_is_ready_and_takes_a_crashed_workers_slot():
+    supervisor, clock, spawner, owner = make(2, spare=True)
+    assert supervisor.spare is None  # not while the workers warm up
+    supervisor.worker_ready(supervisor.workers[0])
+    assert supervisor.spare is None
+    supervisor.worker_ready(supervisor.workers[1])
+    spare = supervisor.spare
+    assert spawner.spawned[-1] == (None, 1, False) and spare.describe() == {
+        "pid": spare.pid, "state": "spare", "uptime": 0.0}
+    assert supervisor.live_workers() == list(supervisor.workers.values())  # commands skip it
+    clock.advance(YOUNG + 1)
+    crashed = supervisor.workers[1]
+    crash(crashed)
+    # No process started: the spare is the slot's worker, and a spare again only once it is ready.
+    assert supervisor.workers[1] is spare and supervisor.spare is None
+    assert supervisor.assigner.assigned == [(spare.pid, 1)] and len(spawner.spawned) == 3
+    assert (spare.slot, spare.state, spare.generation, spare.hello) == (1, "starting", 1, True)
+    assert supervisor.restarts == {1: 1} and supervisor.exits[1]["pid"] == crashed.pid
+    supervisor.worker_ready(spare)
+    assert spawner.spawned[-1] == (None, 1, False) and supervisor.spare is not None
+
+
+def test_without_a_spare_a_crashed_worker_is_replaced_by_a_new_process():
+    supervisor, clock, spawner, owner = make(1, spare=True)
+    ready_all(supervisor)
+    supervisor.spare.state = "stopping"  # on its way out: not taken
+    crash(supervisor.workers[0])
+    assert spawner.spawned[-1] == (0, 1, True) and supervisor.assigner.assigned == []
+
+
+def test_a_spare_that_cannot_take_the_slot_is_stopped_and_a_process_started():
+    supervisor, clock, spawner, owner = make(1, spare=True)
+    ready_all(supervisor)
+    spare = supervisor.spare
+    supervisor.assigner.error = BrokenPipeError("gone")
+    crash(supervisor.workers[0])
+    assert spawner.spawned[-1] == (0, 1, True) and supervisor.workers[0] is not spare
+    assert spare.state == "stopping" and spare.transport.signals == ["TERM"] and supervisor.spare is None
+    exit_ok(spare)
+    assert supervisor.workers[0].slot == 0 and 0 in supervisor.workers  # its end changes nothing
+
+
+def test_a_dead_spare_is_replaced_later_each_time_it_dies_young():
+    supervisor, clock, spawner, owner = make(1, spare=True)
+    ready_all(supervisor)
+    for failures in range(1, 5):
+        spare = supervisor.spare
+        crash(spare)
+        assert ("exited", spare.pid) in owner.events and supervisor.spare is None
+        delay = backoff_delay(failures)
+        clock.advance(delay * 0.99)
+        assert supervisor.spare is None or delay == 0
+        clock.advance(delay * 0.01 + 1e-9)
+        assert supervisor.spare is not None and supervisor.spare is not spare
+    assert supervisor.spare_failures == 4 and supervisor.restarts == {}
+    clock.advance(YOUNG)
+    crash(supervisor.spare)  # lived: at once
+    clock.advance(0)
+    assert supervisor.spare is not None and supervisor.spare_failures == 1
+
+
+def test_no_spare_once_unwanted_and_stop_ends_it():
+    supervisor, clock, spawner, owner = make(1, spare=True)
+    ready_all(supervisor)
+    spare = supervisor.spare
+    supervisor.want_spare(False)
+    assert spare.transport.signals == ["TERM"]
+    exit_ok(spare)
+    assert supervisor.spare is None
+    clock.advance(60)
+    assert supervisor.spare is None and len(spawner.spawned) == 2
+    supervisor.want_spare(True)
+    spare = supervisor.spare
+    supervisor.stop(graceful=True)
+    assert spare.transport.signals == ["TERM"] and channel.Stop in sent(supervisor.workers[0])
+    exit_ok(supervisor.workers[0])
+    assert ("all stopped",) not in owner.events  # the spare is not gone yet
+    exit_ok(spare)
+    assert ("all stopped",) in owner.events and len(spawner.spawned) == 3

@@ -528,6 +528,11 @@ GLOBAL_KEYS: Tuple[KeySpec, ...] = (
             " after it. auto: until compiled, at most 2 s (0.1 s in a worker replacing a crashed"
             " one; a short warm-up on CPython); a number: at most that many seconds; off (or 0):"
             " none."),
+    KeySpec("spare_worker", Boolean(),
+            "Under a master, keep one more worker process started ahead (imports done, no slot"
+            " yet, nothing served): it takes the place of the next worker to crash, so the"
+            " connections queued on the crashed worker's socket wait for its warm-up only, not"
+            " for a new process to start. A new spare starts once the replacement is ready."),
     KeySpec("control_mode", _ControlMode(),
             "Permissions of the control socket, in octal as listen's (0600: its owner only;"
             " connecting needs write permission, so 0660 lets its group in). The socket is created"

@@ -182,6 +182,7 @@ class GlobalConfig:
     slowlog_log: bool = False  # also write each slow request to the log
     worker_rlimit_nofile: Optional[int] = None  # soft nofile limit; None: what the connections need
     warmup: Union[str, float] = "auto"  # "auto", or at most this many seconds (0: no warm-up)
+    spare_worker: bool = True  # a worker started ahead, to replace a crashed one
     metrics_http: Optional[ListenSpec] = None  # read-only HTTP: GET /metrics, /status, /stats.json
     auth_failures_limit: int = 10  # failed logins per client address per minute before a block (0: no block)
     auth_block_seconds: float = 60.0  # how long a blocked address's logins are refused

@@ -45,7 +45,7 @@ from twistedproxy.control.interface import IProxyControl
 from twistedproxy.migration.coordinator import Coordinator
 from twistedproxy.migration.state import file_store
 from twistedproxy.net.channels import quiet_amp_logs, quiet_factory
-from twistedproxy.process import accept_mutex, channel, command, ejection, handoff, logins, nursery
+from twistedproxy.process import accept_mutex, channel, command, ejection, handoff, logins, nursery, spare
 from twistedproxy.process.listeners import INHERIT_ENV, ListeningSockets, inherited_sockets
 from twistedproxy.process.statistics import MasterStats
 from twistedproxy.process.supervisor import Supervisor, SupervisorEvents
@@ -177,7 +177,7 @@ class MasterService(service.Service, SupervisorEvents):
         self.reactor = reactor
         self.listening = ListeningSockets()
         self.supervisor = Supervisor(reactor, self._launch, owner=self,
-                                     shutdown_timeout=config.global_.worker_shutdown_timeout)
+                                     shutdown_timeout=config.global_.worker_shutdown_timeout, assign=self._assign)
         self.supervisor.count = config.global_.worker_processes
         self.stats = MasterStats(self, reactor)
         self.upgrade = Upgrade(self, reactor)
@@ -253,6 +253,7 @@ class MasterService(service.Service, SupervisorEvents):
         self.listening.setup_mutex(self.config)
         self.upgrade.listen_to_old_master()
         self.supervisor.start(self.worker_count)
+        self.supervisor.want_spare(self.config.global_.spare_worker)  # started once the workers are ready
         self.coordinator.start()
         if not self.upgrade.inheriting:
             self.stats.serve()
@@ -309,22 +310,37 @@ class MasterService(service.Service, SupervisorEvents):
 
     # -- workers: how one is launched, and what the supervisor tells us ---------------
 
-    def _launch(self, worker, replacing: bool) -> None:
-        """The supervisor's spawner: start C{worker}'s process on its slot's sockets, with its channel."""
-        slot = worker.slot
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        child_fds = {1: 1, 2: 2, 3: child.fileno()}
-        layout = {"master": os.getpid(), "slot": slot, "workers": self.worker_count, "channel": 3, "listen": {},
+    def _slot_layout(self, slot: int, replacing: bool):
+        """
+        What the worker of C{slot} is started with: its layout (descriptors as
+        positions, L{spare.placed}) and the master's descriptors in that order.
+        """
+        descriptors = list(self.listening.fds_for(self.config, slot).items())
+        layout = {"master": os.getpid(), "slot": slot, "workers": self.worker_count, "channel": 3,
+                  "listen": {name: position for position, (name, _) in enumerate(descriptors)},
                   "mutex": None, "level": logs.current_level().name, "output": self.options.get("output"),
                   "replacing": replacing}
-        next_fd = 4
-        for name, fd in self.listening.fds_for(self.config, slot).items():
-            child_fds[next_fd] = fd
-            layout["listen"][name] = next_fd
-            next_fd += 1
+        fds = [fd for _, fd in descriptors]
         if self.listening.use_mutex:
-            child_fds[next_fd] = self.listening.mutex_fd
-            layout["mutex"] = next_fd
+            layout["mutex"] = len(fds)
+            fds.append(self.listening.mutex_fd)
+        return layout, fds
+
+    def _launch(self, worker, replacing: bool) -> None:
+        """
+        The supervisor's spawner: start C{worker}'s process on its slot's
+        sockets, with its channel; a spare (no slot) with its channel only,
+        which L{_assign} gives it a slot on.
+        """
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_fds = {1: 1, 2: 2, 3: child.fileno()}
+        if worker.slot is None:
+            layout = {"master": os.getpid(), "channel": 3, "spare": True}
+        else:
+            layout, fds = self._slot_layout(worker.slot, replacing)
+            numbers = list(range(4, 4 + len(fds)))
+            child_fds.update(zip(numbers, fds))
+            layout = spare.placed(layout, numbers)
         env = dict(os.environ)
         env["PYTHONPATH"] = command.package_root() + os.pathsep + env.get("PYTHONPATH", "")
         env[LAYOUT_ENV] = json.dumps(layout)  # not on the command line: ps shows the worker's title
@@ -335,6 +351,21 @@ class MasterService(service.Service, SupervisorEvents):
         finally:
             child.close()
         worker.pid = worker.transport.pid
+        if worker.slot is None:
+            worker.waiting_channel = parent  # until it takes a slot
+        else:
+            self._open_channel(worker, parent)
+
+    def _assign(self, worker, slot: int) -> None:
+        """The supervisor's assigner: the spare C{worker} takes C{slot}, of a crashed worker (OSError if it cannot)."""
+        layout, fds = self._slot_layout(slot, replacing=True)
+        parent = worker.waiting_channel
+        spare.send_slot(parent, layout, fds)
+        worker.waiting_channel = None
+        self._open_channel(worker, parent)
+
+    def _open_channel(self, worker, parent) -> None:
+        """Speak AMP with C{worker} on C{parent}, the master's end of its socketpair (closed here: adopted)."""
         worker.channel = MasterChannel(self, worker)
         self.reactor.adoptStreamConnection(parent.fileno(), socket.AF_UNIX, quiet_factory(lambda: worker.channel))
         parent.setblocking(False)  # PyPy's adoption made it blocking
@@ -348,6 +379,10 @@ class MasterService(service.Service, SupervisorEvents):
         self._prune_sockets()
 
     def worker_exited(self, worker) -> None:
+        if worker.waiting_channel is not None:
+            worker.waiting_channel.close()  # a spare that never took a slot
+        if worker.slot is None:
+            return
         self.listening.slot_gone(worker.slot)
         self.stats.totals.retire(worker.pid)
         self.upgrade.hand_on_totals()  # an old master's counters grow as its workers exit
@@ -391,6 +426,7 @@ class MasterService(service.Service, SupervisorEvents):
         self.ejections.configure(config)
         self.logins.configure(config)
         self.supervisor.shutdown_timeout = config.global_.worker_shutdown_timeout
+        self.supervisor.want_spare(config.global_.spare_worker)
         rollover = _listen_layout(old) != _listen_layout(config) or any(
             getattr(old.global_, key) != getattr(config.global_, key) for key in _ROLLOVER_KEYS)
         if rollover:
@@ -525,6 +561,7 @@ class MasterService(service.Service, SupervisorEvents):
             "workers": [w.describe() for _, w in sorted(supervisor.workers.items())],
             "restarts": {str(slot): n for slot, n in sorted(supervisor.restarts.items())},
             "retiring": [w.describe() for w in supervisor.retiring],
+            "spare": supervisor.spare.describe() if supervisor.spare is not None else None,
             "last_reload": self.last_reload,
             "log_level": logs.current_level().name,
             "upgrading": self.upgrade.starting is not None,

@@ -3,6 +3,9 @@ Supervision: the master's workers, one per slot, kept running.
 
   - A worker that dies is respawned at once; one that dies young again and
     again is respawned with a growing delay (crash-loop backoff, L{backoff_delay}).
+  - With a spare wanted, one more process is kept started ahead (once every
+    slot's worker is ready, so that it never competes with their warm-ups):
+    it takes the slot of the next worker to die (L{twistedproxy.process.spare}).
   - A resize starts the new slots' workers or retires the extra ones.
   - A rollover starts a new generation of workers; the old one keeps serving
     until every worker of the new one is ready, then drains (graceful stop).
@@ -11,8 +14,10 @@ Supervision: the master's workers, one per slot, kept running.
 
 The supervisor starts nothing itself: a I{spawner}, C{spawn(worker, replacing)},
 launches the process for a L{WorkerProcess} (the master's passes it the
-listening sockets and the AMP channel), and the supervisor tells its I{owner}
-(L{SupervisorEvents}) what happened.  So it runs on a MemoryReactorClock with a
+listening sockets and the AMP channel; a spare, whose C{slot} is None, gets
+its channel only), an I{assigner}, C{assign(worker, slot)}, gives a spare the
+slot of a crashed worker (or raises OSError), and the supervisor tells its I{owner} (L{SupervisorEvents}) what
+happened.  So it runs on a MemoryReactorClock with a
 fake spawner, crash-loop backoff included.
 """
 
@@ -79,16 +84,20 @@ class SupervisorEvents:
 
 
 class WorkerProcess(ProcessProtocol):
-    """One spawned worker, seen from the master; the spawner sets C{pid} and C{channel}."""
+    """
+    One spawned worker, seen from the master; the spawner sets C{pid} and
+    C{channel}.  A spare has no C{slot} (None) until it takes one.
+    """
 
-    def __init__(self, supervisor, slot: int, generation: int):
+    def __init__(self, supervisor, slot, generation: int):
         self.supervisor = supervisor
         self.slot = slot
         self.generation = generation
         self.pid = None
-        self.state = "starting"  # starting, ready, stopping, gone
+        self.state = "starting" if slot is not None else "spare"  # spare, starting, ready, stopping, gone
         self.started_at = supervisor.reactor.seconds()
         self.channel = None
+        self.waiting_channel = None  # a spare's: the master's end of its channel, until it takes a slot
         self.hello = False
         self.served = False  # said Ready (the state is "gone" once it ended)
         self.ready_at = None  # when it said Ready (after its warm-up)
@@ -129,6 +138,8 @@ class WorkerProcess(ProcessProtocol):
     def describe(self) -> dict:
         supervisor = self.supervisor
         now = supervisor.reactor.seconds()
+        if self.slot is None:
+            return {"pid": self.pid, "state": self.state, "uptime": round(now - self.started_at, 3)}
         return {"slot": self.slot, "pid": self.pid, "state": self.state,
                 "generation": self.generation, "uptime": round(now - self.started_at, 3),
                 "restarts": supervisor.restarts.get(self.slot, 0), "last_exit": supervisor.exits.get(self.slot)}
@@ -143,11 +154,13 @@ class Supervisor:
     @ivar count: the number of slots.
     @ivar shutdown_timeout: seconds a graceful stop may take before SIGKILL
         (C{global.worker_shutdown_timeout}; the owner keeps it current).
+    @ivar spare: the spare L{WorkerProcess} (started ahead, no slot yet), or None.
     """
 
-    def __init__(self, reactor, spawn, owner=None, shutdown_timeout: float = 30.0):
+    def __init__(self, reactor, spawn, owner=None, shutdown_timeout: float = 30.0, assign=None):
         self.reactor = reactor
         self.spawner = spawn
+        self.assigner = assign
         self.owner = owner if owner is not None else SupervisorEvents()
         self.shutdown_timeout = shutdown_timeout
         self.count = 0
@@ -160,6 +173,10 @@ class Supervisor:
         self.respawn_calls = {}  # slot -> pending delayed respawn
         self.rollover_pending = None  # the generation whose readiness retires the previous one
         self.stopping = False
+        self.spare_wanted = False
+        self.spare = None
+        self.spare_failures = 0  # consecutive young deaths of spares
+        self.spare_call = None  # a pending delayed start of a spare
 
     # -- which workers ------------------------------------------------------------
 
@@ -194,6 +211,67 @@ class Supervisor:
     def signal_all(self, signum) -> None:
         for worker in self.all_workers():
             worker.signal(signum)
+
+    # -- the spare -------------------------------------------------------------------
+
+    def want_spare(self, wanted: bool) -> None:
+        """Keep a spare (C{global.spare_worker}), or stop the one there is."""
+        self.spare_wanted = wanted
+        if wanted:
+            self._spare_due()
+            return
+        if self.spare_call is not None:
+            self.spare_call.cancel()
+            self.spare_call = None
+        if self.spare is not None:
+            self.spare.stop(graceful=False, timeout=0)
+
+    def _spare_due(self) -> None:
+        """Start a spare if one is wanted and missing, and every slot's worker is ready."""
+        if (not self.spare_wanted or self.stopping or self.spare is not None or self.spare_call is not None
+                or self.assigner is None):
+            return
+        if len(self.workers) < self.count or any(w.state != "ready" for w in self.workers.values()):
+            return  # it would compete with their warm-ups for the CPUs
+        self.spare = WorkerProcess(self, None, self.generation)
+        self.spawner(self.spare, False)
+        log.debug("spare worker {pid} started", pid=self.spare.pid)
+
+    def _spare_started(self) -> None:
+        self.spare_call = None
+        self._spare_due()
+
+    def _spare_ended(self, spare: WorkerProcess, reason) -> None:
+        """The spare died before taking a slot: another one, later each time it dies young."""
+        self.spare = None
+        if self.stopping or spare.state == "stopping":
+            return
+        young = self.reactor.seconds() - spare.started_at < YOUNG
+        self.spare_failures = self.spare_failures + 1 if young else 1
+        delay = backoff_delay(self.spare_failures)
+        log.warn("spare worker {pid} {reason}; another in {delay}s", pid=spare.pid, reason=exit_reason(reason),
+                 delay=delay)
+        if self.spare_wanted:
+            self.spare_call = self.reactor.callLater(delay, self._spare_started)
+
+    def _take_spare(self, slot: int):
+        """The spare, given C{slot} of the current generation; None when there is none (or it failed to take it)."""
+        spare = self.spare
+        if spare is None or spare.state != "spare":
+            return None
+        self.spare = None
+        try:
+            self.assigner(spare, slot)
+        except OSError as e:
+            log.warn("spare worker {pid} cannot take slot {slot}: {error}", pid=spare.pid, slot=slot, error=str(e))
+            spare.stop(graceful=False, timeout=0)
+            return None
+        spare.slot = slot
+        spare.generation = self.generation
+        spare.state = "starting"
+        spare.started_at = self.reactor.seconds()
+        log.info("spare worker {pid} takes slot {slot}", pid=spare.pid, slot=slot)
+        return spare
 
     # -- generations ---------------------------------------------------------------
 
@@ -256,6 +334,7 @@ class Supervisor:
         log.debug("worker {pid} ready", pid=worker.pid)
         self.owner.worker_ready(worker)
         self._check_generation_ready()
+        self._spare_due()
 
     def _check_generation_ready(self) -> None:
         if self.rollover_pending is None or self.stopping:
@@ -270,7 +349,9 @@ class Supervisor:
 
     def worker_ended(self, worker: WorkerProcess, reason) -> None:
         self.owner.worker_exited(worker)
-        if worker in self.retiring:
+        if worker is self.spare:
+            self._spare_ended(worker, reason)
+        elif worker in self.retiring:
             self.retiring.discard(worker)
             self.owner.worker_retired(worker)
         elif self.workers.get(worker.slot) is worker:
@@ -278,7 +359,7 @@ class Supervisor:
             self.exits[worker.slot] = {"pid": worker.pid, "reason": exit_reason(reason)}
             if not self.stopping and worker.state != "stopping" and worker.slot < self.count:
                 self._respawn_later(worker, reason)
-        if self.stopping and not self.workers and not self.retiring:
+        if self.stopping and not self.workers and not self.retiring and self.spare is None:
             self.owner.all_stopped()
 
     def _respawn_later(self, worker, reason) -> None:
@@ -301,8 +382,13 @@ class Supervisor:
     def _respawn(self, slot) -> None:
         self.respawn_calls.pop(slot, None)
         if not self.stopping and slot not in self.workers and slot < self.count:
-            # Connections queued on the crashed worker's socket wait for this one's warm-up.
-            self._spawn(slot, replacing=True)
+            # Connections queued on the crashed worker's socket wait for this one's warm-up
+            # (and, without a spare, for its process to start).
+            spare = self._take_spare(slot)
+            if spare is not None:
+                self.workers[slot] = spare
+            else:
+                self._spawn(slot, replacing=True)
 
     # -- stop ---------------------------------------------------------------------
 
@@ -321,7 +407,12 @@ class Supervisor:
         for call in self.respawn_calls.values():
             call.cancel()
         self.respawn_calls = {}
+        if self.spare_call is not None:
+            self.spare_call.cancel()
+            self.spare_call = None
         for worker in self.all_workers():
             worker.stop(graceful=graceful, timeout=self.shutdown_timeout)
-        if not self.workers and not self.retiring:
+        if self.spare is not None:
+            self.spare.stop(graceful=False, timeout=0)  # it serves nobody
+        if not self.workers and not self.retiring and self.spare is None:
             self.owner.all_stopped()

@@ -9,6 +9,10 @@ place; the environment variable L{LAYOUT_ENV} holds a JSON object naming them::
      "mutex": fd or null, "level": "info", "output": path or null,
      "replacing": true when it replaces a crashed worker (a shorter warm-up)}
 
+or, for a spare (L{twistedproxy.process.spare}), C{{"master": pid, "channel":
+fd, "spare": true}}: it imports what a worker runs, then waits on its channel
+for the layout of the slot it takes, and goes on from there as any worker.
+
 The worker asks the master for its configuration over the AMP channel
 (L{channel.Hello}), builds the pools, warms the request path up
 (L{twistedproxy.core.warmup}), then serves the listening sockets it was given
@@ -41,7 +45,7 @@ from twistedproxy.core import warmup
 from twistedproxy.core.logins import RemoteAuthLimiter
 from twistedproxy.net.channels import quiet_amp_logs, quiet_factory
 from twistedproxy.net.sockets import adopt_port
-from twistedproxy.process import channel, command, ejection, handoff, logins
+from twistedproxy.process import channel, command, ejection, handoff, logins, spare
 from twistedproxy.process.accept_mutex import AcceptMutex
 from twistedproxy.process.limits import RefusalLog
 from twistedproxy.stats import commands as stats_commands, workers as stats_workers
@@ -425,7 +429,10 @@ def _migration_state(text):
 
 def main() -> int:
     layout = json.loads(os.environ.pop(LAYOUT_ENV))
-    command.set_title("cacheproxy: worker process %d" % (layout["slot"],))
+    if layout.get("spare"):
+        command.set_title("cacheproxy: spare worker process")
+    else:
+        command.set_title("cacheproxy: worker process %d" % (layout["slot"],))
     die_with_parent(layout["master"])
     for signum in (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGPIPE):
         signal.signal(signum, signal.SIG_IGN)
@@ -435,6 +442,12 @@ def main() -> int:
     from twistedproxy.reactor import install as install_reactor
 
     reactor = install_reactor()
+    if layout.get("spare"):
+        spare.preload()
+        layout = spare.wait_for_slot(layout["channel"])
+        if layout is None:
+            return 0  # the master stopped
+        command.set_title("cacheproxy: worker process %d" % (layout["slot"],))
 
     logs.set_level(logs.parse_level(layout.get("level", "info")))
     output = layout.get("output")
