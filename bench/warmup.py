@@ -17,7 +17,10 @@ connections the kernel puts on the dead worker's socket wait for its
 replacement).  SIGKILL one worker, at once open --probes connections one
 millisecond apart, each sending one GET; the slowest reply is the wait of the
 connections queued on the dead worker's socket (the respawn: process start,
-imports, configuration, warm-up).  Repeated --repeat times per setting.
+imports, configuration, warm-up).  Repeated --repeat times per setting, with
+global: spare_worker on and off (--spare): with it on, each kill waits until
+the master has a spare (imports done), which takes the slot instead of a new
+process.
 
 --jit (first, PyPy): count the loops and bridges the JIT compiles during the
 warm-up and in each of the first 3 seconds of traffic (bench/jithook, a compile
@@ -164,9 +167,9 @@ def windows(results, seconds: float):
     return first, second, last
 
 
-def config_for(protocol: str, backend_port: int, listen_port: int, warmup, workers: int = 0) -> dict:
+def config_for(protocol: str, backend_port: int, listen_port: int, warmup, workers: int = 0, spare=False) -> dict:
     pool = processes.pool_config([backend_port], listen_port, redis=protocol == "redis")
-    return {"bench": pool, "global": {"worker_processes": workers, "warmup": warmup}}
+    return {"bench": pool, "global": {"worker_processes": workers, "warmup": warmup, "spare_worker": spare}}
 
 
 def start_backend(protocol: str):
@@ -275,9 +278,31 @@ def first(args) -> dict:
     return out
 
 
-def worker_pids(master_pid: int) -> list:
+def worker_pids(master_pid: int, kind: str = "worker") -> list:
+    """The master's children titled C{cacheproxy: worker process N} (C{kind} "spare": its spare)."""
     out = subprocess.run(["pgrep", "-P", str(master_pid)], stdout=subprocess.PIPE, universal_newlines=True)
-    return sorted(int(pid) for pid in out.stdout.split())
+    prefix = "cacheproxy: spare worker process" if kind == "spare" else "cacheproxy: worker process "
+    found = []
+    for pid in out.stdout.split():
+        try:
+            with open("/proc/%s/cmdline" % (pid,), "rb") as f:
+                title = f.read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue  # gone meanwhile
+        if title.startswith(prefix):
+            found.append(int(pid))
+    return sorted(found)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.perf_counter() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.perf_counter() > deadline:
+            raise SystemExit("timed out waiting for " + what)
+        time.sleep(0.02)
 
 
 def crash(args) -> dict:
@@ -289,16 +314,21 @@ def crash(args) -> dict:
         store(backend.port, protocol)
         for name in args.python:
             python = find_python(name, getattr(args, name))
-            for setting in args.warmup:
+            for setting, spare in [(w, s) for w in args.warmup for s in args.spare]:
                 port = processes.free_port()
-                proc = processes.proxy(config_for(protocol, backend.port, port, setting, workers=2), port,
-                                       python=python, wait_port=False)
+                proc = processes.proxy(config_for(protocol, backend.port, port, setting, workers=2,
+                                                  spare=spare == "on"), port, python=python, wait_port=False)
                 waits = []
                 try:
                     wait_accepting(port, proc)
                     time.sleep(3.0)  # both workers up, and no longer young (their death is no crash loop)
                     for _ in range(args.repeat):
-                        pids = worker_pids(proc.pid)
+                        pids = wait_for(lambda: len(worker_pids(proc.pid)) == 2 and worker_pids(proc.pid), 30,
+                                        "two workers")
+                        spares = []
+                        if spare == "on":
+                            spares = wait_for(lambda: worker_pids(proc.pid, "spare"), 30, "a spare")
+                            time.sleep(1.0)  # its imports done (PyPy: about 0.7 s)
                         victim = pids[0]
                         os.kill(victim, signal.SIGKILL)
                         killed = time.perf_counter()
@@ -320,15 +350,16 @@ def crash(args) -> dict:
                             sock.close()
                         respawned = worker_pids(proc.pid)
                         waits.append(slowest)
-                        print("%-8s %-7s warmup %-4s killed worker %d: slowest of %d new connections %.3f s"
-                              " (kill to last reply %.3f s; workers now %s)"
-                              % (protocol, name, setting, victim, args.probes, slowest,
-                                 time.perf_counter() - killed, respawned))
+                        took = "the spare %d" % (spares[0],) if spares and spares[0] in respawned else "a new process"
+                        print("%-8s %-7s warmup %-4s spare %-3s killed worker %d: slowest of %d new connections"
+                              " %.3f s (kill to last reply %.3f s; workers now %s, %s took its slot)"
+                              % (protocol, name, setting, spare, victim, args.probes, slowest,
+                                 time.perf_counter() - killed, respawned, took))
                         sys.stdout.flush()
                         time.sleep(3.0)  # the new worker is no longer young
                 finally:
                     proc.stop()
-                out["%s/%s/%s" % (protocol, name, setting)] = waits
+                out["%s/%s/%s/spare-%s" % (protocol, name, setting, spare)] = waits
     finally:
         backend.stop()
     return out
@@ -345,6 +376,7 @@ def main(argv=None) -> int:
     parser.add_argument("--conns", type=int, default=20, help="long connections (first)")
     parser.add_argument("--probes", type=int, default=40, help="connections opened after a kill (crash)")
     parser.add_argument("--repeat", type=int, default=3, help="kills per setting (crash)")
+    parser.add_argument("--spare", default="on,off", help="global: spare_worker settings to compare (crash)")
     parser.add_argument("--pypy", help="the PyPy interpreter (default: the repo's .venv-pypy)")
     parser.add_argument("--cpython", help="the CPython interpreter (default: the repo's .venv-cpython)")
     parser.add_argument("--json", help="also write the figures to this file")
@@ -355,6 +387,7 @@ def main(argv=None) -> int:
     args.protocol = args.protocol.split(",")
     args.python = args.python.split(",")
     args.warmup = args.warmup.split(",")
+    args.spare = args.spare.split(",")
     result = first(args) if args.mode == "first" else crash(args)
     if args.json:
         with open(args.json, "w") as f:
