@@ -7,6 +7,9 @@ L{ServerFailed}, L{ServerRecovered}, L{AuthFailed}.
 Master -> worker: L{Reconfigure}, L{Stats}, L{Ping}, L{Stop}, L{SetLogLevel},
 L{WorkerCount}, L{ServerHealth}, L{ProbeServer}, L{AuthBlocked}, L{ApplyMigrations}.
 Old master -> new master, during an upgrade: L{InheritTotals}.
+
+A spare worker's channel carries one line before AMP: the layout of the slot
+it takes, with the slot's sockets (L{twistedproxy.process.spare}).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from twistedproxy.net.channels import BigUnicode
 
 class Hello(amp.Command):
     """
-    A worker is up; the answer is the configuration it must run, and the
     A worker is up; the answer is the configuration it must run, the
     client addresses whose logins are blocked now (JSON: address -> seconds
     left) and the L{twistedproxy.config.migration.MigrationState} (JSON) it
