@@ -426,7 +426,8 @@ class MasterService(service.Service, SupervisorEvents):
         self.ejections.configure(config)
         self.logins.configure(config)
         self.supervisor.shutdown_timeout = config.global_.worker_shutdown_timeout
-        self.supervisor.want_spare(config.global_.spare_worker)
+        if config.global_.spare_worker != old.global_.spare_worker:
+            self.supervisor.want_spare(config.global_.spare_worker)
         rollover = _listen_layout(old) != _listen_layout(config) or any(
             getattr(old.global_, key) != getattr(config.global_, key) for key in _ROLLOVER_KEYS)
         if rollover:
