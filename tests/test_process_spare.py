@@ -28,13 +28,13 @@ def title(pid: int) -> str:
 
 
 def spare_pid(master, other_than=None) -> int:
-    """The pid of the master's spare (a new one if C{other_than} is given), once it is there."""
+    """The pid of the master's spare (a new one if C{other_than} is given), once it is warm."""
 
     def spare():
         found = master.current_status()["spare"]
-        return found["pid"] if found and found["pid"] != other_than else None
+        return found["pid"] if found and found["warm"] and found["pid"] != other_than else None
 
-    return poll(spare, 20, 0.05, "a spare worker")
+    return poll(spare, 20, 0.05, "a warm spare worker")
 
 
 def test_a_spare_takes_the_slot_of_a_killed_worker_and_another_spare_follows(spawn, memcached_backends):
@@ -42,7 +42,7 @@ def test_a_spare_takes_the_slot_of_a_killed_worker_and_another_spare_follows(spa
     port = processes.free_port()
     master = Master(spawn, master_config({"mc": memcache_pool(port, backend)}), port)
     spare = spare_pid(master)
-    assert master.current_status()["spare"]["state"] == "spare"
+    assert master.current_status()["spare"]["state"] == "spare"  # and warm: it takes the next slot
     poll(lambda: title(spare) == "cacheproxy: spare worker process", 20, 0.05, "the spare's title")
     assert spare not in master.worker_pids()
 

@@ -13,7 +13,14 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from twistedproxy.process import channel
-from twistedproxy.process.supervisor import KILL_GRACE, YOUNG, Supervisor, SupervisorEvents, backoff_delay
+from twistedproxy.process.supervisor import (
+    KILL_GRACE,
+    SPARE_AFTER,
+    YOUNG,
+    Supervisor,
+    SupervisorEvents,
+    backoff_delay,
+)
 
 
 class FakeChannel:
@@ -63,18 +70,25 @@ class FakeSpawner:
 
 
 class FakeAssigner:
-    """Gives a spare its slot: records (pid, slot), then its channel says hello; C{error} makes it fail."""
+    """
+    Gives a warm spare its slot: records (pid, slot), then its channel says
+    hello; C{error} makes it fail, C{cold} makes it not ready yet.
+    """
 
     def __init__(self, spawner):
         self.spawner = spawner
         self.assigned = []
         self.error = None
+        self.cold = False
 
     def __call__(self, worker, slot):
         if self.error is not None:
             raise self.error
+        if self.cold:
+            return False
         self.assigned.append((worker.pid, slot))
         self.spawner.talk(worker)
+        return True
 
 
 class Owner(SupervisorEvents):
@@ -265,40 +279,77 @@ def test_stop_respawns_nothing_and_kills_what_outlives_its_deadline():
     assert ("all stopped",) in owner.events and supervisor.workers == {} and len(spawner.spawned) == 3
 
 
-def test_the_spare_starts_once_every_worker_is_ready_and_takes_a_crashed_workers_slot():
+def test_the_spare_starts_once_every_worker_has_been_ready_a_while_and_takes_a_crashed_workers_slot():
     supervisor, clock, spawner, owner = make(2, spare=True)
-    assert supervisor.spare is None  # not while the workers warm up
     supervisor.worker_ready(supervisor.workers[0])
-    assert supervisor.spare is None
+    clock.advance(SPARE_AFTER)
+    assert supervisor.spare is None  # not while a worker warms up
     supervisor.worker_ready(supervisor.workers[1])
+    clock.advance(SPARE_AFTER * 0.99)
+    assert supervisor.spare is None  # nor in their first traffic
+    clock.advance(SPARE_AFTER * 0.01)
     spare = supervisor.spare
     assert spawner.spawned[-1] == (None, 1, False) and spare.describe() == {
         "pid": spare.pid, "state": "spare", "uptime": 0.0}
     assert supervisor.live_workers() == list(supervisor.workers.values())  # commands skip it
-    clock.advance(YOUNG + 1)
+    clock.advance(YOUNG)
     crashed = supervisor.workers[1]
     crash(crashed)
-    # No process started: the spare is the slot's worker, and a spare again only once it is ready.
+    # No process started: the spare is the slot's worker.
     assert supervisor.workers[1] is spare and supervisor.spare is None
     assert supervisor.assigner.assigned == [(spare.pid, 1)] and len(spawner.spawned) == 3
     assert (spare.slot, spare.state, spare.generation, spare.hello) == (1, "starting", 1, True)
     assert supervisor.restarts == {1: 1} and supervisor.exits[1]["pid"] == crashed.pid
+    # A spare again once the replacement has been ready a while.
+    clock.advance(SPARE_AFTER)
+    assert supervisor.spare is None
     supervisor.worker_ready(spare)
+    clock.advance(SPARE_AFTER)
     assert spawner.spawned[-1] == (None, 1, False) and supervisor.spare is not None
+
+
+def test_a_spare_due_while_a_worker_starts_again_waits_for_its_ready():
+    supervisor, clock, spawner, owner = make(1, spare=True)
+    ready_all(supervisor)
+    clock.advance(SPARE_AFTER / 2)
+    crash(supervisor.workers[0])  # a new process: no spare yet
+    clock.advance(SPARE_AFTER)
+    assert supervisor.spare is None and len(spawner.spawned) == 2
+    supervisor.worker_ready(supervisor.workers[0])
+    clock.advance(SPARE_AFTER)
+    assert supervisor.spare is not None
+
+
+def ready_with_spare(supervisor, clock):
+    ready_all(supervisor)
+    clock.advance(SPARE_AFTER)
+    assert supervisor.spare is not None
+    return supervisor.spare
 
 
 def test_without_a_spare_a_crashed_worker_is_replaced_by_a_new_process():
     supervisor, clock, spawner, owner = make(1, spare=True)
-    ready_all(supervisor)
-    supervisor.spare.state = "stopping"  # on its way out: not taken
+    ready_with_spare(supervisor, clock).state = "stopping"  # on its way out: not taken
     crash(supervisor.workers[0])
     assert spawner.spawned[-1] == (0, 1, True) and supervisor.assigner.assigned == []
 
 
+def test_a_spare_still_warming_up_stays_the_spare_and_a_new_process_takes_the_slot():
+    supervisor, clock, spawner, owner = make(1, spare=True)
+    spare = ready_with_spare(supervisor, clock)
+    supervisor.assigner.cold = True
+    crash(supervisor.workers[0])
+    assert spawner.spawned[-1] == (0, 1, True) and supervisor.spare is spare and spare.state == "spare"
+    supervisor.assigner.cold = False
+    supervisor.worker_ready(supervisor.workers[0])
+    clock.advance(YOUNG)
+    crash(supervisor.workers[0])
+    assert supervisor.workers[0] is spare and supervisor.assigner.assigned == [(spare.pid, 0)]
+
+
 def test_a_spare_that_cannot_take_the_slot_is_stopped_and_a_process_started():
     supervisor, clock, spawner, owner = make(1, spare=True)
-    ready_all(supervisor)
-    spare = supervisor.spare
+    spare = ready_with_spare(supervisor, clock)
     supervisor.assigner.error = BrokenPipeError("gone")
     crash(supervisor.workers[0])
     assert spawner.spawned[-1] == (0, 1, True) and supervisor.workers[0] is not spare
@@ -309,27 +360,26 @@ def test_a_spare_that_cannot_take_the_slot_is_stopped_and_a_process_started():
 
 def test_a_dead_spare_is_replaced_later_each_time_it_dies_young():
     supervisor, clock, spawner, owner = make(1, spare=True)
-    ready_all(supervisor)
+    ready_with_spare(supervisor, clock)
     for failures in range(1, 5):
         spare = supervisor.spare
         crash(spare)
         assert ("exited", spare.pid) in owner.events and supervisor.spare is None
-        delay = backoff_delay(failures)
+        delay = SPARE_AFTER + backoff_delay(failures)
         clock.advance(delay * 0.99)
-        assert supervisor.spare is None or delay == 0
+        assert supervisor.spare is None
         clock.advance(delay * 0.01 + 1e-9)
         assert supervisor.spare is not None and supervisor.spare is not spare
     assert supervisor.spare_failures == 4 and supervisor.restarts == {}
     clock.advance(YOUNG)
-    crash(supervisor.spare)  # lived: at once
-    clock.advance(0)
+    crash(supervisor.spare)  # lived: no backoff
+    clock.advance(SPARE_AFTER)
     assert supervisor.spare is not None and supervisor.spare_failures == 1
 
 
 def test_no_spare_once_unwanted_and_stop_ends_it():
     supervisor, clock, spawner, owner = make(1, spare=True)
-    ready_all(supervisor)
-    spare = supervisor.spare
+    spare = ready_with_spare(supervisor, clock)
     supervisor.want_spare(False)
     assert spare.transport.signals == ["TERM"]
     exit_ok(spare)
@@ -337,6 +387,7 @@ def test_no_spare_once_unwanted_and_stop_ends_it():
     clock.advance(60)
     assert supervisor.spare is None and len(spawner.spawned) == 2
     supervisor.want_spare(True)
+    clock.advance(SPARE_AFTER)
     spare = supervisor.spare
     supervisor.stop(graceful=True)
     assert spare.transport.signals == ["TERM"] and channel.Stop in sent(supervisor.workers[0])

@@ -36,6 +36,23 @@ from twistedproxy.routes.tenants import FrontRoute, UserDirectory
 from twistedproxy.stats.recorder import StatsRegistry
 
 
+def warm_up(config, reactor, seconds=None):
+    """
+    Warm the request path of C{config}'s pools up (L{Proxy.warm_up}), with no
+    proxy built: a Deferred firing with the L{warmup.WarmupReport}, or None
+    when off.
+    """
+    if seconds is None:
+        seconds = warmup.seconds_for(config.global_.warmup)
+    if not seconds:
+        return succeed(None)
+    # A front's requests go to these; the warm-up's stand-in backends speak plain text.
+    # A cluster pool's placement comes from its cluster, which throwaway copies cannot
+    # reach: its path is not warmed.
+    pools = [replace(pool, backend_tls=False) for pool in config.pools if not pool.is_front and not pool.redis_cluster]
+    return warmup.warm_up(reactor, pools, build_pool, seconds)
+
+
 def build_pool(pool_config, reactor, stats=None, plan=None) -> HashRoute:
     """
     The route of one L{PoolConfig}: twemproxy's pool, a L{HashRoute} over its
@@ -161,16 +178,7 @@ class Proxy:
         proxy's statistics).  A Deferred fires with the
         L{warmup.WarmupReport}, or None when off.
         """
-        if seconds is None:
-            seconds = warmup.seconds_for(self.config.global_.warmup)
-        if not seconds:
-            return succeed(None)
-        # A front's requests go to these; the warm-up's stand-in backends speak plain text.
-        # A cluster pool's placement comes from its cluster, which throwaway copies cannot
-        # reach: its path is not warmed.
-        pools = [replace(pool, backend_tls=False) for pool in self.config.pools
-                 if not pool.is_front and not pool.redis_cluster]
-        return warmup.warm_up(self.reactor, pools, build_pool, seconds)
+        return warm_up(self.config, self.reactor, seconds)
 
     def start(self) -> list:
         """

@@ -529,10 +529,11 @@ GLOBAL_KEYS: Tuple[KeySpec, ...] = (
             " one; a short warm-up on CPython); a number: at most that many seconds; off (or 0):"
             " none."),
     KeySpec("spare_worker", Boolean(),
-            "Under a master, keep one more worker process started ahead (imports done, no slot"
-            " yet, nothing served): it takes the place of the next worker to crash, so the"
-            " connections queued on the crashed worker's socket wait for its warm-up only, not"
-            " for a new process to start. A new spare starts once the replacement is ready."),
+            "Under a master, keep one more worker process started ahead (imports done, warmed up"
+            " on the configuration file's pools, no slot yet, nothing served): it takes the place"
+            " of the next worker to crash, so the connections queued on the crashed worker's"
+            " socket wait for a short warm-up only, not for a new process to start and warm up."
+            " A new spare starts once the replacement is ready."),
     KeySpec("control_mode", _ControlMode(),
             "Permissions of the control socket, in octal as listen's (0600: its owner only;"
             " connecting needs write permission, so 0660 lets its group in). The socket is created"

@@ -335,7 +335,9 @@ class MasterService(service.Service, SupervisorEvents):
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_fds = {1: 1, 2: 2, 3: child.fileno()}
         if worker.slot is None:
-            layout = {"master": os.getpid(), "channel": 3, "spare": True}
+            # It warms up on the pools of the file (the master's configuration, unless edited since).
+            layout = {"master": os.getpid(), "channel": 3, "spare": True, "config": self.config_path,
+                      "level": logs.current_level().name, "output": self.options.get("output")}
         else:
             layout, fds = self._slot_layout(worker.slot, replacing)
             numbers = list(range(4, 4 + len(fds)))
@@ -352,17 +354,22 @@ class MasterService(service.Service, SupervisorEvents):
             child.close()
         worker.pid = worker.transport.pid
         if worker.slot is None:
-            worker.waiting_channel = parent  # until it takes a slot
+            worker.waiting_channel = spare.SpareChannel(parent)  # until it takes a slot
         else:
             self._open_channel(worker, parent)
 
-    def _assign(self, worker, slot: int) -> None:
-        """The supervisor's assigner: the spare C{worker} takes C{slot}, of a crashed worker (OSError if it cannot)."""
+    def _assign(self, worker, slot: int) -> bool:
+        """
+        The supervisor's assigner: the spare C{worker} takes C{slot}, of a
+        crashed worker, if it is warm; whether it did (OSError if it cannot).
+        """
+        if not worker.waiting_channel.warm():
+            return False  # a new process is as quick as a spare still warming up
         layout, fds = self._slot_layout(slot, replacing=True)
-        parent = worker.waiting_channel
-        spare.send_slot(parent, layout, fds)
+        parent = worker.waiting_channel.give(layout, fds)
         worker.waiting_channel = None
         self._open_channel(worker, parent)
+        return True
 
     def _open_channel(self, worker, parent) -> None:
         """Speak AMP with C{worker} on C{parent}, the master's end of its socketpair (closed here: adopted)."""
@@ -562,12 +569,24 @@ class MasterService(service.Service, SupervisorEvents):
             "workers": [w.describe() for _, w in sorted(supervisor.workers.items())],
             "restarts": {str(slot): n for slot, n in sorted(supervisor.restarts.items())},
             "retiring": [w.describe() for w in supervisor.retiring],
-            "spare": supervisor.spare.describe() if supervisor.spare is not None else None,
+            "spare": self._spare_status(),
             "last_reload": self.last_reload,
             "log_level": logs.current_level().name,
             "upgrading": self.upgrade.starting is not None,
             "stopping": self.stopping,
         }
+
+    def _spare_status(self):
+        """The spare's part of the status (with whether it is warm: only a warm one takes a slot), or None."""
+        worker = self.supervisor.spare
+        if worker is None:
+            return None
+        described = worker.describe()
+        try:
+            described["warm"] = worker.waiting_channel is not None and worker.waiting_channel.warm()
+        except OSError:
+            described["warm"] = False  # it is on its way out
+        return described
 
     def collect_stats(self):
         """A Deferred firing with {pid: the worker's stats} over every live worker."""

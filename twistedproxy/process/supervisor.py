@@ -3,9 +3,11 @@ Supervision: the master's workers, one per slot, kept running.
 
   - A worker that dies is respawned at once; one that dies young again and
     again is respawned with a growing delay (crash-loop backoff, L{backoff_delay}).
-  - With a spare wanted, one more process is kept started ahead (once every
-    slot's worker is ready, so that it never competes with their warm-ups):
-    it takes the slot of the next worker to die (L{twistedproxy.process.spare}).
+  - With a spare wanted, one more process is kept started and warmed up
+    ahead (started once every slot's worker has been ready for L{SPARE_AFTER}
+    seconds, so that it never competes with their warm-ups and first
+    traffic): it takes the slot of the next worker to die
+    (L{twistedproxy.process.spare}).
   - A resize starts the new slots' workers or retires the extra ones.
   - A rollover starts a new generation of workers; the old one keeps serving
     until every worker of the new one is ready, then drains (graceful stop).
@@ -15,10 +17,11 @@ Supervision: the master's workers, one per slot, kept running.
 The supervisor starts nothing itself: a I{spawner}, C{spawn(worker, replacing)},
 launches the process for a L{WorkerProcess} (the master's passes it the
 listening sockets and the AMP channel; a spare, whose C{slot} is None, gets
-its channel only), an I{assigner}, C{assign(worker, slot)}, gives a spare the
-slot of a crashed worker (or raises OSError), and the supervisor tells its I{owner} (L{SupervisorEvents}) what
-happened.  So it runs on a MemoryReactorClock with a
-fake spawner, crash-loop backoff included.
+its channel only); an I{assigner}, C{assign(worker, slot)}, gives a spare the
+slot of a crashed worker (False: the spare is not warm yet; OSError: it
+cannot); and the supervisor tells its I{owner} (L{SupervisorEvents}) what
+happened.  So it runs on a MemoryReactorClock with a fake spawner, crash-loop
+backoff included.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ KILL_GRACE = 3.0  # seconds past a stop's deadline before SIGKILL
 YOUNG = 2.0  # a worker dying within this many seconds of its Ready counts towards a crash loop
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
+# Seconds the workers are all ready before a spare starts (its start and warm-up take a
+# core for seconds: not while the workers, or a crashed one's replacement, meet their
+# first traffic).
+SPARE_AFTER = 5.0
 
 
 def backoff_delay(failures: int) -> float:
@@ -226,20 +233,25 @@ class Supervisor:
         if self.spare is not None:
             self.spare.stop(graceful=False, timeout=0)
 
-    def _spare_due(self) -> None:
-        """Start a spare if one is wanted and missing, and every slot's worker is ready."""
+    def _spare_missing(self) -> bool:
+        """Whether a spare is wanted and missing (none started, none due), and every slot's worker is ready."""
         if (not self.spare_wanted or self.stopping or self.spare is not None or self.spare_call is not None
                 or self.assigner is None):
-            return
-        if len(self.workers) < self.count or any(w.state != "ready" for w in self.workers.values()):
-            return  # it would compete with their warm-ups for the CPUs
+            return False
+        return len(self.workers) == self.count and all(w.state == "ready" for w in self.workers.values())
+
+    def _spare_due(self) -> None:
+        """A spare missing is started L{SPARE_AFTER} seconds from now."""
+        if self._spare_missing():
+            self.spare_call = self.reactor.callLater(SPARE_AFTER, self._start_spare)
+
+    def _start_spare(self) -> None:
+        self.spare_call = None
+        if not self._spare_missing():
+            return  # a worker is starting again: its Ready makes it due
         self.spare = WorkerProcess(self, None, self.generation)
         self.spawner(self.spare, False)
         log.debug("spare worker {pid} started", pid=self.spare.pid)
-
-    def _spare_started(self) -> None:
-        self.spare_call = None
-        self._spare_due()
 
     def _spare_ended(self, spare: WorkerProcess, reason) -> None:
         """The spare died before taking a slot: another one, later each time it dies young."""
@@ -252,20 +264,25 @@ class Supervisor:
         log.warn("spare worker {pid} {reason}; another in {delay}s", pid=spare.pid, reason=exit_reason(reason),
                  delay=delay)
         if self.spare_wanted:
-            self.spare_call = self.reactor.callLater(delay, self._spare_started)
+            self.spare_call = self.reactor.callLater(SPARE_AFTER + delay, self._start_spare)
 
     def _take_spare(self, slot: int):
-        """The spare, given C{slot} of the current generation; None when there is none (or it failed to take it)."""
+        """
+        The spare, given C{slot} of the current generation; None when there is
+        none, it is not ready yet (it stays the spare) or it failed to take it.
+        """
         spare = self.spare
         if spare is None or spare.state != "spare":
             return None
-        self.spare = None
         try:
-            self.assigner(spare, slot)
+            if not self.assigner(spare, slot):
+                return None
         except OSError as e:
             log.warn("spare worker {pid} cannot take slot {slot}: {error}", pid=spare.pid, slot=slot, error=str(e))
+            self.spare = None
             spare.stop(graceful=False, timeout=0)
             return None
+        self.spare = None
         spare.slot = slot
         spare.generation = self.generation
         spare.state = "starting"

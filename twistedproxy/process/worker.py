@@ -10,8 +10,9 @@ place; the environment variable L{LAYOUT_ENV} holds a JSON object naming them::
      "replacing": true when it replaces a crashed worker (a shorter warm-up)}
 
 or, for a spare (L{twistedproxy.process.spare}), C{{"master": pid, "channel":
-fd, "spare": true}}: it imports what a worker runs, then waits on its channel
-for the layout of the slot it takes, and goes on from there as any worker.
+fd, "spare": true, "config": the master's file, "level", "output"}}: it imports
+what a worker runs, warms up on the file's pools, then waits on its channel for
+the layout of the slot it takes, and goes on from there as any worker.
 
 The worker asks the master for its configuration over the AMP channel
 (L{channel.Hello}), builds the pools, warms the request path up
@@ -416,10 +417,15 @@ class Worker:
             self._stop_reactor()
 
     def _stop_reactor(self) -> None:
-        try:
-            self.reactor.stop()
-        except ReactorNotRunning:
-            pass  # already shutting down (SIGTERM)
+        stop_reactor(self.reactor)
+
+
+def stop_reactor(reactor) -> None:
+    """Stop C{reactor}, unless it is already shutting down (SIGTERM)."""
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
 
 
 def _migration_state(text):
@@ -442,29 +448,37 @@ def main() -> int:
     from twistedproxy.reactor import install as install_reactor
 
     reactor = install_reactor()
-    if layout.get("spare"):
-        spare.preload()
-        layout = spare.wait_for_slot(layout["channel"])
-        if layout is None:
-            return 0  # the master stopped
-        command.set_title("cacheproxy: worker process %d" % (layout["slot"],))
-
     logs.set_level(logs.parse_level(layout.get("level", "info")))
     output = layout.get("output")
     globalLogBeginner.beginLoggingTo([logs.filtered_observer(output)], redirectStandardIO=False)
     quiet_amp_logs()
     RefusalLog(reactor).start()
-    worker = Worker(reactor, layout)
+    workers = []
 
     def on_signal(handler):
         return lambda signum, frame: reactor.callFromThread(handler)
 
-    signal.signal(signal.SIGQUIT, on_signal(lambda: worker.stop(graceful=True)))
+    def serve(layout):
+        """Be the worker of C{layout}'s slot."""
+        command.set_title("cacheproxy: worker process %d" % (layout["slot"],))
+        logs.set_level(logs.parse_level(layout.get("level", "info")))  # a spare's may have changed since
+        worker = Worker(reactor, layout)
+        workers.append(worker)
+        signal.signal(signal.SIGQUIT, on_signal(lambda: worker.stop(graceful=True)))
+        worker.start()
+
     signal.signal(signal.SIGUSR1, on_signal(logs.reopen))
-    reactor.callWhenRunning(worker.start)
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: worker.finish())
+    if layout.get("spare"):
+        from twistedproxy.api import warm_up
+
+        spare.preload()
+        signal.signal(signal.SIGQUIT, on_signal(lambda: stop_reactor(reactor)))  # a spare has nothing to finish
+        reactor.callWhenRunning(spare.Standby(reactor, layout, serve, lambda config: warm_up(config, reactor)).start)
+    else:
+        reactor.callWhenRunning(serve, layout)
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: [worker.finish() for worker in workers])
     reactor.run()
-    return getattr(worker, "exit_code", 0)
+    return getattr(workers[0], "exit_code", 0) if workers else 0
 
 
 if __name__ == "__main__":
