@@ -34,7 +34,8 @@ ROOT = os.path.dirname(HERE)
 
 try:
     import yaml  # noqa: F401  (tests.support.processes needs it)
-except ImportError:  # a bare python3: go on under the CPython venv, which has it
+    from twisted.protocols import amp  # noqa: F401  (the control client: a master's spare)
+except ImportError:  # a bare python3: go on under the CPython venv, which has them
     _venv = os.path.join(ROOT, ".venv-cpython", "bin", "python")
     if not os.path.exists(_venv):
         subprocess.check_call(["bash", "-c", 'source scripts/env.sh && ensure_venv cpython "$(cpython)" ""'],
@@ -189,9 +190,39 @@ def start_target(running, target, pool, python=None, workers=0, baseline=None):
         proc = processes.Process(argv, port, env=dict(os.environ, PYTHONPATH=baseline), cwd=baseline)
     else:
         config = {"bench": pool, "global": {"worker_processes": workers}}
+        if workers:
+            config["global"]["control"] = tempfile.mktemp(prefix="tp-bench-ctl-", suffix=".sock")
         stats = ["-s", str(processes.free_port()), "-a", HOST]
         proc = processes.proxy(config, port, python=python, extra_args=stats)
+        if workers:
+            # The spare starts 5 s after the workers are ready and warms up for up to 2 s on a core:
+            # measured after that, as a proxy that has been running a while.
+            wait_for(lambda: warm_spare(config["global"]["control"]), 60, "the master's spare worker")
     return running.add(proc), port
+
+
+def warm_spare(control_path: str):
+    """The pid of the master's spare once it is warm (its status, over the control socket), else None."""
+    from twistedproxy.control.client import BlockingControlClient
+
+    try:
+        with BlockingControlClient(control_path) as ctl:
+            found = ctl.status()["spare"]
+    except OSError:
+        return None
+    return found["pid"] if found and found["warm"] else None
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """C{predicate()}'s first true value, polled until C{timeout} seconds (then BenchError)."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.perf_counter() > deadline:
+            raise BenchError("timed out waiting for " + what)
+        time.sleep(0.02)
 
 
 # -- load generators ---------------------------------------------------------------

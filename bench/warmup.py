@@ -20,7 +20,11 @@ connections queued on the dead worker's socket (the respawn: process start,
 imports, configuration, warm-up).  Repeated --repeat times per setting, with
 global: spare_worker on and off (--spare): with it on, each kill waits until
 the master has a spare (imports done), which takes the slot instead of a new
-process.
+process.  --traffic S: once the slowest probe is answered, S seconds of GETs
+at --rate over --conns new connections, open loop as in first (about half of
+them land on the replacement's socket): the replacement's first seconds (the
+same load runs once before the first kill, so that the other worker's first
+traffic is not counted as the replacement's).
 
 --jit (first, PyPy): count the loops and bridges the JIT compiles during the
 warm-up and in each of the first 3 seconds of traffic (bench/jithook, a compile
@@ -49,11 +53,14 @@ ROOT = os.path.dirname(HERE)
 
 try:
     import yaml  # noqa: F401  (tests.support.processes needs it)
-except ImportError:  # a bare python3: go on under the CPython venv, which has it
+    from twisted.protocols import amp  # noqa: F401  (the control client, for the spare's status)
+except ImportError:  # a bare python3: go on under the CPython venv, which has them
     _venv = os.path.join(ROOT, ".venv-cpython", "bin", "python")
     os.execv(_venv, [_venv] + sys.argv)
 
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+from run import wait_for, warm_spare  # noqa: E402
 from tests.support import processes  # noqa: E402
 
 HOST = processes.HOST
@@ -294,17 +301,6 @@ def worker_pids(master_pid: int, kind: str = "worker") -> list:
     return sorted(found)
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.perf_counter() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.perf_counter() > deadline:
-            raise SystemExit("timed out waiting for " + what)
-        time.sleep(0.02)
-
-
 def crash(args) -> dict:
     protocol = args.protocol[0]
     request, reply, _ = PROTOCOLS[protocol]
@@ -312,23 +308,29 @@ def crash(args) -> dict:
     backend = start_backend(protocol)
     try:
         store(backend.port, protocol)
+        if args.traffic:
+            base = open_loop(backend.port, protocol, args.rate, args.traffic, args.conns)
+            print("%-8s direct (the generator's floor), 1st s: %s" % (protocol, summary(windows(base, args.traffic)[0])))
         for name in args.python:
             python = find_python(name, getattr(args, name))
             for setting, spare in [(w, s) for w in args.warmup for s in args.spare]:
                 port = processes.free_port()
-                proc = processes.proxy(config_for(protocol, backend.port, port, setting, workers=2,
-                                                  spare=spare == "on"), port, python=python, wait_port=False)
+                config = config_for(protocol, backend.port, port, setting, workers=2, spare=spare == "on")
+                control = config["global"]["control"] = tempfile.mktemp(prefix="tp-bench-ctl-", suffix=".sock")
+                proc = processes.proxy(config, port, python=python, wait_port=False)
                 waits = []
                 try:
                     wait_accepting(port, proc)
                     time.sleep(3.0)  # both workers up, and no longer young (their death is no crash loop)
+                    if args.traffic:
+                        # The workers' own first traffic (their JIT's last bridges) is not the replacement's.
+                        open_loop(port, protocol, args.rate, args.traffic, args.conns)
                     for _ in range(args.repeat):
                         pids = wait_for(lambda: len(worker_pids(proc.pid)) == 2 and worker_pids(proc.pid), 30,
                                         "two workers")
                         spares = []
                         if spare == "on":
-                            spares = wait_for(lambda: worker_pids(proc.pid, "spare"), 30, "a spare")
-                            time.sleep(1.0)  # its imports done (PyPy: about 0.7 s)
+                            spares = [wait_for(lambda: warm_spare(control), 30, "a warm spare")]
                         victim = pids[0]
                         os.kill(victim, signal.SIGKILL)
                         killed = time.perf_counter()
@@ -349,12 +351,20 @@ def crash(args) -> dict:
                             slowest = max(slowest, time.perf_counter() - sent)
                             sock.close()
                         respawned = worker_pids(proc.pid)
+                        after = None
+                        if args.traffic:
+                            after = open_loop(port, protocol, args.rate, args.traffic, args.conns)
                         waits.append(slowest)
                         took = "the spare %d" % (spares[0],) if spares and spares[0] in respawned else "a new process"
                         print("%-8s %-7s warmup %-4s spare %-3s killed worker %d: slowest of %d new connections"
                               " %.3f s (kill to last reply %.3f s; workers now %s, %s took its slot)"
                               % (protocol, name, setting, spare, victim, args.probes, slowest,
                                  time.perf_counter() - killed, respawned, took))
+                        if after is not None:
+                            one, two, last = windows(after, args.traffic)
+                            print("    then %d/s over %d new connections, 1st s: %s" % (args.rate, args.conns, summary(one)))
+                            print("    %*s2nd s: %s" % (len(str(int(args.rate))) + len(str(args.conns)) + 28, "",
+                                                        summary(two)))
                         sys.stdout.flush()
                         time.sleep(3.0)  # the new worker is no longer young
                 finally:
@@ -377,6 +387,8 @@ def main(argv=None) -> int:
     parser.add_argument("--probes", type=int, default=40, help="connections opened after a kill (crash)")
     parser.add_argument("--repeat", type=int, default=3, help="kills per setting (crash)")
     parser.add_argument("--spare", default="on,off", help="global: spare_worker settings to compare (crash)")
+    parser.add_argument("--traffic", type=float, default=0.0,
+                        help="crash: seconds of open-loop GETs (--rate, --conns) after each replacement serves")
     parser.add_argument("--pypy", help="the PyPy interpreter (default: the repo's .venv-pypy)")
     parser.add_argument("--cpython", help="the CPython interpreter (default: the repo's .venv-cpython)")
     parser.add_argument("--json", help="also write the figures to this file")
