@@ -406,15 +406,9 @@ class Load:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_times(pid) -> tuple:
-    """
-    The CPU per request's numerator, as (user, system) CPU seconds: those of
-    process C{pid} and of every live descendant of it (utime, stime of
-    /proc/PID/stat), plus what their exited and waited-for children used
-    (cutime, cstime): for a proxy, its master and all its workers, a worker
-    that exited included; for nutcracker, its one process.
-    """
-    procs = {}  # pid -> (ppid, (user, system) ticks, own and waited-for children's)
+def _processes() -> dict:
+    """pid -> the fields of its /proc/PID/stat after "pid (comm) " (state, ppid, ...), every live process."""
+    procs = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -423,20 +417,49 @@ def cpu_times(pid) -> tuple:
                 stat = f.read()
         except OSError:
             continue  # gone meanwhile
-        # After "pid (comm) ": state, ppid, ...; utime, stime, cutime, cstime are the 12th to 15th.
-        fields = stat[stat.rindex(b")") + 2:].split()
-        procs[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[13]), int(fields[12]) + int(fields[14])))
+        procs[int(name)] = stat[stat.rindex(b")") + 2:].split()
+    return procs
+
+
+def _tree(pid, procs) -> list:
+    """C{pid} and its descendants among C{procs} (L{_processes})."""
     children = {}
-    for child, (ppid, _) in procs.items():
-        children.setdefault(ppid, []).append(child)
-    user = system = 0
+    for child, fields in procs.items():
+        children.setdefault(int(fields[1]), []).append(child)
+    tree = []
     todo = [pid] if pid in procs else []
     while todo:
         current = todo.pop()
-        user += procs[current][1][0]
-        system += procs[current][1][1]
+        tree.append(current)
         todo.extend(children.get(current, ()))
+    return tree
+
+
+def cpu_times(pid) -> tuple:
+    """
+    The CPU per request's numerator, as (user, system) CPU seconds: those of
+    process C{pid} and of every live descendant of it (utime, stime of
+    /proc/PID/stat), plus what their exited and waited-for children used
+    (cutime, cstime): for a proxy, its master and all its workers, a worker
+    that exited included; for nutcracker, its one process.
+    """
+    procs = _processes()
+    user = system = 0
+    for member in _tree(pid, procs):
+        # utime, stime, cutime, cstime are the 12th to 15th fields after the command.
+        fields = procs[member]
+        user += int(fields[11]) + int(fields[13])
+        system += int(fields[12]) + int(fields[14])
     return user / _TICK, system / _TICK
+
+
+def pin_tree(pid, cpus) -> None:
+    """Run process C{pid} and its live descendants on C{cpus} only (children started later inherit it)."""
+    for member in _tree(pid, _processes()):
+        try:
+            os.sched_setaffinity(member, cpus)
+        except OSError:
+            pass  # exited meanwhile
 
 
 def machine_cpu():
@@ -540,6 +563,8 @@ def bench_protocol(running, protocol, args, pythons, results):
                 continue
             try:
                 entry[3], entry[4] = start_target(running, target, pool, pythons.get(target), workers, args.baseline)
+                if args.pin:
+                    pin_tree(entry[3].pid, args.pin)
             except RuntimeError as e:
                 attempt(entry, "start", _raise, BenchError(str(e)))
                 continue
@@ -696,6 +721,9 @@ def parse_args(argv):
         QUICK_REQUESTS, FULL_REQUESTS))
     parser.add_argument("-n", "--requests", type=int, help="requests per measured run (overrides --quick)")
     parser.add_argument("--repeat", type=int, help="measured rounds per target, median kept (default 3; 1 with --quick)")
+    parser.add_argument("--pin", action="store_true",
+                        help="each target (its processes) on the last CPU, the backends, load tools and this"
+                             " script on the others: no target shares its core")
     parser.add_argument("--protocol", choices=("redis", "memcache", "all"), default="all")
     parser.add_argument("--workers", default="0",
                         help="comma-separated worker counts for the proxy's global: worker_processes (default 0)")
@@ -751,6 +779,13 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _terminate)
     ensure_tools()
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs two CPUs")
+        # From now on this script and what it starts (backends, load tools) stay off the target's CPU.
+        os.sched_setaffinity(0, cpus[:-1])
+        args.pin = {cpus[-1]}
     pythons = {}
     if "pypy" in args.only:
         pythons["pypy"] = find_python("pypy", args.pypy, "/tmp/vpy")
@@ -770,7 +805,7 @@ def main(argv=None) -> int:
         "interpreters": {name: {"python": py, "version": describe(py)} for name, py in pythons.items()},
         "nutcracker": subprocess.run(["nutcracker", "-V"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True).stdout.strip(),
-        "git": _git_state(), "baseline": args.baseline,
+        "git": _git_state(), "baseline": args.baseline, "pinned_target_cpus": sorted(args.pin or ()),
         "memcache_unpipelined_loader": args.mc_loader, "memcache_pipelined_loader": args.mc_pipelined_loader,
         "mcload_python": args.loader_python if "mcload" in (args.mc_loader, args.mc_pipelined_loader) else None,
     }

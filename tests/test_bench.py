@@ -219,3 +219,21 @@ def test_latgen_batch_sends_depth_requests_then_waits():
     assert (result["requests"], result["errors"], result["lost"], result["misses"]) == (12, 0, 0, 6), result
     for conn in conns:
         conn.close()
+
+
+def test_the_targets_tree_is_what_cpu_and_pinning_cover():
+    """run.py's process tree (CPU per request, --pin): a process and its descendants, nobody else's."""
+    run = _bench_run()
+    procs = {1: [b"S", b"0"], 10: [b"S", b"1"], 11: [b"S", b"10"], 12: [b"S", b"11"], 20: [b"S", b"1"]}
+    assert sorted(run._tree(10, procs)) == [10, 11, 12]
+    assert run._tree(99, procs) == []
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        mine = os.sched_getaffinity(0)
+        cpu = {sorted(mine)[-1]}
+        assert child.pid in run._tree(os.getpid(), run._processes())
+        run.pin_tree(child.pid, cpu)
+        assert os.sched_getaffinity(child.pid) == cpu and os.sched_getaffinity(0) == mine
+    finally:
+        child.kill()
+        child.wait()
