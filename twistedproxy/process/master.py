@@ -583,7 +583,7 @@ class MasterService(service.Service, SupervisorEvents):
             return None
         described = worker.describe()
         try:
-            described["warm"] = worker.waiting_channel is not None and worker.waiting_channel.warm()
+            described["warm"] = worker.waiting_channel.warm()  # a spare's, until it takes a slot
         except OSError:
             described["warm"] = False  # it is on its way out
         return described

@@ -227,11 +227,14 @@ class Supervisor:
         if wanted:
             self._spare_due()
             return
+        self._cancel_spare_call()
+        if self.spare is not None:
+            self.spare.stop(graceful=False, timeout=0)
+
+    def _cancel_spare_call(self) -> None:
         if self.spare_call is not None:
             self.spare_call.cancel()
             self.spare_call = None
-        if self.spare is not None:
-            self.spare.stop(graceful=False, timeout=0)
 
     def _spare_missing(self) -> bool:
         """Whether a spare is wanted and missing (none started, none due), and every slot's worker is ready."""
@@ -376,7 +379,7 @@ class Supervisor:
             self.exits[worker.slot] = {"pid": worker.pid, "reason": exit_reason(reason)}
             if not self.stopping and worker.state != "stopping" and worker.slot < self.count:
                 self._respawn_later(worker, reason)
-        if self.stopping and not self.workers and not self.retiring and self.spare is None:
+        if self.stopping and self._none_left():
             self.owner.all_stopped()
 
     def _respawn_later(self, worker, reason) -> None:
@@ -409,6 +412,10 @@ class Supervisor:
 
     # -- stop ---------------------------------------------------------------------
 
+    def _none_left(self) -> bool:
+        """No worker, retiring worker or spare is left."""
+        return not self.workers and not self.retiring and self.spare is None
+
     def stop(self, graceful: bool = True) -> None:
         """
         Stop every worker (C{graceful}: let them finish in-flight requests) and
@@ -424,12 +431,10 @@ class Supervisor:
         for call in self.respawn_calls.values():
             call.cancel()
         self.respawn_calls = {}
-        if self.spare_call is not None:
-            self.spare_call.cancel()
-            self.spare_call = None
+        self._cancel_spare_call()
         for worker in self.all_workers():
             worker.stop(graceful=graceful, timeout=self.shutdown_timeout)
         if self.spare is not None:
             self.spare.stop(graceful=False, timeout=0)  # it serves nobody
-        if not self.workers and not self.retiring and self.spare is None:
+        if self._none_left():
             self.owner.all_stopped()
