@@ -18,6 +18,7 @@ from twistedproxy.hashing import (
     hash_tag_key,
     make_distribution,
 )
+from twistedproxy.hashing import functions
 from twistedproxy.hashing.distributions import ketama_points
 
 # src/test_all.c test_hash_algorithms(), also libmemcached's tests/hash_results.h.
@@ -107,6 +108,22 @@ def test_values_are_uint32(name):
     for length in range(1, 70):
         value = function(bytes(rng.randrange(256) for _ in range(length)))
         assert 0 <= value <= 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("bits", ["32", "64"])
+def test_fnv1a_of_a_short_key_without_a_loop_is_the_loop_value(bits):
+    # PyPy hashes keys of up to 16 bytes with straight-line code over the key
+    # padded in front with zero bytes (see functions._fnv1a_short); called
+    # directly here, so that CPython checks it too.
+    init, prime = {"32": (functions._FNV32_INIT, functions._FNV32_PRIME),
+                   "64": (functions._FNV64_INIT_LOW32, functions._FNV64_PRIME_LOW32)}[bits]
+    starts = {"32": functions._FNV32_PADDED_STARTS, "64": functions._FNV64_PADDED_STARTS}[bits]
+    rng = random.Random(bits)
+    for length in range(1, functions._SHORT_KEY + 1):
+        for key in [b"k" * length, bytes(rng.randrange(128) for _ in range(length))]:
+            pad = functions._SHORT_KEY - length
+            assert functions._fnv1a_short(key, pad, starts[pad], prime) == functions._fnv1a(key, init, prime), key
+            assert hash_function("fnv1a_" + bits)(key) == functions._fnv1a(key, init, prime), key
 
 
 def test_signed_char_quirk_changes_the_value():
@@ -209,10 +226,11 @@ def test_ketama_lookup_first_point_at_or_above_and_wraps():
     assert distribution.index(0xFFFFFFFF) == continuum[0][1]
 
 
-@pytest.mark.parametrize("count", [1, 3, 40])
+@pytest.mark.parametrize("count", [1, 3, 40, 300])
 def test_ketama_fast_lookup_agrees_with_the_binary_search(count):
     # index() answers most hashes from a table by their top 16 bits; it must
-    # give what the first point at or above the hash gives, on every edge.
+    # give what the first point at or above the hash gives, on every edge
+    # (300 servers: the table's entries are two bytes, not one).
     distribution = make_distribution("ketama", [("server-%d" % i, 1 + i % 3) for i in range(count)])
     continuum = distribution.continuum
     values = [value for value, _ in continuum]

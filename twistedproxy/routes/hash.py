@@ -128,9 +128,10 @@ class HashRoute(LoginRoute):
 
     def server_for(self, key: bytes):
         """The server that holds C{key}, or None when every server is ejected."""
-        server = self._placement.get(key)
-        if server is not None:
-            return server
+        if self._cache_placement:
+            server = self._placement.get(key)
+            if server is not None:
+                return server
         index = self._index
         if index is None:
             return None
