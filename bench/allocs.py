@@ -34,7 +34,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-COUNTERS = ("minor", "steps", "step_seconds", "gen0", "jit_aborts", "jit_compiled")
+COUNTERS = ("minor", "minor_seconds", "steps", "step_seconds", "gen0", "jit_aborts", "jit_compiled")
 
 
 def child(out: str, argv: list) -> int:
@@ -43,6 +43,7 @@ def child(out: str, argv: list) -> int:
     if hasattr(gc, "hooks"):  # PyPy
         def on_minor(stats):
             counts["minor"] += stats.count
+            counts["minor_seconds"] += stats.duration
 
         def on_step(stats):
             counts["steps"] += stats.count
@@ -168,9 +169,9 @@ def main(argv=None) -> int:
                     row["cpu_us"] = sum(a - b for a, b in zip(cpu_after, cpu_before)) * 1e6 / count
                     row["rps"] = statistics.median(t["rps"] for t in tests.values())
                     results.setdefault((name, pipeline), []).append(row)
-                    print("    round %d %-8s P=%-2d minor/100k %7.1f  steps/100k %5.1f  gen0/100k %7.1f"
+                    print("    round %d %-8s P=%-2d minor/100k %7.1f (%.2f us/req)  steps/100k %5.1f  gen0/100k %7.1f"
                           "  cpu %6.2f us/req  %8.0f req/s  jit aborts %d compiled %d (load %.2f)" % (
-                              round_ + 1, name, pipeline, row["minor"], row["steps"], row["gen0"],
+                              round_ + 1, name, pipeline, row["minor"], row["minor_seconds"] * 10.0, row["steps"], row["gen0"],
                               row["cpu_us"], row["rps"], row["jit_aborts"] * count / 100000.0,
                               row["jit_compiled"] * count / 100000.0, os.getloadavg()[0]), flush=True)
     finally:
