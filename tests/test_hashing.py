@@ -228,7 +228,7 @@ def test_ketama_lookup_first_point_at_or_above_and_wraps():
 
 @pytest.mark.parametrize("count", [1, 3, 40, 300])
 def test_ketama_fast_lookup_agrees_with_the_binary_search(count):
-    # index() answers most hashes from a table by their top 16 bits; it must
+    # index() answers most hashes from a table by their top bits; it must
     # give what the first point at or above the hash gives, on every edge
     # (300 servers: the table's entries are two bytes, not one).
     distribution = make_distribution("ketama", [("server-%d" % i, 1 + i % 3) for i in range(count)])

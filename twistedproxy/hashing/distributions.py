@@ -99,7 +99,7 @@ class KetamaDistribution:
     lowest point.
     """
 
-    __slots__ = ("_values", "_owners", "_by_top_bits", "_inside", "points_per_server")
+    __slots__ = ("_values", "_owners", "_by_top_bits", "_inside", "_shift", "points_per_server")
 
     def __init__(self, servers: Sequence[Tuple[ServerName, int]]) -> None:
         ordered = _twemproxy_order(servers)
@@ -128,30 +128,37 @@ class KetamaDistribution:
 
     def _owners_by_top_bits(self) -> array:
         """
-        For each value of a hash's top 16 bits, the owner of every hash with
-        those bits, or the table's largest value when a point falls inside
-        that range: most lookups are then one index instead of a binary search.
+        For each value of a hash's top C{32 - _shift} bits, the owner of every
+        hash with those bits, or the table's largest value when a point falls
+        inside that range: most lookups are then one index instead of a binary
+        search.
 
-        One byte an entry for fewer than 255 servers (two up to 65534):
-        64 KiB instead of a list's 512 KiB, because the lookup is a random read
-        per request and a table that stays in the CPU's cache between requests
-        is most of its cost (perf put 5% of PyPy's CPU at -P 16 on that read
-        when the table was a list).
+        The lookup is a random read per request, and what it costs is whether
+        the table is still in the CPU's cache from the requests before (the
+        allocations in between stream through it): perf put 5% of PyPy's CPU at
+        -P 16 on that read when the table was a list of 65536 (512 KiB), and
+        2-2.5% with 65536 bytes.  So the table has one byte an entry (two for
+        255 servers or more) and about 32 buckets a point: 16 KiB for two
+        servers, with about 3% of hashes left to the binary search.
         """
         values, owners = self._values, self._owners
         count = len(values)
+        bits = min(16, max(8, (count * _BUCKETS_PER_POINT - 1).bit_length()))
+        shift = 32 - bits
         nservers = len(self.points_per_server)
         typecode = "B" if nservers < 0xFF else "H" if nservers < 0xFFFF else "L"
         inside = (1 << (8 * array(typecode).itemsize)) - 1
-        table = array(typecode, [inside]) * _TOP_BUCKETS
+        table = array(typecode, [inside]) * (1 << bits)
+        last = (1 << shift) - 1  # a bucket's highest hash, above its lowest
         i = 0  # the first point at or above the bucket's lowest hash
-        for bucket in range(_TOP_BUCKETS):
-            low = bucket << 16
+        for bucket in range(1 << bits):
+            low = bucket << shift
             while i < count and values[i] < low:
                 i += 1
-            if i == count or values[i] >= low + 0xFFFF:
+            if i == count or values[i] >= low + last:
                 table[bucket] = owners[i]
         self._inside = inside
+        self._shift = shift
         return table
 
     @property
@@ -161,14 +168,14 @@ class KetamaDistribution:
 
     def index(self, hash_value: int) -> int:
         """The server index for C{hash_value} (ketama_dispatch)."""
-        owner = self._by_top_bits[hash_value >> 16]
+        owner = self._by_top_bits[hash_value >> self._shift]
         if owner == self._inside:
             owner = self._owners[bisect_left(self._values, hash_value)]
         return owner
 
 
-# Hashes are 32-bit: their top 16 bits pick one of these buckets.
-_TOP_BUCKETS = 1 << 16
+# Buckets of the top-bits table per continuum point (see _owners_by_top_bits).
+_BUCKETS_PER_POINT = 32
 
 
 def _point_value(point: Tuple[int, int]) -> int:
