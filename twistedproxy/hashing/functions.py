@@ -185,6 +185,14 @@ def _fnv1a_short(key: bytes, pad: int, h: int, prime: int) -> int:
     return h
 
 
+def _fnv1a_hash(key: bytes, init: int, prime: int, starts: Tuple[int, ...]) -> int:
+    """FNV-1a of C{key} from C{init}: straight-line where that pays (L{_fnv1a_short}), else the loop."""
+    if _STRAIGHT_LINE and 0 < len(key) <= _SHORT_KEY and key.isascii():
+        pad = _SHORT_KEY - len(key)
+        return _fnv1a_short(key, pad, starts[pad], prime)
+    return _fnv1a(key, init, prime)
+
+
 def hash_fnv1_64(key: bytes) -> int:
     """The low 32 bits of 64-bit FNV-1 (nc_fnv.c)."""
     return _fnv1(key, _FNV64_INIT_LOW32, _FNV64_PRIME_LOW32)
@@ -192,10 +200,7 @@ def hash_fnv1_64(key: bytes) -> int:
 
 def hash_fnv1a_64(key: bytes) -> int:
     """64-bit FNV-1a constants truncated to 32 bits, as nc_fnv.c computes it."""
-    if _STRAIGHT_LINE and 0 < len(key) <= _SHORT_KEY and key.isascii():
-        pad = _SHORT_KEY - len(key)
-        return _fnv1a_short(key, pad, _FNV64_PADDED_STARTS[pad], _FNV64_PRIME_LOW32)
-    return _fnv1a(key, _FNV64_INIT_LOW32, _FNV64_PRIME_LOW32)
+    return _fnv1a_hash(key, _FNV64_INIT_LOW32, _FNV64_PRIME_LOW32, _FNV64_PADDED_STARTS)
 
 
 def hash_fnv1_32(key: bytes) -> int:
@@ -205,10 +210,7 @@ def hash_fnv1_32(key: bytes) -> int:
 
 def hash_fnv1a_32(key: bytes) -> int:
     """32-bit FNV-1a (nc_fnv.c)."""
-    if _STRAIGHT_LINE and 0 < len(key) <= _SHORT_KEY and key.isascii():
-        pad = _SHORT_KEY - len(key)
-        return _fnv1a_short(key, pad, _FNV32_PADDED_STARTS[pad], _FNV32_PRIME)
-    return _fnv1a(key, _FNV32_INIT, _FNV32_PRIME)
+    return _fnv1a_hash(key, _FNV32_INIT, _FNV32_PRIME, _FNV32_PADDED_STARTS)
 
 
 def hash_hsieh(key: bytes) -> int:
