@@ -226,13 +226,17 @@ def test_ketama_lookup_first_point_at_or_above_and_wraps():
     assert distribution.index(0xFFFFFFFF) == continuum[0][1]
 
 
-@pytest.mark.parametrize("count", [1, 3, 40, 300])
+@pytest.mark.parametrize("count", [1, 3, 40, 300, 420])
 def test_ketama_fast_lookup_agrees_with_the_binary_search(count):
-    # index() answers most hashes from a table by their top bits; it must
-    # give what the first point at or above the hash gives, on every edge
-    # (300 servers: the table's entries are two bytes, not one).
-    distribution = make_distribution("ketama", [("server-%d" % i, 1 + i % 3) for i in range(count)])
+    # index() starts from the first point of the hash's bucket (a table by
+    # the hash's top bits) and steps past the points below the hash; it
+    # must give what the first point at or above the hash gives, on every edge
+    # (300 servers: many buckets hold three points or more; 420: 65535 points
+    # or more, so the table's entries are four bytes, not two).
+    weights = [1] * count if count == 420 else [1 + i % 3 for i in range(count)]
+    distribution = make_distribution("ketama", [("server-%d" % i, w) for i, w in enumerate(weights)])
     continuum = distribution.continuum
+    assert (len(continuum) >= 0xFFFF) == (count == 420)
     values = [value for value, _ in continuum]
     owners = [owner for _, owner in continuum] + [continuum[0][1]]
 
@@ -243,6 +247,10 @@ def test_ketama_fast_lookup_agrees_with_the_binary_search(count):
     probes = [rng.randrange(1 << 32) for _ in range(3000)] + [0, 0xFFFFFFFF]
     for value in values[:: max(1, len(values) // 500)] + values[-3:]:
         probes += [value - 1, value, value + 1, value & ~0xFFFF, value | 0xFFFF]
+    crowded = [(a, b) for a, b in zip(values, values[1:]) if a >> 16 == b >> 16][:300]
+    assert crowded or count < 40
+    for a, b in crowded:  # points that share a bucket of the table (at least 2**16 wide)
+        probes += [a - 1, a, a + 1, b - 1, b, b + 1]
     for probe in probes:
         if 0 <= probe <= 0xFFFFFFFF:
             assert distribution.index(probe) == reference(probe), probe

@@ -99,7 +99,7 @@ class KetamaDistribution:
     lowest point.
     """
 
-    __slots__ = ("_values", "_owners", "_by_top_bits", "_inside", "_shift", "points_per_server")
+    __slots__ = ("_values", "_owners", "_first", "_shift", "points_per_server")
 
     def __init__(self, servers: Sequence[Tuple[ServerName, int]]) -> None:
         ordered = _twemproxy_order(servers)
@@ -119,63 +119,71 @@ class KetamaDistribution:
         # (a merge sort) keeps twemproxy's insertion order, and a lookup takes
         # the first of them.
         points.sort(key=_point_value)
+        # A trailing value above every 32-bit hash, with a copy of the first
+        # owner, makes a hash above every point wrap around without a branch.
         self._values = [value for value, _ in points]
-        # A trailing copy of the first owner makes a hash above every point
-        # wrap around without a branch.
+        self._values.append(_ABOVE_EVERY_HASH)
         self._owners = [owner for _, owner in points]
         self._owners.append(self._owners[0])
-        self._by_top_bits = self._owners_by_top_bits()
+        self._first = self._first_points_by_top_bits()
 
-    def _owners_by_top_bits(self) -> array:
+    def _first_points_by_top_bits(self) -> array:
         """
-        For each value of a hash's top C{32 - _shift} bits, the owner of every
-        hash with those bits, or the table's largest value when a point falls
-        inside that range: most lookups are then one index instead of a binary
-        search.
+        For each value of a hash's top C{32 - _shift} bits (a bucket), the
+        index of the first point at or above the bucket's lowest hash: a lookup
+        starts there instead of a binary search over the whole continuum, and
+        steps past the bucket's points below its hash.
 
-        The lookup is a random read per request, and what it costs is whether
-        the table is still in the CPU's cache from the requests before (the
+        The table is read at a random place per request, and what that costs is
+        whether it is still in the CPU's cache from the requests before (the
         allocations in between stream through it): perf put 5% of PyPy's CPU at
-        -P 16 on that read when the table was a list of 65536 (512 KiB), and
-        2-2.5% with 65536 bytes.  So the table has one byte an entry (two for
-        255 servers or more) and about 32 buckets a point: 16 KiB for two
-        servers, with about 3% of hashes left to the binary search.
+        -P 16 on that read when the table was a list of 65536 (512 KiB), 2-2.5%
+        with 64 KiB, nothing visible with 16 KiB.  So it has two bytes an entry
+        (four for 65535 points or more) and about 16 buckets a point: 16 KiB
+        for two servers, with 9 of its 8192 buckets holding two points.
         """
-        values, owners = self._values, self._owners
-        count = len(values)
+        values = self._values
+        count = len(values) - 1  # without the value above every hash
         bits = min(16, max(8, (count * _BUCKETS_PER_POINT - 1).bit_length()))
         shift = 32 - bits
-        nservers = len(self.points_per_server)
-        typecode = "B" if nservers < 0xFF else "H" if nservers < 0xFFFF else "L"
-        inside = (1 << (8 * array(typecode).itemsize)) - 1
-        table = array(typecode, [inside]) * (1 << bits)
-        last = (1 << shift) - 1  # a bucket's highest hash, above its lowest
-        i = 0  # the first point at or above the bucket's lowest hash
+        first = array("H" if count < 0xFFFF else "L", [0]) * (1 << bits)
+        i = 0
         for bucket in range(1 << bits):
             low = bucket << shift
-            while i < count and values[i] < low:
+            while values[i] < low:  # the value above every hash ends it
                 i += 1
-            if i == count or values[i] >= low + last:
-                table[bucket] = owners[i]
-        self._inside = inside
+            first[bucket] = i
         self._shift = shift
-        return table
+        return first
 
     @property
     def continuum(self) -> List[Tuple[int, int]]:
         """The sorted C{(point value, server index)} pairs, for inspection."""
-        return list(zip(self._values, self._owners))
+        return list(zip(self._values[:-1], self._owners))
 
     def index(self, hash_value: int) -> int:
         """The server index for C{hash_value} (ketama_dispatch)."""
-        owner = self._by_top_bits[hash_value >> self._shift]
-        if owner == self._inside:
-            owner = self._owners[bisect_left(self._values, hash_value)]
-        return owner
+        values = self._values
+        i = self._first[hash_value >> self._shift]
+        # One step past a point below the hash, without a branch ((a - b) >> 63
+        # is -1 when a < b, else 0): PyPy compiles a branch that a few per cent
+        # of hashes take as a bridge of its own once serving, milliseconds
+        # long, since the warm-up's few keys may never take it.  Only a bucket
+        # with two points or more can need more: fewer than one hash in a thousand
+        # for two servers.  (A second step made the request's trace too long
+        # for PyPy at redis -P 16: bench/corepath.py's minor collections went
+        # from 16 to 24 per 100k requests.)
+        i -= (values[i] - hash_value) >> 63
+        if values[i] < hash_value:
+            i = bisect_left(values, hash_value, i)
+        return self._owners[i]
 
 
-# Buckets of the top-bits table per continuum point (see _owners_by_top_bits).
-_BUCKETS_PER_POINT = 32
+# Buckets of the first-points table per continuum point (see _first_points_by_top_bits).
+_BUCKETS_PER_POINT = 16
+
+# Above every 32-bit hash: the continuum's last value, so a lookup never runs off its end.
+_ABOVE_EVERY_HASH = 1 << 32
 
 
 def _point_value(point: Tuple[int, int]) -> int:
