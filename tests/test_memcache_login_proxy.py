@@ -21,7 +21,7 @@ from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
 from tests.support import processes
-from tests.support.workers import master_config, poll
+from tests.support.workers import master_config, poll, ready_status
 from twistedproxy.control.client import BlockingControlClient
 
 pytestmark = pytest.mark.integration
@@ -292,7 +292,9 @@ def test_failed_text_and_binary_logins_add_up_across_two_workers(spawn, memcache
             stats = ctl.stats()
         return len(stats), sum(s["pools"]["alpha"].get("auth_failures", 0) for s in stats.values())
 
-    poll(lambda: os.path.exists(control) and worker_failures()[0] == 2, 20, 0.1, "two workers")
+    # Both workers warm and serving (the control socket refuses connections
+    # until it listens, and a worker still warming up leaves new connections waiting).
+    poll(lambda: ready_status(control, 2), 20, 0.1, "two ready workers")
     for attempt in (b"bad1", b"bad2"):  # each on a connection of its own, whichever worker takes it
         conn = Conn(port)
         conn.send(login(b"alice", attempt))

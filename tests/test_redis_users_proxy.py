@@ -20,7 +20,7 @@ import redis
 from tests.support import processes
 from tests.support.processes import HOST, free_port
 from tests.support.resp import cmd, read_reply
-from tests.support.workers import master_config, poll
+from tests.support.workers import master_config, poll, ready_status
 from twistedproxy.control.client import BlockingControlClient
 from twistedproxy.protocols import redis_commands
 
@@ -179,7 +179,9 @@ def test_failed_logins_add_up_across_two_workers_and_a_respawned_worker_knows_th
     }, auth_failures_limit=4, auth_block_seconds=600)
     control = config["global"]["control"]
     proc = spawn(processes.twistd, config, port)
-    poll(lambda: os.path.exists(control) and len(worker_stats(control)) == 2, 20, 0.1, "two workers")
+    # Both workers warm and serving (the control socket refuses connections
+    # until it listens, and a worker still warming up leaves new connections waiting).
+    poll(lambda: ready_status(control, 2), 20, 0.1, "two ready workers")
     # Connections held open, each known by the worker serving it.
     by_worker = {}
     held = []
