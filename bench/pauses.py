@@ -10,13 +10,17 @@ clock a load generator can stamp its slow requests with):
 
   - C{iters N busy S}: reactor iterations and the seconds spent handling
     events and timers (everything but the wait in epoll);
-  - C{LONG t ms nev=k}: an iteration that took longer than C{$PAUSES_MS}
-    (default 0.7) after its poll returned C{k} events at C{t};
+  - C{LONG t ms nev=k cpu=c}: an iteration that took longer than C{$PAUSES_MS}
+    (default 0.7) after its poll returned C{k} events at C{t}, C{c} ms of it
+    the process's own CPU time (far less than the wall time: it was descheduled);
   - C{EV t minor n seconds heap_bytes}, C{EV t step n seconds old new} and
     C{EV t major ...}: PyPy's GC hooks (minor collections, incremental
     major-collection steps with the GC states they moved between: 0 scanning,
     1 marking, 2 sweeping, 3 finalizing; completed major collections);
-  - C{EV t jit loop|bridge|entry bridge N}: PyPy compiled a loop or a bridge;
+  - C{EV t jit loop|bridge|entry-bridge N WHERE}: PyPy compiled a loop or a
+    bridge; C{WHERE} is the source line its trace starts at (for a bridge,
+    right after the guard that failed: C{file@line}) and the functions it runs
+    through (C{name:first line}, C{|}-separated);
     C{EV t jitabort key reason}: it gave up tracing;
   - C{EV t cpy-start|cpy-stop generation ...}: CPython's cyclic collections;
   - C{PROBE k cpu_ms wall_ms old new}: on PyPy, each SIGWINCH runs one whole
@@ -32,14 +36,15 @@ README.md, "Where the pauses came from", for what they showed.
 
 from __future__ import annotations
 
+import dis
 import gc
 import os
 import sys
 import time
 
-from twisted.internet import epollreactor
+import twistedproxy.reactor
 
-epollreactor.install()
+twistedproxy.reactor.install()  # the reactor the proxy serves on
 from twisted.internet import reactor  # noqa: E402
 
 mono = time.monotonic
@@ -47,7 +52,7 @@ OUT = os.environ.get("PAUSES_OUT", "pauses.txt")
 THRESHOLD = float(os.environ.get("PAUSES_MS", "0.7")) / 1000.0
 events = []
 long_iterations = []
-state = {"returned": None, "events": 0, "iterations": 0, "busy": 0.0}
+state = {"returned": None, "cpu_returned": 0.0, "events": 0, "iterations": 0, "busy": 0.0}
 
 
 class TimedPoller:
@@ -61,15 +66,17 @@ class TimedPoller:
 
     def poll(self, timeout=-1, maxevents=-1):
         start = mono()
+        cpu_start = time.thread_time()
         returned = state["returned"]
         if returned is not None:
             busy = start - returned
             state["busy"] += busy
             state["iterations"] += 1
             if busy > THRESHOLD:
-                long_iterations.append((returned, busy, state["events"]))
+                long_iterations.append((returned, busy, state["events"], cpu_start - state["cpu_returned"]))
         result = self.poller.poll(timeout, maxevents)
         state["returned"] = mono()
+        state["cpu_returned"] = time.thread_time()
         state["events"] = len(result)
         return result
 
@@ -101,13 +108,34 @@ try:
 except ImportError:
     pass
 else:
+    def source_line(code, offset: int) -> int:
+        """The source line of bytecode C{offset} in C{code}."""
+        line = code.co_firstlineno
+        for start, lineno in dis.findlinestarts(code):
+            if start > offset:
+                break
+            line = lineno
+        return line
+
     def on_compile(info):
-        events.append((mono(), "jit", info.type.replace(" ", "-"), getattr(info, "loop_no", "?")))
+        where = []
+        for op in info.operations or ():
+            # (the regular expression engine's merge points have no Python code)
+            if isinstance(op, pypyjit.DebugMergePoint) and op.jitdriver_name == "pypyjit":
+                code = op.pycode
+                if not where:
+                    where.append("%s@%d" % (os.path.basename(code.co_filename), source_line(code, op.bytecode_no)))
+                function = "%s:%d" % (code.co_name, code.co_firstlineno)
+                if where[-1] != function:
+                    where.append(function)
+                if len(where) >= 8:
+                    break
+        events.append((mono(), "jit", info.type.replace(" ", "-"), getattr(info, "loop_no", "?"), "|".join(where)))
 
     def on_abort(driver, greenkey, reason, operations=None):
         events.append((mono(), "jitabort", repr(greenkey)[:160].replace(" ", "_"), reason))
 
-    pypyjit.set_compile_hook(on_compile, operations=False)
+    pypyjit.set_compile_hook(on_compile, operations=True)
     pypyjit.set_abort_hook(on_abort)
 
 
@@ -137,8 +165,8 @@ if hasattr(gc, "collect_step"):
 def dump():
     with open(OUT, "w") as f:
         f.write("iters %d busy %.3f\n" % (state["iterations"], state["busy"]))
-        for returned, busy, nev in long_iterations:
-            f.write("LONG %.6f %.3fms nev=%d\n" % (returned, busy * 1000.0, nev))
+        for returned, busy, nev, cpu in long_iterations:
+            f.write("LONG %.6f %.3fms nev=%d cpu=%.3f\n" % (returned, busy * 1000.0, nev, cpu * 1000.0))
         for event in events:
             f.write("EV %.6f %s\n" % (event[0], " ".join(str(x) for x in event[1:])))
         for p in probes:
