@@ -17,10 +17,11 @@ clock a load generator can stamp its slow requests with):
     C{EV t major ...}: PyPy's GC hooks (minor collections, incremental
     major-collection steps with the GC states they moved between: 0 scanning,
     1 marking, 2 sweeping, 3 finalizing; completed major collections);
-  - C{EV t jit loop|bridge|entry-bridge N WHERE}: PyPy compiled a loop or a
-    bridge; C{WHERE} is the source line its trace starts at (for a bridge,
-    right after the guard that failed: C{file@line}) and the functions it runs
-    through (C{name:first line}, C{|}-separated);
+  - C{EV t jit loop|bridge|entry-bridge N}: PyPy compiled a loop or a bridge
+    (with C{TP_JIT_LOG=FILE} and C{bench/jithook} first on C{PYTHONPATH}, that
+    hook logs each one to FILE instead, with where its trace starts, the
+    functions it runs through and, for a bridge, the guard that failed; the
+    same clock);
     C{EV t jitabort key reason}: it gave up tracing;
   - C{EV t cpy-start|cpy-stop generation ...}: CPython's cyclic collections;
   - C{PROBE k cpu_ms wall_ms old new}: on PyPy, each SIGWINCH runs one whole
@@ -36,7 +37,6 @@ README.md, "Where the pauses came from", for what they showed.
 
 from __future__ import annotations
 
-import dis
 import gc
 import os
 import sys
@@ -108,34 +108,14 @@ try:
 except ImportError:
     pass
 else:
-    def source_line(code, offset: int) -> int:
-        """The source line of bytecode C{offset} in C{code}."""
-        line = code.co_firstlineno
-        for start, lineno in dis.findlinestarts(code):
-            if start > offset:
-                break
-            line = lineno
-        return line
-
     def on_compile(info):
-        where = []
-        for op in info.operations or ():
-            # (the regular expression engine's merge points have no Python code)
-            if isinstance(op, pypyjit.DebugMergePoint) and op.jitdriver_name == "pypyjit":
-                code = op.pycode
-                if not where:
-                    where.append("%s@%d" % (os.path.basename(code.co_filename), source_line(code, op.bytecode_no)))
-                function = "%s:%d" % (code.co_name, code.co_firstlineno)
-                if where[-1] != function:
-                    where.append(function)
-                if len(where) >= 8:
-                    break
-        events.append((mono(), "jit", info.type.replace(" ", "-"), getattr(info, "loop_no", "?"), "|".join(where)))
+        events.append((mono(), "jit", info.type.replace(" ", "-"), getattr(info, "loop_no", "?")))
 
     def on_abort(driver, greenkey, reason, operations=None):
         events.append((mono(), "jitabort", repr(greenkey)[:160].replace(" ", "_"), reason))
 
-    pypyjit.set_compile_hook(on_compile, operations=True)
+    if not os.environ.get("TP_JIT_LOG"):  # else bench/jithook's hook logs each compilation, and where
+        pypyjit.set_compile_hook(on_compile, operations=False)
     pypyjit.set_abort_hook(on_abort)
 
 
