@@ -525,7 +525,7 @@ GLOBAL_KEYS: Tuple[KeySpec, ...] = (
             "Before a process serves, run sample traffic through throwaway copies of the pools"
             " (in memory, then over loopback sockets; never to a backend) so PyPy's JIT has"
             " compiled the request path: a worker says ready, a single process listens, only"
-            " after it. auto: until compiled, at most 2 s (0.1 s in a worker replacing a crashed"
+            " after it. auto: until compiled, at most 6 s (0.1 s in a worker replacing a crashed"
             " one; a short warm-up on CPython); a number: at most that many seconds; off (or 0):"
             " none."),
     KeySpec("spare_worker", Boolean(),

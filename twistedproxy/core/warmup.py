@@ -97,8 +97,14 @@ TICK = 0.05
 LOOPBACK = "127.0.0.1"
 
 # The most seconds C{warmup: auto} spends at start, in a reload's new workers
-# and in an upgrade's (the old ones serve meanwhile) ...
-AUTO_SECONDS = 2.0
+# and in an upgrade's (the old ones serve meanwhile) ...  The phases end as
+# soon as their rounds are done, so this only bounds a slow or loaded
+# machine's warm-up (on a 2-core VM, whole: 3-3.4 s for Redis, 3.4-5.1 s for
+# memcached, whose samples are text, meta and binary).  A limit of 2 s there cut
+# memcached's to a few per cent of its loopback rounds and single requests, and
+# PyPy then compiled 36-48 loops and bridges in the first 20 s of traffic
+# instead of 7-28 (bench/README.md, "Measured in the seventh #10 session").
+AUTO_SECONDS = 6.0
 AUTO_ENV = "TWISTEDPROXY_WARMUP_AUTO"  # seconds that "auto" means instead, if set
 # ... and in a worker that replaces a crashed one: connections queued on its
 # socket wait for it, and the wait (process start, imports, configuration and
