@@ -140,7 +140,8 @@ class KetamaDistribution:
         -P 16 on that read when the table was a list of 65536 (512 KiB), 2-2.5%
         with 64 KiB, nothing visible with 16 KiB.  So it has two bytes an entry
         (four for 65535 points or more) and about 16 buckets a point: 16 KiB
-        for two servers, with 9 of its 8192 buckets holding two points.
+        for two servers (9 of whose 8192 buckets held two points, for the
+        two tried).
         """
         values = self._values
         count = len(values) - 1  # without the value above every hash
