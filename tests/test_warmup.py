@@ -218,7 +218,7 @@ def test_warm_up_over_loopback_reaches_no_backend_and_no_statistics():
     from twisted.internet import reactor
 
     # The configured servers (ports 7101..7103) are never connected to: nothing listens there.
-    proxy = Proxy(pools(warmup=1.0), reactor)
+    proxy = Proxy(pools(warmup=3.0), reactor)  # each phase ends once done: 3 s only bounds a loaded machine
     from twisted.internet import tcp
 
     listening = lambda: {r for r in reactor.getReaders() if isinstance(r, tcp.Port)}
