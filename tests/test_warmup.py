@@ -122,6 +122,45 @@ def test_warm_up_clients_are_built_as_the_proxys_own(name):
     assert warm.parser.login_guard is not None and warm.parser.login_guard.limiter is not proxy.logins
 
 
+@pytest_twisted.inlineCallbacks
+def test_loopback_backends_transports_are_set_up_as_the_proxys_clients():
+    # The reactor's code serves the warm-up's fake backends and the proxy's clients
+    # alike: their transports (both accepted TCP connections) get the same
+    # attributes in the same order (on PyPy: one map), so nothing the warm-up
+    # compiled branches on a shape of transport that serving never shows.
+    from twisted.internet import reactor
+
+    proxy = Proxy(pools(), reactor)
+    accepted = []
+    both = Deferred()
+
+    def keep(protocol):
+        accepted.append(protocol)
+        if len(accepted) == 2:
+            reactor.callLater(0, both.callback, None)  # once both are connected
+        return protocol
+
+    served = proxy.factories["mem"]
+    ports = [
+        reactor.listenTCP(0, warmup._Factory(lambda: keep(served.buildProtocol(None))), interface=HOST),
+        reactor.listenTCP(0, warmup._Factory(lambda: keep(warmup._FakeBackend(None))), interface=HOST),
+    ]
+    sockets = [socket.create_connection((HOST, port.getHost().port)) for port in ports]
+    try:
+        yield both.addTimeout(10, reactor)
+        client, backend = accepted
+        assert type(client.transport) is type(backend.transport)
+        assert list(vars(backend.transport)) == list(vars(client.transport))
+        assert backend.transport.producer is backend
+    finally:
+        for sock in sockets:
+            sock.close()
+        for protocol in accepted:
+            protocol.transport.abortConnection()
+        for port in ports:
+            yield port.stopListening()
+
+
 class _FakeJit:
     """Records PyPy's C{pypyjit.set_param} calls."""
 

@@ -54,6 +54,8 @@ from twisted.python.failure import Failure
 from twistedproxy.config.model import ServerSpec
 from twistedproxy.core.client import ProxyFactory
 from twistedproxy.core.logins import LocalAuthLimiter
+from twistedproxy.core.reads import fast_reads
+from twistedproxy.core.writes import immediate_writer
 from twistedproxy.stats.recorder import PoolStats
 
 log = Logger()
@@ -376,6 +378,27 @@ class _FakeBackend(Protocol):
         self.conn = None  # the pool's ServerConnection at the other end
         self.last = None  # the last request answered
         self.buffered = 0
+        self.write = None
+
+    def connectionMade(self):
+        # Its transport is set up as a proxy's client's is (a producer, fast
+        # reads, immediate writes): the reactor's code that serves both then
+        # meets one shape of transport while warming up, the one it meets
+        # once serving, and PyPy compiles no branch for the other.
+        transport = self.transport
+        transport.setTcpNoDelay(True)
+        transport.registerProducer(self, True)
+        self.write = immediate_writer(transport)
+        fast_reads(transport)
+
+    def pauseProducing(self):
+        pass  # a throwaway backend's replies are few: Twisted buffers them
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
 
     def dataReceived(self, data):
         self.buffered += len(data)
@@ -405,7 +428,7 @@ class _FakeBackend(Protocol):
             out.append(answer(request.frame))
             self.last = request
         if out:
-            self.transport.write(b"".join(out))
+            self.write(b"".join(out))
 
 
 class _FakeClient(Protocol):
@@ -417,14 +440,19 @@ class _FakeClient(Protocol):
         self.size = size  # bytes of replies to one round of the reads
         self.received = 0
         self.rounds = 0
+        self.write = None
 
     def connectionMade(self):
-        self.transport.setTcpNoDelay(True)
+        # Set up as a proxy's backend connection is (see _FakeBackend.connectionMade).
+        transport = self.transport
+        self.write = immediate_writer(transport)
+        fast_reads(transport)
+        transport.setTcpNoDelay(True)
         self._send()
 
     def _send(self):
         for data in self.reads:
-            self.transport.write(data)
+            self.write(data)
 
     def dataReceived(self, data):
         self.received += len(data)
