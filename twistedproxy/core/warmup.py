@@ -28,7 +28,10 @@ what the JIT still compiled in the first second of real traffic was bridges
 for exactly these (bench/README.md, "Ready means warm").  While it warms up,
 PyPy compiles a side exit after 20 failures instead of 200 (L{_trace_eagerness}),
 and its throwaway clients are built as the proxy builds its own (L{_factory}), so
-that what it compiles fits the objects the process then serves.
+that what it compiles fits the objects the process then serves; the loopback
+rounds' fake backends and clients set their transports up as the proxy's own
+client and backend connections do, for the same reason (the reactor's code
+serves both, and PyPy's guards check a transport's attributes).
 
 Nothing here runs per request once the process serves.
 """
