@@ -40,9 +40,8 @@ from zope.interface import implementer
 
 from twistedproxy.core.completion import flush_clients
 from twistedproxy.core.logins import LoginGuard
-from twistedproxy.core.reads import fast_reads
 from twistedproxy.core.request import ROUTE_LOCAL, ProtocolError, local
-from twistedproxy.core.writes import immediate_writer
+from twistedproxy.core.transports import set_up_accepted
 
 log = Logger()
 
@@ -90,15 +89,7 @@ class ClientConnection(Protocol):
     # -- connection events ---------------------------------------------------
 
     def connectionMade(self):
-        transport = self.transport
-        if hasattr(transport, "setTcpNoDelay"):
-            try:
-                transport.setTcpNoDelay(True)
-            except OSError:
-                pass  # a UNIX socket
-        transport.registerProducer(self, True)
-        self.write = immediate_writer(transport)
-        fast_reads(transport)
+        self.write = set_up_accepted(self.transport, self)
 
     def dataReceived(self, data):
         if self.quitting:

@@ -25,9 +25,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from twistedproxy.core.completion import BAD_REPLY, CLOSED, TIMED_OUT, complete, fail, failure_text, flush_clients
-from twistedproxy.core.reads import fast_reads
 from twistedproxy.core.request import ProtocolError, stand_in
-from twistedproxy.core.writes import immediate_writer
+from twistedproxy.core.transports import set_up_connected
 from twistedproxy.net.tls import TLS_FAILURE, is_tls, raw_transport
 
 log = Logger()
@@ -115,8 +114,7 @@ class ServerConnection(Protocol):
     def connectionMade(self):
         self.connected = True
         transport = self.transport
-        self.write = immediate_writer(transport)
-        fast_reads(transport)
+        self.write = set_up_connected(transport)
         if self.closed:
             # Closed while connecting (its server was ejected or stopped): do not
             # keep it; requests queued on it fail when the connection is lost.

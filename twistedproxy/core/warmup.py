@@ -57,8 +57,7 @@ from twisted.python.failure import Failure
 from twistedproxy.config.model import ServerSpec
 from twistedproxy.core.client import ProxyFactory
 from twistedproxy.core.logins import LocalAuthLimiter
-from twistedproxy.core.reads import fast_reads
-from twistedproxy.core.writes import immediate_writer
+from twistedproxy.core.transports import set_up_accepted, set_up_connected
 from twistedproxy.stats.recorder import PoolStats
 
 log = Logger()
@@ -388,11 +387,7 @@ class _FakeBackend(Protocol):
         # reads, immediate writes): the reactor's code that serves both then
         # meets one shape of transport while warming up, the one it meets
         # once serving, and PyPy compiles no branch for the other.
-        transport = self.transport
-        transport.setTcpNoDelay(True)
-        transport.registerProducer(self, True)
-        self.write = immediate_writer(transport)
-        fast_reads(transport)
+        self.write = set_up_accepted(self.transport, self)
 
     def pauseProducing(self):
         pass  # a throwaway backend's replies are few: Twisted buffers them
@@ -447,10 +442,8 @@ class _FakeClient(Protocol):
 
     def connectionMade(self):
         # Set up as a proxy's backend connection is (see _FakeBackend.connectionMade).
-        transport = self.transport
-        self.write = immediate_writer(transport)
-        fast_reads(transport)
-        transport.setTcpNoDelay(True)
+        self.write = set_up_connected(self.transport)
+        self.transport.setTcpNoDelay(True)
         self._send()
 
     def _send(self):
