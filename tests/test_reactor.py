@@ -8,6 +8,7 @@ proxy's processes run on it unless C{TWISTEDPROXY_REACTOR=twisted}.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -366,3 +367,40 @@ def test_a_failing_first_call_after_events_does_not_stop_the_others(logged):
     assert [e["log_failure"].type for e in logged if e.get("log_failure") is not None] == [ZeroDivisionError]
     reactor.doPoll(0)  # nothing left to call
     assert calls == ["second", "third"]
+
+
+def test_timed_calls_run_cancel_and_read_as_twisteds(reactor):
+    """callLater on either reactor: runs when due, a cancelled call never runs, the errors and reprs are Twisted's."""
+    calls = []
+    kept = reactor.callLater(0, calls.append, "ran")
+    dropped = reactor.callLater(0, calls.append, "cancelled")
+    dropped.cancel()
+    with pytest.raises(error.AlreadyCancelled):
+        dropped.cancel()
+    assert not dropped.active()
+    assert re.fullmatch(r"<DelayedCall 0x[0-9a-f]+ \[-?[0-9.e-]+s\] called=0 cancelled=1>", repr(dropped))
+    reactor.runUntilCurrent()
+    assert calls == ["ran"]
+    with pytest.raises(error.AlreadyCalled):
+        kept.cancel()
+    assert "called=1" in repr(kept)
+
+
+def test_a_cancelled_timed_call_keeps_its_attributes():
+    """
+    The proxy's reactor only: a cancelled call has the attributes of a pending
+    one (references dropped), so on PyPy the same map: the compiled reactor loop
+    meets cancelled calls waiting in the timer heap without leaving its path.
+    """
+    reactor = fast.EPollReactor()
+    pending = reactor.callLater(5, print, "x", end="")
+    cancelled = reactor.callLater(5, print, "y", end="")
+    cancelled.cancel()
+    assert list(vars(cancelled)) == list(vars(pending))
+    assert (cancelled.func, cancelled.args, cancelled.kw) == (None, None, None)
+    if sys.implementation.name == "pypy":
+        import __pypy__
+
+        assert __pypy__.strategy(cancelled) == __pypy__.strategy(pending)
+    pending.cancel()
+    reactor.runUntilCurrent()

@@ -21,7 +21,10 @@ computes "system" from that descriptor when, and only when, something is
 logged.  Log lines read as they do under Twisted's reactor.  It also offers
 C{callAfterEvents(f)}: what C{callLater(0, f)} does from an event handler (run
 once the poll's events are handled, before the next wait) without a timer,
-which the core's turn flusher uses (L{twistedproxy.core.batching}).
+which the core's turn flusher uses (L{twistedproxy.core.batching}).  And its
+timed calls keep their attributes when cancelled (L{_DelayedCall}), so that
+on PyPy a cancelled call waiting in the timer heap looks like any other to
+the compiled reactor loop.
 
 C{TWISTEDPROXY_REACTOR=twisted} in the environment keeps Twisted's default
 reactor instead (to compare); workers inherit the choice from the master.
@@ -34,6 +37,8 @@ import errno
 import os
 import sys
 
+from twisted.internet import error
+from twisted.internet.base import DelayedCall
 from twisted.logger import Logger
 from twisted.python import context, log, reflect, threadable
 
@@ -46,6 +51,44 @@ except ImportError:  # no epoll (not Linux): Twisted's default reactor only
 REACTOR_ENV = "TWISTEDPROXY_REACTOR"
 CHOICES = ("fast", "twisted")
 _log = Logger()
+
+
+class _DelayedCall(DelayedCall):
+    """
+    Twisted's timed call, whose C{cancel} sets C{func}, C{args} and C{kw} to
+    None instead of deleting them.
+
+    Why: PyPy gives an object a hidden class (a map) made of the attributes it
+    has, and the reactor loop's compiled code checks the map of the first call
+    in the timer heap on every iteration.  A cancelled call stays in the heap
+    until it is due (Twisted removes cancelled calls lazily), and with its
+    attributes deleted it has another map: while one is first in the heap,
+    every iteration leaves the compiled loop, until PyPy compiles a bridge for
+    it, milliseconds of a reactor turn.  The warm-up's own connections leave
+    such calls behind (their connect timeouts, their backends' timers), so
+    this came in the first second of serving (bench/README.md, "The ninth #10
+    session").  Nothing else changes: a cancelled call drops its references
+    as Twisted's does and reads the same.
+    """
+
+    __slots__ = ()
+
+    def cancel(self) -> None:
+        if self.cancelled:
+            raise error.AlreadyCancelled
+        elif self.called:
+            raise error.AlreadyCalled
+        self.canceller(self)
+        self.cancelled = 1
+        if self.debug:
+            self._repr = repr(self)
+        self.func = self.args = self.kw = None
+
+    def __repr__(self) -> str:
+        if self.cancelled and self._repr is None:  # what Twisted's shows once func is deleted
+            return "<DelayedCall 0x%x [%ss] called=%s cancelled=%s>" % (
+                id(self), self.time - self.seconds(), self.called, self.cancelled)
+        return DelayedCall.__repr__(self)
 
 
 if epollreactor is not None:
@@ -107,6 +150,14 @@ if epollreactor is not None:
                         _log.failure("while calling {f} after the poll's events", f=f)
 
         doIteration = doPoll
+
+        def callLater(self, delay, callable, *args, **kw):
+            """Twisted's C{callLater}, with a L{_DelayedCall}."""
+            assert delay >= 0, f"{delay} is not greater than or equal to 0 seconds"
+            call = _DelayedCall(self.seconds() + delay, callable, args, kw,
+                                self._cancelCallLater, self._moveCallLaterSooner, seconds=self.seconds)
+            self._newTimedCalls.append(call)
+            return call
 
 else:  # pragma: no cover (Linux has epoll)
     EPollReactor = None
