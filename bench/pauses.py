@@ -23,6 +23,17 @@ clock a load generator can stamp its slow requests with):
     functions it runs through and, for a bridge, the guard that failed; the
     same clock);
     C{EV t jitabort key reason}: it gave up tracing;
+  - with C{PAUSES_SECTIONS=1} on PyPy, each reactor iteration (from a poll's
+    return to the next poll) is also a C{tp-iter} section of PyPy's own log,
+    its first line the poll's events and the C{time.monotonic()} it returned
+    at: run with C{PYPYLOG=jit-tracing,jit-backend,jit-abort,jit-blackhole,
+    gc-minor,gc-collect-step,tp-iter:FILE} and C{bench/iterlog.py FILE} lists
+    the long iterations with the time each section of the JIT and the GC took
+    inside them (tracing, compiling, collecting, or none: interpreted code).
+    PyPy takes C{PYPYLOG} out of C{os.environ}, hence a variable of its own;
+    set C{PYPY_GC_NURSERY} and C{PYPY_GC_INCREMENT_STEP} too, or the proxy
+    runs itself again with them (L{twistedproxy.process.nursery}) and the first
+    process's log is cut off;
   - C{EV t cpy-start|cpy-stop generation ...}: CPython's cyclic collections;
   - C{PROBE k cpu_ms wall_ms old new}: on PyPy, each SIGWINCH runs one whole
     major collection (the one in progress first) step by step with
@@ -55,6 +66,16 @@ long_iterations = []
 state = {"returned": None, "cpu_returned": 0.0, "events": 0, "iterations": 0, "busy": 0.0}
 
 
+try:
+    from __pypy__ import debug_print, debug_start, debug_stop
+except ImportError:
+    SECTIONS = False
+else:
+    SECTIONS = os.environ.get("PAUSES_SECTIONS") == "1"
+    if SECTIONS:
+        debug_start("tp-iter")  # what runs before the first poll
+
+
 class TimedPoller:
     """The reactor's epoll object, with the time between two polls recorded."""
 
@@ -65,6 +86,8 @@ class TimedPoller:
         return getattr(self.poller, name)
 
     def poll(self, timeout=-1, maxevents=-1):
+        if SECTIONS:
+            debug_stop("tp-iter")
         start = mono()
         cpu_start = time.thread_time()
         returned = state["returned"]
@@ -78,6 +101,9 @@ class TimedPoller:
         state["returned"] = mono()
         state["cpu_returned"] = time.thread_time()
         state["events"] = len(result)
+        if SECTIONS:
+            debug_start("tp-iter")
+            debug_print(len(result), state["returned"])
         return result
 
 

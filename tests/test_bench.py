@@ -239,3 +239,23 @@ def test_the_targets_tree_is_what_cpu_and_pinning_cover():
     finally:
         child.kill()
         child.wait()
+
+
+def test_iterlog_lists_long_iterations_with_the_sections_inside(tmp_path):
+    """bench/iterlog.py on a PyPy log of three marked iterations: the long one, with the sections inside it."""
+    def at(ms):  # the log's clock: ticks, here 1 GHz from 1e9
+        return "[%x]" % int(1e9 + ms * 1e6)
+
+    log = tmp_path / "pypylog"
+    log.write_text("\n".join([
+        at(0) + " {tp-iter", "1 100.0", at(0.2) + " tp-iter}",
+        at(0.2) + " {tp-iter", "3 100.0002",
+        at(0.5) + " {jit-tracing", at(2.0) + " {jit-backend", at(3.0) + " jit-backend}", at(4.0) + " jit-tracing}",
+        at(4.2) + " {gc-minor", at(4.5) + " gc-minor}",
+        at(5.0) + " tp-iter}",
+        at(5.0) + " {tp-iter", "2 100.005", at(5.1) + " tp-iter}",
+    ]) + "\n")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "iterlog.py"), str(log), "--ms", "1"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    # Sections directly in the iteration, each counted once (the compile inside the trace is the trace's).
+    assert out == ["100.000200    4.80ms events=3 jit-tracing=3.50 gc-minor=0.30"]
