@@ -406,6 +406,25 @@ static uint64_t mark_lost(uint64_t total, uint64_t end) {
 }
 
 /*
+ * With LATGEN_DUMP=FILE in the environment, one line per request to FILE: its
+ * due time (CLOCK_MONOTONIC seconds, the clock bench/pauses.py stamps a proxy's
+ * reactor iterations with), its latency and how late it was sent (us), to see
+ * when in a run the slow requests were.
+ */
+static void dump_requests(uint64_t total) {
+    const char *path = getenv("LATGEN_DUMP");
+    if (!path)
+        return;
+    FILE *f = fopen(path, "w");
+    if (!f)
+        die("LATGEN_DUMP");
+    for (uint64_t i = 0; i < total; i++)
+        fprintf(f, "%.6f %.1f %.1f\n", start_ns[i] / 1e9, latency[i] / 1000.0, late_ns[i] / 1000.0);
+    if (fclose(f) != 0)
+        die("LATGEN_DUMP");
+}
+
+/*
  * One shot at the next due time, absolute: a periodic timer's whole-nanosecond
  * interval would drift from a schedule whose period has a fraction, and fire
  * just before each due time, making every request a tick late.
@@ -498,6 +517,7 @@ static int run_open(const char *host, int port, double rate, double seconds, int
     }
     uint64_t end = now_ns();
     uint64_t lost = mark_lost(total, end);
+    dump_requests(total);
     printf("{\"mode\": \"open\", \"rate\": %.1f, \"connections\": %d, \"seconds\": %g, \"requests\": %llu, ", rate,
            nconns, seconds, (unsigned long long)total);
     counters(lost, (end - t0) / 1e9);
