@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -317,7 +318,32 @@ def test_single_requests_from_a_thread_are_answered_and_reach_no_backend():
     assert phase.ended == "done" and sent >= 200
     assert not phase.thread.is_alive()
     assert all(live.singles for live in lives) and all(live.frames for live in lives)
+    # Besides the clients that take turns, new clients of one request each came and went
+    # (so accepting and closing are compiled too): the pools saw them close cleanly.
+    assert sum(pool.stats.client_eof for pool in phase.pools) > warmup.SPARSE_CLIENTS
     untouched(proxy)
+
+
+_FIRST_ASKED = """
+from zope.interface import providedBy
+from twistedproxy.core.client import ProxyFactory
+from twistedproxy.process.worker import _PoolFactory
+from twistedproxy.stats.server import StatsPortFactory
+for cls in (ProxyFactory, _PoolFactory, StatsPortFactory):
+    before = dict(vars(cls))
+    providedBy(cls.__new__(cls))
+    assert dict(vars(cls)) == before, (cls, sorted(set(vars(cls)) - set(before)))
+"""
+
+
+def test_listening_factories_declare_their_interfaces_on_their_class():
+    """
+    zope.interface writes an undeclared subclass's declarations onto the class when
+    first asked (a port that starts listening asks): a class write after "ready" makes
+    PyPy drop the code compiled for the warm-up's accepts.  Declared, nothing is written
+    (a fresh interpreter: in this one, earlier tests have asked already).
+    """
+    subprocess.run([sys.executable, "-c", _FIRST_ASKED], check=True, cwd=processes.ROOT)
 
 
 def test_warm_up_off():

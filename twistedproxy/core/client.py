@@ -32,7 +32,7 @@ import base64
 from collections import deque
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, ILoggingContext, IProtocolFactory, IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -369,6 +369,11 @@ class ClientConnection(Protocol):
             return "?"
 
 
+# Declared although ServerFactory provides them: zope.interface writes an undeclared
+# subclass's declarations onto the class the first time it is asked, which a listening
+# port does when it starts; that class write makes PyPy throw away the compiled code that
+# depends on the class (the accept path the warm-up compiled), right after "ready".
+@implementer(IProtocolFactory, ILoggingContext)
 class ProxyFactory(ServerFactory):
     """
     Accepts clients for one route (L{twistedproxy.routes.interface.IServedRoute}:

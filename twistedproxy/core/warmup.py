@@ -23,7 +23,9 @@ requests go over loopback sockets to a throwaway pool from clients and backends
 that a thread plays, off the reactor: the reactor then sees only the proxy's
 own sockets, as when it serves, in the shapes of real traffic the closed-loop
 rounds never make (a poll with one event or a few, a reply arriving in two
-reads or after a pause, a reactor with no timer pending).  On PyPy most of
+reads or after a pause, a reactor with no timer pending), and now and then a
+client of one request that connects and leaves, so that accepting, a
+connection's first request and its close are compiled too.  On PyPy most of
 what the JIT still compiled in the first second of real traffic was bridges
 for exactly these (bench/README.md, "Ready means warm").  While it warms up,
 PyPy compiles a side exit after 20 failures instead of 200 (L{_trace_eagerness}),
@@ -93,6 +95,13 @@ SPARSE_CLIENTS = 20  # connections they take turns on (bench/warmup.py's load: 2
 # How many requests go out at once, in turn: mostly one (a poll with one event), some more.
 SPARSE_BURSTS = (1, 1, 2, 1, 1, 3, 1, 1, 5, 1, 2, 1, 1, 8, 1, 4)
 SPARSE_STALL = 0.5  # seconds without a byte from the proxy that end the phase (a failure)
+# Every this many bursts, one more request comes from a new connection that closes once
+# answered (a client of one request), so that accepting a client, its first request (the
+# codec sniffed, the transport set up) and its close are compiled too: without it, the 20
+# connections of a fresh benchmark's first 20 ms took ~0.2 ms each in the interpreter
+# (bench/README.md, "Measured in the ninth #10 session").  Mixed in all along, not first:
+# what the phase ends with is what the process then serves like.
+SPARSE_NEW_CLIENT_EVERY = 4
 PAUSE = 0.0001  # seconds: long enough for the reactor to finish its turn and wait in its poll
 # The loopback rounds' deadline check runs this often (a timer that is not re-armed once they
 # are over: the reactor is left with no timer pending, as in a process that serves).
@@ -588,7 +597,8 @@ class _Sparse:
     pools' sockets, as when it serves: mostly one request at a time taking
     turns over L{SPARSE_CLIENTS} connections, some at once (a poll with several
     events), and backends that answer sometimes at once, sometimes after a
-    pause, sometimes in two parts (two reads).  The thread ends the phase after
+    pause, sometimes in two parts (two reads); every L{SPARSE_NEW_CLIENT_EVERY}
+    bursts one request more, from a new connection that closes once answered.  The thread ends the phase after
     C{requests} answers, at C{deadline} or once the proxy stays silent for
     L{SPARSE_STALL} seconds, and connects to C{done} (L{_Over}).
     """
@@ -657,23 +667,16 @@ class _Sparse:
                 mine = index // len(self.targets)
                 clients.append((sock, singles[mine % len(singles)::SPARSE_CLIENTS] or singles[:1]))
             turn = 0
-            answers = 0  # backend answers sent, whose number picks how the next goes out
+            answers = [0]  # backend answers sent, whose number picks how the next goes out
             burst = 0
-            while self.answered < self.requests and not self.stopped and self.timer() < self.deadline:
-                waiting = 0  # reply bytes the clients wait for
-                for _ in range(SPARSE_BURSTS[burst % len(SPARSE_BURSTS)]):
-                    sock, singles = clients[turn % len(clients)]
-                    request, size = singles[(turn // len(clients)) % len(singles)]
-                    turn += 1
-                    sock.sendall(request)
-                    waiting += size
-                    self.answered += 1
-                burst += 1
+
+            def replies(waiting: int) -> bool:
+                """Serve the backends until the clients got C{waiting} reply bytes (False: the phase ends)."""
                 while waiting > 0:
                     events = poller.poll(SPARSE_STALL)
                     if not events or self.stopped:
                         self.ended = "no reply within %s s" % (SPARSE_STALL,) if not events else "stopped"
-                        return
+                        return False
                     for fd, _ in events:
                         sock, role, frames, buffered = socks[fd]
                         if role == "listen":
@@ -685,7 +688,7 @@ class _Sparse:
                         data = sock.recv(65536)
                         if not data:
                             self.ended = "the proxy closed a connection"  # not the traffic planned
-                            return
+                            return False
                         if role == "client":
                             waiting -= len(data)
                             continue
@@ -693,10 +696,39 @@ class _Sparse:
                         reply = _answer(buffered, frames)
                         if reply is None:
                             self.ended = "a frame no single request made: %r" % (buffered[0][:60],)
-                            return
+                            return False
                         if reply:
-                            answers += 1
-                            _send_reply(sock, reply, answers)
+                            answers[0] += 1
+                            _send_reply(sock, reply, answers[0])
+                return True
+
+            while self.answered < self.requests and not self.stopped and self.timer() < self.deadline:
+                waiting = 0  # reply bytes the clients wait for
+                for _ in range(SPARSE_BURSTS[burst % len(SPARSE_BURSTS)]):
+                    sock, singles = clients[turn % len(clients)]
+                    request, size = singles[(turn // len(clients)) % len(singles)]
+                    turn += 1
+                    sock.sendall(request)
+                    waiting += size
+                    self.answered += 1
+                burst += 1
+                if not replies(waiting):
+                    return
+                if burst % SPARSE_NEW_CLIENT_EVERY == 0:
+                    port, singles = self.targets[burst % len(self.targets)]
+                    request, size = singles[burst % len(singles)]
+                    sock = socket.create_connection((LOOPBACK, port), timeout=SPARSE_STALL)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    socks[sock.fileno()] = (sock, "client", None, None)
+                    poller.register(sock.fileno(), select.EPOLLIN)
+                    sock.sendall(request)
+                    self.answered += 1
+                    answered = replies(size)
+                    poller.unregister(sock.fileno())
+                    del socks[sock.fileno()]
+                    sock.close()
+                    if not answered:
+                        return
                 if burst % 4 == 0:
                     time.sleep(PAUSE)  # the reactor waits in its poll, as between real requests
         except OSError as e:

@@ -35,9 +35,11 @@ import sys
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import ILoggingContext, IProtocolFactory
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols import amp
+from zope.interface import implementer
 
 from twistedproxy import logs
 from twistedproxy.config import ConfigError, parse_config
@@ -121,6 +123,7 @@ def _quickack_reader(client):
     return dataReceived
 
 
+@implementer(IProtocolFactory, ILoggingContext)  # declared for the reason ProxyFactory's are
 class _PoolFactory(ServerFactory):
     """
     Accepts for one pool of the worker: the proxy's current factory builds the

@@ -32,7 +32,7 @@ import hmac
 import json
 
 from twisted.internet.defer import maybeDeferred, succeed
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, ILoggingContext, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web import resource, server
@@ -113,6 +113,7 @@ class _StatsPortProtocol(Protocol):
         pass
 
 
+@implementer(IProtocolFactory, ILoggingContext)  # declared for the reason ProxyFactory's are
 class StatsPortFactory(Factory):
     """nutcracker's stats port: C{source()} fires with a merged snapshot."""
 
