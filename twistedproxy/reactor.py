@@ -66,8 +66,8 @@ class _DelayedCall(DelayedCall):
     every iteration leaves the compiled loop, until PyPy compiles a bridge for
     it, milliseconds of a reactor turn.  The warm-up's own connections leave
     such calls behind (their connect timeouts, their backends' timers), so
-    this came in the first second of serving (bench/README.md, "The ninth #10
-    session").  Nothing else changes: a cancelled call drops its references
+    this came in the first second of serving (bench/README.md, "Measured in
+    the ninth #10 session").  Nothing else changes: a cancelled call drops its references
     as Twisted's does and reads the same.
     """
 

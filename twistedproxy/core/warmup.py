@@ -598,9 +598,10 @@ class _Sparse:
     turns over L{SPARSE_CLIENTS} connections, some at once (a poll with several
     events), and backends that answer sometimes at once, sometimes after a
     pause, sometimes in two parts (two reads); every L{SPARSE_NEW_CLIENT_EVERY}
-    bursts one request more, from a new connection that closes once answered.  The thread ends the phase after
-    C{requests} answers, at C{deadline} or once the proxy stays silent for
-    L{SPARSE_STALL} seconds, and connects to C{done} (L{_Over}).
+    bursts one request more, from a new connection that closes once answered.
+    The thread ends the phase after C{requests} answers, at C{deadline} or once
+    the proxy stays silent for L{SPARSE_STALL} seconds, and connects to C{done}
+    (L{_Over}).
     """
 
     def __init__(self, reactor, lives, build_pool, requests, deadline, timer, done):
@@ -655,23 +656,30 @@ class _Sparse:
             for sock, frames in self.backends:
                 socks[sock.fileno()] = (sock, "listen", frames, None)
                 poller.register(sock.fileno(), select.EPOLLIN)
-            clients = []
-            for index in range(SPARSE_CLIENTS):
-                port, singles = self.targets[index % len(self.targets)]
+
+            def client(port: int):
+                """A client connected to the proxy's C{port}, watched by the poller."""
                 sock = socket.create_connection((LOOPBACK, port), timeout=SPARSE_STALL)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 socks[sock.fileno()] = (sock, "client", None, None)
                 poller.register(sock.fileno(), select.EPOLLIN)
+                return sock
+
+            clients = []
+            for index in range(SPARSE_CLIENTS):
+                port, singles = self.targets[index % len(self.targets)]
+                sock = client(port)
                 # Each client its own of the requests (a connection speaks one protocol:
                 # memcached's text or binary), or its share of them when there are more.
                 mine = index // len(self.targets)
                 clients.append((sock, singles[mine % len(singles)::SPARSE_CLIENTS] or singles[:1]))
             turn = 0
-            answers = [0]  # backend answers sent, whose number picks how the next goes out
+            answers = 0  # backend answers sent, whose number picks how the next goes out
             burst = 0
 
             def replies(waiting: int) -> bool:
                 """Serve the backends until the clients got C{waiting} reply bytes (False: the phase ends)."""
+                nonlocal answers
                 while waiting > 0:
                     events = poller.poll(SPARSE_STALL)
                     if not events or self.stopped:
@@ -698,8 +706,8 @@ class _Sparse:
                             self.ended = "a frame no single request made: %r" % (buffered[0][:60],)
                             return False
                         if reply:
-                            answers[0] += 1
-                            _send_reply(sock, reply, answers[0])
+                            answers += 1
+                            _send_reply(sock, reply, answers)
                 return True
 
             while self.answered < self.requests and not self.stopped and self.timer() < self.deadline:
@@ -717,10 +725,7 @@ class _Sparse:
                 if burst % SPARSE_NEW_CLIENT_EVERY == 0:
                     port, singles = self.targets[burst % len(self.targets)]
                     request, size = singles[burst % len(singles)]
-                    sock = socket.create_connection((LOOPBACK, port), timeout=SPARSE_STALL)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    socks[sock.fileno()] = (sock, "client", None, None)
-                    poller.register(sock.fileno(), select.EPOLLIN)
+                    sock = client(port)
                     sock.sendall(request)
                     self.answered += 1
                     answered = replies(size)
