@@ -44,8 +44,9 @@ except ImportError:  # a python3 with PyYAML but not Twisted: go on under the CP
     os.execv(_venv, [_venv] + sys.argv)
 
 sys.path.insert(0, ROOT)
-from tests.support import migration_control  # noqa: E402
-from tests.support.migration_control import cacheproxyctl, migration_ctl, wait_migration  # noqa: E402
+from tests.support import ctl  # noqa: E402
+from tests.support.ctl import cacheproxyctl  # noqa: E402
+from tests.support.migration_control import migration_ctl, wait_migration  # noqa: E402
 
 HOST = processes.HOST
 POOL = "bench"
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
         python = run.find_python(args.python, None, "/nonexistent")
     else:
         python = run.find_python("proxy", args.python, "/nonexistent")
-    migration_control.PYTHON = python
+    ctl.PYTHON = python
     binary = latency.build_generator()
     protocols = ["redis", "memcache"] if args.protocol == "all" else [args.protocol]
     print("==> %d keys, %d GETs/s open loop on %d connections, migrate_rate %s, %d worker(s), proxy on %s" % (

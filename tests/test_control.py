@@ -9,13 +9,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 
 import pytest
 import pytest_twisted
 
-from tests.support import processes
+from tests.support import ctl as ctl_support, processes
 from tests.support.workers import Master, master_config, pid_alive, poll
 from twistedproxy.control.client import ControlClient, ControlError
 
@@ -30,11 +29,14 @@ def master(spawn, memcached_backends):
     return Master(spawn, master_config({"mc": pool}), port)
 
 
-def ctl(master, *args, where=None):
+def ctl(master, *args, where=None, own_process=False):
+    """
+    C{cacheproxyctl -s CONTROL ARGS} (or C{WHERE ARGS}) against C{master}: its
+    C{main} in this process, or with C{own_process} the command as users run it.
+    """
     where = ["-s", master.control_path] if where is None else where
-    argv = [sys.executable, "-m", "twistedproxy.control.cli"] + where + list(args)
-    return subprocess.run(argv, capture_output=True, text=True, cwd=processes.ROOT, env=processes.proxy_env(),
-                          timeout=30)
+    code, out, err = (ctl_support.run if own_process else ctl_support.run_here)(where + list(args))
+    return subprocess.CompletedProcess(where + list(args), code, out, err)
 
 
 def test_status_workers_log_level_and_reload(master):
@@ -78,15 +80,15 @@ def test_status_workers_log_level_and_reload(master):
 
 
 def test_cacheproxyctl_status_and_stop(master):
-    result = ctl(master, "status")
+    result = ctl(master, "status", own_process=True)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["pid"] == master.process.pid
     workers = master.worker_pids()
-    result = ctl(master, "stop")
+    result = ctl(master, "stop", own_process=True)
     assert result.returncode == 0 and "stopping" in result.stdout
     poll(lambda: not master.process.alive(), 10, 0.05, "the master to stop")
     assert not any(pid_alive(pid) for pid in workers)
-    result = ctl(master, "status")
+    result = ctl(master, "status", own_process=True)
     assert result.returncode == 2 and "cannot reach" in result.stderr
 
 
@@ -112,7 +114,7 @@ SUBCOMMANDS = ("status", "stats", "reload", "upgrade", "stop", "workers", "log-l
 def test_cacheproxyctl_exit_codes_and_help(master):
     # Usage errors: EX_USAGE (64), never 2 (which says "unreachable"), and nothing is sent.
     for args in ([], ["bogus"], ["workers", "many"], ["set", "timeout"], ["slowlog", "--limit", "x"]):
-        result = ctl(master, *args)
+        result = ctl(master, *args, own_process=not args)
         assert result.returncode == 64, (args, result.stderr)
         assert "usage: cacheproxyctl" in result.stderr
     assert ctl(master, "status", where=[]).returncode == 64  # neither -s nor -c

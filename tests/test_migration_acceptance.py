@@ -38,7 +38,8 @@ from tests.support.migration import (
     verify_memcached,
     verify_redis,
 )
-from tests.support.migration_control import cacheproxyctl, migration_ctl, migration_record, wait_migration
+from tests.support.ctl import cacheproxyctl
+from tests.support.migration_control import migration_ctl, migration_record, wait_migration
 from tests.support.workers import Master, master_config, poll
 
 pytestmark = pytest.mark.integration

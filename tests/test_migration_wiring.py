@@ -9,17 +9,16 @@ tests/test_migration_acceptance.py.)
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
-from contextlib import redirect_stdout
 
 import pytest
 import redis
 import yaml
 
 from tests.support import processes
+from tests.support.ctl import cacheproxyctl_here
 from tests.support.migration import memcached_keys
 from tests.support.processes import HOST, free_port
 from tests.support.workers import master_config, poll, ready_status
@@ -29,14 +28,6 @@ from twistedproxy.control.client import BlockingControlClient, ControlError
 from twistedproxy.migration.mover import placement
 
 pytestmark = pytest.mark.integration
-
-
-def ctl(path, *argv):
-    """C{cacheproxyctl -s PATH ARGV...}: (exit code, printed output)."""
-    out = io.StringIO()
-    with redirect_stdout(out):
-        code = cli.main(["-s", path] + list(argv))
-    return code, out.getvalue()
 
 
 def test_a_reload_grows_a_redis_pool_online_with_two_workers(spawn, redis_backends, tmp_path):
@@ -56,7 +47,7 @@ def test_a_reload_grows_a_redis_pool_online_with_two_workers(spawn, redis_backen
     pipe.set(b"ttl", b"soon", ex=300)
     pipe.hset(b"hash", mapping={b"a": b"1", b"b": b"2"})
     pipe.execute()
-    assert ctl(control, "migration") == (0, "{}\n")
+    assert cacheproxyctl_here(control, "migration")[:2] == (0, "{}\n")
 
     pool["servers"].append("%s:%d:1" % (HOST, backends[3].port))
     with open(path, "w") as f:
@@ -84,9 +75,9 @@ def test_a_reload_grows_a_redis_pool_online_with_two_workers(spawn, redis_backen
     moving = sum(1 for key in keys if old_owner(key).port != owner(key).port)
     assert record["moved"] == moving and record["scanned"] == 302 + moving, (moving, record)
 
-    code, out = ctl(control, "migration", "status", "alpha")
+    code, out, _ = cacheproxyctl_here(control, "migration", "status", "alpha")
     assert code == 0 and json.loads(out)["alpha"]["id"] == record["id"]
-    code, _ = ctl(control, "migration", "resume", "nosuch")
+    code, _, _ = cacheproxyctl_here(control, "migration", "resume", "nosuch")
     assert code == cli.EXIT_REFUSED
     assert os.path.exists(tmp_path / "cacheproxy-migration-alpha.json")
 

@@ -18,6 +18,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import processes
+from tests.support.ctl import cacheproxyctl
 from tests.support.processes import HOST, free_port, read_stats_port  # noqa: F401 (other tests import it here)
 
 pytestmark = pytest.mark.integration
@@ -168,25 +169,29 @@ def test_latency_slow_log_and_tuning(spawn, redis_backends):
     for i in range(20):
         r.set("fast:%d" % i, "x")
         r.get("fast:%d" % i)
+    seen_ms = []  # each EVAL's round trip as the client saw it: the proxy's figures lie within
     for i in range(4):
+        started = time.monotonic()
         assert r.eval(BUSY, 1, "slow:%d" % i, delay_ms * 1000) == 1
+        seen_ms.append((time.monotonic() - started) * 1000)
+    # HDR keeps 2 significant digits: a value is recorded within 1% (a busy
+    # loop overshoots its delay when the machine is busy, and so may its time).
+    ceiling = max(seen_ms) * 1.01 + 1
 
     report = json.loads(http_get(http_port, "/stats.json"))
     pool = report["twistedproxy"]["pools"]["alpha"]
     evals = pool["commands"]["eval"]
     assert evals["total"]["count"] == 4
-    # HDR keeps 2 significant digits: a value is recorded within 1% (plus the
-    # proxy's own time and the busy loop's overshoot above it).
     for name in ("p50", "p90", "p99", "p99.9", "max"):
-        assert delay_ms * 0.99 <= evals["total"][name] <= delay_ms + 20, (name, evals["total"])
+        assert delay_ms * 0.99 <= evals["total"][name] <= ceiling, (name, evals["total"], seen_ms)
         assert delay_ms * 0.99 <= evals["backend"][name] <= evals["total"]["max"], (name, evals["backend"])
-    assert delay_ms * 0.99 <= evals["total"]["avg"] <= delay_ms + 20
+    assert delay_ms * 0.99 <= evals["total"]["avg"] <= ceiling
     assert pool["commands"]["get"]["total"]["count"] == 20
     assert pool["commands"]["get"]["total"]["p50"] < 25
     label = "%s:%d" % (HOST, backend.port)
     server = pool["servers"][label]["latency"]
     assert server["count"] == 44
-    assert delay_ms * 0.99 <= server["max"] <= delay_ms + 20
+    assert delay_ms * 0.99 <= server["max"] <= ceiling
     assert pool["latency"]["total"]["count"] == 44
     assert pool["latency"]["proxy"]["count"] == 44
     assert pool["latency"]["proxy"]["p99"] < 25
@@ -356,16 +361,6 @@ def test_status_page_and_metrics_show_workers(spawn, redis_backends):
     assert 0 < quantiles[0] and quantiles == sorted(quantiles)
     assert families["cacheproxy_server_latency_seconds"].type == "summary"
     assert families["cacheproxy_request_duration_seconds"].type == "histogram"
-
-
-def cacheproxyctl(control, *args):
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", "twistedproxy.control.cli", "-s", control] + list(args),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=processes.proxy_env(),
-                          cwd=processes.ROOT, timeout=30)
-    return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
 def test_master_merges_workers_and_tunes_them(spawn, redis_backends):

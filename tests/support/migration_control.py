@@ -7,26 +7,10 @@ over its control socket while waiting for one to reach a state.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
-from tests.support.processes import ROOT, proxy_env
+from tests.support.ctl import cacheproxyctl
 from twistedproxy.control.client import BlockingControlClient, ControlError
-
-# The interpreter that runs cacheproxyctl: this one (the tests'), or the proxy's (the bench sets it).
-PYTHON = sys.executable
-
-
-def cacheproxyctl(control: str, *args, timeout: float = 60.0):
-    """
-    C{cacheproxyctl -s CONTROL ARGS...} (the checkout's, as the proxies the
-    tests start run it): (exit code, stdout, stderr).
-    """
-    argv = [PYTHON, "-m", "twistedproxy.control.cli", "-s", control] + list(args)
-    out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout,
-                         env=proxy_env(), cwd=ROOT)
-    return out.returncode, out.stdout, out.stderr
 
 
 def migration_ctl(control: str, action: str = "status", pool=None) -> dict:
