@@ -2,10 +2,11 @@
 # Runs the whole test suite on CPython 3.11 and PyPy 3.9, installing what it needs
 # (Debian packages, two virtualenvs) first.  Extra arguments go to pytest.
 #
-# The two interpreters' runs go side by side (most of a run is waiting on the
-# real backends and proxies it starts, so two fit on two cores); each run's
-# output is kept and printed whole once both are done.  TEST_SERIAL=1 runs
-# them one after the other, printing as they go.
+# The two interpreters' runs go side by side, each split over TEST_WORKERS
+# pytest-xdist workers (2 unless set; 0 runs it in one process), a test file to
+# a worker: most of a run is waiting on the real backends and proxies it starts,
+# so four fit on two cores.  Each run's output is kept and printed whole once
+# both are done.  TEST_SERIAL=1 runs them one after the other, printing as they go.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ROOT"
@@ -18,7 +19,11 @@ run_suite() {
     local name=$1
     shift
     echo "==> test suite on $name: $("$ROOT/.venv-$name/bin/python" -c 'import sys; print(sys.version.split()[0], sys.implementation.name)')"
-    "$ROOT/.venv-$name/bin/python" -m pytest -p no:cacheprovider -q -rfE "$@"
+    local workers=()
+    if [ "${TEST_WORKERS:-2}" != 0 ]; then
+        workers=(-n "${TEST_WORKERS:-2}" --dist loadfile)
+    fi
+    "$ROOT/.venv-$name/bin/python" -m pytest -p no:cacheprovider -q -rfE "${workers[@]}" "$@"
 }
 
 status=0

@@ -38,9 +38,23 @@ atexit.register(_kill_leftovers)
 # ephemeral range (32768 and up here), never one the kernel hands out for bind(0)
 # or for an outgoing connection, so nothing a test starts (a proxy's warm-up
 # listening on port 0, a client connecting) can take a port meanwhile; and a band
-# of their own per interpreter, since scripts/test.sh runs both suites at once.
+# of their own per interpreter, since scripts/test.sh runs both suites at once,
+# and a share of that per pytest-xdist worker when a suite runs in several.
 _PORT_BANDS = {"CPython": (12000, 22000), "PyPy": (22000, 32000)}
-_band = _PORT_BANDS.get(platform.python_implementation(), (12000, 32000))
+
+
+def _worker_band(band, worker: str, count: str):
+    """C{band} cut into C{count} equal shares, the share of xdist worker C{worker} ("gwN")."""
+    if not worker.startswith("gw") or not count.isdigit():
+        return band
+    low, high = band
+    share = (high - low) // int(count)
+    index = int(worker[2:]) % int(count)
+    return low + index * share, low + (index + 1) * share
+
+
+_band = _worker_band(_PORT_BANDS.get(platform.python_implementation(), (12000, 32000)),
+                     os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", ""))
 _next_port = [_band[0] + (os.getpid() * 7919) % (_band[1] - _band[0])]
 
 
