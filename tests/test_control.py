@@ -204,6 +204,8 @@ class _SingleProcess:
         config = {"mc": processes.pool_config([backend_port], self.port, redis=False),
                   "global": {"control": self.control_path}}
         self.process = spawn(processes.proxy, config, self.port)
+        # The control socket opens in the same reactor turn as the ports, just after them.
+        poll(lambda: os.path.exists(self.control_path), 10, 0.01, "the control socket")
 
 
 def test_a_single_process_answers_the_control_commands(spawn, memcached_backends):
