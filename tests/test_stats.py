@@ -210,7 +210,9 @@ def test_latency_slow_log_and_tuning(spawn, redis_backends):
     (settings,) = answer["workers"]
     assert settings["slowlog_threshold"] == 0.5
     assert settings["pools"]["alpha"]["timeout"] == 2000
+    started = time.monotonic()
     assert r.eval(BUSY, 1, "slow:late", delay_ms * 1000) == 1
+    seen_ms.append((time.monotonic() - started) * 1000)
     assert len(json.loads(http_get(http_port, "/slowlog"))) == 4
     # Refused values change nothing.
     with pytest.raises(urllib.error.HTTPError) as e:
@@ -232,7 +234,10 @@ def test_latency_slow_log_and_tuning(spawn, redis_backends):
     buckets = [s for s in families["cacheproxy_request_duration_seconds"].samples
                if s.labels.get("command") == "eval" and s.name.endswith("_bucket")]
     below = {s.labels["le"]: s.value for s in buckets}
-    assert below["0.05"] == 0 and below["0.1"] == 5 and below["+Inf"] == 6
+    # The five 60-ms EVALs fall under 0.1 s (unless the machine stretched them past it, as
+    # the client saw), the one that timed out above it.
+    assert below["0.05"] == 0 and below["+Inf"] == 6
+    assert sum(ms < 99 for ms in seen_ms) <= below["0.1"] <= 5, (below, seen_ms)
 
 
 def test_tune_needs_the_admin_token(spawn, redis_backends, tmp_path):
