@@ -97,7 +97,9 @@ class _MigrationClient(CheckingClient):
             if started >= acked + ttl + self.ttl_slack:
                 self.expected[key] = {None}
                 del self.expiring[key]
-            elif started >= sent + ttl - self.ttl_slack:
+            elif time.time() >= sent + ttl - self.ttl_slack:
+                # Answered once the TTL was nearly over (a read may wait long in
+                # the proxy while it restarts): the key may have expired meanwhile.
                 if value is None:
                     return
         CheckingClient._check(self, key, value)
