@@ -176,6 +176,28 @@ def test_abort_holds_then_moves_back_and_keeps_the_old_list(made):
     assert c.state.servers == () and c.state.plans == ()
 
 
+def test_an_aborted_movers_interrupted_batch_is_not_counted(made):
+    """Stopping a mover closes its connections: the batch it had out fails, and is no failure of the migration."""
+    c, clock = coordinator()
+    c.reload(config(NEW))
+    c.reloaded(True)
+    first = made[-1]
+    first.events.progress(scanned=100, moved=20)
+    assert c.control("abort", "alpha")[0] and first.stopped
+    first.events.progress(scanned=0, moved=0, failed=38)  # its batch, failed as its connections closed
+    first.events.failed("moving keys from 127.0.0.1:7001 failed: Connection lost")
+    first.events.finished()
+    reverse = made[-1]
+    assert reverse is not first
+    record = c.records()["alpha"]
+    assert record["failed"] == 0 and record["error"] is None and record["state"] == "moving"
+    reverse.events.progress(scanned=50, moved=10)
+    reverse.events.finished()
+    reverse.counts[0][1](0, None)
+    record = c.records()["alpha"]
+    assert (record["state"], record["scanned"], record["moved"], record["failed"]) == ("aborted", 150, 30, 0)
+
+
 def test_holding_waits_for_every_worker(made):
     participants = Participants(auto=False)
     c, clock = coordinator(participants=participants)

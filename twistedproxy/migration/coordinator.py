@@ -448,7 +448,8 @@ class Coordinator:
                 from twistedproxy.migration.mover import Mover
 
                 self.mover_class = Mover
-            m.mover = self.mover_class(self.reactor, m.plan, m.config, _Events(self, m), cursors=m.cursors)
+            events = _Events(self, m)
+            m.mover = events.mover = self.mover_class(self.reactor, m.plan, m.config, events, cursors=m.cursors)
         m.mover.start()
         self._tick_soon()
 
@@ -642,16 +643,24 @@ def check_restart(store, config) -> None:
 
 
 class _Events:
-    """What a mover tells the coordinator about one migration."""
+    """
+    What one mover tells the coordinator about its migration.  A mover that was
+    stopped (an abort, a stop) is no longer heard: the batch it had on its way
+    fails when its connections close, which is no failure of the migration (an
+    abort moves those keys back, a restart lists them again).
+    """
 
     def __init__(self, coordinator, m):
         self.coordinator = coordinator
         self.m = m
+        self.mover = None  # the mover these events are of (set once it is made)
 
     def _current(self) -> bool:
-        return self.coordinator.migrations.get(self.m.name) is self.m and self.m.mover is not None
+        return self.coordinator.migrations.get(self.m.name) is self.m and self.m.mover is self.mover
 
     def progress(self, scanned=0, moved=0, skipped=0, failed=0, bytes=0) -> None:
+        if not self._current():
+            return
         record = self.m.record
         record["scanned"] += scanned
         record["moved"] += moved
