@@ -34,9 +34,9 @@ def ctl(master, *args, where=None, own_process=False):
     C{cacheproxyctl -s CONTROL ARGS} (or C{WHERE ARGS}) against C{master}: its
     C{main} in this process, or with C{own_process} the command as users run it.
     """
-    where = ["-s", master.control_path] if where is None else where
-    code, out, err = (ctl_support.run if own_process else ctl_support.run_here)(where + list(args))
-    return subprocess.CompletedProcess(where + list(args), code, out, err)
+    argv = (["-s", master.control_path] if where is None else where) + list(args)
+    code, out, err = (ctl_support.run if own_process else ctl_support.run_here)(argv)
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def test_status_workers_log_level_and_reload(master):
