@@ -17,35 +17,76 @@ A turn usually flushes one connection at low load; L{TurnFlusher.run} calls it
 without a loop then: on PyPy each entry into a loop that the JIT compiled apart
 allocates a frame on the heap, and at one request per turn those frames were a
 large part of what the proxy allocated (bench/README.md, "Allocation per request").
+
+The shapes stay the same from turn to turn, also for PyPy's sake: code the JIT
+compiled checks the shape of what it meets (an object's class and attributes, a
+list's storage), and a shape it meets rarely is compiled after a few hundred
+such turns, in a pause of milliseconds while the process serves (bench/README.md,
+"Measured in the eleventh #10 session").  So backend connections and clients
+wait in lists of their own, flushed from two places in L{TurnFlusher.run} (each
+meets one class of object), and the lists are kept, emptied in place, rather
+than replaced: a new list's storage changes with its first item.
 """
 
 from __future__ import annotations
 
+from twistedproxy.core.jit import object_list
+
 
 class TurnFlusher:
-    """Flushes registered connections (anything with C{flush()}) at the end of the reactor turn."""
+    """
+    Flushes registered connections (anything with C{flush()}) at the end of the
+    reactor turn: backend connections first, then clients.
+    """
 
     def __init__(self, reactor):
         self.reactor = reactor
-        self.pending = []
+        self.backends = object_list()
+        self.clients = object_list()
+        self._spare = object_list()  # the list that takes new entries while one is being flushed
         self.scheduled = False
         self._schedule = getattr(reactor, "callAfterEvents", None) or (lambda f: reactor.callLater(0, f))
 
     def add(self, connections: list) -> None:
-        """Flush C{connections} at the end of this turn (each must be added once per turn)."""
-        if not connections:
-            return
-        self.pending.extend(connections)
+        """Flush backend C{connections} at the end of this turn (each must be added once per turn)."""
+        if connections:
+            self.backends.extend(connections)
+            self._run_at_turn_end()
+
+    def add_clients(self, clients: list) -> None:
+        """Flush C{clients} at the end of this turn (each must be added once per turn)."""
+        if clients:
+            self.clients.extend(clients)
+            self._run_at_turn_end()
+
+    def _run_at_turn_end(self) -> None:
         if not self.scheduled:
             self.scheduled = True
             self._schedule(self.run)
 
     def run(self) -> None:
+        # A flush may add connections (a client's held requests going out, a
+        # backend connection failing its requests): they go to the spare list,
+        # which takes the place of the one being flushed, and wait for the next
+        # run, which adding them scheduled.
         self.scheduled = False
-        pending = self.pending
-        self.pending = []
-        if len(pending) == 1:
-            pending[0].flush()  # no loop for the common case (see the module's docstring)
-            return
-        for conn in pending:
-            conn.flush()
+        backends = self.backends
+        if backends:
+            self.backends = self._spare
+            self._flush(backends)
+        clients = self.clients
+        if clients:
+            self.clients = self._spare
+            self._flush(clients)
+
+    def _flush(self, connections: list) -> None:
+        """Flush each of C{connections}; the list, emptied, is the spare then."""
+        try:
+            if len(connections) == 1:
+                connections[0].flush()  # no loop for the common case (see the module's docstring)
+            else:
+                for conn in connections:
+                    conn.flush()
+        finally:
+            del connections[:]
+            self._spare = connections

@@ -171,7 +171,8 @@ class ClientConnection(Protocol):
         if len(queue) == 1:
             # Unpipelined: the only request, written without a loop (see _take).
             if queue[0].done:
-                request = queue.popleft()
+                request = queue[0]
+                queue.clear()  # not popleft(): emptied so, the next item starts mid-block (see ServerConnection._take_reply)
                 reply = self._written(request, stats, now)
                 close = request.close_after
         else:
@@ -184,6 +185,8 @@ class ClientConnection(Protocol):
                 if request.close_after:
                     close = True
                     break
+            if not queue:
+                queue.clear()
             if out:
                 reply = out[0] if len(out) == 1 else b"".join(out)
         if reply:

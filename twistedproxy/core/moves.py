@@ -110,7 +110,7 @@ class _Move:
                 return
         finally:
             if own:
-                self.flusher.add(dirty)
+                self.flusher.add_clients(dirty)
 
     def _replied(self, request, raw, error, codec, dirty) -> bool:
         self.step((raw, error), dirty)

@@ -25,6 +25,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from twistedproxy.core.completion import BAD_REPLY, CLOSED, TIMED_OUT, complete, fail, failure_text, flush_clients
+from twistedproxy.core.jit import object_list
 from twistedproxy.core.request import ProtocolError, stand_in
 from twistedproxy.core.transports import set_up_connected
 from twistedproxy.net.tls import TLS_FAILURE, is_tls, raw_transport
@@ -46,7 +47,7 @@ class ServerConnection(Protocol):
         self.reactor = reactor
         self.parser = codec.reply_parser()
         self.inflight = deque()
-        self.outbuf = []
+        self.outbuf = object_list()  # emptied in place, never replaced (see object_list)
         self.connected = False
         self.closed = False
         self.n_expired = 0  # the expired requests are always a prefix of inflight
@@ -104,8 +105,9 @@ class ServerConnection(Protocol):
         if not self.connected or not self.outbuf:
             return
         out = self.outbuf
-        self.outbuf = []
-        self.write(out[0] if len(out) == 1 else b"".join(out))
+        data = out[0] if len(out) == 1 else b"".join(out)
+        del out[:]
+        self.write(data)
         if self.timer is None and self.timeout is not None:
             self._arm_timer()
 
@@ -162,7 +164,7 @@ class ServerConnection(Protocol):
             server.succeeded()
         # Replies for a client from several backends in one turn leave in one write.
         if dirty:
-            server.pool.flusher.add(dirty)
+            server.pool.flusher.add_clients(dirty)
         if self.closing_when_idle and not inflight:
             self.close()
 
@@ -176,7 +178,15 @@ class ServerConnection(Protocol):
         raw = parser.next_reply(request)
         if raw is None:
             return False
-        inflight.popleft()
+        if len(inflight) == 1:
+            # Emptied by clear(), not popleft(): that puts a deque's next item back
+            # in the middle of its block, so a connection with a few requests in
+            # flight never crosses into another block, a rare path that PyPy
+            # compiled in a pause of milliseconds while serving (bench/README.md,
+            # "Measured in the eleventh #10 session").
+            inflight.clear()
+        else:
+            inflight.popleft()
         if request.internal:  # the proxy's own request: no counter, no client
             if request.expired:
                 self.n_expired -= 1
@@ -270,7 +280,7 @@ class ServerConnection(Protocol):
         dirty = []
         inflight = self.inflight
         self.inflight = deque()
-        self.outbuf = []
+        del self.outbuf[:]
         where = self.server.label
         failed = 0
         for request in inflight:

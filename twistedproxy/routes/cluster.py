@@ -247,7 +247,7 @@ class ClusterRoute(HashRoute):
             self.retries += 1
             self._resend(request, codec, now, touched, dirty)
         self.flusher.add(touched)
-        self.flusher.add(dirty)
+        self.flusher.add_clients(dirty)
         if waiting:
             self._retry_timer = self.reactor.callLater(max(min(entry[0] for entry in waiting) - now, 0.0),
                                                        self._resend_due)
@@ -402,7 +402,7 @@ class ClusterRoute(HashRoute):
         for _, request, codec in retries:
             request.resume = None
             self._send(None, request, codec, self.reactor.seconds(), [], dirty)
-        self.flusher.add(dirty)
+        self.flusher.add_clients(dirty)
 
     def retire(self) -> None:
         self._cancel_timers()

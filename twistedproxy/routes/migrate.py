@@ -306,7 +306,7 @@ class MigratingRoute(HashRoute):
                 groups.setdefault((self.source.server_for(key), self.server_for(key)), []).append(key)
         dirty = []
         self._start_moves(groups, dirty)
-        self.flusher.add(dirty)
+        self.flusher.add_clients(dirty)
 
     def waiting(self) -> list:
         """The C{(request, codec)} pairs waiting here, oldest first."""
@@ -336,7 +336,7 @@ class MigratingRoute(HashRoute):
                 while not route.dispatch_slice(request, codec, now, touched, dirty):
                     pass  # the rest of a sliced request at once: later ones must not overtake it
         route.flusher.add(touched)
-        route.flusher.add(dirty)
+        route.flusher.add_clients(dirty)
 
     def counters(self) -> dict:
         return {"migrate_on_access": self.on_access, "migrate_held": self.held}
@@ -357,4 +357,4 @@ class MigratingRoute(HashRoute):
                 queue.state = _FAILED
                 queue.error = CLOSED
         self._advance(list(self.queues), dirty)
-        self.flusher.add(dirty)
+        self.flusher.add_clients(dirty)
