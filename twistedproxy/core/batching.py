@@ -30,7 +30,7 @@ than replaced: a new list's storage changes with its first item.
 
 from __future__ import annotations
 
-from twistedproxy.core.jit import object_list
+from twistedproxy.core.jit import compiled_apart, object_list
 
 
 class TurnFlusher:
@@ -64,6 +64,7 @@ class TurnFlusher:
             self.scheduled = True
             self._schedule(self.run)
 
+    @compiled_apart
     def run(self) -> None:
         # A flush may add connections (a client's held requests going out, a
         # backend connection failing its requests): they go to the spare list,

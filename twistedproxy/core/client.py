@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistedproxy.core.completion import flush_clients
+from twistedproxy.core.jit import compiled_apart
 from twistedproxy.core.logins import LoginGuard
 from twistedproxy.core.request import ROUTE_LOCAL, ProtocolError, local
 from twistedproxy.core.transports import set_up_accepted
@@ -91,6 +92,7 @@ class ClientConnection(Protocol):
     def connectionMade(self):
         self.write = set_up_accepted(self.transport, self)
 
+    @compiled_apart
     def dataReceived(self, data):
         if self.quitting:
             return
@@ -158,6 +160,7 @@ class ClientConnection(Protocol):
             self.quitting = self.quit = True
         return codec
 
+    @compiled_apart
     def flush(self):
         """Write every reply now at the head of the order queue, in one write."""
         self.dirty = False

@@ -25,7 +25,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from twistedproxy.core.completion import BAD_REPLY, CLOSED, TIMED_OUT, complete, fail, failure_text, flush_clients
-from twistedproxy.core.jit import object_list
+from twistedproxy.core.jit import compiled_apart, object_list
 from twistedproxy.core.request import ProtocolError, stand_in
 from twistedproxy.core.transports import set_up_connected
 from twistedproxy.net.tls import TLS_FAILURE, is_tls, raw_transport
@@ -100,6 +100,7 @@ class ServerConnection(Protocol):
         self.outbuf.append(request.frame)
         self.inflight.append(request)
 
+    @compiled_apart
     def flush(self) -> None:
         """Write every queued frame in one write (once connected)."""
         if not self.connected or not self.outbuf:
@@ -129,6 +130,7 @@ class ServerConnection(Protocol):
         self.server.connection_made(self)
         self.flush()
 
+    @compiled_apart
     def dataReceived(self, data):
         parser = self.parser
         parser.feed(data)

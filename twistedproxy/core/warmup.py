@@ -58,6 +58,7 @@ from twisted.python.failure import Failure
 
 from twistedproxy.config.model import ServerSpec
 from twistedproxy.core.client import ProxyFactory
+from twistedproxy.core.jit import mark_again
 from twistedproxy.core.logins import LocalAuthLimiter
 from twistedproxy.core.transports import set_up_accepted, set_up_connected
 from twistedproxy.stats.recorder import PoolStats
@@ -333,6 +334,7 @@ def warm_up(reactor, pool_configs, build_pool, seconds: float = AUTO_SECONDS, ti
             report.sparse = phase.close()
         _trace_eagerness(SERVING_EAGERNESS)
         gc.collect()  # the warm-up's garbage goes now, not in the first seconds of serving
+        mark_again()
         report.seconds = timer() - started
         result.callback(report)
 
@@ -344,6 +346,7 @@ def warm_up(reactor, pool_configs, build_pool, seconds: float = AUTO_SECONDS, ti
         if not SPARSE_REQUESTS:
             finish()
             return
+        mark_again()
         try:
             sparse.append(_Sparse(reactor, lives, build_pool, SPARSE_REQUESTS, deadline, timer, finish))
         except Exception:
@@ -355,6 +358,7 @@ def warm_up(reactor, pool_configs, build_pool, seconds: float = AUTO_SECONDS, ti
         # requests run with no timer pending (their thread keeps the deadline).
         if result.called or sparse:
             return
+        mark_again()  # a mark PyPy dropped meanwhile is back before much more is traced
         if timer() >= live_deadline:
             left[0] = 1
             pool_done()
@@ -365,6 +369,7 @@ def warm_up(reactor, pool_configs, build_pool, seconds: float = AUTO_SECONDS, ti
         finish()
         return result
     reactor.callLater(TICK, tick)
+    mark_again()
     try:
         for pool_config in pool_configs:
             lives.append(_Live(reactor, pool_config, build_pool, LIVE_ROUNDS, pool_done))
