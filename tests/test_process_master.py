@@ -20,6 +20,7 @@ from tests.support.workers import (
     connect,
     kill_pid,
     master_config,
+    masters_of,
     pid_alive,
     poll,
     read_reply,
@@ -144,6 +145,7 @@ def test_upgrade_under_traffic_refuses_nothing(spawn, memcached_backends):
         poll(lambda: traffic.requests > 50, 20, message="traffic")
         status = master.upgrade(2)
         new_pid = status["pid"]
+        assert masters_of(master.path) == [new_pid]  # what a failed upgrade() would stop
         served = traffic.requests
         poll(lambda: traffic.requests > served + 50, 20, message="traffic on the new master")
     finally:

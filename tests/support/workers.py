@@ -97,10 +97,21 @@ class Master:
         return poll(ready, timeout, 0.05, "%d ready workers" % count)
 
     def upgrade(self, workers: int) -> dict:
-        """SIGUSR2; the new master's status once this master has exited and C{workers} serve."""
+        """
+        SIGUSR2; the new master's status once this master has exited and
+        C{workers} serve.  If that does not happen in time, the new master is
+        stopped before the failure is raised: it is not the test's child, and
+        nothing else would stop it (a suite under load once left one running).
+        """
         self.signal(signal.SIGUSR2)
-        poll(lambda: not self.process.alive(), 20, 0.05, "the old master to exit")
-        return self.wait_ready(workers)
+        try:
+            poll(lambda: not self.process.alive(), 20, 0.05, "the old master to exit")
+            return self.wait_ready(workers)
+        except AssertionError:
+            for pid in masters_of(self.path):
+                if pid != self.process.pid:
+                    kill_pid(pid)
+            raise
 
     def worker_pids(self) -> set:
         return {w["pid"] for w in self.current_status()["workers"]}
@@ -209,6 +220,22 @@ class Traffic(threading.Thread):
         self.running = False
         self.join(10)
         assert not self.is_alive()
+
+
+def masters_of(config_path: str) -> list:
+    """The pids of the masters running the configuration file C{config_path} (their titles name it)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % (name,), "rb") as f:
+                title = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        if title.startswith("cacheproxy: master process") and config_path in title.split():
+            found.append(int(name))
+    return found
 
 
 def kill_pid(pid: int, timeout: float = 10.0) -> None:
