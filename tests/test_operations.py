@@ -22,7 +22,7 @@ import yaml
 
 from tests.support import processes
 from tests.support.processes import HOST, ROOT, free_port, pool_config, write_config
-from tests.support.workers import kill_pid, master_config, pid_alive, poll, ready_status
+from tests.support.workers import kill_pid, master_config, pid_alive, poll, process_title, ready_status
 
 pytestmark = pytest.mark.integration
 
@@ -119,11 +119,6 @@ def test_master_logs_the_upgrade_signal_and_what_followed(spawn, redis_backends,
 # -- upgrade, as operators see it ------------------------------------------------------
 
 
-def _cmdline(pid: int) -> str:
-    with open("/proc/%d/cmdline" % pid, "rb") as f:
-        return f.read().replace(b"\0", b" ").decode().strip()
-
-
 def _pgrep(pattern: str) -> set:
     result = subprocess.run(["pgrep", "-f", pattern], capture_output=True, timeout=30)
     return {int(pid) for pid in result.stdout.split()}
@@ -139,11 +134,11 @@ def _read_pid(path):
 
 
 def _check_titles(status, conf_name):
-    master = _cmdline(status["pid"])
+    master = process_title(status["pid"])
     assert master.startswith("cacheproxy: master process "), master
     assert "cacheproxy -c %s" % conf_name in master, master
     for worker in status["workers"]:
-        title = _cmdline(worker["pid"])
+        title = process_title(worker["pid"])
         assert title == "cacheproxy: worker process %d" % worker["slot"], title  # no JSON on it
 
 
@@ -197,7 +192,7 @@ def test_upgrade_pid_file_oldbin_titles_and_command_line(launcher, redis_backend
         new = poll(lambda: ready_status(control, 2), 30, message="the new master's workers")
         assert new["pid"] == new_pid
         _check_titles(new, conf_name)
-        assert argv[0] in _cmdline(new_pid) and " ".join(args) in _cmdline(new_pid)
+        assert argv[0] in process_title(new_pid) and " ".join(args) in process_title(new_pid)
         assert _pgrep(pattern) == {new_pid}
         assert _answers(port)
 

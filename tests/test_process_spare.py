@@ -13,18 +13,13 @@ import signal
 import pytest
 
 from tests.support import processes
-from tests.support.workers import Master, connect, master_config, pid_alive, poll, served_by, set_get
+from tests.support.workers import Master, connect, master_config, pid_alive, poll, process_title, served_by, set_get
 
 pytestmark = pytest.mark.integration
 
 
 def memcache_pool(port, backends):
     return processes.pool_config([b.port for b in backends], port, redis=False)
-
-
-def title(pid: int) -> str:
-    with open("/proc/%d/cmdline" % pid, "rb") as f:
-        return f.read().replace(b"\0", b" ").decode().strip()
 
 
 def spare_pid(master, other_than=None) -> int:
@@ -43,7 +38,7 @@ def test_a_spare_takes_the_slot_of_a_killed_worker_and_another_spare_follows(spa
     master = Master(spawn, master_config({"mc": memcache_pool(port, backend)}), port)
     spare = spare_pid(master)
     assert master.current_status()["spare"]["state"] == "spare"  # and warm: it takes the next slot
-    poll(lambda: title(spare) == "cacheproxy: spare worker process", 20, 0.05, "the spare's title")
+    poll(lambda: process_title(spare) == "cacheproxy: spare worker process", 20, 0.05, "the spare's title")
     assert spare not in master.worker_pids()
 
     victim = master.current_status()["workers"][0]["pid"]
@@ -52,7 +47,7 @@ def test_a_spare_takes_the_slot_of_a_killed_worker_and_another_spare_follows(spa
                   "the killed worker's slot served again")
     slot0 = status["workers"][0]
     assert (slot0["slot"], slot0["pid"], slot0["restarts"]) == (0, spare, 1), status
-    assert title(spare) == "cacheproxy: worker process 0"
+    assert process_title(spare) == "cacheproxy: worker process 0"
     new_spare = spare_pid(master, other_than=spare)
 
     # Both slots serve (reuseport deals the connections out): the spare's among them.

@@ -222,6 +222,12 @@ class Traffic(threading.Thread):
         assert not self.is_alive()
 
 
+def process_title(pid: int) -> str:
+    """What C{ps} shows for C{pid}: its command line, or the title a proxy process set."""
+    with open("/proc/%d/cmdline" % pid, "rb") as f:
+        return f.read().replace(b"\0", b" ").decode().strip()
+
+
 def masters_of(config_path: str) -> list:
     """The pids of the masters running the configuration file C{config_path} (their titles name it)."""
     found = []
@@ -229,10 +235,9 @@ def masters_of(config_path: str) -> list:
         if not name.isdigit():
             continue
         try:
-            with open("/proc/%s/cmdline" % (name,), "rb") as f:
-                title = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue  # gone meanwhile
+            title = process_title(int(name))
+        except (OSError, UnicodeDecodeError):
+            continue  # gone meanwhile, or not ours
         if title.startswith("cacheproxy: master process") and config_path in title.split():
             found.append(int(name))
     return found

@@ -175,7 +175,9 @@ class ClientConnection(Protocol):
             # Unpipelined: the only request, written without a loop (see _take).
             if queue[0].done:
                 request = queue[0]
-                queue.clear()  # not popleft(): emptied so, the next item starts mid-block (see ServerConnection._take_reply)
+                # Not popleft(): emptied so, the next item starts mid-block (see
+                # ServerConnection._take_reply).
+                queue.clear()
                 reply = self._written(request, stats, now)
                 close = request.close_after
         else:
