@@ -34,6 +34,9 @@ HOST = processes.HOST
 DIRECT = run.DIRECT
 GENERATOR = "generator"  # the no-op baseline: the generator's own schedule, no socket
 PROXIES = ("pypy", "cpython")
+# bench/floor.py on each interpreter: the proxy's I/O layer forwarding bytes, the least a Twisted process adds.
+FLOORS = tuple(run.FLOOR + name for name in PROXIES)
+SINGLE = (DIRECT, "nutcracker") + FLOORS  # targets run once, not once per worker count
 PERCENTILES = ("p50", "p90", "p99", "p999", "max")
 REALTIME_PRIORITY = 10  # SCHED_FIFO; the kernel's RT throttling still leaves 5% of each core to the rest
 
@@ -103,7 +106,7 @@ def targets_of(args, pythons):
     """[(target, workers)] in the order they run: direct first (the reference), then the rest."""
     out = []
     for name in args.targets:
-        if name in (DIRECT, "nutcracker"):
+        if name in SINGLE and (name in (DIRECT, "nutcracker") or interpreter(name) in pythons):
             out.append((name, 0))
     for workers in args.workers:
         out += [(name, workers) for name in PROXIES if name in args.targets and name in pythons]
@@ -111,7 +114,12 @@ def targets_of(args, pythons):
 
 
 def label(target, workers):
-    return target if target in (DIRECT, "nutcracker", GENERATOR) else "%s w=%d" % (target, workers)
+    return target if target in SINGLE or target == GENERATOR else "%s w=%d" % (target, workers)
+
+
+def interpreter(target: str) -> str:
+    """The interpreter name (a key of C{pythons}) that runs C{target}: "floor-pypy" runs on "pypy"."""
+    return target[len(run.FLOOR):] if target.startswith(run.FLOOR) else target
 
 
 def check(result, what):
@@ -144,7 +152,7 @@ def bench_protocol(running, protocol, args, pythons, gen_binary, rows):
                 if target == DIRECT:
                     port = backend.port
                 elif proc is None:
-                    proc, port = run.start_target(running, target, pool, pythons.get(target), workers)
+                    proc, port = run.start_target(running, target, pool, pythons.get(interpreter(target)), workers)
                 else:
                     port = proc.port
                 run.wait_ready(port, protocol)
@@ -161,7 +169,7 @@ def bench_protocol(running, protocol, args, pythons, gen_binary, rows):
                     direct_rates.update(args.rates)
                 for rate, fraction in rates:
                     rows.append(measure(gen, port, protocol, target, workers, rate, fraction, maximum, cold.get(rate),
-                                        args))
+                                        args, pid=proc.pid if proc is not None else None))
             except (BenchError, RuntimeError) as e:
                 tail = proc.output()[-3000:] if proc is not None else ""
                 print("!!! %s %s failed: %s\n%s" % (protocol, name, e, tail), file=sys.stderr)
@@ -195,7 +203,7 @@ def cold_rounds(running, gen, protocol, target, workers, pool, pythons, backend_
             if target != DIRECT:
                 if proc is not None:
                     running.stop(proc)
-                proc, port = run.start_target(running, target, pool, pythons.get(target), workers)
+                proc, port = run.start_target(running, target, pool, pythons.get(interpreter(target)), workers)
             result = gen.open(port, rate, args.seconds, 1)
             check(result, "%s cold at %d/s" % (label(target, workers), rate))
             cold[rate] = result["overall"]
@@ -208,16 +216,28 @@ def cold_rounds(running, gen, protocol, target, workers, pool, pythons, backend_
     return cold, proc
 
 
-def measure(gen, port, protocol, target, workers, rate, fraction, maximum, cold, args):
+def measure(gen, port, protocol, target, workers, rate, fraction, maximum, cold, args, pid=None):
+    """
+    The measured rounds at C{rate}; with the target's C{pid}, also its CPU per
+    request over them (bench/run.py's definition: user + system CPU of its
+    processes, read from /proc, divided by the requests), in microseconds.
+    """
+    before = run.cpu_times(pid) if pid else None
     result = gen.open(port, rate, args.seconds, args.rounds)
+    cpu = None
+    if before is not None:
+        after = run.cpu_times(pid)
+        cpu = {"user": (after[0] - before[0]) * 1e6 / result["completed"],
+               "system": (after[1] - before[1]) * 1e6 / result["completed"]}
     check(result, "%s at %d/s" % (label(target, workers), rate))
-    print("==> %s %-12s %6d/s%s: %s | rounds p99 %s, max %s" % (
+    print("==> %s %-12s %6d/s%s: %s | rounds p99 %s, max %s%s" % (
         protocol, label(target, workers), rate, " (%d%% max)" % (fraction * 100) if fraction else "",
         brief(result["overall"]), " ".join("%.0f" % r["p99"] for r in result["rounds"]),
-        " ".join("%.0f" % r["max"] for r in result["rounds"])), flush=True)
+        " ".join("%.0f" % r["max"] for r in result["rounds"]),
+        " | cpu %.1f us/req" % (cpu["user"] + cpu["system"]) if cpu else ""), flush=True)
     return {"protocol": protocol, "target": target, "workers": workers, "rate": rate, "fraction": fraction,
             "max_rps": maximum, "overall": result["overall"], "rounds": result["rounds"], "cold": cold,
-            "elapsed_s": result["elapsed_s"], "loadavg": os.getloadavg()[0]}
+            "elapsed_s": result["elapsed_s"], "loadavg": os.getloadavg()[0], "cpu_us": cpu}
 
 
 def brief(stats):
@@ -257,11 +277,15 @@ def _plus(value):
     return "-" if value is None else "%+.0f" % value
 
 
+def _cpu(cpu):
+    return "-" if not cpu else "%.1f" % (cpu["user"] + cpu["system"])
+
+
 def table(rows) -> str:
     """The rows as a text table, microseconds; failed targets under it."""
     head = ("protocol", "target", "rate/s", "p50", "p90", "p99", "p99.9", "max",
             "+p50", "+p90", "+p99", "+p99.9", "+max", "p99 rounds", "cold p99", "cold max", "+cold p99",
-            "+cold max", "gen late max")
+            "+cold max", "gen late max", "cpu us/req")
     lines, errors = [], []
     for r in rows:
         if "error" in r:
@@ -275,7 +299,8 @@ def table(rows) -> str:
         lines.append((r["protocol"], label(r["target"], r["workers"]), rate)
                      + tuple(_us(o[p]) for p in PERCENTILES) + tuple(_plus(a.get(p)) for p in PERCENTILES)
                      + ("%.0f-%.0f" % (min(p99s), max(p99s)), _us(cold.get("p99")), _us(cold.get("max")),
-                        _plus(cold_added.get("p99")), _plus(cold_added.get("max")), _us(o.get("late_max"))))
+                        _plus(cold_added.get("p99")), _plus(cold_added.get("max")), _us(o.get("late_max")),
+                        _cpu(r.get("cpu_us"))))
     widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
 
     def fmt(row):
@@ -297,7 +322,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--protocol", choices=("redis", "memcache", "all"), default="all")
     parser.add_argument("--targets", default="direct,nutcracker,pypy,cpython",
-                        help="comma-separated: direct, nutcracker, pypy, cpython (default all)")
+                        help="comma-separated: direct, nutcracker, pypy, cpython, floor-pypy, floor-cpython "
+                             "(default: all but the floors)")
     parser.add_argument("--workers", default="0,2",
                         help="the proxy's global: worker_processes, one run per count (default 0,2)")
     parser.add_argument("--rates", default="1000,5000,20000", help="fixed request rates per second (default 1000,5000,20000)")
@@ -322,7 +348,7 @@ def parse_args(argv):
     parser.add_argument("--results", default=os.path.join(HERE, "results"), help="where the JSON goes")
     args = parser.parse_args(argv)
     args.targets = [t for t in args.targets.split(",") if t]
-    unknown = set(args.targets) - {DIRECT, "nutcracker"} - set(PROXIES)
+    unknown = set(args.targets) - set(SINGLE) - set(PROXIES)
     if unknown:
         parser.error("unknown target(s): %s" % (", ".join(sorted(unknown)),))
     args.workers = _numbers(args.workers, int, "--workers")
@@ -359,7 +385,7 @@ def main(argv=None) -> int:
         args.realtime = False
     pythons = {}
     for name in PROXIES:
-        if name in args.targets:
+        if name in args.targets or run.FLOOR + name in args.targets:
             pythons[name] = run.find_python(name, getattr(args, name), main_checkout_venv(name))
     protocols = ["redis", "memcache"] if args.protocol == "all" else [args.protocol]
     running = run.Running()
@@ -399,7 +425,8 @@ def main(argv=None) -> int:
     print(table(rows))
     print("\nmicroseconds, from each request's due time to its reply (open loop); +X = X minus direct's at the same rate;")
     print("p99 rounds = the lowest and highest round's p99; cold = one round right after a fresh start, no warm-up;")
-    print("gen late max = the generator's worst lateness sending a request (its own jitter, counted in the latency).")
+    print("gen late max = the generator's worst lateness sending a request (its own jitter, counted in the latency);")
+    print("cpu us/req = user + system CPU of the target's processes over the measured rounds, per request.")
     print("Results: %s" % (os.path.relpath(path),))
     return 0
 

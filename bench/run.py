@@ -62,6 +62,8 @@ CPU_TARGETS = {"pypy": 1.0}
 DIRECT = "direct"
 # The suffix of a target that runs another checkout's code (--baseline): "pypy@base".
 BASE = "@base"
+# A target named FLOOR + interpreter runs bench/floor.py (the proxy's I/O layer forwarding bytes) on it.
+FLOOR = "floor-"
 TOOLS = ["redis-server", "redis-benchmark", "memcached", "memcaslap", "nutcracker"]
 # The memcached load tools: memaslap (C, one request in flight per connection), bench/mcload.py
 # (Python) and bench/latgen.c's batch mode (C); the pipelined run takes either of the last two.
@@ -177,13 +179,17 @@ def _unlink(path):
 
 def start_target(running, target, pool, python=None, workers=0, baseline=None):
     """
-    Start C{target} ("nutcracker" or a proxy interpreter name) in front of C{pool};
+    Start C{target} ("nutcracker", a proxy interpreter name, or L{FLOOR} and one) in front of C{pool};
     a name ending in L{BASE} runs the code of the checkout C{baseline} instead of this one.
     """
     port = processes.free_port()
     pool = dict(pool, listen="%s:%d" % (HOST, port))
     if target == "nutcracker":
         proc = processes.nutcracker({"bench": pool}, port)
+    elif target.startswith(FLOOR):
+        backend_port = pool["servers"][0].split(":")[1]  # "host:port:weight"
+        argv = [python, os.path.join(HERE, "floor.py"), str(port), backend_port]
+        proc = processes.Process(argv, port, env=processes.proxy_env(), cwd=ROOT)
     elif target.endswith(BASE):
         config = processes.write_config({"bench": pool, "global": {"worker_processes": workers}})
         argv = [python, "-m", "twistedproxy.cli", "-c", config, "-s", str(processes.free_port()), "-a", HOST]

@@ -35,13 +35,14 @@ def _bench_run():
 
 def test_latency_shortest_run(tmp_path):
     """
-    One round of one second at 1000/s, direct and the proxy on this interpreter,
-    after a cold round on a fresh start: the table has the percentile and
-    added-latency columns, and every figure is positive and ordered.
+    One round of one second at 1000/s, direct, the floor (bench/floor.py) and
+    the proxy on this interpreter, after a cold round on a fresh start: the
+    table has the percentile and added-latency columns, and every figure is
+    positive and ordered.
     """
     name = "pypy" if platform.python_implementation() == "PyPy" else "cpython"
     argv = [sys.executable, os.path.join(ROOT, "bench", "latency.py"), "--protocol", "redis",
-            "--targets", "direct," + name, "--%s" % (name,), sys.executable, "--workers", "0",
+            "--targets", "direct,floor-%s,%s" % (name, name), "--%s" % (name,), sys.executable, "--workers", "0",
             "--rounds", "1", "--seconds", "1", "--rates", "1000", "--fractions", "", "--warmup", "1000",
             "--results", str(tmp_path)]
     out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120, cwd=ROOT)
@@ -56,13 +57,15 @@ def test_latency_shortest_run(tmp_path):
     assert doc["meta"]["git"]
     rows = {(r["target"], r.get("rate")): r for r in doc["results"]}
     assert "error" not in str(doc["results"]), doc["results"]
-    assert {(t, 1000) for t in ("direct", name, "generator")} <= set(rows), sorted(rows)
+    assert {(t, 1000) for t in ("direct", "floor-" + name, name, "generator")} <= set(rows), sorted(rows)
     for row in rows.values():
         for stats in [row["overall"]] + ([row["cold"]] if row["cold"] else []):
             assert stats["n"] == 1000
             assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["p999"] <= stats["max"], stats
-    assert rows[("direct", 1000)]["cold"] and rows[(name, 1000)]["cold"]
-    assert set(rows[(name, 1000)]["added"]) == set(PERCENTILES) == set(rows[(name, 1000)]["cold_added"])
+    for target in ("direct", "floor-" + name, name):
+        assert rows[(target, 1000)]["cold"], target
+    for target in ("floor-" + name, name):
+        assert set(rows[(target, 1000)]["added"]) == set(PERCENTILES) == set(rows[(target, 1000)]["cold_added"])
 
 
 def test_cluster_bench_shortest_run(tmp_path):

@@ -1,0 +1,105 @@
+"""
+The floor under the proxy: the proxy's own I/O layer forwarding bytes, and
+nothing else.  Each client connection gets one connection to the backend, and
+whatever one side sends is written to the other as it arrives: no parsing,
+routing, ordering queue, stats or timers.  It reads and writes the way the
+proxy does (its reactor, L{twistedproxy.core.reads.fast_reads},
+L{twistedproxy.core.writes.immediate_writer}, TCP_NODELAY), so the difference
+between a proxy row and this row of C{bench/latency.py} is what the core costs
+on that interpreter, and this row is the least latency and CPU that a Twisted
+process can add on this machine.
+
+    PYTHONPATH=. .venv-cpython/bin/python bench/floor.py LISTEN_PORT BACKEND_PORT
+
+C{bench/latency.py --targets floor-cpython,floor-pypy} runs it (bench/README.md,
+"Measured in the twelfth #10 session").  Not a proxy: a client's bytes reach
+the backend as they come, so only a client that waits for the connection's
+replies, one backend behind it, gets them right.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import twistedproxy.reactor
+
+twistedproxy.reactor.install()  # the reactor the proxy serves on
+from twisted.internet import protocol, reactor  # noqa: E402
+
+from twistedproxy.core.reads import fast_reads  # noqa: E402
+from twistedproxy.core.writes import immediate_writer  # noqa: E402
+
+HOST = "127.0.0.1"
+
+
+def _set_up(transport):
+    """The proxy's socket options and I/O path on C{transport}; its C{write} function."""
+    transport.setTcpNoDelay(True)
+    fast_reads(transport)
+    return immediate_writer(transport)
+
+
+class Backend(protocol.Protocol):
+    """The client's connection to the backend: replies go straight to the client."""
+
+    def __init__(self, client):
+        self.client = client
+        self.write = None
+
+    def connectionMade(self):
+        self.write = _set_up(self.transport)
+        self.client.backend_ready(self)
+
+    def dataReceived(self, data):
+        self.client.write(data)
+
+    def connectionLost(self, reason):
+        self.client.transport.loseConnection()
+
+
+class Client(protocol.Protocol):
+    """A client connection: its bytes go to its backend connection (held until it is up)."""
+
+    def __init__(self, backend_port: int):
+        self.backend_port = backend_port
+        self.backend = None
+        self.early = []  # bytes received before the backend connection was up
+
+    def connectionMade(self):
+        self.write = _set_up(self.transport)
+        protocol.ClientCreator(reactor, Backend, self).connectTCP(HOST, self.backend_port).addErrback(
+            lambda _: self.transport.loseConnection())
+
+    def backend_ready(self, backend):
+        self.backend = backend
+        if self.early:
+            backend.write(b"".join(self.early))
+            del self.early[:]
+
+    def dataReceived(self, data):
+        if self.backend is None:
+            self.early.append(data)
+        else:
+            self.backend.write(data)
+
+    def connectionLost(self, reason):
+        if self.backend is not None:
+            self.backend.transport.loseConnection()
+
+
+class ClientFactory(protocol.Factory):
+    def __init__(self, backend_port: int):
+        self.backend_port = backend_port
+
+    def buildProtocol(self, addr):
+        return Client(self.backend_port)
+
+
+def main(argv) -> None:
+    listen_port, backend_port = int(argv[1]), int(argv[2])
+    reactor.listenTCP(listen_port, ClientFactory(backend_port), interface=HOST)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
