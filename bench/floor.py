@@ -87,7 +87,9 @@ class Client(protocol.Protocol):
             self.backend.transport.loseConnection()
 
 
-class ClientFactory(protocol.Factory):
+class FloorFactory(protocol.Factory):
+    """Makes a L{Client} for each accepted connection, in front of the backend at C{backend_port}."""
+
     def __init__(self, backend_port: int):
         self.backend_port = backend_port
 
@@ -97,7 +99,7 @@ class ClientFactory(protocol.Factory):
 
 def main(argv) -> None:
     listen_port, backend_port = int(argv[1]), int(argv[2])
-    reactor.listenTCP(listen_port, ClientFactory(backend_port), interface=HOST)
+    reactor.listenTCP(listen_port, FloorFactory(backend_port), interface=HOST)
     reactor.run()
 
 
