@@ -22,7 +22,14 @@ import yaml
 
 from tests.support import processes
 from tests.support.processes import HOST, ROOT, free_port, pool_config, write_config
-from tests.support.workers import kill_pid, master_config, pid_alive, poll, process_title, ready_status
+from tests.support.workers import (
+    master_config,
+    pid_alive,
+    poll,
+    process_title,
+    ready_status,
+    stop_new_masters,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -107,16 +114,14 @@ def test_master_logs_the_upgrade_signal_and_what_followed(spawn, redis_backends,
     config = master_config({"alpha": pool_config([backend.port], port)})
     proc = spawn(processes.proxy, config, port, extra_args=["-o", str(log_path)])
     poll(lambda: log_path.read_text().count("_PoolFactory starting") >= 2, 20, message="the workers")
-    new_pid = None
     try:
         line = _send_and_wait(proc.pid, signal.SIGUSR2, log_path.read_text, "upgrade: new master")
         assert line == "signal 12 (SIGUSR2) received"
         poll(lambda: not proc.alive(), 30, message="the old master to leave")
-        new_pid = int(re.search(r"upgrade: new master (\d+) serves", log_path.read_text()).group(1))
+        assert re.search(r"upgrade: new master \d+ serves", log_path.read_text())
         assert _answers(port)
     finally:
-        if new_pid:
-            kill_pid(new_pid)
+        stop_new_masters(proc.argv[proc.argv.index("-c") + 1], proc.pid)
 
 
 # -- upgrade, as operators see it ------------------------------------------------------
@@ -171,7 +176,6 @@ def test_upgrade_pid_file_oldbin_titles_and_command_line(launcher, redis_backend
         argv = [str(script)] + args
     pid_path, oldbin = tmp_path / "proxy.pid", tmp_path / "proxy.pid.oldbin"
     proc = processes.Process(argv, port, env=processes.proxy_env(), cwd=str(tmp_path))
-    new_pid = None
     try:
         old = poll(lambda: ready_status(control, 2), 30, message="2 workers")
         assert old["pid"] == proc.pid
@@ -209,8 +213,7 @@ def test_upgrade_pid_file_oldbin_titles_and_command_line(launcher, redis_backend
             assert not (tmp_path / "twistd.pid").exists()
     finally:
         proc.stop()
-        if new_pid:
-            kill_pid(new_pid)
+        stop_new_masters(conf_name, proc.pid)
     text = (tmp_path / "proxy.log").read_text()
     assert "Traceback" not in text, text
 

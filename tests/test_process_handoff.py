@@ -20,13 +20,13 @@ from tests.support import processes
 from tests.support.workers import (
     Master,
     connect,
-    kill_pid,
     master_config,
     pid_alive,
     poll,
     read_reply,
     served_by,
     set_get,
+    stop_new_masters,
 )
 
 pytestmark = pytest.mark.integration
@@ -148,8 +148,7 @@ def test_upgrade_hands_pipelining_clients_to_the_new_masters_workers(spawn, memc
         assert new_master[0] != old_master
         check_moved(clients, old, master.worker_pids())
     finally:
-        if new_master and new_master[0] != old_master:
-            kill_pid(new_master[0])
+        stop_new_masters(master.path, old_master)
 
 
 def test_redis_auth_and_a_half_sent_request_survive_the_handoff(spawn, redis_backends):

@@ -18,7 +18,6 @@ from tests.support.workers import (
     Master,
     Traffic,
     connect,
-    kill_pid,
     master_config,
     masters_of,
     pid_alive,
@@ -26,6 +25,7 @@ from tests.support.workers import (
     read_reply,
     served_by,
     set_get,
+    stop_new_masters,
 )
 
 pytestmark = pytest.mark.integration
@@ -150,8 +150,7 @@ def test_upgrade_under_traffic_refuses_nothing(spawn, memcached_backends):
         poll(lambda: traffic.requests > served + 50, 20, message="traffic on the new master")
     finally:
         traffic.stop()
-        if new_pid is not None and new_pid != old_pid:
-            kill_pid(new_pid)
+        stop_new_masters(master.path, old_pid)
     assert new_pid != old_pid
     assert master.process.proc.returncode == 0
     assert traffic.errors == [], traffic.errors[:5]

@@ -108,9 +108,7 @@ class Master:
             poll(lambda: not self.process.alive(), 20, 0.05, "the old master to exit")
             return self.wait_ready(workers)
         except AssertionError:
-            for pid in masters_of(self.path):
-                if pid != self.process.pid:
-                    kill_pid(pid)
+            stop_new_masters(self.path, self.process.pid)
             raise
 
     def worker_pids(self) -> set:
@@ -241,6 +239,18 @@ def masters_of(config_path: str) -> list:
         if title.startswith("cacheproxy: master process") and config_path in title.split():
             found.append(int(name))
     return found
+
+
+def stop_new_masters(config_path: str, old_pid: int) -> None:
+    """
+    Stop every master running C{config_path} but C{old_pid} (the test's own
+    child): the new master an upgrade started is nobody's child, and a test
+    that failed before it learnt that master's pid left it running with its
+    workers (a suite under load did).
+    """
+    for pid in masters_of(config_path):
+        if pid != old_pid:
+            kill_pid(pid)
 
 
 def kill_pid(pid: int, timeout: float = 10.0) -> None:
