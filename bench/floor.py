@@ -3,11 +3,11 @@ The floor under the proxy: the proxy's own I/O layer forwarding bytes, and
 nothing else.  Each client connection gets one connection to the backend, and
 whatever one side sends is written to the other as it arrives: no parsing,
 routing, ordering queue, stats or timers.  It reads and writes the way the
-proxy does (its reactor, L{twistedproxy.core.reads.fast_reads},
-L{twistedproxy.core.writes.immediate_writer}, TCP_NODELAY), so the difference
-between a proxy row and this row of C{bench/latency.py} is what the core costs
-on that interpreter, and this row is the least latency and CPU that a Twisted
-process can add on this machine.
+proxy does (its reactor, and each side set up by L{twistedproxy.core.transports}:
+reads into the shared buffer, immediate writes, TCP_NODELAY), so the
+difference between a proxy row and this row of C{bench/latency.py} is what the
+core costs on that interpreter, and this row is the least latency and CPU that
+a Twisted process can add on this machine.
 
     PYTHONPATH=. .venv-cpython/bin/python bench/floor.py LISTEN_PORT BACKEND_PORT
 
@@ -26,17 +26,9 @@ import twistedproxy.reactor
 twistedproxy.reactor.install()  # the reactor the proxy serves on
 from twisted.internet import protocol, reactor  # noqa: E402
 
-from twistedproxy.core.reads import fast_reads  # noqa: E402
-from twistedproxy.core.writes import immediate_writer  # noqa: E402
+from twistedproxy.core.transports import set_up_accepted, set_up_connected  # noqa: E402
 
 HOST = "127.0.0.1"
-
-
-def _set_up(transport):
-    """The proxy's socket options and I/O path on C{transport}; its C{write} function."""
-    transport.setTcpNoDelay(True)
-    fast_reads(transport)
-    return immediate_writer(transport)
 
 
 class Backend(protocol.Protocol):
@@ -47,7 +39,8 @@ class Backend(protocol.Protocol):
         self.write = None
 
     def connectionMade(self):
-        self.write = _set_up(self.transport)
+        self.write = set_up_connected(self.transport)
+        self.transport.setTcpNoDelay(True)  # as the proxy's backend connections do, once connected
         self.client.backend_ready(self)
 
     def dataReceived(self, data):
@@ -66,7 +59,7 @@ class Client(protocol.Protocol):
         self.early = []  # bytes received before the backend connection was up
 
     def connectionMade(self):
-        self.write = _set_up(self.transport)
+        self.write = set_up_accepted(self.transport, self)
         protocol.ClientCreator(reactor, Backend, self).connectTCP(HOST, self.backend_port).addErrback(
             lambda _: self.transport.loseConnection())
 
@@ -85,6 +78,20 @@ class Client(protocol.Protocol):
     def connectionLost(self, reason):
         if self.backend is not None:
             self.backend.transport.loseConnection()
+
+    # The producer of this client's writes is its backend connection's reads:
+    # a client that does not read its replies stops those reads.
+
+    def pauseProducing(self):
+        if self.backend is not None:
+            self.backend.transport.pauseProducing()
+
+    def resumeProducing(self):
+        if self.backend is not None:
+            self.backend.transport.resumeProducing()
+
+    def stopProducing(self):
+        pass
 
 
 class FloorFactory(protocol.Factory):
