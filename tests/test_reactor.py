@@ -404,3 +404,59 @@ def test_a_cancelled_timed_call_keeps_its_attributes():
         assert __pypy__.strategy(cancelled) == __pypy__.strategy(pending)
     pending.cancel()
     reactor.runUntilCurrent()
+
+
+def test_the_main_loop_runs_timed_and_thread_calls_and_stops_as_twisteds(reactor, logged):
+    """
+    reactor.run() on either reactor: timed calls run in time order (one moved
+    later by reset, one cancelled, one made by another), a call from another
+    thread wakes the wait, a timed call that fails is logged and the loop goes
+    on, more than 50 cancelled calls are purged, an error escaping a turn is
+    logged as "Unexpected error in main loop" and the loop goes on, and stop()
+    fires the shutdown triggers.
+    """
+    import threading
+
+    calls = []
+    started = time.time()
+    reactor.addSystemEventTrigger("before", "shutdown", calls.append, "shutdown")
+    moved = reactor.callLater(0.01, calls.append, "moved")
+    moved.reset(0.08)
+    reactor.callLater(0.02, lambda: 1 / 0)
+    reactor.callLater(0.03, lambda: reactor.callLater(0.01, calls.append, "made by a timed call"))
+    reactor.callLater(0.02, calls.append, "second")
+    reactor.callLater(0.01, calls.append, "first")
+    cancelled = [reactor.callLater(60, calls.append, "never") for _ in range(60)]
+    for call in cancelled:
+        call.cancel()
+    poll = reactor.doIteration
+    failed = []
+
+    def failing_once(timeout):
+        if not failed:
+            failed.append(timeout)
+            raise RuntimeError("escaping a turn")
+        poll(timeout)
+
+    reactor.doIteration = failing_once
+
+    def from_thread():
+        # Called while the loop waits with no timed call due for a minute.
+        calls.append("thread")
+        reactor.callLater(0, reactor.stop)
+
+    def start_thread():
+        calls.append("waiting")
+        threading.Timer(0.05, reactor.callFromThread, args=(from_thread,)).start()
+
+    reactor.callLater(0.1, start_thread)
+    reactor.callLater(60, calls.append, "a minute later")
+    reactor.run(installSignalHandlers=False)
+    assert calls == ["first", "second", "made by a timed call", "moved", "waiting", "thread", "shutdown"]
+    assert time.time() - started < 5
+    assert len(reactor._pendingTimedCalls) == 1  # the minute's call; the 60 cancelled ones purged
+    logged_failures = [(e["log_failure"].type, e.get("log_format")) for e in logged if e.get("log_failure") is not None]
+    assert sorted(logged_failures, key=str) == [
+        (RuntimeError, "Unexpected error in main loop"),
+        (ZeroDivisionError, "while handling timed call"),
+    ]

@@ -18,7 +18,10 @@ producers and an exception in C{dataReceived} (logged, connection dropped) are
 Twisted's.  It only replaces the bookkeeping: it notes which descriptor it is
 serving, and while it is the installed reactor the default log context
 computes "system" from that descriptor when, and only when, something is
-logged.  Log lines read as they do under Twisted's reactor.  It also offers
+logged.  Log lines read as they do under Twisted's reactor.  An event that
+is only "readable" goes straight to C{doRead} (with C{_doReadOrWrite}'s
+error handling), and its main loop does Twisted's per-turn bookkeeping only
+when a turn has some (L{EPollReactor.mainLoop} says why).  It also offers
 C{callAfterEvents(f)}: what C{callLater(0, f)} does from an event handler (run
 once the poll's events are handled, before the next wait) without a timer,
 which the core's turn flusher uses (L{twistedproxy.core.batching}).  And its
@@ -39,16 +42,20 @@ import sys
 
 from twisted.internet import error
 from twisted.internet.base import DelayedCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python import context, log, reflect, threadable
 
 try:
+    from select import EPOLLIN as _READABLE
+
     from twisted.internet import epollreactor
 except ImportError:  # no epoll (not Linux): Twisted's default reactor only
     epollreactor = None
 
 # The environment variable that chooses the reactor: "fast" (the default) or "twisted".
 REACTOR_ENV = "TWISTEDPROXY_REACTOR"
+# Twisted's longest wait (ReactorBase.timeout): 2 ** 31 milliseconds, as epoll_wait takes it.
+_LONGEST_WAIT = 2147483
 CHOICES = ("fast", "twisted")
 _log = Logger()
 
@@ -131,7 +138,10 @@ if epollreactor is not None:
                     continue  # removed while an earlier event of this batch was handled
                 self.serving = selectable
                 try:
-                    dispatch(selectable, fd, event)
+                    if event == _READABLE and selectable.fileno() != -1:
+                        self._read(selectable)
+                    else:
+                        dispatch(selectable, fd, event)
                 except KeyboardInterrupt:
                     self.serving = None
                     raise
@@ -150,6 +160,67 @@ if epollreactor is not None:
                         _log.failure("while calling {f} after the poll's events", f=f)
 
         doIteration = doPoll
+
+        def _read(self, selectable) -> None:
+            """
+            What Twisted's C{_doReadOrWrite} does with an event that is only
+            "readable" (nearly every event the proxy sees), without its checks
+            for the other kinds: C{doRead}, and an error it raises or a reason
+            it returns disconnects the descriptor.
+            """
+            try:
+                why = selectable.doRead()
+            except BaseException:
+                why = sys.exc_info()[1]
+                log.err()
+            if why:
+                self._disconnectSelectable(selectable, why, True)
+
+        def mainLoop(self) -> None:
+            """
+            Twisted's main loop, with the same steps per turn (due timed calls
+            and calls from threads, then a wait no longer than the next timed
+            call), and Twisted's bookkeeping for them only when there is some
+            to do.
+
+            Why: at one request per turn, Twisted's turn (a context manager
+            entered and left, C{runUntilCurrent} and C{timeout}, each reading
+            the clock and checking the queues) was a few microseconds of
+            CPython's time, and the proxy turns once or twice a request.  Here
+            a turn reads the clock once; when no timed call is due, no thread
+            called in, none was scheduled, none is left to purge and the
+            reactor is not stopping, C{runUntilCurrent} would do nothing, so it
+            is not called.  An error escaping a turn is logged as Twisted's loop
+            logs it, and the loop goes on.
+            """
+            while self._started:
+                try:
+                    self._turns()
+                except BaseException:
+                    _log.failure("Unexpected error in main loop", level=LogLevel.critical)
+            _log.info("Main loop terminated.")
+
+        def _turns(self) -> None:
+            seconds = self.seconds
+            poll = self.doIteration
+            while self._started:
+                pending = self._pendingTimedCalls
+                now = seconds()
+                if (
+                    self.threadCallQueue
+                    or self._newTimedCalls
+                    or self._justStopped
+                    or (pending and pending[0].time <= now)
+                    or (self._cancellations > 50 and self._cancellations > len(pending) >> 1)
+                ):
+                    self.runUntilCurrent()
+                    timeout = self.timeout()
+                elif pending:
+                    # The first timed call is not due yet: what Twisted's timeout() gives.
+                    timeout = min(_LONGEST_WAIT, pending[0].time - now)
+                else:
+                    timeout = None
+                poll(self.running and timeout)
 
         def callLater(self, delay, callable, *args, **kw):
             """Twisted's C{callLater}, with a L{_DelayedCall}."""
