@@ -107,6 +107,33 @@ def test_signals_are_logged_as_nutcracker_logs_them(workers, spawn, redis_backen
     assert "Traceback" not in text, text
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigint_exits_when_the_proxy_started_with_it_ignored(workers, spawn, redis_backends, tmp_path):
+    """
+    A shell starts a background job with SIGINT ignored, and Python and Twisted
+    then leave it so; the proxy logs "exiting" for it, as nutcracker does, and
+    exits, as nutcracker does, single process and master alike.
+    """
+    (backend,) = redis_backends(1)
+    port = free_port()
+    config = {"alpha": pool_config([backend.port], port)}
+    if workers:
+        config = master_config(config, worker_processes=workers)
+    path = write_config(config, str(tmp_path))
+    log_path = tmp_path / "proxy.log"
+    command = [sys.executable, "-m", "twistedproxy.cli", "-c", path, "-o", str(log_path)]
+    command += processes.stats_args()
+    argv = ["sh", "-c", "trap '' INT; exec " + shlex.join(command)]
+    proc = spawn(processes.Process, argv, port, env=processes.proxy_env(), cwd=ROOT)
+    assert _answers(port)
+    proc.signal(signal.SIGINT)
+    assert poll(lambda: proc.proc.poll() is not None, 20, message="the proxy's exit")
+    assert proc.proc.returncode == 0
+    text = log_path.read_text()
+    assert "signal 2 (SIGINT) received, exiting" in text
+    assert "Traceback" not in text, text
+
+
 def test_master_logs_the_upgrade_signal_and_what_followed(spawn, redis_backends, tmp_path):
     (backend,) = redis_backends(1)
     port = free_port()

@@ -27,7 +27,9 @@ def install(reactor, handlers: dict) -> None:
     line is logged).  A Python handler already installed (twistd's SIGUSR1 log
     rotation, the reactor's SIGTERM) still runs first.  At once, so that a
     signal sent as soon as the proxy listens is not lost; SIGINT and SIGTERM
-    once the reactor runs, since it installs its own for them as it starts.
+    once the reactor runs, since it installs its own for them as it starts
+    (an action of None leaves the stop to it, or stops the reactor if it
+    installed none: the process started with the signal ignored).
     """
 
     def install_now(signums):
@@ -36,6 +38,12 @@ def install(reactor, handlers: dict) -> None:
             previous = signal.getsignal(signum)
             if not callable(previous):
                 previous = None
+                if action is None and signum in reactors_own:
+                    # The reactor installed no handler of its own: Python leaves a
+                    # signal ignored when the process started with it ignored (a
+                    # shell starts a background job with SIGINT ignored), and
+                    # Twisted then leaves it alone.  nutcracker exits anyway.
+                    action = reactor.stop
 
             def run(signum=signum, doing=doing, action=action):
                 log.info(received(signum, doing))
