@@ -32,6 +32,10 @@ from run import BenchError, build_generator, processes  # noqa: E402
 
 HOST = processes.HOST
 DIRECT = run.DIRECT
+# A cold round of a master lasts at least this long: its spare worker starts 5 s after the
+# workers are ready (SPARE_AFTER, twistedproxy/process/supervisor.py) and imports and warms
+# up for about 3 s beside them, which is part of what its first clients meet.
+COLD_WORKERS_SECONDS = 10
 GENERATOR = "generator"  # the no-op baseline: the generator's own schedule, no socket
 PROXIES = ("pypy", "cpython")
 # bench/floor.py on each interpreter: the proxy's I/O layer forwarding bytes, the least a Twisted process adds.
@@ -192,19 +196,26 @@ def bench_protocol(running, protocol, args, pythons, gen_binary, rows):
 def cold_rounds(running, gen, protocol, target, workers, pool, pythons, backend_port, args):
     """
     ({rate: stats}, the target's process or None): per fixed rate, a fresh start
-    of the target, then one round at that rate as soon as its port accepts a
-    connection (no readiness probe, no warm-up): what a client sees from the
-    first second.  The last start is left running.
+    of the target, then one round at that rate as soon as it serves (no warm-up
+    of ours): its port accepts a connection, and with workers every worker is
+    ready (a master listens from its start).  What a client sees from the first
+    second; with workers the round lasts at least L{COLD_WORKERS_SECONDS}, so
+    that it takes in the spare worker's start too.  The last start is left
+    running.
     """
     cold, proc = {}, None
     try:
         for rate in args.rates if args.cold else ():
             port = backend_port
+            seconds = args.seconds
             if target != DIRECT:
                 if proc is not None:
                     running.stop(proc)
-                proc, port = run.start_target(running, target, pool, pythons.get(interpreter(target)), workers)
-            result = gen.open(port, rate, args.seconds, 1)
+                proc, port = run.start_target(running, target, pool, pythons.get(interpreter(target)), workers,
+                                              settled=False)
+                if workers:
+                    seconds = max(seconds, COLD_WORKERS_SECONDS)
+            result = gen.open(port, rate, seconds, 1)
             check(result, "%s cold at %d/s" % (label(target, workers), rate))
             cold[rate] = result["overall"]
             print("==> %s %-12s cold %6d/s: %s" % (protocol, label(target, workers), rate, brief(result["overall"])),
@@ -424,7 +435,9 @@ def main(argv=None) -> int:
     print()
     print(table(rows))
     print("\nmicroseconds, from each request's due time to its reply (open loop); +X = X minus direct's at the same rate;")
-    print("p99 rounds = the lowest and highest round's p99; cold = one round right after a fresh start, no warm-up;")
+    print("p99 rounds = the lowest and highest round's p99; cold = one round right after a fresh start, no warm-up")
+    print("    (with workers: from every worker ready, for at least %d s: the spare worker's start is in it);"
+          % COLD_WORKERS_SECONDS)
     print("gen late max = the generator's worst lateness sending a request (its own jitter, counted in the latency);")
     print("cpu us/req = user + system CPU of the target's processes over the measured rounds, per request.")
     print("Results: %s" % (os.path.relpath(path),))

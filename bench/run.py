@@ -177,10 +177,12 @@ def _unlink(path):
         pass
 
 
-def start_target(running, target, pool, python=None, workers=0, baseline=None):
+def start_target(running, target, pool, python=None, workers=0, baseline=None, settled=True):
     """
     Start C{target} ("nutcracker", a proxy interpreter name, or L{FLOOR} and one) in front of C{pool};
-    a name ending in L{BASE} runs the code of the checkout C{baseline} instead of this one.
+    a name ending in L{BASE} runs the code of the checkout C{baseline} instead of this one.  With
+    C{workers}, return once the master's spare is warm (C{settled}: a proxy that has been running a
+    while), else as soon as every worker is ready (a fresh start, as its first clients meet it).
     """
     port = processes.free_port()
     pool = dict(pool, listen="%s:%d" % (HOST, port))
@@ -200,11 +202,26 @@ def start_target(running, target, pool, python=None, workers=0, baseline=None):
             config["global"]["control"] = tempfile.mktemp(prefix="tp-bench-ctl-", suffix=".sock")
         stats = ["-s", str(processes.free_port()), "-a", HOST]
         proc = processes.proxy(config, port, python=python, extra_args=stats)
-        if workers:
+        if workers and settled:
             # The spare starts 5 s after the workers are ready and warms up for up to 2 s on a core:
             # measured after that, as a proxy that has been running a while.
             wait_for(lambda: warm_spare(config["global"]["control"]), 60, "the master's spare worker")
+        elif workers:
+            # The master listens from its start: a fresh start serves once its workers are ready.
+            wait_for(lambda: workers_ready(config["global"]["control"], workers), 60, "the master's workers")
     return running.add(proc), port
+
+
+def workers_ready(control_path: str, count: int) -> bool:
+    """Whether C{count} of the master's workers are ready (its status, over the control socket)."""
+    from twistedproxy.control.client import BlockingControlClient
+
+    try:
+        with BlockingControlClient(control_path) as ctl:
+            workers = ctl.status()["workers"]
+    except OSError:
+        return False
+    return sum(1 for worker in workers if worker["state"] == "ready") == count
 
 
 def warm_spare(control_path: str):
