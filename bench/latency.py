@@ -32,9 +32,10 @@ from run import BenchError, build_generator, processes  # noqa: E402
 
 HOST = processes.HOST
 DIRECT = run.DIRECT
-# A cold round of a master lasts at least this long: its spare worker starts 5 s after the
-# workers are ready (SPARE_AFTER, twistedproxy/process/supervisor.py) and imports and warms
-# up for about 3 s beside them, which is part of what its first clients meet.
+# A cold round of a master lasts at least this long: its spare worker imports and warms up
+# for about 3 s (it starts with the workers; it started 5 s after they were ready until the
+# thirteenth #10 session), and whatever of that is left once they serve is part of what
+# their first clients meet.
 COLD_WORKERS_SECONDS = 10
 GENERATOR = "generator"  # the no-op baseline: the generator's own schedule, no socket
 PROXIES = ("pypy", "cpython")
@@ -436,7 +437,7 @@ def main(argv=None) -> int:
     print(table(rows))
     print("\nmicroseconds, from each request's due time to its reply (open loop); +X = X minus direct's at the same rate;")
     print("p99 rounds = the lowest and highest round's p99; cold = one round right after a fresh start, no warm-up")
-    print("    (with workers: from every worker ready, for at least %d s: the spare worker's start is in it);"
+    print("    (with workers: from every worker ready, for at least %d s, the spare worker's start taken in);"
           % COLD_WORKERS_SECONDS)
     print("gen late max = the generator's worst lateness sending a request (its own jitter, counted in the latency);")
     print("cpu us/req = user + system CPU of the target's processes over the measured rounds, per request.")

@@ -203,8 +203,8 @@ def start_target(running, target, pool, python=None, workers=0, baseline=None, s
         stats = ["-s", str(processes.free_port()), "-a", HOST]
         proc = processes.proxy(config, port, python=python, extra_args=stats)
         if workers and settled:
-            # The spare starts 5 s after the workers are ready and warms up for up to 2 s on a core:
-            # measured after that, as a proxy that has been running a while.
+            # The spare starts with the workers and warms up for about 3 s on a core:
+            # measured once it is warm, as a proxy that has been running a while.
             wait_for(lambda: warm_spare(config["global"]["control"]), 60, "the master's spare worker")
         elif workers:
             # The master listens from its start: a fresh start serves once its workers are ready.

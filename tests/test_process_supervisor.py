@@ -279,19 +279,16 @@ def test_stop_respawns_nothing_and_kills_what_outlives_its_deadline():
     assert ("all stopped",) in owner.events and supervisor.workers == {} and len(spawner.spawned) == 3
 
 
-def test_the_spare_starts_once_every_worker_has_been_ready_a_while_and_takes_a_crashed_workers_slot():
+def test_the_first_spare_starts_with_the_first_generation_and_takes_a_crashed_workers_slot():
     supervisor, clock, spawner, owner = make(2, spare=True)
-    supervisor.worker_ready(supervisor.workers[0])
-    clock.advance(SPARE_AFTER)
-    assert supervisor.spare is None  # not while a worker warms up
-    supervisor.worker_ready(supervisor.workers[1])
-    clock.advance(SPARE_AFTER * 0.99)
-    assert supervisor.spare is None  # nor in their first traffic
-    clock.advance(SPARE_AFTER * 0.01)
+    # Beside the workers' own start and warm-up, over by the time they serve.
     spare = supervisor.spare
-    assert spawner.spawned[-1] == (None, 1, False) and spare.describe() == {
-        "pid": spare.pid, "state": "spare", "uptime": 0.0}
+    assert spawner.spawned == [(0, 1, False), (1, 1, False), (None, 1, False)]
+    assert spare.describe() == {"pid": spare.pid, "state": "spare", "uptime": 0.0}
     assert supervisor.live_workers() == list(supervisor.workers.values())  # commands skip it
+    ready_all(supervisor)
+    clock.advance(SPARE_AFTER * 2)
+    assert supervisor.spare is spare and len(spawner.spawned) == 3  # no second one
     clock.advance(YOUNG)
     crashed = supervisor.workers[1]
     crash(crashed)
@@ -300,17 +297,39 @@ def test_the_spare_starts_once_every_worker_has_been_ready_a_while_and_takes_a_c
     assert supervisor.assigner.assigned == [(spare.pid, 1)] and len(spawner.spawned) == 3
     assert (spare.slot, spare.state, spare.generation, spare.hello) == (1, "starting", 1, True)
     assert supervisor.restarts == {1: 1} and supervisor.exits[1]["pid"] == crashed.pid
-    # A spare again once the replacement has been ready a while.
+
+
+def test_a_later_spare_starts_once_every_worker_has_been_ready_a_while():
+    supervisor, clock, spawner, owner = make(2, spare=True)
+    ready_all(supervisor)
+    clock.advance(YOUNG)
+    spare = supervisor.spare
+    crash(supervisor.workers[1])
+    assert supervisor.workers[1] is spare and supervisor.spare is None
+    # Not while the replacement warms up, nor in its first traffic.
     clock.advance(SPARE_AFTER)
     assert supervisor.spare is None
     supervisor.worker_ready(spare)
-    clock.advance(SPARE_AFTER)
+    clock.advance(SPARE_AFTER * 0.99)
+    assert supervisor.spare is None
+    clock.advance(SPARE_AFTER * 0.01)
     assert spawner.spawned[-1] == (None, 1, False) and supervisor.spare is not None
 
 
+def test_no_spare_with_a_later_generation_or_once_the_first_has_served():
+    """Only the first generation's start brings the spare along: later, it waits for the workers' ready."""
+    supervisor, clock, spawner, owner = make(1)
+    supervisor.worker_ready(supervisor.workers[0])
+    supervisor.want_spare(True)  # a reload that switches it on, the workers serving
+    assert supervisor.spare is None
+    clock.advance(SPARE_AFTER)
+    assert supervisor.spare is not None
+
+
 def test_a_spare_due_while_a_worker_starts_again_waits_for_its_ready():
-    supervisor, clock, spawner, owner = make(1, spare=True)
+    supervisor, clock, spawner, owner = make(1)
     ready_all(supervisor)
+    supervisor.want_spare(True)  # due SPARE_AFTER from now
     clock.advance(SPARE_AFTER / 2)
     crash(supervisor.workers[0])  # a new process: no spare yet
     clock.advance(SPARE_AFTER)

@@ -4,10 +4,10 @@ Supervision: the master's workers, one per slot, kept running.
   - A worker that dies is respawned at once; one that dies young again and
     again is respawned with a growing delay (crash-loop backoff, L{backoff_delay}).
   - With a spare wanted, one more process is kept started and warmed up
-    ahead (started once every slot's worker has been ready for L{SPARE_AFTER}
-    seconds, so that it never competes with their warm-ups and first
-    traffic): it takes the slot of the next worker to die
-    (L{twistedproxy.process.spare}).
+    ahead: it takes the slot of the next worker to die
+    (L{twistedproxy.process.spare}).  The first starts with the first
+    generation, beside their warm-ups; a later one once every slot's worker
+    has been ready for L{SPARE_AFTER} seconds: never in their first traffic.
   - A resize starts the new slots' workers or retires the extra ones.
   - A rollover starts a new generation of workers; the old one keeps serving
     until every worker of the new one is ready, then drains (graceful stop).
@@ -42,7 +42,9 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 # Seconds the workers are all ready before a spare starts (its start and warm-up take a
 # core for seconds: not while the workers, or a crashed one's replacement, meet their
-# first traffic).
+# first traffic).  The first spare starts with the first generation instead: then its
+# start is over by the time the workers are (bench/README.md, "Measured in the thirteenth
+# #10 session": started 5 s after them, it was a pause in their traffic on two cores).
 SPARE_AFTER = 5.0
 
 
@@ -222,10 +224,17 @@ class Supervisor:
     # -- the spare -------------------------------------------------------------------
 
     def want_spare(self, wanted: bool) -> None:
-        """Keep a spare (C{global.spare_worker}), or stop the one there is."""
+        """
+        Keep a spare (C{global.spare_worker}), or stop the one there is.  While
+        the first generation starts (none of its workers ready yet), the spare
+        starts at once, beside them.
+        """
         self.spare_wanted = wanted
         if wanted:
-            self._spare_due()
+            if self._first_start():
+                self._start_spare_now()
+            else:
+                self._spare_due()
             return
         self._cancel_spare_call()
         if self.spare is not None:
@@ -248,10 +257,23 @@ class Supervisor:
         if self._spare_missing():
             self.spare_call = self.reactor.callLater(SPARE_AFTER, self._start_spare)
 
+    def _first_start(self) -> bool:
+        """Whether the first generation is starting: none of its workers has been ready yet."""
+        return (self.generation == 1 and self.rollover_pending == 1 and not self.stopping
+                and not any(worker.served for worker in self.workers.values()))
+
+    def _start_spare_now(self) -> None:
+        if self.spare is None and self.assigner is not None:
+            self._cancel_spare_call()
+            self._spawn_spare()
+
     def _start_spare(self) -> None:
         self.spare_call = None
         if not self._spare_missing():
             return  # a worker is starting again: its Ready makes it due
+        self._spawn_spare()
+
+    def _spawn_spare(self) -> None:
         self.spare = WorkerProcess(self, None, self.generation)
         self.spawner(self.spare, False)
         log.debug("spare worker {pid} started", pid=self.spare.pid)
