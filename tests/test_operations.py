@@ -125,7 +125,7 @@ def test_sigint_exits_when_the_proxy_started_with_it_ignored(workers, spawn, red
     command += processes.stats_args()
     argv = ["sh", "-c", "trap '' INT; exec " + shlex.join(command)]
     proc = spawn(processes.Process, argv, port, env=processes.proxy_env(), cwd=ROOT)
-    assert _answers(port)
+    assert poll(lambda: _answers(port), 20, message="the proxy's answer")  # a master listens before its workers serve
     proc.signal(signal.SIGINT)
     assert poll(lambda: proc.proc.poll() is not None, 20, message="the proxy's exit")
     assert proc.proc.returncode == 0

@@ -2,7 +2,7 @@
 The spare's channel before AMP, on a real socketpair and an in-memory
 reactor: the spare warms up and says so, the master gives a slot only then,
 and the slot's layout arrives with its sockets placed; a master that closes the
-channel stops the spare.
+channel stops the spare; a spare stopping is not a lost channel.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import socket
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from twistedproxy.process import spare
 
@@ -116,3 +119,26 @@ def test_a_spare_that_closed_its_channel_cannot_take_a_slot(pair):
     child.close()
     with pytest.raises(OSError):
         spare.SpareChannel(master).warm()
+
+
+@pytest.mark.parametrize("stopping", [False, True])
+def test_the_channel_lost_is_a_failure_unless_the_spare_is_stopping(pair, tmp_path, stopping):
+    """
+    A stopping reactor disconnects what it still reads (the spare's channel):
+    the spare stopped by its master logs no failure; a channel lost while it
+    runs does.
+    """
+    master, child = pair
+    reactor, waiting, warmups, taken = standby(child, str(tmp_path / "absent.yml"))
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        if stopping:  # the shutdown's "before" triggers (the in-memory reactor only records them)
+            for trigger, args, kwargs in reactor.triggers["before"]["shutdown"]:
+                trigger(*args, **kwargs)
+        waiting.connectionLost(Failure(ConnectionLost()))
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    failures = [e for e in logged if e.get("log_failure") is not None]
+    assert len(failures) == (0 if stopping else 1)
+    assert reactor.hasStopped

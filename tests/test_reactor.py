@@ -302,8 +302,8 @@ def test_the_proxy_runs_on_the_chosen_reactor(spawn, redis_backends, monkeypatch
     proc = spawn(start, config, port, extra_args=["-v", "7"])
     _serves(port)
     line = FAST_LINE if choice is None else TWISTED_LINE
-    # The master and both workers log theirs.
-    poll(lambda: proc.output().count(line) == (3 if launcher == "workers" else 1), message=line)
+    # The master, both workers and the spare (started with them) log theirs.
+    poll(lambda: proc.output().count(line) == (4 if launcher == "workers" else 1), message=line)
     other = TWISTED_LINE if choice is None else FAST_LINE
     assert other not in proc.output()
     assert "Traceback" not in proc.output(), proc.output()

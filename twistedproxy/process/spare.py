@@ -130,8 +130,10 @@ class Standby:
         self.warm_up = warm_up  # config -> a Deferred (twistedproxy.api.warm_up)
         self.data = b""
         self.descriptors = []
+        self.leaving = False  # the process is shutting down (SIGTERM, SIGQUIT, the master gone)
 
     def start(self) -> None:
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._leave)
         maybeDeferred(self._warm_up).addErrback(
             lambda failure: log.failure("spare worker {pid}: warm-up failed", failure, pid=os.getpid())
         ).addCallback(lambda _: self._warm())
@@ -183,8 +185,14 @@ class Standby:
             self.take(placed(json.loads(self.data), self.descriptors))
         return None
 
+    def _leave(self) -> None:
+        self.leaving = True
+
     def connectionLost(self, reason) -> None:
-        log.failure("spare worker {pid}: channel lost", reason, pid=os.getpid())
+        # A reactor that stops disconnects what it still reads: the spare stopping
+        # (its master stopped it) is not a lost channel.
+        if not self.leaving:
+            log.failure("spare worker {pid}: channel lost", reason, pid=os.getpid())
         self._stop()
 
     def _stop(self) -> None:
