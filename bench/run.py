@@ -44,6 +44,7 @@ except ImportError:  # a bare python3: go on under the CPython venv, which has t
 
 sys.path.insert(0, ROOT)
 from tests.support import processes  # noqa: E402
+from tests.support.workers import ready_status  # noqa: E402
 
 HOST = processes.HOST
 CLIENTS = 50
@@ -208,20 +209,8 @@ def start_target(running, target, pool, python=None, workers=0, baseline=None, s
             wait_for(lambda: warm_spare(config["global"]["control"]), 60, "the master's spare worker")
         elif workers:
             # The master listens from its start: a fresh start serves once its workers are ready.
-            wait_for(lambda: workers_ready(config["global"]["control"], workers), 60, "the master's workers")
+            wait_for(lambda: ready_status(config["global"]["control"], workers), 60, "the master's workers")
     return running.add(proc), port
-
-
-def workers_ready(control_path: str, count: int) -> bool:
-    """Whether C{count} of the master's workers are ready (its status, over the control socket)."""
-    from twistedproxy.control.client import BlockingControlClient
-
-    try:
-        with BlockingControlClient(control_path) as ctl:
-            workers = ctl.status()["workers"]
-    except OSError:
-        return False
-    return sum(1 for worker in workers if worker["state"] == "ready") == count
 
 
 def warm_spare(control_path: str):

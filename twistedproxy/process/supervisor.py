@@ -259,7 +259,7 @@ class Supervisor:
 
     def _first_start(self) -> bool:
         """Whether the first generation is starting: none of its workers has been ready yet."""
-        return (self.generation == 1 and self.rollover_pending == 1 and not self.stopping
+        return (self.rollover_pending == 1 and not self.stopping
                 and not any(worker.served for worker in self.workers.values()))
 
     def _start_spare_now(self) -> None:
