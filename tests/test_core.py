@@ -6,8 +6,9 @@ driven through the real Redis codec over in-memory transports and a fake clock.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from twistedproxy.api import build_pool
@@ -319,6 +320,24 @@ def test_backend_lost_mid_pipeline_errors_exactly_its_requests():
     assert t.value() == b"$-1\r\n"  # the GET to 7002 is still pending
     backends[7002].answer()
     assert t.value() == b"$-1\r\n$-1\r\n-ERR Connection reset by peer\r\n+PONG\r\n"
+
+
+def test_a_connection_lost_while_connecting_is_logged_by_its_cause():
+    """
+    Twisted reports a connection lost before it was made (the reactor stopping
+    while a backend connects) as a ConnectError that carries the loss's whole
+    Failure; the log names the loss, and no traceback header reaches it.
+    """
+    h = Harness()
+    c, t = h.client()
+    c.dataReceived(cmd("GET", h.key_on(7001)))
+    ((host, port, factory),) = h.attempts()
+    with capturedLogs() as events:
+        factory.clientConnectionFailed(None, Failure(ConnectError(string=Failure(ConnectionLost("Connection lost")))))
+    assert t.value() == b"-ERR unknown\r\n"  # nutcracker's text where it has no errno
+    (line,) = [formatEvent(event) for event in events if "cannot connect" in formatEvent(event)]
+    assert "Traceback" not in line and "Failure" not in line
+    assert "cannot connect (Connection to the other side was lost in a non-clean fashion: Connection lost.)" in line
 
 
 def test_reconnect_after_backoff():

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 from collections import deque
 
+from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twistedproxy.core.completion import BAD_REPLY, CLOSED, TIMED_OUT, complete, fail, failure_text, flush_clients
 from twistedproxy.core.jit import compiled_apart, object_list
@@ -256,7 +258,7 @@ class ServerConnection(Protocol):
             "backend {server}: {what} ({reason}); {failed} requests answered '{error}'",
             server=self.server.label,
             what=what,
-            reason=reason.getErrorMessage(),
+            reason=_cause(reason).getErrorMessage(),
             failed=failed,
             error=error,
         )
@@ -369,3 +371,16 @@ class ServerConnection(Protocol):
         # Failing requests may have let clients send more, arming the timer already.
         if self.timer is None and not self.closed and self.connected:
             self._arm_timer()
+
+
+def _cause(reason: Failure) -> Failure:
+    """
+    The failure behind C{reason}.  A connection lost while it was still
+    connecting (the reactor stopping, say) reaches us as a ConnectError whose
+    message is that loss's whole Failure, traceback header included: the log
+    names the loss instead.
+    """
+    value = reason.value
+    if isinstance(value, ConnectError) and value.args and isinstance(value.args[0], Failure):
+        return value.args[0]
+    return reason
