@@ -1,21 +1,31 @@
 """
-Latency histograms: recorded cheaply in the hot path, shipped and merged as
-HDR histograms (the C{hdrhistogram} package's wire format).
+Latency histograms: recorded cheaply in the hot path, shipped as their
+non-empty buckets, read with the C{hdrhistogram} package.
 
 L{Latency.record} fills a plain list laid out exactly like an HdrHistogram's
 counts array (1 microsecond .. 60 seconds, 2 significant digits), so recording
 costs a few integer operations instead of the package's C{record_value} (which
 is several times slower on CPython and far slower on PyPy, where its counts
-live in a ctypes array).  L{Latency.export} turns that list into an encoded
-HdrHistogram; L{merge_hist} adds encoded histograms of several workers bucket
-by bucket, so merged percentiles are exact to HDR precision, never averages of
-averages.
+live in a ctypes array).  L{Latency.export} lists the non-empty buckets of that
+list; L{merge_hist} adds exported histograms of several workers bucket by
+bucket, so merged percentiles are exact to HDR precision, never averages of
+averages; L{summarize} reads percentiles off an HdrHistogram built from them.
+
+A worker exports every histogram it has whenever its master collects its
+statistics (every C{-i} milliseconds, and for each stats query), in the middle
+of its traffic.  So exporting builds no HdrHistogram and encodes nothing: on
+PyPy, building and encoding them took a worker 5-17 ms per collection, a pause
+for every request it had in hand (bench/README.md, "Measured in the fourteenth
+#10 session").  Only the master, which serves no traffic, builds them.
 
 An exported histogram is a JSON-able dict::
 
-    {"count": n, "sum": total microseconds, "max": microseconds, "hdr": "HISTFAAA..."}
+    {"count": n, "sum": total microseconds, "max": microseconds,
+     "buckets": [index, count, index, count, ...]}
 
-("hdr" is absent when count is 0).
+(bucket indexes ascending, into the counts array; "buckets" is absent when count
+is 0).  An older master handing its totals on in a binary upgrade sent the
+whole encoded HdrHistogram instead, as "hdr": that is read too.
 """
 
 from __future__ import annotations
@@ -87,28 +97,28 @@ class Latency:
             self.max = us
 
     def export(self) -> dict:
-        """This distribution as a JSON-able dict with an encoded HdrHistogram."""
+        """This distribution as a JSON-able dict: count, sum, max and the non-empty buckets."""
         out = {"count": self.count, "sum": self.sum, "max": self.max}
         if self.count:
-            hdr = new_hdr()
-            counts = hdr.counts
-            first = last = -1
+            buckets = []
             for index, n in enumerate(self.counts):
                 if n:
-                    counts[index] = n
-                    if first < 0:
-                        first = index
-                    last = index
-            hdr.set_internal_tacking_values(first, last, self.count)
-            out["hdr"] = _text(hdr.encode())
+                    buckets.append(index)
+                    buckets.append(n)
+            out["buckets"] = buckets
         return out
 
 
-def _text(encoded) -> str:
-    return encoded.decode("ascii") if isinstance(encoded, bytes) else encoded
-
-
 EMPTY = {"count": 0, "sum": 0, "max": 0}
+
+
+def _buckets(hist: dict) -> list:
+    """The flattened (index, count) pairs of an exported histogram, of either form."""
+    buckets = hist.get("buckets")
+    if buckets is not None:
+        return buckets
+    counts = HdrHistogram.decode(hist["hdr"]).counts  # an older master's totals (see the module docstring)
+    return [x for index in range(len(counts)) if counts[index] for x in (index, counts[index])]
 
 
 def merge_hist(hists) -> dict:
@@ -116,16 +126,22 @@ def merge_hist(hists) -> dict:
     hists = [h for h in hists if h and h.get("count")]
     if not hists:
         return dict(EMPTY)
-    if len(hists) == 1:
+    if len(hists) == 1 and "buckets" in hists[0]:
         return dict(hists[0])
-    hdr = new_hdr()
+    counts = {}
     for h in hists:
-        hdr.decode_and_add(h["hdr"])
+        pairs = _buckets(h)
+        for i in range(0, len(pairs), 2):
+            counts[pairs[i]] = counts.get(pairs[i], 0) + pairs[i + 1]
+    buckets = []
+    for index in sorted(counts):
+        buckets.append(index)
+        buckets.append(counts[index])
     return {
         "count": sum(h["count"] for h in hists),
         "sum": sum(h["sum"] for h in hists),
         "max": max(h["max"] for h in hists),
-        "hdr": _text(hdr.encode()),
+        "buckets": buckets,
     }
 
 
@@ -133,7 +149,16 @@ def decode(hist: dict):
     """The HdrHistogram of an exported histogram (None when empty)."""
     if not hist or not hist.get("count"):
         return None
-    return HdrHistogram.decode(hist["hdr"])
+    if "buckets" not in hist:
+        return HdrHistogram.decode(hist["hdr"])
+    hdr = new_hdr()
+    counts = hdr.counts
+    pairs = hist["buckets"]
+    for i in range(0, len(pairs), 2):
+        counts[pairs[i]] = pairs[i + 1]
+    if pairs:
+        hdr.set_internal_tacking_values(pairs[0], pairs[-2], hist["count"])
+    return hdr
 
 
 def summarize(hist: dict) -> dict:
