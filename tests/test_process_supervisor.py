@@ -6,6 +6,9 @@ one broadcast that reaches the live workers only, and the spare worker.
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import pytest
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -13,6 +16,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from twistedproxy.process import channel
+from twistedproxy.process.statistics import MasterStats
 from twistedproxy.process.supervisor import (
     KILL_GRACE,
     SPARE_AFTER,
@@ -262,6 +266,35 @@ def test_broadcast_reaches_the_live_workers_only_and_reports_every_answer():
     assert {w: ok for w, (ok, _) in outcomes.items()} == {replacement: True, workers[2]: False, workers[3]: False}
     assert outcomes[workers[2]][1].getErrorMessage() == "lost"
     assert sent(workers[0]) == [] and sent(workers[1]) == []
+
+
+def test_the_periodic_stats_collection_asks_the_workers_one_after_another():
+    """
+    A worker pauses its traffic while it takes its snapshot: the master's
+    collection every -i ms asks the next worker only once the one before answered.
+    """
+    supervisor, clock, spawner, owner = make(2)
+    ready_all(supervisor)
+    asked = []  # (worker, its answer to come)
+
+    def call_remote(worker):
+        def call(command, **arguments):
+            asked.append((worker, defer.Deferred()))
+            return asked[-1][1]
+
+        return call
+
+    for worker in supervisor.workers.values():
+        worker.channel.callRemote = call_remote(worker)
+    stats = MasterStats(SimpleNamespace(supervisor=supervisor), clock)
+    stats.start_loop(30.0)
+    clock.advance(30.0)
+    first, second = supervisor.workers[0], supervisor.workers[1]
+    assert [worker for worker, _ in asked] == [first]
+    asked[0][1].callback({"stats": json.dumps({"slot": 0})})
+    assert [worker for worker, _ in asked] == [first, second]
+    asked[1][1].callback({"stats": json.dumps({"slot": 1})})
+    assert stats.totals.last == {first.pid: {"slot": 0}, second.pid: {"slot": 1}}
 
 
 def test_stop_respawns_nothing_and_kills_what_outlives_its_deadline():

@@ -140,10 +140,22 @@ class MasterStats:
         """Record the counters of C{workers} (default: every live one); see L{collect}."""
         return collect(self.master.supervisor, self.totals, workers)
 
+    def collect_in_turn(self):
+        """
+        Record the counters of every live worker, asking one only once the one
+        before it answered: a worker pauses its traffic while it takes its
+        snapshot, and asked together, all of them would pause at once, each
+        also competing with the others and the master for the cores.
+        """
+        d = defer.succeed(None)
+        for worker in self.master.supervisor.live_workers():
+            d.addCallback(lambda _, worker=worker: self.collect([worker]))
+        return d
+
     def start_loop(self, interval: float) -> None:
         """Collect every C{interval} seconds (C{-i}), so a dying worker takes little with it."""
         if interval > 0:
-            self.loop = LoopingCall(self.collect)
+            self.loop = LoopingCall(self.collect_in_turn)
             self.loop.clock = self.reactor
             self.loop.start(interval, now=False)
 
