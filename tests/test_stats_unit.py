@@ -19,6 +19,7 @@ from twistedproxy.api import Proxy
 from twistedproxy.config.settings import TuningError
 from twistedproxy.stats import merge, snapshot
 from twistedproxy.stats import histogram as histogram_module
+from twistedproxy.stats.workers import warm_up_answers, worker_snapshot
 from twistedproxy.stats.histogram import HIGHEST_US, PERCENTILES, Latency, bucket_index, merge_hist, new_hdr, summarize
 from twistedproxy.stats.recorder import SlowLog
 from twistedproxy.stats.snapshots import POOL_FIELDS, SERVER_FIELDS, twemproxy_document
@@ -133,6 +134,13 @@ def test_totals_from_an_older_master_are_read_and_merged():
                       "buckets": [bucket_index(100), 3, bucket_index(5000), 1]}
     assert summarize(legacy)["p50"] == summarize({"count": 3, "sum": 5200, "max": 5000,
                                                   "buckets": [bucket_index(100), 2, bucket_index(5000), 1]})["p50"]
+
+
+def test_warming_up_the_stats_answer_leaves_the_statistics_as_they_were():
+    proxy = make_proxy()
+    before = worker_snapshot(proxy, 3)
+    warm_up_answers(proxy, 3, rounds=2)
+    assert worker_snapshot(proxy, 3) == before
 
 
 def test_core_feeds_the_recorders_exactly():
