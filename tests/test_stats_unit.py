@@ -20,7 +20,17 @@ from twistedproxy.config.settings import TuningError
 from twistedproxy.stats import merge, snapshot
 from twistedproxy.stats import histogram as histogram_module
 from twistedproxy.stats.workers import warm_up_answers, worker_snapshot
-from twistedproxy.stats.histogram import HIGHEST_US, PERCENTILES, Latency, bucket_index, merge_hist, new_hdr, summarize
+from twistedproxy.stats.histogram import (
+    EMPTY,
+    HIGHEST_US,
+    PERCENTILES,
+    Latency,
+    bucket_index,
+    merge_hist,
+    new_hdr,
+    summarize,
+    with_encoded,
+)
 from twistedproxy.stats.recorder import SlowLog
 from twistedproxy.stats.snapshots import POOL_FIELDS, SERVER_FIELDS, twemproxy_document
 
@@ -134,6 +144,18 @@ def test_totals_from_an_older_master_are_read_and_merged():
                       "buckets": [bucket_index(100), 3, bucket_index(5000), 1]}
     assert summarize(legacy)["p50"] == summarize({"count": 3, "sum": 5200, "max": 5000,
                                                   "buckets": [bucket_index(100), 2, bucket_index(5000), 1]})["p50"]
+
+
+def test_the_totals_handed_on_carry_the_encoded_form_an_older_heir_reads():
+    latency = Latency()
+    for us in (100, 100, 5000):
+        latency.record_us(us)
+    totals = {"pools": {"alpha": {"latency": {"total": latency.export(), "proxy": dict(EMPTY)}, "client_eof": 2}}}
+    handed = json.loads(json.dumps(with_encoded(totals)))
+    total = handed["pools"]["alpha"]["latency"]["total"]
+    assert list(HdrHistogram.decode(total["hdr"]).counts) == latency.counts  # as an older master decodes it
+    assert total["buckets"] == latency.export()["buckets"] and handed["pools"]["alpha"]["client_eof"] == 2
+    assert handed["pools"]["alpha"]["latency"]["proxy"] == EMPTY
 
 
 def test_warming_up_the_stats_answer_leaves_the_statistics_as_they_were():

@@ -27,6 +27,7 @@ from twisted.protocols import amp
 from twistedproxy.net.channels import quiet_factory
 from twistedproxy.process import channel, command, handoff
 from twistedproxy.process.listeners import INHERIT_ENV
+from twistedproxy.stats.histogram import with_encoded
 
 log = Logger()
 
@@ -239,7 +240,7 @@ class Upgrade:
         """Send the new master every counter served here; a Deferred (fired at once when there is none)."""
         if self.heir is None:
             return defer.succeed(None)
-        d = self.heir.callRemote(channel.InheritTotals, stats=json.dumps(self.master.stats.totals.counters()))
+        d = self.heir.callRemote(channel.InheritTotals, stats=json.dumps(with_encoded(self.master.stats.totals.counters())))
         return d.addErrback(lambda failure: log.warn("upgrade: cannot hand the counters on: {error}",
                                                      error=failure.getErrorMessage()))
 

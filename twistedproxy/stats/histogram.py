@@ -25,7 +25,8 @@ An exported histogram is a JSON-able dict::
 
 (bucket indexes ascending, into the counts array; "buckets" is absent when count
 is 0).  An older master handing its totals on in a binary upgrade sent the
-whole encoded HdrHistogram instead, as "hdr": that is read too.
+whole encoded HdrHistogram instead, as "hdr": that is read too, and the totals
+a master hands on carry both forms (L{with_encoded}), for an older heir.
 """
 
 from __future__ import annotations
@@ -159,6 +160,23 @@ def decode(hist: dict):
     if pairs:
         hdr.set_internal_tacking_values(pairs[0], pairs[-2], hist["count"])
     return hdr
+
+
+def with_encoded(tree):
+    """
+    C{tree} (a JSON-able snapshot or part of one) with every exported histogram
+    in it also carrying its whole encoded HdrHistogram ("hdr"): the form an
+    older master reads, for the totals a master hands on in a binary upgrade,
+    which may go back to an older version.  Readers here take "buckets" first.
+    """
+    if isinstance(tree, dict):
+        if "buckets" in tree and "count" in tree:
+            encoded = decode(tree).encode()
+            return dict(tree, hdr=encoded.decode("ascii") if isinstance(encoded, bytes) else encoded)
+        return {key: with_encoded(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [with_encoded(item) for item in tree]
+    return tree
 
 
 def summarize(hist: dict) -> dict:
