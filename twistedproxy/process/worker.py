@@ -313,7 +313,7 @@ class Worker:
             log.info("worker {pid} (slot {slot}) {warm}", pid=os.getpid(), slot=self.slot, warm=report.describe())
         if self.stopping:
             return False
-        stats_workers.warm_up_answers(self.proxy, self.slot)
+        stats_workers.warm_up_answers(self.stats)
         for pool in self.proxy.pools.values():
             pool.start()
         glob = self.proxy.config.global_

@@ -110,6 +110,10 @@ class Latency:
         return out
 
 
+def _text(encoded) -> str:
+    return encoded.decode("ascii") if isinstance(encoded, bytes) else encoded
+
+
 EMPTY = {"count": 0, "sum": 0, "max": 0}
 
 
@@ -171,8 +175,7 @@ def with_encoded(tree):
     """
     if isinstance(tree, dict):
         if "buckets" in tree and "count" in tree:
-            encoded = decode(tree).encode()
-            return dict(tree, hdr=encoded.decode("ascii") if isinstance(encoded, bytes) else encoded)
+            return dict(tree, hdr=_text(decode(tree).encode()))
         return {key: with_encoded(value) for key, value in tree.items()}
     if isinstance(tree, list):
         return [with_encoded(item) for item in tree]

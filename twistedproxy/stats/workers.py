@@ -39,22 +39,23 @@ def worker_snapshot(proxy, slot) -> dict:
 SNAPSHOT_WARM_ROUNDS = 5  # on PyPy the fifth cold answer took about 1 ms, as later ones do
 
 
-def warm_up_answers(proxy, slot, rounds: int = SNAPSHOT_WARM_ROUNDS) -> None:
+def warm_up_answers(answer, rounds: int = SNAPSHOT_WARM_ROUNDS) -> None:
     """
-    Make the worker's answer to C{Stats} C{rounds} times, with a histogram that
-    holds values beside its own (still empty) ones, and throw it away: run
-    before the worker serves, so that the master's first collection (C{-i}, 30 s
-    after the start by default) finds that code compiled.  On PyPy a worker's
-    first answers took 8-18 ms while it compiled it, a pause in its traffic
-    (bench/README.md, "Measured in the fourteenth #10 session").
+    Make the worker's answer to C{Stats} (C{answer()}, the snapshot dict it
+    sends) C{rounds} times, with a histogram that holds values beside its own
+    (still empty) ones, and throw it away: run before the worker serves, so
+    that the master's first collection (C{-i}, 30 s after the start by default)
+    finds that code compiled.  On PyPy a worker's first answers took 8-18 ms
+    while it compiled it, a pause in its traffic (bench/README.md, "Measured in
+    the fourteenth #10 session").
     """
     sample = Latency()
     for us in range(50, 60000, 29):  # values across most of the buckets a cache's latencies fill
         sample.record_us(us)
     for _ in range(rounds):
-        answer = worker_snapshot(proxy, slot)
-        answer["warm-up"] = sample.export()
-        json.dumps(answer)
+        snapshot = answer()
+        snapshot["warm-up"] = sample.export()
+        json.dumps(snapshot)
 
 
 def worker_slowlog(proxy) -> dict:
